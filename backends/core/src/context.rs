@@ -1,0 +1,185 @@
+//! One llama.cpp inference context with its sampler: the `Context` trait object.
+//! Used by one thread at a time (the trait object is `Send`, not `Sync`).
+
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use llama_cpp_sys_2 as sys;
+use llama_plugin_api::abi_stable::sabi_trait::TD_Opaque;
+use llama_plugin_api::abi_stable::std_types::{RResult, RSlice, RString};
+use llama_plugin_api::{BackendError, ContextBox, ContextParams, Context_TO, Sampled, SamplingParams};
+
+use crate::model::LlamaModel;
+use crate::sampler::Sampler;
+use crate::{guard, log};
+
+struct RawContext(NonNull<sys::llama_context>);
+
+impl Drop for RawContext {
+    fn drop(&mut self) {
+        // SAFETY: created by llama_init_from_model, freed exactly once, before the model
+        // (the owning `LlamaContext` drops this field before its model Arc).
+        unsafe { sys::llama_free(self.0.as_ptr()) }
+    }
+}
+
+pub(crate) struct LlamaContext {
+    // Field order matters: the sampler and context go before the model they refer to.
+    sampler: Sampler,
+    ctx: RawContext,
+    /// A batch with explicit per-token output flags, for decoding without logits.
+    batch: Batch,
+    model: Arc<LlamaModel>,
+    n_ctx: u32,
+    n_batch: u32,
+    n_past: u32,
+}
+
+// SAFETY: a llama_context has no thread affinity; the trait object is `Send` but not
+// `Sync`, so it is used by one thread at a time as llama.cpp requires.
+unsafe impl Send for LlamaContext {}
+
+struct Batch(sys::llama_batch);
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        // SAFETY: allocated by llama_batch_init, freed exactly once.
+        unsafe { sys::llama_batch_free(self.0) }
+    }
+}
+
+fn invalid(field: &str, reason: String) -> BackendError {
+    BackendError::InvalidParam { field: RString::from(field), reason: RString::from(reason) }
+}
+
+pub(crate) fn new(model: Arc<LlamaModel>, p: &ContextParams) -> Result<ContextBox, BackendError> {
+    if p.n_ctx == 0 {
+        return Err(invalid("n_ctx", "must be at least 1".into()));
+    }
+    if p.n_batch == 0 {
+        return Err(invalid("n_batch", "must be at least 1".into()));
+    }
+    if p.n_ubatch == 0 {
+        return Err(invalid("n_ubatch", "must be at least 1".into()));
+    }
+    if p.n_threads <= 0 {
+        return Err(invalid("n_threads", format!("{} is below 1", p.n_threads)));
+    }
+    if p.n_threads_batch <= 0 {
+        return Err(invalid("n_threads_batch", format!("{} is below 1", p.n_threads_batch)));
+    }
+    // SAFETY: returns a plain struct of defaults.
+    let mut cp = unsafe { sys::llama_context_default_params() };
+    cp.n_ctx = p.n_ctx;
+    cp.n_batch = p.n_batch.min(p.n_ctx);
+    cp.n_ubatch = p.n_ubatch.min(cp.n_batch);
+    cp.n_threads = p.n_threads;
+    cp.n_threads_batch = p.n_threads_batch;
+    cp.n_seq_max = 1;
+    log::clear_last_error();
+    // SAFETY: the model is alive (we hold an Arc for the life of the context).
+    let raw = unsafe { sys::llama_init_from_model(model.as_ptr(), cp) };
+    let raw = NonNull::new(raw).ok_or_else(|| BackendError::ContextCreate {
+        reason: RString::from(log::take_last_error().unwrap_or_else(|| "no reason given".to_string())),
+    })?;
+    let ctx = RawContext(raw);
+    // SAFETY: reads back the sizes llama.cpp settled on.
+    let (n_ctx, n_batch) = unsafe { (sys::llama_n_ctx(raw.as_ptr()), sys::llama_n_batch(raw.as_ptr())) };
+    let sampler = Sampler::new(&SamplingParams::default(), model.n_vocab(), n_ctx)?;
+    // SAFETY: allocates token/pos/seq/logit arrays for `n_batch` tokens, one sequence each.
+    let batch = Batch(unsafe { sys::llama_batch_init(n_batch as i32, 0, 1) });
+    Ok(Context_TO::from_value(LlamaContext { sampler, ctx, batch, model, n_ctx, n_batch, n_past: 0 }, TD_Opaque))
+}
+
+impl LlamaContext {
+    fn check_tokens(&self, tokens: &[i32]) -> Result<(), BackendError> {
+        let n_vocab = self.model.n_vocab();
+        if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t >= n_vocab) {
+            return Err(BackendError::InvalidToken { token: bad });
+        }
+        let needed = self.n_past as u64 + tokens.len() as u64;
+        if needed > self.n_ctx as u64 {
+            return Err(BackendError::ContextFull { n_ctx: self.n_ctx, needed: needed.min(u32::MAX as u64) as u32 });
+        }
+        Ok(())
+    }
+
+    fn decode_chunk(&mut self, chunk: &[i32], logits_last: bool) -> Result<(), BackendError> {
+        let b = &mut self.batch.0;
+        b.n_tokens = chunk.len() as i32;
+        for (i, &tok) in chunk.iter().enumerate() {
+            // SAFETY: the batch arrays hold n_batch entries and chunk.len() <= n_batch;
+            // seq_id[i] points at an array of one seq id (llama_batch_init with n_seq_max 1).
+            unsafe {
+                *b.token.add(i) = tok;
+                *b.pos.add(i) = (self.n_past as usize + i) as i32;
+                *b.n_seq_id.add(i) = 1;
+                **b.seq_id.add(i) = 0;
+                *b.logits.add(i) = (logits_last && i + 1 == chunk.len()) as i8;
+            }
+        }
+        // SAFETY: the context is alive and used by this thread only; the batch is filled.
+        let rc = unsafe { sys::llama_decode(self.ctx.0.as_ptr(), *b) };
+        match rc {
+            0 => {
+                self.n_past += chunk.len() as u32;
+                Ok(())
+            }
+            1 => Err(BackendError::NoKvSlot),
+            2 => Err(BackendError::Aborted),
+            code => Err(BackendError::Decode { code }),
+        }
+    }
+
+    fn decode_all(&mut self, tokens: &[i32], logits_last: bool) -> Result<(), BackendError> {
+        self.check_tokens(tokens)?;
+        let n = self.n_batch as usize;
+        let chunks = tokens.chunks(n);
+        let count = chunks.len();
+        for (i, chunk) in tokens.chunks(n).enumerate() {
+            self.decode_chunk(chunk, logits_last && i + 1 == count)?;
+        }
+        Ok(())
+    }
+}
+
+impl llama_plugin_api::Context for LlamaContext {
+    fn n_ctx(&self) -> u32 {
+        self.n_ctx
+    }
+
+    fn n_past(&self) -> u32 {
+        self.n_past
+    }
+
+    fn clear(&mut self) {
+        // SAFETY: the memory handle belongs to the live context; `true` also clears data.
+        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ctx.0.as_ptr()), true) };
+        self.n_past = 0;
+        self.sampler.reset();
+    }
+
+    fn set_sampling(&mut self, params: SamplingParams) -> RResult<(), BackendError> {
+        guard(|| {
+            self.sampler = Sampler::new(&params, self.model.n_vocab(), self.n_ctx)?;
+            Ok(())
+        })
+    }
+
+    fn decode(&mut self, tokens: RSlice<'_, i32>, logits_last: bool) -> RResult<(), BackendError> {
+        guard(|| self.decode_all(tokens.as_slice(), logits_last))
+    }
+
+    fn decode_sample(&mut self, tokens: RSlice<'_, i32>) -> RResult<Sampled, BackendError> {
+        guard(|| {
+            if tokens.is_empty() {
+                return Err(invalid("tokens", "nothing to decode".into()));
+            }
+            self.decode_all(tokens.as_slice(), true)?;
+            // SAFETY: the last decode produced logits for its last token (index -1);
+            // llama_sampler_sample also accepts the token into the chain (penalties).
+            let token = unsafe { sys::llama_sampler_sample(self.sampler.as_ptr(), self.ctx.0.as_ptr(), -1) };
+            Ok(Sampled { token, is_eog: self.model.is_eog(token) })
+        })
+    }
+}

@@ -1,0 +1,139 @@
+//! The only code that touches llama-cpp-sys-2: safe owners for llama.cpp's handles and the
+//! implementation of the plugin-api traits, shared by every backend crate (cpu, cuda, metal).
+//! Every function reachable from the host catches panics: nothing unwinds across the ABI.
+
+mod context;
+mod guard;
+mod log;
+mod model;
+mod sampler;
+
+use std::sync::Once;
+
+use llama_plugin_api::abi_stable::sabi_trait::TD_Opaque;
+use llama_plugin_api::abi_stable::std_types::{RResult, RSlice, RStr, RString};
+use llama_plugin_api::{Accelerator, BackendBox, BackendError, BackendInfo, Backend_TO, LogSink};
+
+pub use guard::guard;
+
+/// Which llama.cpp this backend links: the binding crate's version pins the llama.cpp tree.
+pub const LLAMA_BUILD: &str = "llama-cpp-sys-2 0.1.161";
+
+/// The CPU features this library was compiled to use, in the names the host checks.
+/// llama.cpp is configured from the same target features (see .cargo/config.toml), so a
+/// CPU lacking one of these would hit an illegal instruction.
+pub fn compiled_cpu_features() -> RSlice<'static, RStr<'static>> {
+    macro_rules! enabled {
+        ($($name:tt),* $(,)?) => {{
+            let mut v: Vec<RStr<'static>> = Vec::new();
+            $( if cfg!(target_feature = $name) { v.push(RStr::from_str($name)); } )*
+            v
+        }};
+    }
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    let features = enabled!(
+        "sse4.2", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl",
+        "avx512dq", "avx512cd", "avx512vnni", "avx512vbmi", "avx512bf16", "avxvnni",
+    );
+    #[cfg(target_arch = "aarch64")]
+    let features = enabled!("neon", "dotprod", "i8mm", "sve");
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64")))]
+    let features: Vec<RStr<'static>> = Vec::new();
+    // Leaked once per process: the root module is built once and lives as long as the library.
+    RSlice::from_slice(Box::leak(features.into_boxed_slice()))
+}
+
+/// The backend object handed to the host by `init`.
+struct LlamaBackend {
+    info: BackendInfo,
+}
+
+impl llama_plugin_api::Backend for LlamaBackend {
+    fn info(&self) -> BackendInfo {
+        self.info.clone()
+    }
+
+    fn load_model(
+        &self,
+        path: RStr<'_>,
+        params: llama_plugin_api::ModelParams,
+    ) -> RResult<llama_plugin_api::ModelBox, BackendError> {
+        guard(|| model::load(path.as_str(), &params))
+    }
+}
+
+/// Builds the static description of a backend.
+pub fn backend_info(name: &str, accelerator: Accelerator) -> BackendInfo {
+    BackendInfo {
+        name: RString::from(name),
+        accelerator,
+        version: RString::from(env!("CARGO_PKG_VERSION")),
+        llama_build: RString::from(LLAMA_BUILD),
+    }
+}
+
+/// Initialises llama.cpp once per library and routes its log into `sink`.
+pub fn init(sink: LogSink, info: BackendInfo) -> RResult<BackendBox, BackendError> {
+    guard(|| {
+        log::install(sink);
+        static INIT: Once = Once::new();
+        INIT.call_once(|| {
+            // SAFETY: llama_backend_init has no preconditions; `Once` makes it run once.
+            unsafe { llama_cpp_sys_2::llama_backend_init() };
+        });
+        Ok(Backend_TO::from_value(LlamaBackend { info }, TD_Opaque))
+    })
+}
+
+/// One line describing the CPU as llama.cpp sees it (`AVX2 = 1 | ...`, only the set flags).
+pub fn system_info() -> String {
+    // SAFETY: returns a pointer to a static NUL-terminated string owned by llama.cpp.
+    let raw = unsafe { std::ffi::CStr::from_ptr(llama_cpp_sys_2::llama_print_system_info()) };
+    raw.to_string_lossy()
+        .replace("CPU :", "")
+        .split('|')
+        .map(str::trim)
+        .filter(|kv| kv.ends_with("= 1"))
+        .map(|kv| kv.trim_end_matches("= 1").trim())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The compute devices ggml registered in this build, of the given device types.
+pub fn devices(types: &[u32]) -> llama_plugin_api::abi_stable::std_types::RVec<llama_plugin_api::DeviceInfo> {
+    use llama_cpp_sys_2 as sys;
+    let text = |p: *const std::ffi::c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: ggml returns NUL-terminated strings owned by the device registry,
+            // which lives as long as the library.
+            unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        }
+    };
+    let mut out = llama_plugin_api::abi_stable::std_types::RVec::new();
+    // SAFETY: the device registry is initialised on first use and never freed; the
+    // indices come from ggml_backend_dev_count.
+    unsafe {
+        for i in 0..sys::ggml_backend_dev_count() {
+            let dev = sys::ggml_backend_dev_get(i);
+            if dev.is_null() || !types.contains(&sys::ggml_backend_dev_type(dev)) {
+                continue;
+            }
+            let (mut free, mut total) = (0usize, 0usize);
+            sys::ggml_backend_dev_memory(dev, &mut free, &mut total);
+            out.push(llama_plugin_api::DeviceInfo {
+                name: RString::from(text(sys::ggml_backend_dev_name(dev))),
+                description: RString::from(text(sys::ggml_backend_dev_description(dev))),
+                memory_total: total as u64,
+                memory_free: free as u64,
+            });
+        }
+    }
+    out
+}
+
+/// ggml's device type for CPUs, for [`devices`].
+pub const DEVICE_CPU: u32 = llama_cpp_sys_2::GGML_BACKEND_DEVICE_TYPE_CPU;
+/// ggml's device types for GPUs, for [`devices`].
+pub const DEVICE_GPU: [u32; 2] = [llama_cpp_sys_2::GGML_BACKEND_DEVICE_TYPE_GPU, llama_cpp_sys_2::GGML_BACKEND_DEVICE_TYPE_IGPU];

@@ -1,0 +1,85 @@
+//! llama.cpp's log callback → the host's log sink. llama.cpp emits lines in pieces
+//! (GGML_LOG_LEVEL_CONT continues the previous one), so pieces are joined into whole lines.
+//! The last error line of the current thread is kept: it becomes the reason of a failed load.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_void, CStr};
+use std::sync::{Mutex, OnceLock};
+
+use llama_cpp_sys_2 as sys;
+use llama_plugin_api::abi_stable::std_types::RStr;
+use llama_plugin_api::{LogLevel, LogSink};
+
+static SINK: OnceLock<LogSink> = OnceLock::new();
+/// The line being assembled and its level.
+static PENDING: Mutex<(String, u32)> = Mutex::new((String::new(), sys::GGML_LOG_LEVEL_INFO));
+
+thread_local! {
+    static LAST_ERROR: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+pub fn install(sink: LogSink) {
+    // The first sink wins: one host per process.
+    let _ = SINK.set(sink);
+    // SAFETY: `callback` is a valid `extern "C"` function for the whole life of the
+    // library (libraries are never unloaded); user_data is unused.
+    unsafe {
+        sys::llama_log_set(Some(callback), std::ptr::null_mut());
+        sys::ggml_log_set(Some(callback), std::ptr::null_mut());
+    }
+}
+
+/// Forgets the current thread's last error line.
+pub fn clear_last_error() {
+    LAST_ERROR.with(|e| e.borrow_mut().take());
+}
+
+/// Takes the current thread's last error line, if any.
+pub fn take_last_error() -> Option<String> {
+    LAST_ERROR.with(|e| e.borrow_mut().take())
+}
+
+fn level_of(level: u32) -> LogLevel {
+    match level {
+        sys::GGML_LOG_LEVEL_ERROR => LogLevel::Error,
+        sys::GGML_LOG_LEVEL_WARN => LogLevel::Warn,
+        sys::GGML_LOG_LEVEL_INFO => LogLevel::Info,
+        _ => LogLevel::Debug,
+    }
+}
+
+fn emit(line: &str, level: u32) {
+    let line = line.trim_end();
+    if line.is_empty() {
+        return;
+    }
+    if level == sys::GGML_LOG_LEVEL_ERROR {
+        LAST_ERROR.with(|e| *e.borrow_mut() = Some(line.to_string()));
+    }
+    if let Some(sink) = SINK.get() {
+        (sink.log)(level_of(level), RStr::from_str(line));
+    }
+}
+
+unsafe extern "C" fn callback(level: sys::ggml_log_level, text: *const c_char, _user: *mut c_void) {
+    if text.is_null() {
+        return;
+    }
+    // SAFETY: llama.cpp passes a NUL-terminated string valid for the duration of the call.
+    let text = unsafe { CStr::from_ptr(text) }.to_string_lossy();
+    // Never panic here: this runs inside llama.cpp's C++ frames.
+    let Ok(mut pending) = PENDING.lock() else { return };
+    if level != sys::GGML_LOG_LEVEL_CONT {
+        if !pending.0.is_empty() {
+            let (line, lvl) = std::mem::take(&mut *pending);
+            emit(&line, lvl);
+        }
+        pending.1 = level;
+    }
+    pending.0.push_str(&text);
+    while let Some(pos) = pending.0.find('\n') {
+        let line: String = pending.0.drain(..=pos).collect();
+        let lvl = pending.1;
+        emit(&line, lvl);
+    }
+}

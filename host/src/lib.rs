@@ -1,0 +1,36 @@
+//! The llama runtime as a library: finds backend plugins, picks the best one for this
+//! machine, loads models through it and generates text.
+//!
+//! ```no_run
+//! use llama_host::{Backends, BackendChoice, DiscoveryOptions, Model, ModelParams, SessionParams, GenerateOptions};
+//! let backends = Backends::discover(&DiscoveryOptions::from_env());
+//! let backend = backends.select(BackendChoice::Auto)?;
+//! let model = Model::load(&backend, "model.gguf", &ModelParams::default())?;
+//! let mut session = model.session(&SessionParams::default())?;
+//! let stats = session.generate("The capital of France is", &GenerateOptions::default(), |text| {
+//!     print!("{text}");
+//!     std::ops::ControlFlow::Continue(())
+//! })?;
+//! # Ok::<(), llama_host::Error>(())
+//! ```
+//!
+//! This crate never links llama.cpp: only backends do.
+
+pub mod bench;
+pub mod discovery;
+mod error;
+pub mod hardware;
+mod logging;
+mod model;
+mod plugin;
+pub mod report;
+mod select;
+mod utf8;
+
+pub use error::{Error, GenerateError, LoadError, SelectError, SessionError};
+pub use llama_plugin_api::{Accelerator, BackendError, DeviceInfo, ModelInfo, ModelParams, SamplingParams};
+pub use model::{FinishReason, GenerateOptions, GenerationStats, Model, Session, SessionParams};
+pub use plugin::{install_backend, InstallError};
+pub use report::{CandidateReport, SelectionReport, Verdict};
+pub use select::{BackendChoice, Backends, DiscoveryOptions, LoadedBackend};
+pub use discovery::{default_models_dir, user_backends_dir};

@@ -1,0 +1,368 @@
+//! Discovery, probing and selection of backends. Every candidate file is opened and checked
+//! (see `plugin`), asked to probe, and recorded in the report with its verdict; the best
+//! usable one is initialised. A backend the user named is used or refused, never swapped.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use llama_plugin_api::{Accelerator, BackendBox, BackendInfo, ProbeReport, ABI_VERSION};
+
+use crate::discovery::{self, SearchDir};
+use crate::error::SelectError;
+use crate::hardware;
+use crate::plugin::{self, Plugin};
+use crate::report::{CandidateReport, DeviceReport, SearchDirReport, SelectionReport, Verdict};
+
+/// Which backend to use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// The usable backend with the best score.
+    Auto,
+    /// This backend or an error.
+    Named(String),
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(if s.eq_ignore_ascii_case("auto") { BackendChoice::Auto } else { BackendChoice::Named(s.to_ascii_lowercase()) })
+    }
+}
+
+/// Where to look for backends.
+#[derive(Debug, Clone, Default)]
+pub struct DiscoveryOptions {
+    /// `--backend-dir` values, searched first.
+    pub backend_dirs: Vec<PathBuf>,
+    /// `LLAMA_BACKEND_PATH` (a PATH-style list).
+    pub env_path: Option<String>,
+    /// The running executable.
+    pub exe: Option<PathBuf>,
+    /// The per-user backends directory.
+    pub user_dir: Option<PathBuf>,
+}
+
+impl DiscoveryOptions {
+    /// The standard places, from the process environment.
+    pub fn from_env() -> Self {
+        DiscoveryOptions {
+            backend_dirs: Vec::new(),
+            env_path: std::env::var("LLAMA_BACKEND_PATH").ok(),
+            exe: std::env::current_exe().ok(),
+            user_dir: discovery::user_backends_dir(),
+        }
+    }
+
+    pub fn search_dirs(&self) -> Vec<SearchDir> {
+        discovery::search_dirs(&self.backend_dirs, self.env_path.as_deref(), self.exe.as_deref(), self.user_dir.clone())
+    }
+}
+
+/// A backend plugin that loaded, passed its checks and probed usable.
+struct Usable {
+    row: usize,
+    plugin: Plugin,
+}
+
+/// The backends found on this machine.
+pub struct Backends {
+    report: SelectionReport,
+    usable: Vec<Usable>,
+}
+
+/// An initialised backend, shared by the models loaded through it.
+#[derive(Clone)]
+pub struct LoadedBackend {
+    inner: Arc<BackendInner>,
+}
+
+struct BackendInner {
+    backend: BackendBox,
+    info: BackendInfo,
+    probe: ProbeReport,
+    path: PathBuf,
+}
+
+impl LoadedBackend {
+    pub fn name(&self) -> &str {
+        self.inner.info.name.as_str()
+    }
+    pub fn info(&self) -> &BackendInfo {
+        &self.inner.info
+    }
+    pub fn probe(&self) -> &ProbeReport {
+        &self.inner.probe
+    }
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+    pub(crate) fn raw(&self) -> &BackendBox {
+        &self.inner.backend
+    }
+}
+
+/// One candidate as the chooser sees it: pure data, so selection is unit-tested.
+#[derive(Debug, Clone)]
+pub(crate) struct Candidate {
+    pub name: String,
+    pub usable: bool,
+    pub score: u32,
+}
+
+/// Picks the candidate to use: the highest score among the usable ones (earlier wins a
+/// tie, so the search order decides between equal backends), restricted to `name` when
+/// the user named one. Returns the index, or `None` when nothing fits.
+pub(crate) fn choose(options: &[Candidate], choice: &BackendChoice) -> Option<usize> {
+    options
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.usable)
+        .filter(|(_, o)| match choice {
+            BackendChoice::Auto => true,
+            BackendChoice::Named(n) => &o.name == n,
+        })
+        .fold(None, |best: Option<(usize, u32)>, (i, o)| match best {
+            Some((_, s)) if s >= o.score => best,
+            _ => Some((i, o.score)),
+        })
+        .map(|(i, _)| i)
+}
+
+const KNOWN: [Accelerator; 3] = [Accelerator::Cpu, Accelerator::Cuda, Accelerator::Metal];
+
+impl Backends {
+    /// Opens and probes every candidate in the search directories. Never fails: what goes
+    /// wrong is in the report.
+    #[tracing::instrument(skip_all)]
+    pub fn discover(opts: &DiscoveryOptions) -> Backends {
+        let dirs = opts.search_dirs();
+        let mut report = SelectionReport {
+            host_abi: ABI_VERSION,
+            search_dirs: dirs.iter().map(|d| SearchDirReport { dir: d.dir.clone(), origin: d.origin, exists: d.dir.is_dir() }).collect(),
+            candidates: Vec::new(),
+        };
+        let mut usable = Vec::new();
+        let mut seen: Vec<PathBuf> = Vec::new();
+        for dir in &dirs {
+            for path in discovery::candidates_in(dir) {
+                // The same file reached twice (a symlinked directory, say) is one candidate.
+                let canonical = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+                if seen.contains(&canonical) {
+                    continue;
+                }
+                seen.push(canonical);
+                let row = report.candidates.len();
+                match plugin::open(&path) {
+                    Err(reason) => {
+                        tracing::debug!(path = %path.display(), %reason, "backend candidate rejected");
+                        report.candidates.push(CandidateReport {
+                            name: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                            path: Some(path),
+                            verdict: Verdict::Rejected,
+                            score: None,
+                            reason: reason.to_string(),
+                            rejection: Some(reason.kind()),
+                            version: None,
+                            llama_build: None,
+                            devices: Vec::new(),
+                        });
+                    }
+                    Ok(plugin) => {
+                        let host_reason = hardware::accelerator_unavailable(plugin.info.accelerator);
+                        let ok = plugin.probe.usable && host_reason.is_none();
+                        let reason = host_reason.unwrap_or_else(|| plugin.probe.reason.to_string());
+                        tracing::debug!(path = %path.display(), usable = ok, %reason, "backend candidate probed");
+                        report.candidates.push(CandidateReport {
+                            name: plugin.info.name.to_string(),
+                            path: Some(path),
+                            verdict: if ok { Verdict::Usable } else { Verdict::Unusable },
+                            score: ok.then_some(plugin.probe.score),
+                            reason,
+                            rejection: None,
+                            version: Some(plugin.info.version.to_string()),
+                            llama_build: Some(plugin.info.llama_build.to_string()),
+                            devices: plugin
+                                .probe
+                                .devices
+                                .iter()
+                                .map(|d| DeviceReport {
+                                    name: d.name.to_string(),
+                                    description: d.description.to_string(),
+                                    memory_total: d.memory_total,
+                                    memory_free: d.memory_free,
+                                })
+                                .collect(),
+                        });
+                        if ok {
+                            usable.push(Usable { row, plugin });
+                        }
+                    }
+                }
+            }
+        }
+        // Known backends without any plugin file still get a row that says why they are
+        // not in use, so "why is my GPU not used?" has an answer.
+        for acc in KNOWN {
+            let name = acc.as_str();
+            let present = report.candidates.iter().any(|c| c.name == name && c.verdict != Verdict::Rejected);
+            if !present {
+                let mut reason = String::new();
+                if let Some(hw) = hardware::accelerator_unavailable(acc) {
+                    reason.push_str(&hw);
+                    reason.push_str("; ");
+                }
+                reason.push_str(&format!("no {name} backend plugin found"));
+                report.candidates.push(CandidateReport {
+                    name: name.to_string(),
+                    path: None,
+                    verdict: Verdict::NotFound,
+                    score: None,
+                    reason,
+                    rejection: None,
+                    version: None,
+                    llama_build: None,
+                    devices: Vec::new(),
+                });
+            }
+        }
+        Backends { report, usable }
+    }
+
+    pub fn report(&self) -> &SelectionReport {
+        &self.report
+    }
+
+    /// Initialises the chosen backend and marks it selected in the report. Under `Auto`, a
+    /// backend whose initialisation fails is reported and the next best is tried.
+    #[tracing::instrument(skip(self))]
+    pub fn select(&mut self, choice: BackendChoice) -> Result<LoadedBackend, SelectError> {
+        loop {
+            let options: Vec<Candidate> = self
+                .usable
+                .iter()
+                .map(|u| {
+                    let c = &self.report.candidates[u.row];
+                    Candidate { name: c.name.clone(), usable: c.verdict == Verdict::Usable, score: c.score.unwrap_or(0) }
+                })
+                .collect();
+            let Some(i) = choose(&options, &choice) else {
+                return Err(self.no_backend(&choice));
+            };
+            let u = &self.usable[i];
+            let row = u.row;
+            match (u.plugin.module.init())(crate::logging::sink()).into_result() {
+                Ok(backend) => {
+                    let c = &mut self.report.candidates[row];
+                    c.verdict = Verdict::Selected;
+                    tracing::info!(backend = %c.name, path = ?c.path, "backend selected");
+                    return Ok(LoadedBackend {
+                        inner: Arc::new(BackendInner {
+                            backend,
+                            info: u.plugin.info.clone(),
+                            probe: u.plugin.probe.clone(),
+                            path: c.path.clone().unwrap_or_default(),
+                        }),
+                    });
+                }
+                Err(e) => {
+                    let c = &mut self.report.candidates[row];
+                    c.verdict = Verdict::Unusable;
+                    c.score = None;
+                    c.reason = format!("initialisation failed: {e}");
+                    if choice != BackendChoice::Auto {
+                        return Err(self.no_backend(&choice));
+                    }
+                }
+            }
+        }
+    }
+
+    fn no_backend(&self, choice: &BackendChoice) -> SelectError {
+        match choice {
+            BackendChoice::Auto => SelectError::NoneUsable {
+                reasons: self.report.candidates.iter().map(|c| format!("{}: {}", c.name, c.reason)).collect(),
+            },
+            BackendChoice::Named(name) => {
+                let reasons: Vec<String> = self
+                    .report
+                    .candidates
+                    .iter()
+                    .filter(|c| &c.name == name)
+                    .map(|c| match &c.path {
+                        Some(p) => format!("{} ({}): {}", c.name, p.display(), c.reason),
+                        None => format!("{}: {}", c.name, c.reason),
+                    })
+                    .collect();
+                if reasons.is_empty() && !KNOWN.iter().any(|a| a.as_str() == name) {
+                    SelectError::Unknown { name: name.clone(), known: KNOWN.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(", ") }
+                } else {
+                    SelectError::Unavailable { name: name.clone(), reasons }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opt(name: &str, usable: bool, score: u32) -> Candidate {
+        Candidate { name: name.into(), usable, score }
+    }
+
+    #[test]
+    fn auto_takes_the_highest_usable_score() {
+        let opts = [opt("cpu", true, 10), opt("cuda", false, 0), opt("cuda", true, 100), opt("metal", true, 50)];
+        assert_eq!(choose(&opts, &BackendChoice::Auto), Some(2));
+    }
+
+    #[test]
+    fn auto_falls_back_to_cpu_when_nothing_else_is_usable() {
+        let opts = [opt("cuda", false, 0), opt("cpu", true, 10), opt("metal", false, 0)];
+        assert_eq!(choose(&opts, &BackendChoice::Auto), Some(1));
+    }
+
+    #[test]
+    fn ties_go_to_the_earlier_candidate() {
+        let opts = [opt("cpu", true, 10), opt("cpu", true, 10)];
+        assert_eq!(choose(&opts, &BackendChoice::Auto), Some(0));
+    }
+
+    #[test]
+    fn a_named_backend_is_never_swapped_for_another() {
+        let opts = [opt("cpu", true, 10), opt("cuda", false, 0)];
+        assert_eq!(choose(&opts, &BackendChoice::Named("cuda".into())), None);
+        assert_eq!(choose(&opts, &BackendChoice::Named("cpu".into())), Some(0));
+    }
+
+    #[test]
+    fn nothing_usable_is_none() {
+        assert_eq!(choose(&[], &BackendChoice::Auto), None);
+        assert_eq!(choose(&[opt("cpu", false, 10)], &BackendChoice::Auto), None);
+    }
+
+    #[test]
+    fn choice_parses_case_insensitively() {
+        assert_eq!("AUTO".parse::<BackendChoice>().unwrap(), BackendChoice::Auto);
+        assert_eq!("Cuda".parse::<BackendChoice>().unwrap(), BackendChoice::Named("cuda".into()));
+    }
+
+    #[test]
+    fn discovery_over_an_empty_tree_reports_known_backends_as_not_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = DiscoveryOptions {
+            backend_dirs: vec![tmp.path().to_path_buf()],
+            env_path: None,
+            exe: None,
+            user_dir: None,
+        };
+        let mut b = Backends::discover(&opts);
+        let names: Vec<&str> = b.report().candidates.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, vec!["cpu", "cuda", "metal"]);
+        assert!(b.report().candidates.iter().all(|c| c.verdict == Verdict::NotFound));
+        assert!(matches!(b.select(BackendChoice::Auto), Err(SelectError::NoneUsable { .. })));
+        assert!(matches!(b.select(BackendChoice::Named("cuda".into())), Err(SelectError::Unavailable { .. })));
+        assert!(matches!(b.select(BackendChoice::Named("tpu".into())), Err(SelectError::Unknown { .. })));
+    }
+}

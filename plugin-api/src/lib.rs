@@ -1,0 +1,323 @@
+//! The stable ABI between the `llama` host and its compute backends.
+//!
+//! A backend is a shared library exporting one abi_stable root module, [`BackendModRef`].
+//! Everything that crosses the boundary is declared here with `#[derive(StableAbi)]`, so the
+//! host can check a library's layout before calling into it. Calls are coarse: one call per
+//! decode step; logits and samplers stay inside the backend and only token ids cross.
+//! This crate must never depend on llama.cpp.
+
+// abi_stable's `sabi_trait` expands to impls inside a generated module.
+#![allow(non_local_definitions)]
+
+use abi_stable::{
+    declare_root_module_statics,
+    library::RootModule,
+    package_version_strings, sabi_trait,
+    sabi_types::VersionStrings,
+    std_types::{RBox, RResult, RSlice, RStr, RString, RVec},
+    StableAbi,
+};
+
+pub use abi_stable;
+
+/// The plugin ABI version (this crate's version). A backend built against another major
+/// version is refused at load.
+pub const ABI_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The root module's name; a library whose root module has another name is not a backend.
+pub const ROOT_MODULE_NAME: &str = "llama_backend";
+
+/// What kind of hardware a backend computes on.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accelerator {
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+impl Accelerator {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accelerator::Cpu => "cpu",
+            Accelerator::Cuda => "cuda",
+            Accelerator::Metal => "metal",
+        }
+    }
+}
+
+/// Static facts about a backend, known without touching the hardware.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct BackendInfo {
+    /// Short name used on the command line (`cpu`, `cuda`, `metal`).
+    pub name: RString,
+    pub accelerator: Accelerator,
+    /// Version of the backend library itself.
+    pub version: RString,
+    /// Which llama.cpp it links (binding crate version and llama.cpp build).
+    pub llama_build: RString,
+}
+
+/// One compute device as the backend sees it.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct DeviceInfo {
+    pub name: RString,
+    pub description: RString,
+    /// Bytes; 0 when unknown.
+    pub memory_total: u64,
+    pub memory_free: u64,
+}
+
+/// The answer to "can you run here, and how well?".
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct ProbeReport {
+    pub usable: bool,
+    /// Higher is better; only compared between usable backends.
+    pub score: u32,
+    /// A sentence for the user: why it is usable or not.
+    pub reason: RString,
+    pub devices: RVec<DeviceInfo>,
+}
+
+/// Severity of a log line coming from the backend (llama.cpp's own log included).
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+/// Where a backend sends its log lines. Called from any backend thread.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy)]
+pub struct LogSink {
+    pub log: extern "C" fn(LogLevel, RStr<'_>),
+}
+
+/// How to load a model file.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct ModelParams {
+    /// Layers to offload to an accelerator; ignored by the CPU backend.
+    pub n_gpu_layers: i32,
+    pub use_mmap: bool,
+}
+
+impl Default for ModelParams {
+    fn default() -> Self {
+        ModelParams { n_gpu_layers: 0, use_mmap: true }
+    }
+}
+
+/// Facts about a loaded model.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct ModelInfo {
+    /// llama.cpp's one-line description ("gemma3 270M Q4_K - Medium").
+    pub description: RString,
+    pub n_params: u64,
+    pub size_bytes: u64,
+    pub n_vocab: i32,
+    pub n_ctx_train: u32,
+    /// Beginning-of-sequence token, or -1.
+    pub bos: i32,
+}
+
+/// Sizes and threads of one inference context.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct ContextParams {
+    /// Context length in tokens.
+    pub n_ctx: u32,
+    /// Logical batch: the most tokens handed to one decode call.
+    pub n_batch: u32,
+    /// Physical micro-batch.
+    pub n_ubatch: u32,
+    pub n_threads: i32,
+    pub n_threads_batch: i32,
+}
+
+/// Sampler settings. `temperature <= 0` means greedy.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    pub top_k: i32,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub repeat_penalty: f32,
+    pub repeat_last_n: i32,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    pub seed: u32,
+}
+
+impl Default for SamplingParams {
+    /// llama.cpp's defaults (common/common.h).
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: u32::MAX,
+        }
+    }
+}
+
+/// Seed value asking the backend to pick a random seed.
+pub const SEED_RANDOM: u32 = u32::MAX;
+
+/// What a decode step produced.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sampled {
+    pub token: i32,
+    /// The token ends generation (end of turn / end of sequence).
+    pub is_eog: bool,
+}
+
+/// Every error a backend can return. Typed: the host maps each kind to its own error.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, PartialEq)]
+pub enum BackendError {
+    /// llama.cpp refused the model file; `reason` is its last error line.
+    ModelLoad { reason: RString },
+    /// The context could not be created (usually: not enough memory for the KV cache).
+    ContextCreate { reason: RString },
+    /// A parameter is out of range.
+    InvalidParam { field: RString, reason: RString },
+    /// The text could not be tokenized.
+    Tokenize { reason: RString },
+    /// A token id outside the vocabulary.
+    InvalidToken { token: i32 },
+    /// Tokens would not fit in the context.
+    ContextFull { n_ctx: u32, needed: u32 },
+    /// llama_decode found no KV slot for the batch.
+    NoKvSlot,
+    /// llama_decode failed with this code.
+    Decode { code: i32 },
+    /// The operation was aborted by the host.
+    Aborted,
+    /// The backend cannot run here (the hardware or driver is missing).
+    Unavailable { reason: RString },
+    /// A panic inside the backend, caught at the boundary.
+    Panic { message: RString },
+}
+
+impl std::fmt::Display for BackendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendError::ModelLoad { reason } => write!(f, "llama.cpp could not load the model: {reason}"),
+            BackendError::ContextCreate { reason } => write!(f, "could not create the context: {reason}"),
+            BackendError::InvalidParam { field, reason } => write!(f, "invalid {field}: {reason}"),
+            BackendError::Tokenize { reason } => write!(f, "tokenization failed: {reason}"),
+            BackendError::InvalidToken { token } => write!(f, "token id {token} is not in the vocabulary"),
+            BackendError::ContextFull { n_ctx, needed } => {
+                write!(f, "{needed} tokens do not fit in the context of {n_ctx} tokens")
+            }
+            BackendError::NoKvSlot => write!(f, "no free KV cache slot for the batch"),
+            BackendError::Decode { code } => write!(f, "llama_decode failed with code {code}"),
+            BackendError::Aborted => write!(f, "aborted"),
+            BackendError::Unavailable { reason } => write!(f, "backend unavailable: {reason}"),
+            BackendError::Panic { message } => write!(f, "backend panicked: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for BackendError {}
+
+/// An initialised backend: loads models.
+#[sabi_trait]
+pub trait Backend: Send + Sync {
+    fn info(&self) -> BackendInfo;
+
+    /// Loads a GGUF model file.
+    #[sabi(last_prefix_field)]
+    fn load_model(&self, path: RStr<'_>, params: ModelParams) -> RResult<ModelBox, BackendError>;
+}
+
+/// A loaded model: tokenizer and weights. Contexts keep the model alive on their own.
+#[sabi_trait]
+pub trait Model: Send + Sync {
+    fn info(&self) -> ModelInfo;
+
+    /// Text to token ids. `add_special` adds BOS where the model wants it;
+    /// `parse_special` turns `<start_of_turn>`-style text into control tokens.
+    fn tokenize(&self, text: RStr<'_>, add_special: bool, parse_special: bool) -> RResult<RVec<i32>, BackendError>;
+
+    /// The bytes of one token (may be an incomplete UTF-8 sequence).
+    fn token_bytes(&self, token: i32) -> RResult<RVec<u8>, BackendError>;
+
+    /// A GGUF metadata value as a string, if the key exists.
+    fn meta(&self, key: RStr<'_>) -> abi_stable::std_types::ROption<RString>;
+
+    #[sabi(last_prefix_field)]
+    fn new_context(&self, params: ContextParams) -> RResult<ContextBox, BackendError>;
+}
+
+/// One inference context (KV cache + sampler), used by one thread at a time.
+#[sabi_trait]
+pub trait Context: Send {
+    /// Context length in tokens.
+    fn n_ctx(&self) -> u32;
+
+    /// Tokens currently held in the KV cache.
+    fn n_past(&self) -> u32;
+
+    /// Forgets everything in the KV cache and resets the sampler.
+    fn clear(&mut self);
+
+    /// Replaces the sampler chain.
+    fn set_sampling(&mut self, params: SamplingParams) -> RResult<(), BackendError>;
+
+    /// Appends tokens to the KV cache in micro-batches, without sampling.
+    /// Logits are computed for the last token only when `logits_last` is set.
+    fn decode(&mut self, tokens: RSlice<'_, i32>, logits_last: bool) -> RResult<(), BackendError>;
+
+    /// One generation step: appends `tokens` (a prompt, or the previously sampled token)
+    /// and samples the next token from the last position.
+    #[sabi(last_prefix_field)]
+    fn decode_sample(&mut self, tokens: RSlice<'_, i32>) -> RResult<Sampled, BackendError>;
+}
+
+pub type BackendBox = Backend_TO<'static, RBox<()>>;
+pub type ModelBox = Model_TO<'static, RBox<()>>;
+pub type ContextBox = Context_TO<'static, RBox<()>>;
+
+/// The root module every backend library exports.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = BackendModRef)))]
+#[sabi(missing_field(panic))]
+pub struct BackendMod {
+    /// CPU features the library was compiled to use (`avx2`, `fma`, ...). The host checks
+    /// them before calling any function of the library: code built for a feature the CPU
+    /// lacks dies with SIGILL.
+    pub required_cpu_features: RSlice<'static, RStr<'static>>,
+
+    pub info: extern "C" fn() -> BackendInfo,
+
+    /// Looks at the hardware without initialising anything heavy.
+    pub probe: extern "C" fn() -> ProbeReport,
+
+    /// Initialises the backend; logs from now on go to `sink`.
+    #[sabi(last_prefix_field)]
+    pub init: extern "C" fn(sink: LogSink) -> RResult<BackendBox, BackendError>,
+}
+
+impl RootModule for BackendModRef {
+    declare_root_module_statics! {BackendModRef}
+    const BASE_NAME: &'static str = "llama_backend";
+    const NAME: &'static str = ROOT_MODULE_NAME;
+    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}
