@@ -3,7 +3,7 @@
 //!
 //! ```no_run
 //! use llama_host::{Backends, BackendChoice, DiscoveryOptions, Model, ModelParams, SessionParams, GenerateOptions};
-//! let backends = Backends::discover(&DiscoveryOptions::from_env());
+//! let mut backends = Backends::discover(&DiscoveryOptions::from_env());
 //! let backend = backends.select(BackendChoice::Auto)?;
 //! let model = Model::load(&backend, "model.gguf", &ModelParams::default())?;
 //! let mut session = model.session(&SessionParams::default())?;

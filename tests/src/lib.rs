@@ -1,0 +1,87 @@
+//! Helpers shared by the integration tests: where the built binary, plugins, fixtures and
+//! the model are. The tests need `cargo build --release --workspace` first (scripts/test
+//! does it), and the model (scripts/fetch-model); a missing model fails, never skips.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// `target/release` (or whichever profile directory the test binary runs from).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test-binary>
+    exe.parent().and_then(Path::parent).expect("test binary lives in target/<profile>/deps").to_path_buf()
+}
+
+/// The built `llama` binary.
+pub fn llama_bin() -> PathBuf {
+    let bin = target_dir().join(format!("llama{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.is_file(), "{} is missing: run `cargo build --release --workspace` first (scripts/test does)", bin.display());
+    bin
+}
+
+/// A shared library built by the workspace (`name` without prefix/extension).
+pub fn built_library(name: &str) -> PathBuf {
+    let file = format!("{}{name}.{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_EXTENSION);
+    let p = target_dir().join(file);
+    assert!(p.is_file(), "{} is missing: run `cargo build --release --workspace` first", p.display());
+    p
+}
+
+/// The test model: $LLAMA_TEST_MODEL, else the default model installed by scripts/fetch-model.
+pub fn model_path() -> PathBuf {
+    let p = match std::env::var_os("LLAMA_TEST_MODEL").filter(|p| !p.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let models = std::env::var_os("LLAMA_MODELS_DIR")
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()).map(|d| PathBuf::from(d).join("llama/models")))
+                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".local/share/llama/models"));
+            models.join("gemma-3-270m-q4_k_m.gguf")
+        }
+    };
+    assert!(p.is_file(), "the test model {} is missing: run scripts/fetch-model", p.display());
+    p
+}
+
+/// Runs `llama` with `args`, isolated from the user's own backends directory.
+pub fn llama(args: &[&str]) -> Output {
+    llama_cmd(args).output().expect("run llama")
+}
+
+/// The `llama` command with an isolated environment (no per-user plugins, no env path).
+pub fn llama_cmd(args: &[&str]) -> Command {
+    let mut cmd = Command::new(llama_bin());
+    cmd.args(args)
+        .env_remove("LLAMA_BACKEND_PATH")
+        .env_remove("LLAMA_LOG")
+        .env("XDG_DATA_HOME", empty_data_home());
+    cmd
+}
+
+/// An empty per-user data directory, so a developer's installed plugins don't leak in.
+fn empty_data_home() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("llama-tests-empty-data-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("create empty data dir");
+    d
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Panics with the output when the process did not exit with `code`, or died by a signal.
+pub fn assert_exit(o: &Output, code: i32) {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "expected exit {code}, got {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    );
+}

@@ -76,11 +76,11 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &ContextParams) -> Result<ContextBo
     cp.n_threads = p.n_threads;
     cp.n_threads_batch = p.n_threads_batch;
     cp.n_seq_max = 1;
-    log::clear_last_error();
+    log::clear_first_error();
     // SAFETY: the model is alive (we hold an Arc for the life of the context).
     let raw = unsafe { sys::llama_init_from_model(model.as_ptr(), cp) };
     let raw = NonNull::new(raw).ok_or_else(|| BackendError::ContextCreate {
-        reason: RString::from(log::take_last_error().unwrap_or_else(|| "no reason given".to_string())),
+        reason: RString::from(log::take_first_error().unwrap_or_else(|| "no reason given".to_string())),
     })?;
     let ctx = RawContext(raw);
     // SAFETY: reads back the sizes llama.cpp settled on.

@@ -1,6 +1,7 @@
 //! llama.cpp's log callback → the host's log sink. llama.cpp emits lines in pieces
 //! (GGML_LOG_LEVEL_CONT continues the previous one), so pieces are joined into whole lines.
-//! The last error line of the current thread is kept: it becomes the reason of a failed load.
+//! The first error line of the current thread since the last clear is kept: it becomes the
+//! reason of a failed load (the lines after it only repeat that the load failed).
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr};
@@ -15,7 +16,7 @@ static SINK: OnceLock<LogSink> = OnceLock::new();
 static PENDING: Mutex<(String, u32)> = Mutex::new((String::new(), sys::GGML_LOG_LEVEL_INFO));
 
 thread_local! {
-    static LAST_ERROR: RefCell<Option<String>> = const { RefCell::new(None) };
+    static FIRST_ERROR: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
 pub fn install(sink: LogSink) {
@@ -29,14 +30,14 @@ pub fn install(sink: LogSink) {
     }
 }
 
-/// Forgets the current thread's last error line.
-pub fn clear_last_error() {
-    LAST_ERROR.with(|e| e.borrow_mut().take());
+/// Forgets the current thread's recorded error line.
+pub fn clear_first_error() {
+    FIRST_ERROR.with(|e| e.borrow_mut().take());
 }
 
-/// Takes the current thread's last error line, if any.
-pub fn take_last_error() -> Option<String> {
-    LAST_ERROR.with(|e| e.borrow_mut().take())
+/// Takes the current thread's first error line since the last clear, if any.
+pub fn take_first_error() -> Option<String> {
+    FIRST_ERROR.with(|e| e.borrow_mut().take())
 }
 
 fn level_of(level: u32) -> LogLevel {
@@ -54,7 +55,9 @@ fn emit(line: &str, level: u32) {
         return;
     }
     if level == sys::GGML_LOG_LEVEL_ERROR {
-        LAST_ERROR.with(|e| *e.borrow_mut() = Some(line.to_string()));
+        FIRST_ERROR.with(|e| {
+            e.borrow_mut().get_or_insert_with(|| line.to_string());
+        });
     }
     if let Some(sink) = SINK.get() {
         (sink.log)(level_of(level), RStr::from_str(line));

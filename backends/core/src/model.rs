@@ -145,11 +145,11 @@ pub(crate) fn load(path: &str, params: &ModelParams) -> Result<ModelBox, Backend
     if !params.use_mmap {
         mp.load_mode = sys::LLAMA_LOAD_MODE_NONE;
     }
-    log::clear_last_error();
+    log::clear_first_error();
     // SAFETY: `c_path` is NUL-terminated and outlives the call; failures return NULL.
     let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), mp) };
     let raw = NonNull::new(raw).ok_or_else(|| BackendError::ModelLoad {
-        reason: RString::from(log::take_last_error().unwrap_or_else(|| "no reason given".to_string())),
+        reason: RString::from(log::take_first_error().unwrap_or_else(|| "no reason given".to_string())),
     })?;
     let model = Arc::new(LlamaModel { raw });
     Ok(Model_TO::from_value(ModelHandle { model }, TD_Opaque))

@@ -1,0 +1,165 @@
+//! Backend discovery, selection and fallback through the real binary and plugin.
+
+use std::path::Path;
+
+use llama_tests::{assert_exit, built_library, llama, model_path, stderr, stdout};
+
+fn report_json(extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["backends", "--json"];
+    args.extend_from_slice(extra);
+    let o = llama(&args);
+    assert_exit(&o, 0);
+    serde_json::from_str(&stdout(&o)).expect("backends --json is JSON")
+}
+
+fn candidate<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    report["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no candidate {name} in {report:#}"))
+}
+
+#[test]
+fn cpu_is_selected_and_gpus_are_listed_with_reasons() {
+    let r = report_json(&[]);
+    let cpu = candidate(&r, "cpu");
+    assert_eq!(cpu["verdict"], "selected");
+    assert!(cpu["path"].as_str().unwrap().ends_with(&format!("llama_backend_cpu.{}", std::env::consts::DLL_EXTENSION)));
+    for gpu in ["cuda", "metal"] {
+        let c = candidate(&r, gpu);
+        assert_ne!(c["verdict"], "selected");
+        assert!(!c["reason"].as_str().unwrap().is_empty(), "{gpu} has no reason");
+    }
+    if cfg!(target_os = "linux") {
+        assert!(candidate(&r, "metal")["reason"].as_str().unwrap().contains("macOS"));
+    }
+
+    let o = llama(&["backends"]);
+    assert_exit(&o, 0);
+    let text = stdout(&o);
+    for line in ["cpu      selected", "cuda", "metal"] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+}
+
+/// A backends directory holding (a) a file that is not a shared library, (b) a shared
+/// library that is not a llama backend, (c) a backend built for another plugin ABI.
+fn broken_backends_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let ext = std::env::consts::DLL_EXTENSION;
+    std::fs::write(dir.path().join(format!("garbage.{ext}")), b"this is a text file, not a library\n").unwrap();
+    std::fs::copy(built_library("fixture_not_a_backend"), dir.path().join(format!("libnot_a_backend.{ext}"))).unwrap();
+    std::fs::copy(built_library("fixture_abi2_backend"), dir.path().join(format!("libllama_backend_future.{ext}"))).unwrap();
+    dir
+}
+
+fn dir_arg(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn broken_candidates_are_rejected_with_reasons_and_cpu_still_runs() {
+    let dir = broken_backends_dir();
+    let ext = std::env::consts::DLL_EXTENSION;
+    let r = report_json(&["--backend-dir", dir_arg(dir.path())]);
+    let expect = [
+        (format!("garbage.{ext}"), "not-a-library", "not a shared library"),
+        (format!("libnot_a_backend.{ext}"), "not-a-backend", "not a llama backend"),
+        (format!("libllama_backend_future.{ext}"), "abi-version", "built for plugin ABI 2.0.0, host expects 1.0.0"),
+    ];
+    for (file, kind, reason) in &expect {
+        let c = candidate(&r, file);
+        assert_eq!(c["verdict"], "rejected", "{file}");
+        assert_eq!(c["rejection"], *kind, "{file}");
+        assert!(c["reason"].as_str().unwrap().contains(reason), "{file}: {}", c["reason"]);
+        assert!(c["path"].as_str().unwrap().starts_with(dir_arg(dir.path())));
+    }
+    assert_eq!(candidate(&r, "cpu")["verdict"], "selected");
+
+    // The same directory through `llama run -v`: generation works on CPU and the report
+    // printed on stderr names each rejected file.
+    let model = model_path();
+    let o = llama(&["run", "-v", "--backend-dir", dir_arg(dir.path()), "-m", model.to_str().unwrap(), "-p", "Hello", "-n", "4", "--temp", "0"]);
+    assert_exit(&o, 0);
+    assert!(!stdout(&o).trim().is_empty(), "no text generated");
+    let err = stderr(&o);
+    for (file, _, reason) in &expect {
+        assert!(err.contains(file.as_str()) && err.contains(reason), "stderr lacks {file}: {reason}\n{err}");
+    }
+    assert!(err.contains("backend cpu"));
+}
+
+#[test]
+fn backend_path_env_is_searched() {
+    let dir = broken_backends_dir();
+    let o = llama_tests::llama_cmd(&["backends", "--json"]).env("LLAMA_BACKEND_PATH", dir.path()).output().unwrap();
+    assert_exit(&o, 0);
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let origins: Vec<&str> = r["search_dirs"].as_array().unwrap().iter().map(|d| d["origin"].as_str().unwrap()).collect();
+    assert_eq!(origins.first(), Some(&"env"));
+    assert_eq!(candidate(&r, &format!("garbage.{}", std::env::consts::DLL_EXTENSION))["verdict"], "rejected");
+}
+
+#[test]
+fn a_named_backend_that_cannot_run_is_an_error_not_a_fallback() {
+    let model = model_path();
+    let o = llama(&["run", "--backend", "cuda", "-m", model.to_str().unwrap(), "-p", "Hello", "-n", "4"]);
+    assert_exit(&o, 4);
+    let err = stderr(&o);
+    assert!(err.contains("backend 'cuda' cannot be used here"), "{err}");
+    assert!(stdout(&o).is_empty(), "generated text despite the error");
+
+    let o = llama(&["run", "--backend", "tpu", "-m", model.to_str().unwrap(), "-p", "Hello"]);
+    assert_exit(&o, 4);
+    assert!(stderr(&o).contains("unknown backend 'tpu'"));
+}
+
+#[test]
+fn explicit_cpu_backend_runs() {
+    let model = model_path();
+    let o = llama(&["run", "--backend", "cpu", "-m", model.to_str().unwrap(), "-p", "Hello", "-n", "2", "--temp", "0"]);
+    assert_exit(&o, 0);
+}
+
+#[test]
+fn install_checks_the_library_first() {
+    let dest = tempfile::tempdir().unwrap();
+    let d = dir_arg(dest.path());
+    let cpu = built_library("llama_backend_cpu");
+    let o = llama(&["backends", "install", cpu.to_str().unwrap(), "--dir", d]);
+    assert_exit(&o, 0);
+    assert!(stdout(&o).contains("installed cpu backend"), "{}", stdout(&o));
+    assert!(dest.path().join(cpu.file_name().unwrap()).is_file());
+
+    let broken = broken_backends_dir();
+    let ext = std::env::consts::DLL_EXTENSION;
+    for (file, reason) in [
+        (format!("garbage.{ext}"), "not a shared library"),
+        (format!("libnot_a_backend.{ext}"), "not a llama backend"),
+        (format!("libllama_backend_future.{ext}"), "built for plugin ABI 2.0.0, host expects 1.0.0"),
+    ] {
+        let o = llama(&["backends", "install", broken.path().join(&file).to_str().unwrap(), "--dir", d]);
+        assert_exit(&o, 4);
+        assert!(stderr(&o).contains(reason), "{file}: {}", stderr(&o));
+        assert!(!dest.path().join(&file).exists(), "{file} was installed despite being refused");
+    }
+}
+
+#[test]
+fn an_installed_backend_is_picked_up_from_the_user_directory() {
+    let data = tempfile::tempdir().unwrap();
+    let cpu = built_library("llama_backend_cpu");
+    let user_dir = data.path().join("llama/backends");
+    let o = llama_tests::llama_cmd(&["backends", "install", cpu.to_str().unwrap()]).env("XDG_DATA_HOME", data.path()).output().unwrap();
+    assert_exit(&o, 0);
+    assert!(user_dir.join(cpu.file_name().unwrap()).is_file());
+    let o = llama_tests::llama_cmd(&["backends", "--json"]).env("XDG_DATA_HOME", data.path()).output().unwrap();
+    assert_exit(&o, 0);
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let cpus: Vec<&serde_json::Value> = r["candidates"].as_array().unwrap().iter().filter(|c| c["name"] == "cpu").collect();
+    assert_eq!(cpus.len(), 2, "the build's and the installed copy: {r:#}");
+    assert!(cpus.iter().any(|c| c["path"].as_str().unwrap().starts_with(user_dir.to_str().unwrap())));
+    assert_eq!(cpus.iter().filter(|c| c["verdict"] == "selected").count(), 1);
+}
