@@ -14,7 +14,7 @@ use llama_plugin_api::abi_stable::sabi_trait::TD_Opaque;
 use llama_plugin_api::abi_stable::std_types::{RResult, RSlice, RStr, RString};
 use llama_plugin_api::{Accelerator, BackendBox, BackendError, BackendInfo, Backend_TO, LogSink};
 
-pub use guard::guard;
+pub use guard::{guard, guard_probe};
 
 /// Which llama.cpp this backend links: the binding crate's version pins the llama.cpp tree.
 pub const LLAMA_BUILD: &str = "llama-cpp-sys-2 0.1.161";

@@ -15,6 +15,10 @@ extern "C" fn info() -> BackendInfo {
 }
 
 extern "C" fn probe() -> ProbeReport {
+    core::guard_probe(probe_cpu)
+}
+
+fn probe_cpu() -> ProbeReport {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let simd = core::system_info();
     ProbeReport {

@@ -1,5 +1,5 @@
-//! The Cuda backend plugin: exports the root module for a Cuda build of llama.cpp.
-//! Usable only when ggml finds a Cuda GPU; its probe says which and how much memory.
+//! The CUDA backend plugin: exports the root module for a CUDA build of llama.cpp.
+//! Usable only when ggml finds a CUDA GPU; its probe says which and how much memory.
 
 use llama_backend_core as core;
 use llama_plugin_api::abi_stable::export_root_module;
@@ -15,11 +15,15 @@ extern "C" fn info() -> BackendInfo {
 }
 
 extern "C" fn probe() -> ProbeReport {
+    core::guard_probe(probe_gpu)
+}
+
+fn probe_gpu() -> ProbeReport {
     let devices = core::devices(&core::DEVICE_GPU);
     let (usable, reason) = if devices.is_empty() {
-        (false, "no Cuda device found by ggml".to_string())
+        (false, "no CUDA device found by ggml".to_string())
     } else {
-        (true, format!("{} Cuda device(s)", devices.len()))
+        (true, format!("{} CUDA device(s)", devices.len()))
     };
     ProbeReport { usable, score: if usable { SCORE } else { 0 }, reason: RString::from(reason), devices }
 }

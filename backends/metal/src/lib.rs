@@ -15,6 +15,10 @@ extern "C" fn info() -> BackendInfo {
 }
 
 extern "C" fn probe() -> ProbeReport {
+    core::guard_probe(probe_gpu)
+}
+
+fn probe_gpu() -> ProbeReport {
     let devices = core::devices(&core::DEVICE_GPU);
     let (usable, reason) = if devices.is_empty() {
         (false, "no Metal device found by ggml".to_string())
