@@ -107,7 +107,7 @@ mod tests {
     #[test]
     fn this_cpu_reports_known_features() {
         #[cfg(target_arch = "x86_64")]
-        assert_eq!(cpu_has("sse4.2").is_some(), true);
+        assert!(cpu_has("sse4.2").is_some());
         assert_eq!(cpu_has("no-such-feature"), None);
     }
 }

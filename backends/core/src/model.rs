@@ -70,9 +70,11 @@ impl LlamaModel {
 
     fn describe(&self) -> ModelInfo {
         let raw = self.raw.as_ptr();
-        // SAFETY (closure): `buf`/`len` describe a writable buffer of `len` bytes.
-        let description = Self::read_string(|buf, len| unsafe { sys::llama_model_desc(raw, buf, len) })
-            .unwrap_or_default();
+        let description = Self::read_string(|buf, len| {
+            // SAFETY: `buf` is writable for `len` bytes; the model is alive.
+            unsafe { sys::llama_model_desc(raw, buf, len) }
+        })
+        .unwrap_or_default();
         // SAFETY: plain queries on a live model.
         let (n_params, size_bytes, n_ctx_train, bos) = unsafe {
             (
@@ -175,8 +177,10 @@ impl llama_plugin_api::Model for ModelHandle {
     fn meta(&self, key: RStr<'_>) -> ROption<RString> {
         let Ok(key) = CString::new(key.as_str()) else { return ROption::RNone };
         let raw = self.model.as_ptr();
-        // SAFETY (closure): `key` is NUL-terminated; `buf` is writable for `len` bytes.
-        LlamaModel::read_string(|buf, len| unsafe { sys::llama_model_meta_val_str(raw, key.as_ptr(), buf, len) })
+        LlamaModel::read_string(|buf, len| {
+            // SAFETY: `key` is NUL-terminated; `buf` is writable for `len` bytes; the model is alive.
+            unsafe { sys::llama_model_meta_val_str(raw, key.as_ptr(), buf, len) }
+        })
             .map(RString::from)
             .into()
     }
