@@ -41,13 +41,19 @@ pub enum SessionError {
     Backend(BackendError),
 }
 
+/// Splits a backend's parameter error (field, reason) from its other errors.
+fn invalid_param(e: BackendError) -> Result<(String, String), BackendError> {
+    match e {
+        BackendError::InvalidParam { field, reason } => Ok((field.into_string(), reason.into_string())),
+        other => Err(other),
+    }
+}
+
 impl From<BackendError> for SessionError {
     fn from(e: BackendError) -> Self {
-        match e {
-            BackendError::InvalidParam { field, reason } => {
-                SessionError::InvalidParam { field: field.into_string(), reason: reason.into_string() }
-            }
-            other => SessionError::Backend(other),
+        match invalid_param(e) {
+            Ok((field, reason)) => SessionError::InvalidParam { field, reason },
+            Err(other) => SessionError::Backend(other),
         }
     }
 }
@@ -67,11 +73,9 @@ pub enum GenerateError {
 
 impl From<BackendError> for GenerateError {
     fn from(e: BackendError) -> Self {
-        match e {
-            BackendError::InvalidParam { field, reason } => {
-                GenerateError::InvalidParam { field: field.into_string(), reason: reason.into_string() }
-            }
-            other => GenerateError::Backend(other),
+        match invalid_param(e) {
+            Ok((field, reason)) => GenerateError::InvalidParam { field, reason },
+            Err(other) => GenerateError::Backend(other),
         }
     }
 }

@@ -137,3 +137,17 @@ pub fn devices(types: &[u32]) -> llama_plugin_api::abi_stable::std_types::RVec<l
 pub const DEVICE_CPU: u32 = llama_cpp_sys_2::GGML_BACKEND_DEVICE_TYPE_CPU;
 /// ggml's device types for GPUs, for [`devices`].
 pub const DEVICE_GPU: [u32; 2] = [llama_cpp_sys_2::GGML_BACKEND_DEVICE_TYPE_GPU, llama_cpp_sys_2::GGML_BACKEND_DEVICE_TYPE_IGPU];
+
+/// The probe of a GPU backend: usable with `score` when ggml's registry holds a GPU of this
+/// build's kind (`label` names it in the reason), unusable otherwise.
+pub fn probe_gpu(label: &str, score: u32) -> llama_plugin_api::ProbeReport {
+    guard_probe(|| {
+        let devices = devices(&DEVICE_GPU);
+        let (usable, reason) = if devices.is_empty() {
+            (false, format!("no {label} device found by ggml"))
+        } else {
+            (true, format!("{} {label} device(s)", devices.len()))
+        };
+        llama_plugin_api::ProbeReport { usable, score: if usable { score } else { 0 }, reason: RString::from(reason), devices }
+    })
+}

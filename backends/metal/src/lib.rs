@@ -4,7 +4,7 @@
 use llama_backend_core as core;
 use llama_plugin_api::abi_stable::export_root_module;
 use llama_plugin_api::abi_stable::prefix_type::PrefixTypeTrait;
-use llama_plugin_api::abi_stable::std_types::{RResult, RString};
+use llama_plugin_api::abi_stable::std_types::RResult;
 use llama_plugin_api::{Accelerator, BackendBox, BackendError, BackendInfo, BackendMod, BackendModRef, LogSink, ProbeReport};
 
 /// A usable GPU outranks the CPU backend (score 10).
@@ -15,17 +15,7 @@ extern "C" fn info() -> BackendInfo {
 }
 
 extern "C" fn probe() -> ProbeReport {
-    core::guard_probe(probe_gpu)
-}
-
-fn probe_gpu() -> ProbeReport {
-    let devices = core::devices(&core::DEVICE_GPU);
-    let (usable, reason) = if devices.is_empty() {
-        (false, "no Metal device found by ggml".to_string())
-    } else {
-        (true, format!("{} Metal device(s)", devices.len()))
-    };
-    ProbeReport { usable, score: if usable { SCORE } else { 0 }, reason: RString::from(reason), devices }
+    core::probe_gpu("Metal", SCORE)
 }
 
 extern "C" fn init(sink: LogSink) -> RResult<BackendBox, BackendError> {
