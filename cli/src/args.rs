@@ -1,4 +1,7 @@
-//! Command-line arguments. Flag names follow llama.cpp's tools where they have one.
+//! Command-line arguments. Flag names follow llama.cpp's tools where they have one. Every
+//! generation flag can also come from an environment variable (`LLAMA_TEMP`, ...) and from
+//! the config file; precedence is flag > environment > config > built-in default
+//! (see `config.rs`, which fills in the config values after parsing).
 
 use std::path::PathBuf;
 
@@ -11,11 +14,14 @@ pub struct Cli {
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
     /// Log line format on stderr.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "LLAMA_LOG_FORMAT")]
     pub log_format: LogFormat,
     /// A directory of backend plugins, searched before the standard places (repeatable).
     #[arg(long = "backend-dir", value_name = "DIR", global = true)]
     pub backend_dirs: Vec<PathBuf>,
+    /// Config file (default: $LLAMA_CONFIG, else ~/.config/llama/config.toml if it exists).
+    #[arg(long, value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -30,6 +36,10 @@ pub enum LogFormat {
 pub enum Command {
     /// Generate a continuation of a prompt, streamed to stdout.
     Run(RunArgs),
+    /// Chat with a model: interactive on a terminal, one user turn per line otherwise.
+    Chat(ChatArgs),
+    /// Show the named models and the GGUF files in the models directory.
+    List(ListArgs),
     /// Show which backends were found and which one is used.
     Backends(BackendsArgs),
     /// Measure prompt processing and generation speed (like llama-bench).
@@ -38,48 +48,129 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Model file (GGUF). Default: $LLAMA_MODEL, else the default model in the models directory.
-    #[arg(short = 'm', long = "model", value_name = "FILE")]
-    pub model: Option<PathBuf>,
+    /// Model: a GGUF path, a name from the config's [models], or a file in the models
+    /// directory. Default: the config's default-model, else the default model.
+    #[arg(value_name = "MODEL")]
+    pub name: Option<String>,
+    /// Same as the positional MODEL. Without either: $LLAMA_MODEL, then the config.
+    #[arg(short = 'm', long = "model", value_name = "FILE", conflicts_with = "name")]
+    pub model: Option<String>,
     /// Backend: auto, cpu, cuda or metal. A named backend that cannot run is an error.
-    #[arg(long, default_value = "auto", value_name = "NAME")]
+    #[arg(long, default_value = "auto", value_name = "NAME", env = "LLAMA_BACKEND")]
     pub backend: String,
 }
 
-#[derive(Args, Debug)]
+/// Context and threads.
+#[derive(Args, Debug, Clone)]
+pub struct ContextArgs {
+    /// Context length in tokens.
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096, env = "LLAMA_CTX_SIZE")]
+    pub ctx_size: u32,
+    /// Threads for generation (default: one per hardware thread).
+    #[arg(short = 't', long = "threads", env = "LLAMA_THREADS", allow_hyphen_values = true)]
+    pub threads: Option<i32>,
+    /// Threads for prompt processing (default: --threads).
+    #[arg(long = "threads-batch", visible_alias = "tb", env = "LLAMA_THREADS_BATCH", allow_hyphen_values = true)]
+    pub threads_batch: Option<i32>,
+    /// Logical batch size: most prompt tokens per decode call.
+    #[arg(short = 'b', long = "batch-size", default_value_t = 2048, env = "LLAMA_BATCH_SIZE")]
+    pub batch_size: u32,
+    /// Physical micro-batch size.
+    #[arg(long = "ubatch-size", visible_alias = "ub", default_value_t = 512, env = "LLAMA_UBATCH_SIZE")]
+    pub ubatch_size: u32,
+    /// Most tokens kept in the KV cache for reuse by the next turn; 0 turns the prompt
+    /// cache off (default: the whole context).
+    #[arg(long = "cache-tokens", env = "LLAMA_CACHE_TOKENS")]
+    pub cache_tokens: Option<u32>,
+}
+
+/// Sampling and output limits.
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Tokens to generate; -1 runs until the model stops or the context is full.
+    #[arg(short = 'n', long = "n-predict", default_value_t = -1, allow_hyphen_values = true, env = "LLAMA_N_PREDICT")]
+    pub n_predict: i32,
+    /// Random seed (-1: a random one).
+    #[arg(short = 's', long = "seed", default_value_t = -1, allow_hyphen_values = true, env = "LLAMA_SEED")]
+    pub seed: i64,
+    /// Temperature; 0 is greedy.
+    #[arg(long = "temp", default_value_t = 0.8, allow_hyphen_values = true, env = "LLAMA_TEMP")]
+    pub temp: f32,
+    /// Top-k sampling (0 = off).
+    #[arg(long = "top-k", default_value_t = 40, allow_hyphen_values = true, env = "LLAMA_TOP_K")]
+    pub top_k: i32,
+    /// Top-p (nucleus) sampling (1.0 = off).
+    #[arg(long = "top-p", default_value_t = 0.95, allow_hyphen_values = true, env = "LLAMA_TOP_P")]
+    pub top_p: f32,
+    /// Min-p sampling (0.0 = off).
+    #[arg(long = "min-p", default_value_t = 0.05, allow_hyphen_values = true, env = "LLAMA_MIN_P")]
+    pub min_p: f32,
+    /// Penalty for repeated tokens (1.0 = off).
+    #[arg(long = "repeat-penalty", default_value_t = 1.0, allow_hyphen_values = true, env = "LLAMA_REPEAT_PENALTY")]
+    pub repeat_penalty: f32,
+    /// How many last tokens the penalties look at (0 = off, -1 = the context).
+    #[arg(long = "repeat-last-n", default_value_t = 64, allow_hyphen_values = true, env = "LLAMA_REPEAT_LAST_N")]
+    pub repeat_last_n: i32,
+    /// Presence penalty (0.0 = off).
+    #[arg(long = "presence-penalty", default_value_t = 0.0, allow_hyphen_values = true, env = "LLAMA_PRESENCE_PENALTY")]
+    pub presence_penalty: f32,
+    /// Frequency penalty (0.0 = off).
+    #[arg(long = "frequency-penalty", default_value_t = 0.0, allow_hyphen_values = true, env = "LLAMA_FREQUENCY_PENALTY")]
+    pub frequency_penalty: f32,
+    /// Stop before this string (repeatable); it never appears in the output.
+    #[arg(long = "stop", value_name = "STR")]
+    pub stop: Vec<String>,
+    /// Token bias, llama.cpp's syntax: TOKEN_ID(+|-)BIAS, e.g. `15043+1` or `15043-inf`.
+    #[arg(short = 'l', long = "logit-bias", value_name = "TOKEN(+|-)BIAS", allow_hyphen_values = true)]
+    pub logit_bias: Vec<String>,
+}
+
+#[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// The prompt.
     #[arg(short = 'p', long = "prompt")]
     pub prompt: String,
-    /// Tokens to generate; -1 runs until the model stops or the context is full.
-    #[arg(short = 'n', long = "n-predict", default_value_t = -1, allow_hyphen_values = true)]
-    pub n_predict: i32,
-    /// Context length in tokens.
-    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
-    pub ctx_size: u32,
-    /// Threads for generation (default: one per hardware thread).
-    #[arg(short = 't', long = "threads")]
-    pub threads: Option<i32>,
-    /// Threads for prompt processing (default: --threads).
-    #[arg(long = "threads-batch", visible_alias = "tb")]
-    pub threads_batch: Option<i32>,
-    /// Logical batch size: most prompt tokens per decode call.
-    #[arg(short = 'b', long = "batch-size", default_value_t = 2048)]
-    pub batch_size: u32,
-    /// Physical micro-batch size.
-    #[arg(long = "ubatch-size", visible_alias = "ub", default_value_t = 512)]
-    pub ubatch_size: u32,
-    /// Random seed (-1 or none: a random one).
-    #[arg(short = 's', long = "seed", allow_hyphen_values = true)]
-    pub seed: Option<i64>,
-    /// Temperature; 0 is greedy.
-    #[arg(long = "temp", default_value_t = 0.8)]
-    pub temp: f32,
+    /// Send the prompt through the model's chat template as one user turn.
+    #[arg(long)]
+    pub chat: bool,
+    /// System prompt (with --chat).
+    #[arg(long = "system", visible_alias = "sys", env = "LLAMA_SYSTEM")]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub ctx: ContextArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Print no statistics line to stderr.
     #[arg(long)]
     pub no_stats: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// System prompt.
+    #[arg(long = "system", visible_alias = "sys", env = "LLAMA_SYSTEM")]
+    pub system: Option<String>,
+    /// Chat template: a built-in name (gemma, chatml) or a Jinja file; default: the model's.
+    #[arg(long = "chat-template", value_name = "NAME|FILE")]
+    pub chat_template: Option<String>,
+    #[command(flatten)]
+    pub ctx: ContextArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print no statistics line after each reply.
+    #[arg(long)]
+    pub no_stats: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// Print as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -114,7 +205,7 @@ pub struct BenchArgs {
     #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
     pub n_gen: u32,
     /// Threads (default: one per hardware thread).
-    #[arg(short = 't', long = "threads")]
+    #[arg(short = 't', long = "threads", allow_hyphen_values = true)]
     pub threads: Option<i32>,
     /// Repetitions of each test.
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
@@ -146,18 +237,34 @@ mod tests {
 
     #[test]
     fn llama_cpp_style_flags_parse() {
-        let argv = ["llama", "run", "-m", "x.gguf", "-p", "hi", "-n", "32", "-c", "512", "-t", "2", "-b", "64", "-ub", "32", "--seed", "7", "--temp", "0"];
+        let argv = [
+            "llama", "run", "-m", "x.gguf", "-p", "hi", "-n", "32", "-c", "512", "-t", "2", "-b", "64", "-ub", "32", "--seed",
+            "7", "--temp", "0", "--top-k", "5", "--top-p", "0.9", "--min-p", "0.1", "--repeat-penalty", "1.3",
+            "--repeat-last-n", "32", "--presence-penalty", "0.5", "--frequency-penalty", "0.25", "--stop", "a", "--stop",
+            "b", "-l", "15-inf",
+        ];
         let cli = Cli::parse_from(normalize_args(argv.iter().map(Into::into)));
         let Command::Run(r) = cli.command else { panic!("not run") };
-        assert_eq!((r.n_predict, r.ctx_size, r.threads, r.batch_size, r.ubatch_size), (32, 512, Some(2), 64, 32));
-        assert_eq!((r.seed, r.temp), (Some(7), 0.0));
+        assert_eq!((r.ctx.ctx_size, r.ctx.threads, r.ctx.batch_size, r.ctx.ubatch_size), (512, Some(2), 64, 32));
+        let s = &r.sampling;
+        assert_eq!((s.n_predict, s.seed, s.temp, s.top_k, s.top_p, s.min_p), (32, 7, 0.0, 5, 0.9, 0.1));
+        assert_eq!((s.repeat_penalty, s.repeat_last_n, s.presence_penalty, s.frequency_penalty), (1.3, 32, 0.5, 0.25));
+        assert_eq!(s.stop, vec!["a", "b"]);
+        assert_eq!(s.logit_bias, vec!["15-inf"]);
+    }
+
+    #[test]
+    fn a_positional_model_name_parses() {
+        let cli = Cli::parse_from(["llama", "run", "gemma", "-p", "hi"]);
+        let Command::Run(r) = cli.command else { panic!("not run") };
+        assert_eq!(r.model.name.as_deref(), Some("gemma"));
     }
 
     #[test]
     fn negative_n_predict_means_unlimited() {
         let cli = Cli::parse_from(["llama", "run", "-p", "hi", "-n", "-1"]);
         let Command::Run(r) = cli.command else { panic!("not run") };
-        assert_eq!(r.n_predict, -1);
+        assert_eq!(r.sampling.n_predict, -1);
     }
 
     #[test]

@@ -1,31 +1,39 @@
-//! The `llama` command. Thin over llama-host: parse arguments, set up logging, call the
-//! library, print results, map errors to exit codes.
+//! The `llama` command. Thin over llama-host: parse arguments and the config file, set up
+//! logging and Ctrl-C, call the library, print results, map errors to exit codes.
 
 mod args;
+mod chat;
+mod config;
+mod models;
+mod progress;
+mod signals;
 
 use std::io::Write;
-use std::ops::ControlFlow;
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use llama_host::bench::{self, BenchParams, BenchResult};
+use llama_host::chat::{ChatTemplate, Conversation};
 use llama_host::{
-    BackendChoice, Backends, DiscoveryOptions, GenerateOptions, LoadedBackend, Model, ModelParams, SamplingParams,
-    SessionParams,
+    BackendChoice, Backends, DiscoveryOptions, FinishReason, GenerateOptions, GenerationStats, LoadedBackend, LogitBias,
+    Model, ModelParams, SamplingParams, SessionParams,
 };
 
-use args::{BackendsAction, BackendsArgs, BenchArgs, Cli, Command, LogFormat, ModelArgs, RunArgs};
-
-/// File name of the default model installed by scripts/fetch-model.
-const DEFAULT_MODEL: &str = "gemma-3-270m-q4_k_m.gguf";
+use args::{BackendsAction, BackendsArgs, BenchArgs, Cli, Command, ContextArgs, LogFormat, ModelArgs, RunArgs, SamplingArgs};
+use config::Config;
+use signals::Interrupts;
 
 #[derive(Debug, thiserror::Error)]
-enum CliError {
-    #[error("no model given: pass -m FILE or set LLAMA_MODEL; the default model is not installed at {path} (scripts/fetch-model installs it)")]
+pub enum CliError {
+    #[error("no model given: pass a model (name or -m FILE), set LLAMA_MODEL or default-model in the config; the default model is not installed at {path} (scripts/fetch-model installs it)")]
     NoModel { path: String },
+    #[error("unknown model '{name}': not a file, not a name in the config's [models], not in the models directory {dirs}")]
+    UnknownModel { name: String, dirs: String },
     #[error("invalid {field}: {reason}")]
     InvalidArg { field: &'static str, reason: String },
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
     #[error(transparent)]
     Select(#[from] llama_host::SelectError),
     #[error(transparent)]
@@ -35,30 +43,40 @@ enum CliError {
     #[error(transparent)]
     Generate(#[from] llama_host::GenerateError),
     #[error(transparent)]
+    Chat(#[from] llama_host::chat::ChatError),
+    #[error(transparent)]
     Install(#[from] llama_host::InstallError),
     #[error(transparent)]
     Bench(#[from] bench::BenchError),
     #[error("cannot write the output")]
     Output(#[source] std::io::Error),
+    #[error("cannot read {path}")]
+    ReadFile { path: String, #[source] source: std::io::Error },
+    /// Ctrl-C: not an error to print, exit 130 like a shell.
+    #[error("interrupted")]
+    Interrupted,
 }
 
 impl CliError {
-    /// Exit codes: 2 bad arguments, 3 model file refused, 4 no usable backend,
-    /// 1 anything else. Documented in README.md.
+    /// Exit codes: 2 bad arguments/config, 3 model file refused, 4 no usable backend,
+    /// 130 interrupted, 1 anything else. Documented in README.md.
     fn exit_code(&self) -> u8 {
         use llama_host::{GenerateError, SessionError};
         match self {
             CliError::InvalidArg { .. }
+            | CliError::Config(_)
             | CliError::Session(SessionError::InvalidParam { .. })
             | CliError::Generate(GenerateError::InvalidParam { .. } | GenerateError::PromptTooLong { .. } | GenerateError::EmptyPrompt) => 2,
-            CliError::NoModel { .. } | CliError::Load(_) => 3,
+            CliError::NoModel { .. } | CliError::UnknownModel { .. } | CliError::Load(_) => 3,
             CliError::Select(_) | CliError::Install(_) => 4,
+            CliError::Interrupted => 130,
             _ => 1,
         }
     }
 }
 
 fn init_logging(cli: &Cli) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     // llama.cpp's own log (target llama_cpp) is off unless asked for: load errors reach
     // the user through typed errors, not through its log.
@@ -68,7 +86,6 @@ fn init_logging(cli: &Cli) {
         _ => "debug",
     };
     let filter = EnvFilter::try_from_env("LLAMA_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -83,24 +100,8 @@ fn discovery(cli: &Cli) -> DiscoveryOptions {
     DiscoveryOptions { backend_dirs: cli.backend_dirs.clone(), ..DiscoveryOptions::from_env() }
 }
 
-fn model_path(m: &ModelArgs) -> Result<PathBuf, CliError> {
-    if let Some(p) = &m.model {
-        return Ok(p.clone());
-    }
-    if let Some(p) = std::env::var_os("LLAMA_MODEL").filter(|p| !p.is_empty()) {
-        return Ok(PathBuf::from(p));
-    }
-    let default = llama_host::default_models_dir().map(|d| d.join(DEFAULT_MODEL));
-    match default {
-        Some(p) if p.is_file() => Ok(p),
-        other => Err(CliError::NoModel {
-            path: other.map(|p| p.display().to_string()).unwrap_or_else(|| "(no home directory)".into()),
-        }),
-    }
-}
-
 /// Discovers backends, prints the report with -v, and selects.
-fn select_backend(cli: &Cli, m: &ModelArgs) -> Result<LoadedBackend, CliError> {
+pub(crate) fn select_backend(cli: &Cli, m: &ModelArgs) -> Result<LoadedBackend, CliError> {
     let mut backends = Backends::discover(&discovery(cli));
     let choice: BackendChoice = m.backend.parse().unwrap_or(BackendChoice::Auto);
     let selected = backends.select(choice);
@@ -110,66 +111,153 @@ fn select_backend(cli: &Cli, m: &ModelArgs) -> Result<LoadedBackend, CliError> {
     Ok(selected?)
 }
 
-fn threads(t: Option<i32>) -> Result<i32, CliError> {
+fn threads(field: &'static str, t: Option<i32>) -> Result<i32, CliError> {
     match t {
-        None => Ok(std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(4)),
+        None => Ok(llama_host::default_threads()),
         Some(t) if t >= 1 => Ok(t),
-        Some(t) => Err(CliError::InvalidArg { field: "threads", reason: format!("{t} is below 1") }),
+        Some(t) => Err(CliError::InvalidArg { field, reason: format!("{t} is below 1") }),
     }
 }
 
-fn run(cli: &Cli, a: &RunArgs) -> Result<(), CliError> {
-    let path = model_path(&a.model)?;
-    let backend = select_backend(cli, &a.model)?;
-    let model = Model::load(&backend, &path, &ModelParams::default())?;
-    let t = threads(a.threads)?;
-    let session_params = SessionParams {
-        n_ctx: a.ctx_size,
-        n_batch: a.batch_size,
-        n_ubatch: a.ubatch_size,
+pub(crate) fn session_params(c: &ContextArgs) -> Result<SessionParams, CliError> {
+    let t = threads("threads", c.threads)?;
+    Ok(SessionParams {
+        n_ctx: c.ctx_size,
+        n_batch: c.batch_size,
+        n_ubatch: c.ubatch_size,
         n_threads: t,
-        n_threads_batch: threads(a.threads_batch.or(Some(t)))?,
-    };
-    let mut session = model.session(&session_params)?;
-    let seed = match a.seed {
-        None | Some(-1) => llama_host::SamplingParams::default().seed,
-        Some(s) => u32::try_from(s)
+        n_threads_batch: threads("threads-batch", c.threads_batch.or(Some(t)))?,
+        cache_tokens: c.cache_tokens.unwrap_or(u32::MAX),
+    })
+}
+
+/// llama.cpp's `--logit-bias` syntax: `TOKEN(+|-)BIAS`, BIAS a number or `inf`.
+fn parse_logit_bias(s: &str) -> Result<LogitBias, CliError> {
+    let bad = || CliError::InvalidArg { field: "logit-bias", reason: format!("'{s}' is not TOKEN(+|-)BIAS, e.g. 15043+1 or 15043-inf") };
+    let split = s.char_indices().skip(1).find(|(_, c)| *c == '+' || *c == '-').map(|(i, _)| i).ok_or_else(bad)?;
+    let token: i32 = s[..split].parse().map_err(|_| bad())?;
+    let bias: f32 = s[split..].parse().map_err(|_| bad())?;
+    Ok(LogitBias { token, bias })
+}
+
+pub(crate) fn generate_options(s: &SamplingArgs, add_special: bool) -> Result<GenerateOptions, CliError> {
+    let seed = match s.seed {
+        -1 => SamplingParams::default().seed,
+        v => u32::try_from(v)
             .ok()
-            .filter(|&s| s != u32::MAX)
-            .ok_or_else(|| CliError::InvalidArg { field: "seed", reason: format!("{s} is outside 0..4294967294 (or -1 for random)") })?,
+            .filter(|&v| v != u32::MAX)
+            .ok_or_else(|| CliError::InvalidArg { field: "seed", reason: format!("{v} is outside 0..4294967294 (or -1 for random)") })?,
     };
-    let opts = GenerateOptions {
-        max_tokens: u32::try_from(a.n_predict).ok(),
-        sampling: SamplingParams { temperature: a.temp, seed, ..SamplingParams::default() },
-        add_special: true,
+    let sampling = SamplingParams {
+        temperature: s.temp,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        repeat_penalty: s.repeat_penalty,
+        repeat_last_n: s.repeat_last_n,
+        frequency_penalty: s.frequency_penalty,
+        presence_penalty: s.presence_penalty,
+        seed,
+        logit_bias: s.logit_bias.iter().map(|b| parse_logit_bias(b)).collect::<Result<Vec<_>, _>>()?.into(),
     };
+    // Checked here too, so a bad value fails before the model loads and names the flag.
+    sampling.validate().map_err(|e| match e {
+        llama_host::BackendError::InvalidParam { field, reason } => {
+            CliError::InvalidArg { field: flag_name(field.as_str()), reason: reason.into_string() }
+        }
+        other => CliError::InvalidArg { field: "sampling", reason: other.to_string() },
+    })?;
+    Ok(GenerateOptions { max_tokens: u32::try_from(s.n_predict).ok(), sampling, add_special, stop: s.stop.clone() })
+}
+
+/// The command-line flag for a sampling field.
+fn flag_name(field: &str) -> &'static str {
+    match field {
+        "temperature" => "--temp",
+        "top_k" => "--top-k",
+        "top_p" => "--top-p",
+        "min_p" => "--min-p",
+        "repeat_penalty" => "--repeat-penalty",
+        "repeat_last_n" => "--repeat-last-n",
+        "frequency_penalty" => "--frequency-penalty",
+        "presence_penalty" => "--presence-penalty",
+        "logit_bias" => "--logit-bias",
+        _ => "sampling parameter",
+    }
+}
+
+/// Loads the model with a progress bar on a terminal.
+pub(crate) fn load_model(backend: &LoadedBackend, path: &Path) -> Result<Model, CliError> {
+    let label = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    Ok(match progress::bar(label) {
+        Some(bar) => Model::load_with_progress(backend, path, &ModelParams::default(), bar)?,
+        None => Model::load(backend, path, &ModelParams::default())?,
+    })
+}
+
+pub(crate) fn stats_line(stats: &GenerationStats, backend: &str) -> String {
+    format!(
+        "llama: prompt {} tokens ({} cached, {} decoded), {:.2} tokens/s | generated {} tokens, {:.2} tokens/s | finish {} | backend {}",
+        stats.prompt_tokens,
+        stats.cached_tokens,
+        stats.decoded_prompt_tokens,
+        stats.prompt_tokens_per_s(),
+        stats.generated_tokens,
+        stats.generation_tokens_per_s(),
+        match stats.finish {
+            Some(FinishReason::Stop) => "stop",
+            Some(FinishReason::Length) => "length",
+            Some(FinishReason::Cancelled) | None => "cancelled",
+        },
+        backend
+    )
+}
+
+/// Streams a generation to stdout. A closed stdout ends it quietly.
+pub(crate) fn stream_to_stdout(stream: &mut llama_host::Stream<'_, '_>, out: &mut impl Write) -> Result<String, CliError> {
+    let mut text = String::new();
+    for piece in stream.by_ref() {
+        let piece = piece?;
+        if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
+            stream.stop();
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                break;
+            }
+            return Err(CliError::Output(e));
+        }
+        text.push_str(&piece);
+    }
+    Ok(text)
+}
+
+fn run(cli: &Cli, a: &RunArgs, cfg: &Config, ints: &Interrupts) -> Result<(), CliError> {
+    let path = models::resolve(&a.model, cfg)?;
+    let opts = generate_options(&a.sampling, !a.chat)?;
+    let params = session_params(&a.ctx)?;
+    params.validate()?;
+    let backend = select_backend(cli, &a.model)?;
+    let model = load_model(&backend, &path)?;
+    let mut session = model.session(&params)?;
+    let prompt = if a.chat {
+        let mut conv = Conversation::new(a.system.as_deref());
+        conv.push("user", a.prompt.as_str());
+        ChatTemplate::for_model(&model)?.render(&conv.messages, true)?
+    } else {
+        a.prompt.clone()
+    };
+    let mut stream = session.stream(&prompt, &opts)?;
+    ints.watch(stream.canceller());
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let mut write_error = None;
-    let stats = session.generate(&a.prompt, &opts, |text| match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
-        Ok(()) => ControlFlow::Continue(()),
-        Err(e) => {
-            write_error = Some(e);
-            ControlFlow::Break(())
-        }
-    })?;
-    match write_error {
-        // A closed pipe (`llama run ... | head`) is the reader's choice, not an error.
-        Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
-        Some(e) => return Err(CliError::Output(e)),
-        None => {}
-    }
+    let result = stream_to_stdout(&mut stream, &mut out);
+    let interrupted = ints.clear();
+    result?;
     let _ = writeln!(out);
     if !a.no_stats {
-        eprintln!(
-            "llama: prompt {} tokens, {:.2} tokens/s | generated {} tokens, {:.2} tokens/s | finish {:?} | backend {}",
-            stats.prompt_tokens,
-            stats.prompt_tokens_per_s(),
-            stats.generated_tokens,
-            stats.generation_tokens_per_s(),
-            stats.finish,
-            backend.name()
-        );
+        eprintln!("{}", stats_line(stream.stats(), backend.name()));
+    }
+    if interrupted {
+        return Err(CliError::Interrupted);
     }
     Ok(())
 }
@@ -195,15 +283,15 @@ fn backends_cmd(cli: &Cli, a: &BackendsArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn bench_cmd(cli: &Cli, a: &BenchArgs) -> Result<(), CliError> {
-    let path = model_path(&a.model)?;
+fn bench_cmd(cli: &Cli, a: &BenchArgs, cfg: &Config) -> Result<(), CliError> {
+    let path = models::resolve(&a.model, cfg)?;
     let backend = select_backend(cli, &a.model)?;
-    let model = Model::load(&backend, &path, &ModelParams::default())?;
+    let model = load_model(&backend, &path)?;
     let p = BenchParams {
         n_prompt: a.n_prompt,
         n_gen: a.n_gen,
         reps: a.reps,
-        n_threads: threads(a.threads)?,
+        n_threads: threads("threads", a.threads)?,
         n_batch: a.batch_size,
         n_ubatch: a.ubatch_size,
     };
@@ -253,7 +341,7 @@ fn bench_json(model: &Model, backend: &LoadedBackend, p: &BenchParams, r: &Bench
 }
 
 /// The error and each cause not already part of its message.
-fn print_error(e: &CliError) {
+pub(crate) fn print_error(e: &CliError) {
     let top = e.to_string();
     eprintln!("error: {top}");
     let mut source = std::error::Error::source(e);
@@ -266,16 +354,40 @@ fn print_error(e: &CliError) {
     }
 }
 
+fn dispatch(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), CliError> {
+    let cfg = config::load(config::locate(cli.config.as_deref()).as_deref())?;
+    let sub = matches.subcommand().map(|(_, m)| m).expect("a subcommand is required");
+    let ints = Interrupts::install();
+    match &cli.command {
+        Command::Run(a) => {
+            let mut a = a.clone();
+            cfg.apply(sub, &mut a.model, &mut a.ctx, &mut a.sampling);
+            cfg.text_default(sub, "system", &mut a.system);
+            run(cli, &a, &cfg, &ints)
+        }
+        Command::Chat(a) => {
+            let mut a = a.clone();
+            cfg.apply(sub, &mut a.model, &mut a.ctx, &mut a.sampling);
+            cfg.text_default(sub, "system", &mut a.system);
+            cfg.text_default(sub, "chat_template", &mut a.chat_template);
+            chat::run(cli, &a, &cfg, &ints)
+        }
+        Command::List(a) => models::list(a, &cfg),
+        Command::Backends(a) => backends_cmd(cli, a),
+        Command::Bench(a) => bench_cmd(cli, a, &cfg),
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse_from(args::normalize_args(std::env::args_os()));
-    init_logging(&cli);
-    let result = match &cli.command {
-        Command::Run(a) => run(&cli, a),
-        Command::Backends(a) => backends_cmd(&cli, a),
-        Command::Bench(a) => bench_cmd(&cli, a),
+    let matches = Cli::command().get_matches_from(args::normalize_args(std::env::args_os()));
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
     };
-    match result {
+    init_logging(&cli);
+    match dispatch(&cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Interrupted) => ExitCode::from(130),
         Err(e) => {
             print_error(&e);
             ExitCode::from(e.exit_code())

@@ -17,7 +17,9 @@
 //! This crate never links llama.cpp: only backends do.
 
 pub mod bench;
+pub mod chat;
 pub mod discovery;
+pub mod gguf;
 mod error;
 pub mod hardware;
 mod logging;
@@ -25,11 +27,14 @@ mod model;
 mod plugin;
 pub mod report;
 mod select;
+mod session;
+mod stop;
 mod utf8;
 
 pub use error::{Error, GenerateError, LoadError, SelectError, SessionError};
-pub use llama_plugin_api::{Accelerator, BackendError, DeviceInfo, ModelInfo, ModelParams, SamplingParams};
-pub use model::{FinishReason, GenerateOptions, GenerationStats, Model, Session, SessionParams};
+pub use llama_plugin_api::{Accelerator, BackendError, DeviceInfo, LogitBias, ModelInfo, ModelParams, SamplingParams};
+pub use model::{default_threads, Model, SessionParams};
+pub use session::{Canceller, FinishReason, GenerateOptions, GenerationStats, Session, Stream};
 pub use plugin::{install_backend, InstallError};
 pub use report::{CandidateReport, SelectionReport, Verdict};
 pub use select::{BackendChoice, Backends, DiscoveryOptions, LoadedBackend};

@@ -3,16 +3,14 @@
 //! backend sees the path, so the common mistakes get precise errors.
 
 use std::io::Read;
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-use abi_stable::std_types::{RSlice, RStr};
-use llama_plugin_api::{ContextBox, ContextParams, ModelBox, ModelInfo, ModelParams, SamplingParams};
+use abi_stable::std_types::RStr;
+use llama_plugin_api::{ContextBox, ContextParams, ModelBox, ModelInfo, ModelParams};
 
 use crate::error::{GenerateError, LoadError, SessionError};
 use crate::select::LoadedBackend;
-use crate::utf8::Utf8Stream;
+use crate::session::Session;
 
 /// A model loaded through a backend.
 pub struct Model {
@@ -64,6 +62,28 @@ impl Model {
         Ok(Model { raw, info, path: path.to_path_buf(), backend: backend.clone() })
     }
 
+    /// Like [`Model::load`], reporting load progress (0.0 to 1.0) to `on_progress` on this
+    /// thread while the weights load.
+    pub fn load_with_progress<F: FnMut(f32)>(
+        backend: &LoadedBackend,
+        path: impl AsRef<Path>,
+        params: &ModelParams,
+        mut on_progress: F,
+    ) -> Result<Model, LoadError> {
+        extern "C" fn trampoline<F: FnMut(f32)>(user: *mut std::ffi::c_void, progress: f32) {
+            // SAFETY: `user` is the `&mut F` below, alive for the synchronous load call.
+            let f = unsafe { &mut *(user as *mut F) };
+            // A panic must not unwind into llama.cpp's C++ frames.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(progress)));
+        }
+        let mut params = params.clone();
+        params.progress = abi_stable::std_types::ROption::RSome(llama_plugin_api::ProgressSink {
+            report: trampoline::<F>,
+            user: &mut on_progress as *mut F as *mut std::ffi::c_void,
+        });
+        Model::load(backend, path, &params)
+    }
+
     pub fn info(&self) -> &ModelInfo {
         &self.info
     }
@@ -81,9 +101,9 @@ impl Model {
         Ok(self.raw.tokenize(RStr::from_str(text), add_special, true).into_result()?.into_vec())
     }
 
-    /// The raw bytes of one token.
-    pub fn token_bytes(&self, token: i32) -> Result<Vec<u8>, GenerateError> {
-        Ok(self.raw.token_bytes(token).into_result()?.into_vec())
+    /// The raw bytes of one token; `special` renders control tokens as their text.
+    pub fn token_bytes(&self, token: i32, special: bool) -> Result<Vec<u8>, GenerateError> {
+        Ok(self.raw.token_bytes(token, special).into_result()?.into_vec())
     }
 
     /// A GGUF metadata value as a string.
@@ -97,8 +117,7 @@ impl Model {
 
     /// A new session with its own context (KV cache).
     pub fn session(&self, params: &SessionParams) -> Result<Session<'_>, SessionError> {
-        let ctx = self.new_context(params.to_context_params())?;
-        Ok(Session { model: self, ctx })
+        Session::new(self, params)
     }
 }
 
@@ -110,6 +129,9 @@ pub struct SessionParams {
     pub n_ubatch: u32,
     pub n_threads: i32,
     pub n_threads_batch: i32,
+    /// Most tokens kept in the KV cache between generations for prefix reuse (multi-turn
+    /// chat); 0 turns the prompt cache off. Bounded by the context length anyway.
+    pub cache_tokens: u32,
 }
 
 /// Threads used when none are given: one per hardware thread.
@@ -120,11 +142,32 @@ pub fn default_threads() -> i32 {
 impl Default for SessionParams {
     fn default() -> Self {
         let t = default_threads();
-        SessionParams { n_ctx: 4096, n_batch: 2048, n_ubatch: 512, n_threads: t, n_threads_batch: t }
+        SessionParams { n_ctx: 4096, n_batch: 2048, n_ubatch: 512, n_threads: t, n_threads_batch: t, cache_tokens: u32::MAX }
     }
 }
 
 impl SessionParams {
+    /// Checks the values a backend would refuse less clearly.
+    pub fn validate(&self) -> Result<(), SessionError> {
+        let bad = |field: &str, reason: String| Err(SessionError::InvalidParam { field: field.into(), reason });
+        if self.n_ctx == 0 {
+            return bad("context length (-c)", "must be at least 1".into());
+        }
+        if self.n_batch == 0 {
+            return bad("batch size (-b)", "must be at least 1".into());
+        }
+        if self.n_ubatch == 0 {
+            return bad("micro-batch size (-ub)", "must be at least 1".into());
+        }
+        if self.n_threads < 1 {
+            return bad("threads (-t)", format!("{} is below 1", self.n_threads));
+        }
+        if self.n_threads_batch < 1 {
+            return bad("batch threads (-tb)", format!("{} is below 1", self.n_threads_batch));
+        }
+        Ok(())
+    }
+
     pub(crate) fn to_context_params(&self) -> ContextParams {
         ContextParams {
             n_ctx: self.n_ctx,
@@ -136,140 +179,3 @@ impl SessionParams {
     }
 }
 
-/// What to generate.
-#[derive(Debug, Clone)]
-pub struct GenerateOptions {
-    /// Most tokens to generate; `None` runs until end of generation or a full context.
-    pub max_tokens: Option<u32>,
-    pub sampling: SamplingParams,
-    /// Add BOS and other special tokens the model expects around a prompt.
-    pub add_special: bool,
-}
-
-impl Default for GenerateOptions {
-    fn default() -> Self {
-        GenerateOptions { max_tokens: None, sampling: SamplingParams::default(), add_special: true }
-    }
-}
-
-/// Why generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// The model produced an end-of-generation token.
-    Stop,
-    /// `max_tokens` was reached.
-    Length,
-    /// The context is full.
-    ContextFull,
-    /// The caller stopped it.
-    Cancelled,
-}
-
-/// Counts and timings of one generation.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct GenerationStats {
-    pub prompt_tokens: usize,
-    pub generated_tokens: usize,
-    /// Prompt processing, including sampling the first token.
-    pub prompt_time: Duration,
-    /// Decoding the generated tokens after the first.
-    pub generation_time: Duration,
-    /// Single-token decode steps timed in `generation_time`.
-    pub decode_steps: usize,
-    pub finish: FinishReason,
-}
-
-impl GenerationStats {
-    pub fn prompt_tokens_per_s(&self) -> f64 {
-        rate(self.prompt_tokens, self.prompt_time)
-    }
-    pub fn generation_tokens_per_s(&self) -> f64 {
-        rate(self.decode_steps, self.generation_time)
-    }
-}
-
-fn rate(n: usize, t: Duration) -> f64 {
-    if t.is_zero() {
-        0.0
-    } else {
-        n as f64 / t.as_secs_f64()
-    }
-}
-
-/// One conversation with a model: a context and its KV cache.
-pub struct Session<'m> {
-    model: &'m Model,
-    ctx: ContextBox,
-}
-
-impl Session<'_> {
-    pub fn n_ctx(&self) -> u32 {
-        self.ctx.n_ctx()
-    }
-
-    /// Generates a continuation of `prompt`, handing text to `on_text` as it is produced.
-    /// `on_text` returns `Break` to stop. Starts from an empty context each time.
-    #[tracing::instrument(skip_all, fields(prompt_bytes = prompt.len(), max_tokens = ?opts.max_tokens))]
-    pub fn generate(
-        &mut self,
-        prompt: &str,
-        opts: &GenerateOptions,
-        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
-    ) -> Result<GenerationStats, GenerateError> {
-        let tokens = self.model.tokenize(prompt, opts.add_special)?;
-        if tokens.is_empty() {
-            return Err(GenerateError::EmptyPrompt);
-        }
-        let n_ctx = self.ctx.n_ctx();
-        if tokens.len() > n_ctx as usize {
-            return Err(GenerateError::PromptTooLong { tokens: tokens.len(), n_ctx });
-        }
-        self.ctx.clear();
-        self.ctx.set_sampling(opts.sampling.clone()).into_result()?;
-        let mut stats = GenerationStats {
-            prompt_tokens: tokens.len(),
-            generated_tokens: 0,
-            prompt_time: Duration::ZERO,
-            generation_time: Duration::ZERO,
-            decode_steps: 0,
-            finish: FinishReason::Length,
-        };
-        if opts.max_tokens == Some(0) {
-            let t = Instant::now();
-            self.ctx.decode(RSlice::from_slice(&tokens), false).into_result()?;
-            stats.prompt_time = t.elapsed();
-            return Ok(stats);
-        }
-        let t = Instant::now();
-        let mut next = self.ctx.decode_sample(RSlice::from_slice(&tokens)).into_result()?;
-        stats.prompt_time = t.elapsed();
-        let t = Instant::now();
-        let mut text = Utf8Stream::default();
-        stats.finish = loop {
-            if next.is_eog {
-                break FinishReason::Stop;
-            }
-            stats.generated_tokens += 1;
-            let piece = text.push(&self.model.token_bytes(next.token)?);
-            if !piece.is_empty() && on_text(&piece).is_break() {
-                break FinishReason::Cancelled;
-            }
-            if opts.max_tokens.is_some_and(|m| stats.generated_tokens >= m as usize) {
-                break FinishReason::Length;
-            }
-            if self.ctx.n_past() >= n_ctx {
-                break FinishReason::ContextFull;
-            }
-            next = self.ctx.decode_sample(RSlice::from_slice(&[next.token])).into_result()?;
-            stats.decode_steps += 1;
-        };
-        stats.generation_time = t.elapsed();
-        let rest = text.finish();
-        if !rest.is_empty() {
-            let _ = on_text(&rest);
-        }
-        tracing::debug!(generated = stats.generated_tokens, finish = ?stats.finish, "generation done");
-        Ok(stats)
-    }
-}

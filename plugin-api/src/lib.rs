@@ -14,7 +14,7 @@ use abi_stable::{
     library::RootModule,
     package_version_strings, sabi_trait,
     sabi_types::VersionStrings,
-    std_types::{RBox, RResult, RSlice, RStr, RString, RVec},
+    std_types::{RBox, ROption, RResult, RSlice, RStr, RString, RVec},
     StableAbi,
 };
 
@@ -106,12 +106,23 @@ pub struct ModelParams {
     /// Layers to offload to an accelerator; ignored by the CPU backend.
     pub n_gpu_layers: i32,
     pub use_mmap: bool,
+    /// Told the load progress (0.0 to 1.0) while the weights load.
+    pub progress: ROption<ProgressSink>,
 }
 
 impl Default for ModelParams {
     fn default() -> Self {
-        ModelParams { n_gpu_layers: 0, use_mmap: true }
+        ModelParams { n_gpu_layers: 0, use_mmap: true, progress: ROption::RNone }
     }
+}
+
+/// A load-progress callback: `report(user, progress)`, called on the loading thread during
+/// `load_model` only. `user` is the caller's, passed back untouched.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy)]
+pub struct ProgressSink {
+    pub report: extern "C" fn(user: *mut std::ffi::c_void, progress: f32),
+    pub user: *mut std::ffi::c_void,
 }
 
 /// Facts about a loaded model.
@@ -155,6 +166,16 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     pub presence_penalty: f32,
     pub seed: u32,
+    /// Added to the logits of these tokens before sampling (`-inf` bans a token).
+    pub logit_bias: RVec<LogitBias>,
+}
+
+/// One logit bias entry.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq)]
+pub struct LogitBias {
+    pub token: i32,
+    pub bias: f32,
 }
 
 impl Default for SamplingParams {
@@ -170,7 +191,48 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             seed: u32::MAX,
+            logit_bias: RVec::new(),
         }
+    }
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> BackendError {
+    BackendError::InvalidParam { field: RString::from(field), reason: RString::from(reason.into()) }
+}
+
+impl SamplingParams {
+    /// Checks every value; the error names the field. Backends check too (the host
+    /// may be another program), but callers can fail early with this.
+    pub fn validate(&self) -> Result<(), BackendError> {
+        let p = self;
+        if !p.temperature.is_finite() || p.temperature < 0.0 {
+            return Err(invalid("temperature", format!("{} is not a number >= 0", p.temperature)));
+        }
+        if p.top_k < 0 {
+            return Err(invalid("top_k", format!("{} is below 0", p.top_k)));
+        }
+        if !(0.0..=1.0).contains(&p.top_p) {
+            return Err(invalid("top_p", format!("{} is outside 0..=1", p.top_p)));
+        }
+        if !(0.0..=1.0).contains(&p.min_p) {
+            return Err(invalid("min_p", format!("{} is outside 0..=1", p.min_p)));
+        }
+        if !p.repeat_penalty.is_finite() || p.repeat_penalty <= 0.0 {
+            return Err(invalid("repeat_penalty", format!("{} is not a number > 0", p.repeat_penalty)));
+        }
+        if p.repeat_last_n < -1 {
+            return Err(invalid("repeat_last_n", format!("{} is below -1", p.repeat_last_n)));
+        }
+        if !p.frequency_penalty.is_finite() {
+            return Err(invalid("frequency_penalty", "not a finite number"));
+        }
+        if !p.presence_penalty.is_finite() {
+            return Err(invalid("presence_penalty", "not a finite number"));
+        }
+        if let Some(b) = p.logit_bias.iter().find(|b| b.bias.is_nan()) {
+            return Err(invalid("logit_bias", format!("bias for token {} is not a number", b.token)));
+        }
+        Ok(())
     }
 }
 
@@ -255,11 +317,12 @@ pub trait Model: Send + Sync {
     /// `parse_special` turns `<start_of_turn>`-style text into control tokens.
     fn tokenize(&self, text: RStr<'_>, add_special: bool, parse_special: bool) -> RResult<RVec<i32>, BackendError>;
 
-    /// The bytes of one token (may be an incomplete UTF-8 sequence).
-    fn token_bytes(&self, token: i32) -> RResult<RVec<u8>, BackendError>;
+    /// The bytes of one token (may be an incomplete UTF-8 sequence). `special` renders
+    /// control tokens (`<start_of_turn>`) as their text instead of nothing.
+    fn token_bytes(&self, token: i32, special: bool) -> RResult<RVec<u8>, BackendError>;
 
     /// A GGUF metadata value as a string, if the key exists.
-    fn meta(&self, key: RStr<'_>) -> abi_stable::std_types::ROption<RString>;
+    fn meta(&self, key: RStr<'_>) -> ROption<RString>;
 
     #[sabi(last_prefix_field)]
     fn new_context(&self, params: ContextParams) -> RResult<ContextBox, BackendError>;
@@ -271,11 +334,29 @@ pub trait Context: Send {
     /// Context length in tokens.
     fn n_ctx(&self) -> u32;
 
-    /// Tokens currently held in the KV cache.
+    /// Tokens currently held in the KV cache (read from llama.cpp, so it stays true after
+    /// an aborted or failed decode).
     fn n_past(&self) -> u32;
 
     /// Forgets everything in the KV cache and resets the sampler.
     fn clear(&mut self);
+
+    /// Keeps the first `n_keep` tokens of the KV cache and drops the rest. Returns false
+    /// when the cache cannot drop just those (a sliding-window cache that already evicted
+    /// what would be needed); the caller then clears and decodes from scratch.
+    fn truncate(&mut self, n_keep: u32) -> bool;
+
+    /// Adds tokens to the sampler's history (for repetition penalties) without decoding:
+    /// the prompt, which llama.cpp's tools also count as history.
+    fn accept(&mut self, tokens: RSlice<'_, i32>);
+
+    /// A handle that aborts this context's decoding from any thread: a decode in progress
+    /// stops at its next check (between graph nodes) and returns `Aborted`. The flag stays
+    /// set until `reset_abort`.
+    fn abort_handle(&self) -> AbortBox;
+
+    /// Clears the abort flag.
+    fn reset_abort(&mut self);
 
     /// Replaces the sampler chain.
     fn set_sampling(&mut self, params: SamplingParams) -> RResult<(), BackendError>;
@@ -290,6 +371,14 @@ pub trait Context: Send {
     fn decode_sample(&mut self, tokens: RSlice<'_, i32>) -> RResult<Sampled, BackendError>;
 }
 
+/// Aborts a context's decoding from another thread.
+#[sabi_trait]
+pub trait AbortHandle: Send + Sync {
+    #[sabi(last_prefix_field)]
+    fn abort(&self);
+}
+
+pub type AbortBox = AbortHandle_TO<'static, RBox<()>>;
 pub type BackendBox = Backend_TO<'static, RBox<()>>;
 pub type ModelBox = Model_TO<'static, RBox<()>>;
 pub type ContextBox = Context_TO<'static, RBox<()>>;

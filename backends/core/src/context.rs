@@ -1,13 +1,17 @@
 //! One llama.cpp inference context with its sampler: the `Context` trait object.
 //! Used by one thread at a time (the trait object is `Send`, not `Sync`).
 
+use std::ffi::c_void;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use llama_cpp_sys_2 as sys;
 use llama_plugin_api::abi_stable::sabi_trait::TD_Opaque;
 use llama_plugin_api::abi_stable::std_types::{RResult, RSlice, RString};
-use llama_plugin_api::{BackendError, ContextBox, ContextParams, Context_TO, Sampled, SamplingParams};
+use llama_plugin_api::{
+    AbortBox, AbortHandle_TO, BackendError, ContextBox, ContextParams, Context_TO, Sampled, SamplingParams,
+};
 
 use crate::model::LlamaModel;
 use crate::sampler::Sampler;
@@ -30,9 +34,27 @@ pub(crate) struct LlamaContext {
     /// A batch with explicit per-token output flags, for decoding without logits.
     batch: Batch,
     model: Arc<LlamaModel>,
+    /// Read by llama.cpp's abort callback; the context holds it as long as llama.cpp may.
+    abort: Arc<AtomicBool>,
     n_ctx: u32,
     n_batch: u32,
+    /// Tokens in the KV cache; resynchronised from llama.cpp after every decode.
     n_past: u32,
+}
+
+/// llama.cpp asks this between graph nodes whether to stop.
+unsafe extern "C" fn should_abort(data: *mut c_void) -> bool {
+    // SAFETY: `data` is the `AtomicBool` inside the context's `abort` Arc, which outlives
+    // the llama_context (dropped after it, see field order and `new`).
+    unsafe { &*(data as *const AtomicBool) }.load(Ordering::Relaxed)
+}
+
+struct Abort(Arc<AtomicBool>);
+
+impl llama_plugin_api::AbortHandle for Abort {
+    fn abort(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 // SAFETY: a llama_context has no thread affinity; the trait object is `Send` but not
@@ -76,6 +98,9 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &ContextParams) -> Result<ContextBo
     cp.n_threads = p.n_threads;
     cp.n_threads_batch = p.n_threads_batch;
     cp.n_seq_max = 1;
+    let abort = Arc::new(AtomicBool::new(false));
+    cp.abort_callback = Some(should_abort);
+    cp.abort_callback_data = Arc::as_ptr(&abort) as *mut c_void;
     log::clear_first_error();
     // SAFETY: the model is alive (we hold an Arc for the life of the context).
     let raw = unsafe { sys::llama_init_from_model(model.as_ptr(), cp) };
@@ -88,7 +113,7 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &ContextParams) -> Result<ContextBo
     let sampler = Sampler::new(&SamplingParams::default(), model.n_vocab(), n_ctx)?;
     // SAFETY: allocates token/pos/seq/logit arrays for `n_batch` tokens, one sequence each.
     let batch = Batch(unsafe { sys::llama_batch_init(n_batch as i32, 0, 1) });
-    Ok(Context_TO::from_value(LlamaContext { sampler, ctx, batch, model, n_ctx, n_batch, n_past: 0 }, TD_Opaque))
+    Ok(Context_TO::from_value(LlamaContext { sampler, ctx, batch, model, abort, n_ctx, n_batch, n_past: 0 }, TD_Opaque))
 }
 
 impl LlamaContext {
@@ -125,10 +150,24 @@ impl LlamaContext {
                 self.n_past += chunk.len() as u32;
                 Ok(())
             }
-            1 => Err(BackendError::NoKvSlot),
-            2 => Err(BackendError::Aborted),
-            code => Err(BackendError::Decode { code }),
+            // A failed or aborted decode may leave some micro-batches in the cache.
+            1 => Err(self.resync(BackendError::NoKvSlot)),
+            2 => Err(self.resync(BackendError::Aborted)),
+            code => Err(self.resync(BackendError::Decode { code })),
         }
+    }
+
+    fn memory(&self) -> sys::llama_memory_t {
+        // SAFETY: the context is alive; the memory handle is owned by it.
+        unsafe { sys::llama_get_memory(self.ctx.0.as_ptr()) }
+    }
+
+    /// Reads how many tokens llama.cpp really holds for the sequence.
+    fn resync<E>(&mut self, e: E) -> E {
+        // SAFETY: valid memory handle of a live context; sequence 0 is the only one.
+        let pos_max = unsafe { sys::llama_memory_seq_pos_max(self.memory(), 0) };
+        self.n_past = (pos_max + 1).max(0) as u32;
+        e
     }
 
     fn decode_all(&mut self, tokens: &[i32], logits_last: bool) -> Result<(), BackendError> {
@@ -154,9 +193,31 @@ impl llama_plugin_api::Context for LlamaContext {
 
     fn clear(&mut self) {
         // SAFETY: the memory handle belongs to the live context; `true` also clears data.
-        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ctx.0.as_ptr()), true) };
+        unsafe { sys::llama_memory_clear(self.memory(), true) };
         self.n_past = 0;
         self.sampler.reset();
+    }
+
+    fn truncate(&mut self, n_keep: u32) -> bool {
+        if n_keep >= self.n_past {
+            return true;
+        }
+        // SAFETY: valid memory handle; removes positions [n_keep, end) of sequence 0.
+        let ok = unsafe { sys::llama_memory_seq_rm(self.memory(), 0, n_keep as i32, -1) };
+        self.resync(());
+        ok && self.n_past == n_keep
+    }
+
+    fn accept(&mut self, tokens: RSlice<'_, i32>) {
+        self.sampler.accept(tokens.as_slice());
+    }
+
+    fn abort_handle(&self) -> AbortBox {
+        AbortHandle_TO::from_value(Abort(self.abort.clone()), TD_Opaque)
+    }
+
+    fn reset_abort(&mut self) {
+        self.abort.store(false, Ordering::Relaxed);
     }
 
     fn set_sampling(&mut self, params: SamplingParams) -> RResult<(), BackendError> {

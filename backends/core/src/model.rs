@@ -1,14 +1,14 @@
 //! A loaded llama.cpp model: a thin owner of `llama_model`, plus the `Model` trait object.
 //! Contexts hold an `Arc` of it, so the host may drop its model handle in any order.
 
-use std::ffi::{c_char, CString};
+use std::ffi::{c_char, c_void, CString};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
 use llama_cpp_sys_2 as sys;
 use llama_plugin_api::abi_stable::sabi_trait::TD_Opaque;
 use llama_plugin_api::abi_stable::std_types::{ROption, RResult, RStr, RString, RVec};
-use llama_plugin_api::{BackendError, ContextBox, ContextParams, ModelBox, ModelInfo, ModelParams, Model_TO};
+use llama_plugin_api::{BackendError, ContextBox, ContextParams, ModelBox, ModelInfo, ModelParams, Model_TO, ProgressSink};
 
 use crate::{context, guard, log};
 
@@ -94,7 +94,7 @@ impl LlamaModel {
         }
     }
 
-    pub(crate) fn token_bytes(&self, token: i32) -> Result<Vec<u8>, BackendError> {
+    pub(crate) fn token_bytes(&self, token: i32, special: bool) -> Result<Vec<u8>, BackendError> {
         if token < 0 || token >= self.n_vocab() {
             return Err(BackendError::InvalidToken { token });
         }
@@ -102,7 +102,7 @@ impl LlamaModel {
         loop {
             // SAFETY: `buf` is writable for `buf.len()` bytes; the token id was range-checked.
             let n = unsafe {
-                sys::llama_token_to_piece(self.vocab(), token, buf.as_mut_ptr().cast(), buf.len() as i32, 0, false)
+                sys::llama_token_to_piece(self.vocab(), token, buf.as_mut_ptr().cast(), buf.len() as i32, 0, special)
             };
             if n >= 0 {
                 buf.truncate(n as usize);
@@ -138,6 +138,15 @@ impl LlamaModel {
     }
 }
 
+/// llama.cpp's progress callback → the host's sink. Returning true continues the load.
+unsafe extern "C" fn report_progress(progress: f32, user: *mut c_void) -> bool {
+    // SAFETY: `user` points at the `ProgressSink` in `load`'s frame, alive during the load,
+    // which is the only time llama.cpp calls this.
+    let sink = unsafe { &*(user as *const ProgressSink) };
+    (sink.report)(sink.user, progress);
+    true
+}
+
 pub(crate) fn load(path: &str, params: &ModelParams) -> Result<ModelBox, BackendError> {
     let c_path = CString::new(path)
         .map_err(|_| BackendError::ModelLoad { reason: RString::from("path contains a NUL byte") })?;
@@ -146,6 +155,12 @@ pub(crate) fn load(path: &str, params: &ModelParams) -> Result<ModelBox, Backend
     mp.n_gpu_layers = params.n_gpu_layers;
     if !params.use_mmap {
         mp.load_mode = sys::LLAMA_LOAD_MODE_NONE;
+    }
+    // The sink lives on this stack frame for the whole (synchronous) load.
+    let progress: Option<ProgressSink> = params.progress.into_option();
+    if let Some(sink) = progress.as_ref() {
+        mp.progress_callback = Some(report_progress);
+        mp.progress_callback_user_data = sink as *const ProgressSink as *mut c_void;
     }
     log::clear_first_error();
     // SAFETY: `c_path` is NUL-terminated and outlives the call; failures return NULL.
@@ -170,8 +185,8 @@ impl llama_plugin_api::Model for ModelHandle {
         guard(|| self.model.tokenize(text.as_str(), add_special, parse_special).map(RVec::from))
     }
 
-    fn token_bytes(&self, token: i32) -> RResult<RVec<u8>, BackendError> {
-        guard(|| self.model.token_bytes(token).map(RVec::from))
+    fn token_bytes(&self, token: i32, special: bool) -> RResult<RVec<u8>, BackendError> {
+        guard(|| self.model.token_bytes(token, special).map(RVec::from))
     }
 
     fn meta(&self, key: RStr<'_>) -> ROption<RString> {

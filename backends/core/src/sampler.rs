@@ -26,43 +26,26 @@ fn invalid(field: &str, reason: impl Into<String>) -> BackendError {
     BackendError::InvalidParam { field: RString::from(field), reason: RString::from(reason.into()) }
 }
 
-pub(crate) fn validate(p: &SamplingParams) -> Result<(), BackendError> {
-    if !p.temperature.is_finite() || p.temperature < 0.0 {
-        return Err(invalid("temperature", format!("{} is not a number >= 0", p.temperature)));
-    }
-    if p.top_k < 0 {
-        return Err(invalid("top_k", format!("{} is below 0", p.top_k)));
-    }
-    if !(0.0..=1.0).contains(&p.top_p) {
-        return Err(invalid("top_p", format!("{} is outside 0..=1", p.top_p)));
-    }
-    if !(0.0..=1.0).contains(&p.min_p) {
-        return Err(invalid("min_p", format!("{} is outside 0..=1", p.min_p)));
-    }
-    if !p.repeat_penalty.is_finite() || p.repeat_penalty <= 0.0 {
-        return Err(invalid("repeat_penalty", format!("{} is not a number > 0", p.repeat_penalty)));
-    }
-    if p.repeat_last_n < -1 {
-        return Err(invalid("repeat_last_n", format!("{} is below -1", p.repeat_last_n)));
-    }
-    if !p.frequency_penalty.is_finite() {
-        return Err(invalid("frequency_penalty", "not a finite number"));
-    }
-    if !p.presence_penalty.is_finite() {
-        return Err(invalid("presence_penalty", "not a finite number"));
-    }
-    Ok(())
-}
-
 impl Sampler {
     pub(crate) fn new(p: &SamplingParams, n_vocab: i32, n_ctx: u32) -> Result<Sampler, BackendError> {
-        validate(p)?;
+        p.validate()?;
+        if let Some(b) = p.logit_bias.iter().find(|b| b.token < 0 || b.token >= n_vocab) {
+            return Err(invalid("logit_bias", format!("token {} is not in the vocabulary of {n_vocab}", b.token)));
+        }
         // SAFETY: plain constructors; each returned sampler is handed to the chain, which
         // takes ownership (llama_sampler_chain_add).
         unsafe {
             let chain = sys::llama_sampler_chain_init(sys::llama_sampler_chain_default_params());
             let raw = NonNull::new(chain).ok_or_else(|| invalid("sampler", "llama.cpp returned no sampler chain"))?;
             let add = |s: *mut sys::llama_sampler| sys::llama_sampler_chain_add(chain, s);
+            if !p.logit_bias.is_empty() {
+                // `LogitBias` is #[repr(C)] {i32, f32}, the layout of llama_logit_bias.
+                add(sys::llama_sampler_init_logit_bias(
+                    n_vocab,
+                    p.logit_bias.len() as i32,
+                    p.logit_bias.as_ptr().cast::<sys::llama_logit_bias>(),
+                ));
+            }
             let last_n = if p.repeat_last_n == -1 { n_ctx as i32 } else { p.repeat_last_n };
             if last_n != 0 && (p.repeat_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0) {
                 add(sys::llama_sampler_init_penalties(
@@ -99,5 +82,13 @@ impl Sampler {
     pub(crate) fn reset(&mut self) {
         // SAFETY: valid chain owned by self.
         unsafe { sys::llama_sampler_reset(self.raw.as_ptr()) }
+    }
+
+    /// Adds tokens to the chain's history (repetition penalties) without sampling.
+    pub(crate) fn accept(&mut self, tokens: &[i32]) {
+        for &t in tokens {
+            // SAFETY: valid chain owned by self; penalties accept any token id.
+            unsafe { sys::llama_sampler_accept(self.raw.as_ptr(), t) }
+        }
     }
 }

@@ -1,0 +1,172 @@
+//! `llama chat`: a multi-turn conversation rendered with the model's chat template.
+//!
+//! On a terminal it is an interactive REPL (line editing, Ctrl-C cancels the reply and
+//! stays, Ctrl-D or /exit leaves). When stdin is not a terminal each line is one user turn,
+//! so it can be scripted. The session's prompt cache makes each turn decode only what the
+//! previous turns did not (the statistics line shows cached vs decoded tokens).
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+
+use llama_host::chat::{ChatTemplate, Conversation};
+use llama_host::{FinishReason, Model, Session};
+
+use crate::args::{ChatArgs, Cli};
+use crate::config::Config;
+use crate::signals::Interrupts;
+use crate::{generate_options, load_model, models, select_backend, session_params, stats_line, stream_to_stdout, CliError};
+
+const HELP: &str = "commands: /reset (forget the conversation), /save FILE, /load FILE, /exit (or Ctrl-D); Ctrl-C stops a reply";
+
+fn template(model: &Model, choice: Option<&str>) -> Result<ChatTemplate, CliError> {
+    match choice {
+        None => Ok(ChatTemplate::for_model(model)?),
+        Some(name) if Path::new(name).is_file() => {
+            let text = std::fs::read_to_string(name).map_err(|source| CliError::ReadFile { path: name.to_string(), source })?;
+            let base = ChatTemplate::for_model(model)?;
+            Ok(ChatTemplate::compile(text, base.bos_token().to_string(), base.eos_token().to_string(), name.to_string())?)
+        }
+        Some(name) => Ok(ChatTemplate::builtin(model, name)?),
+    }
+}
+
+/// Where user lines come from.
+enum Input {
+    Terminal(rustyline::DefaultEditor),
+    Piped(std::io::StdinLock<'static>),
+}
+
+enum Line {
+    Text(String),
+    /// Ctrl-C at the prompt.
+    Interrupted,
+    Eof,
+}
+
+impl Input {
+    fn read(&mut self) -> Line {
+        match self {
+            Input::Terminal(ed) => match ed.readline("> ") {
+                Ok(l) => {
+                    let _ = ed.add_history_entry(l.as_str());
+                    Line::Text(l)
+                }
+                Err(rustyline::error::ReadlineError::Interrupted) => Line::Interrupted,
+                Err(_) => Line::Eof,
+            },
+            Input::Piped(stdin) => {
+                let mut l = String::new();
+                match stdin.read_line(&mut l) {
+                    Ok(0) | Err(_) => Line::Eof,
+                    Ok(_) => Line::Text(l.trim_end_matches(['\n', '\r']).to_string()),
+                }
+            }
+        }
+    }
+}
+
+pub fn run(cli: &Cli, a: &ChatArgs, cfg: &Config, ints: &Interrupts) -> Result<(), CliError> {
+    let path = models::resolve(&a.model, cfg)?;
+    let opts = generate_options(&a.sampling, false)?;
+    let params = session_params(&a.ctx)?;
+    params.validate()?;
+    let backend = select_backend(cli, &a.model)?;
+    let model = load_model(&backend, &path)?;
+    let tmpl = template(&model, a.chat_template.as_deref())?;
+    tracing::info!(template = %tmpl.source, "chat template");
+    let mut session = model.session(&params)?;
+    let mut conv = Conversation::new(a.system.as_deref());
+
+    let interactive = std::io::stdin().is_terminal();
+    let mut input = if interactive {
+        eprintln!("{} — {HELP}", model.info().description);
+        Input::Terminal(rustyline::DefaultEditor::new().map_err(|e| CliError::Output(std::io::Error::other(e)))?)
+    } else {
+        Input::Piped(std::io::stdin().lock())
+    };
+    loop {
+        let line = match input.read() {
+            Line::Eof => break,
+            Line::Interrupted => {
+                eprintln!("(Ctrl-D or /exit leaves the chat)");
+                continue;
+            }
+            Line::Text(l) => l,
+        };
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(cmd) = line.strip_prefix('/') {
+            let (name, arg) = cmd.split_once(' ').map(|(n, a)| (n, a.trim())).unwrap_or((cmd, ""));
+            match name {
+                "exit" | "quit" | "bye" => break,
+                "reset" => {
+                    conv.reset();
+                    session.reset();
+                    eprintln!("(conversation reset)");
+                }
+                "save" if !arg.is_empty() => match save(&conv, Path::new(arg)) {
+                    Ok(()) => eprintln!("(saved {} messages to {arg})", conv.messages.len()),
+                    Err(e) => eprintln!("error: cannot save to {arg}: {e}"),
+                },
+                "load" if !arg.is_empty() => match load(Path::new(arg)) {
+                    Ok(c) => {
+                        conv = c;
+                        eprintln!("(loaded {} messages from {arg})", conv.messages.len());
+                    }
+                    Err(e) => eprintln!("error: cannot load {arg}: {e}"),
+                },
+                _ => eprintln!("{HELP}"),
+            }
+            continue;
+        }
+        conv.push("user", line);
+        match reply(&mut session, &tmpl, &conv, &opts, ints) {
+            Ok((text, stats)) => {
+                // A cancelled reply stays in the history as far as it got.
+                conv.push("assistant", text);
+                if !a.no_stats {
+                    eprintln!("{}", stats_line(&stats, backend.name()));
+                }
+            }
+            Err(e) => {
+                conv.messages.pop();
+                crate::print_error(&e);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn reply(
+    session: &mut Session<'_>,
+    tmpl: &ChatTemplate,
+    conv: &Conversation,
+    opts: &llama_host::GenerateOptions,
+    ints: &Interrupts,
+) -> Result<(String, llama_host::GenerationStats), CliError> {
+    let prompt = tmpl.render(&conv.messages, true)?;
+    let mut stream = session.stream(&prompt, opts)?;
+    ints.watch(stream.canceller());
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let text = stream_to_stdout(&mut stream, &mut out);
+    ints.clear();
+    let text = text?;
+    let stats = stream.stats().clone();
+    if stats.finish == Some(FinishReason::Cancelled) {
+        let _ = write!(out, " [stopped]");
+    }
+    let _ = writeln!(out);
+    let _ = out.flush();
+    Ok((text.trim().to_string(), stats))
+}
+
+fn save(conv: &Conversation, path: &Path) -> std::io::Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(conv).map_err(std::io::Error::other)?)
+}
+
+fn load(path: &Path) -> std::io::Result<Conversation> {
+    serde_json::from_str(&std::fs::read_to_string(path)?).map_err(std::io::Error::other)
+}

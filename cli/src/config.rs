@@ -1,0 +1,252 @@
+//! The config file: defaults for every flag and named models.
+//!
+//! ```toml
+//! models-dir = "/data/models"          # where `llama list` and bare names look
+//! default-model = "gemma"              # used when no model is given
+//!
+//! [models]                             # `llama run gemma` → this path
+//! gemma = "/data/models/gemma-3-270m-q4_k_m.gguf"
+//!
+//! [defaults]                           # the long flag names
+//! temp = 0.7
+//! ctx-size = 8192
+//! ```
+//!
+//! Precedence: flag > environment variable > this file > built-in default. An unknown key
+//! or a bad value is an error naming the key and the line (toml's own error report).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use clap::parser::ValueSource;
+use clap::ArgMatches;
+use serde::{Deserialize, Deserializer};
+
+use crate::args::{ContextArgs, ModelArgs, SamplingArgs};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    pub models_dir: Option<PathBuf>,
+    pub default_model: Option<String>,
+    #[serde(default)]
+    pub models: BTreeMap<String, PathBuf>,
+    #[serde(default)]
+    pub defaults: Defaults,
+    /// The file this came from, for messages.
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
+}
+
+fn range<'de, D: Deserializer<'de>, T>(d: D, ok: impl Fn(&T) -> bool, expect: &str) -> Result<Option<T>, D::Error>
+where
+    T: Deserialize<'de> + std::fmt::Display,
+{
+    let v = T::deserialize(d)?;
+    if ok(&v) {
+        Ok(Some(v))
+    } else {
+        Err(serde::de::Error::custom(format!("{v} is out of range: expected {expect}")))
+    }
+}
+fn probability<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f32>, D::Error> {
+    range(d, |v: &f32| (0.0..=1.0).contains(v), "a number from 0 to 1")
+}
+fn non_negative<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f32>, D::Error> {
+    range(d, |v: &f32| v.is_finite() && *v >= 0.0, "a number >= 0")
+}
+fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f32>, D::Error> {
+    range(d, |v: &f32| v.is_finite() && *v > 0.0, "a number > 0")
+}
+fn at_least_one_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    range(d, |v: &u32| *v >= 1, "an integer >= 1")
+}
+fn at_least_one_i32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {
+    range(d, |v: &i32| *v >= 1, "an integer >= 1")
+}
+fn non_negative_i32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {
+    range(d, |v: &i32| *v >= 0, "an integer >= 0")
+}
+
+/// Defaults for flags, under their long names.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Defaults {
+    pub backend: Option<String>,
+    #[serde(default, deserialize_with = "at_least_one_u32")]
+    pub ctx_size: Option<u32>,
+    #[serde(default, deserialize_with = "at_least_one_i32")]
+    pub threads: Option<i32>,
+    #[serde(default, deserialize_with = "at_least_one_i32")]
+    pub threads_batch: Option<i32>,
+    #[serde(default, deserialize_with = "at_least_one_u32")]
+    pub batch_size: Option<u32>,
+    #[serde(default, deserialize_with = "at_least_one_u32")]
+    pub ubatch_size: Option<u32>,
+    pub cache_tokens: Option<u32>,
+    pub n_predict: Option<i32>,
+    pub seed: Option<i64>,
+    #[serde(default, deserialize_with = "non_negative")]
+    pub temp: Option<f32>,
+    #[serde(default, deserialize_with = "non_negative_i32")]
+    pub top_k: Option<i32>,
+    #[serde(default, deserialize_with = "probability")]
+    pub top_p: Option<f32>,
+    #[serde(default, deserialize_with = "probability")]
+    pub min_p: Option<f32>,
+    #[serde(default, deserialize_with = "positive")]
+    pub repeat_penalty: Option<f32>,
+    pub repeat_last_n: Option<i32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub stop: Option<Vec<String>>,
+    pub system: Option<String>,
+    pub chat_template: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read { path: PathBuf, #[source] source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+/// The config file in use: `--config FILE`, else `$LLAMA_CONFIG`, else the platform's
+/// config directory (`$XDG_CONFIG_HOME/llama/config.toml`, `~/.config/llama/config.toml`)
+/// when that file exists.
+pub fn locate(flag: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = flag {
+        return Some(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("LLAMA_CONFIG").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            let home = std::env::var_os("HOME").map(PathBuf::from)?;
+            Some(if cfg!(target_os = "macos") { home.join("Library/Application Support") } else { home.join(".config") })
+        })?;
+    let p = base.join("llama").join("config.toml");
+    p.is_file().then_some(p)
+}
+
+pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    let Some(path) = path else { return Ok(Config::default()) };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    parse(&text, path)
+}
+
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let mut c: Config = toml::from_str(text)
+        .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string().trim_end().to_string() })?;
+    c.path = Some(path.to_path_buf());
+    Ok(c)
+}
+
+/// Whether an argument still has its built-in default (neither flag nor environment).
+fn unset(m: &ArgMatches, id: &str) -> bool {
+    !matches!(m.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable))
+}
+
+macro_rules! fill {
+    ($m:expr, $from:expr, $to:expr, $($field:ident),* $(,)?) => {
+        $( if unset($m, stringify!($field)) {
+            if let Some(v) = $from.$field.clone() { $to.$field = v.into(); }
+        } )*
+    };
+}
+
+impl Config {
+    /// Fills the arguments the user left at their defaults with this file's values.
+    pub fn apply(&self, m: &ArgMatches, model: &mut ModelArgs, ctx: &mut ContextArgs, s: &mut SamplingArgs) {
+        let d = &self.defaults;
+        fill!(m, d, model, backend);
+        fill!(m, d, ctx, ctx_size, threads, threads_batch, batch_size, ubatch_size, cache_tokens);
+        fill!(m, d, s, n_predict, seed, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, stop);
+    }
+
+    /// A string default (`system`, `chat_template`) when the flag was not given.
+    pub fn text_default(&self, m: &ArgMatches, id: &str, current: &mut Option<String>) {
+        let v = match id {
+            "system" => &self.defaults.system,
+            "chat_template" => &self.defaults.chat_template,
+            _ => return,
+        };
+        if unset(m, id) && current.is_none() {
+            current.clone_from(v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches};
+
+    fn parse_ok(text: &str) -> Config {
+        parse(text, Path::new("test.toml")).unwrap()
+    }
+
+    fn parse_err(text: &str) -> String {
+        parse(text, Path::new("test.toml")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_full_config_parses() {
+        let c = parse_ok(
+            "models-dir = \"/m\"\ndefault-model = \"g\"\n[models]\ng = \"/m/g.gguf\"\n[defaults]\ntemp = 0.5\nctx-size = 512\nstop = [\"x\"]\n",
+        );
+        assert_eq!(c.models["g"], PathBuf::from("/m/g.gguf"));
+        assert_eq!(c.defaults.temp, Some(0.5));
+        assert_eq!(c.defaults.ctx_size, Some(512));
+    }
+
+    #[test]
+    fn an_unknown_key_names_the_key_and_the_line() {
+        let e = parse_err("[defaults]\ntemp = 0.5\ntempreature = 0.1\n");
+        assert!(e.contains("line 3") && e.contains("tempreature"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_value_names_the_key_and_the_line() {
+        let e = parse_err("[defaults]\n\ntop-p = 1.5\n");
+        assert!(e.contains("line 3") && e.contains("top-p") && e.contains("out of range"), "{e}");
+        let e = parse_err("[defaults]\nctx-size = \"big\"\n");
+        assert!(e.contains("line 2") && e.contains("ctx-size"), "{e}");
+        let e = parse_err("[defaults]\nthreads = 0\n");
+        assert!(e.contains("line 2") && e.contains("threads"), "{e}");
+    }
+
+    fn run_args(argv: &[&str], cfg: &Config) -> crate::args::RunArgs {
+        let m = crate::args::Cli::command().get_matches_from(argv);
+        let (_, sub) = m.subcommand().unwrap();
+        let cli = crate::args::Cli::from_arg_matches(&m).unwrap();
+        let crate::args::Command::Run(mut r) = cli.command else { panic!() };
+        cfg.apply(sub, &mut r.model, &mut r.ctx, &mut r.sampling);
+        r
+    }
+
+    /// One test, not two: the environment is process-wide and tests run in parallel.
+    #[test]
+    fn precedence_is_flag_then_env_then_config_then_default() {
+        let cfg = parse_ok("[defaults]\ntemp = 0.3\ntop-k = 7\nctx-size = 1024\n");
+        // Config beats the built-in default.
+        let r = run_args(&["llama", "run", "-p", "x"], &cfg);
+        assert_eq!((r.sampling.temp, r.sampling.top_k, r.ctx.ctx_size), (0.3, 7, 1024));
+        // A flag beats the config.
+        let r = run_args(&["llama", "run", "-p", "x", "--temp", "0.9"], &cfg);
+        assert_eq!(r.sampling.temp, 0.9);
+        // Untouched keys keep the built-in default.
+        assert_eq!(r.sampling.top_p, 0.95);
+        // The environment beats the config, and a flag beats the environment.
+        std::env::set_var("LLAMA_TOP_K", "3");
+        let from_env = run_args(&["llama", "run", "-p", "x"], &cfg);
+        let from_flag = run_args(&["llama", "run", "-p", "x", "--top-k", "9"], &cfg);
+        std::env::remove_var("LLAMA_TOP_K");
+        assert_eq!(from_env.sampling.top_k, 3);
+        assert_eq!(from_flag.sampling.top_k, 9);
+    }
+}

@@ -1,0 +1,154 @@
+//! Which model file a command means, and `llama list`.
+//!
+//! A model is given as a path, a name from the config's `[models]`, or a file name in a
+//! models directory (with or without `.gguf`). Without one: `$LLAMA_MODEL`, the config's
+//! `default-model`, then the default model that scripts/fetch-model installs.
+
+use std::path::{Path, PathBuf};
+
+use llama_host::gguf;
+
+use crate::args::{ListArgs, ModelArgs};
+use crate::config::Config;
+use crate::CliError;
+
+/// File name of the default model installed by scripts/fetch-model.
+pub const DEFAULT_MODEL: &str = "gemma-3-270m-q4_k_m.gguf";
+
+/// The models directories: the config's, then the default one.
+fn dirs(cfg: &Config) -> Vec<PathBuf> {
+    let mut d: Vec<PathBuf> = cfg.models_dir.iter().cloned().collect();
+    if let Some(def) = llama_host::default_models_dir() {
+        if !d.contains(&def) {
+            d.push(def);
+        }
+    }
+    d
+}
+
+pub fn resolve(args: &ModelArgs, cfg: &Config) -> Result<PathBuf, CliError> {
+    let given = args
+        .name
+        .clone()
+        .or_else(|| args.model.clone())
+        .or_else(|| std::env::var("LLAMA_MODEL").ok().filter(|s| !s.is_empty()))
+        .or_else(|| cfg.default_model.clone());
+    match given {
+        Some(name) => resolve_name(&name, cfg),
+        None => {
+            let default = llama_host::default_models_dir().map(|d| d.join(DEFAULT_MODEL));
+            match default {
+                Some(p) if p.is_file() => Ok(p),
+                other => Err(CliError::NoModel {
+                    path: other.map(|p| p.display().to_string()).unwrap_or_else(|| "(no home directory)".into()),
+                }),
+            }
+        }
+    }
+}
+
+fn resolve_name(name: &str, cfg: &Config) -> Result<PathBuf, CliError> {
+    if let Some(p) = cfg.models.get(name) {
+        return Ok(p.clone());
+    }
+    let as_path = Path::new(name);
+    if as_path.exists() {
+        return Ok(as_path.to_path_buf());
+    }
+    // A bare name (no directory part) may be a file in a models directory.
+    if as_path.components().count() == 1 {
+        for dir in dirs(cfg) {
+            for candidate in [dir.join(name), dir.join(format!("{name}.gguf"))] {
+                if candidate.is_file() {
+                    return Ok(candidate);
+                }
+            }
+        }
+    }
+    // Something that looks like a path goes to the loader, which says precisely what is
+    // wrong with it (missing, a directory, ...).
+    if as_path.components().count() > 1 || name.ends_with(".gguf") {
+        return Ok(as_path.to_path_buf());
+    }
+    Err(CliError::UnknownModel {
+        name: name.to_string(),
+        dirs: dirs(cfg).iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
+    })
+}
+
+#[derive(serde::Serialize)]
+struct Entry {
+    name: String,
+    path: PathBuf,
+    size_bytes: Option<u64>,
+    architecture: Option<String>,
+    quantization: Option<String>,
+    /// Why the header could not be read, when it could not.
+    error: Option<String>,
+}
+
+fn describe(name: String, path: PathBuf) -> Entry {
+    let size_bytes = std::fs::metadata(&path).ok().map(|m| m.len());
+    match gguf::read_header(&path) {
+        Ok(h) => Entry {
+            name,
+            size_bytes,
+            architecture: h.architecture().map(str::to_string),
+            quantization: h.quantization().map(str::to_string),
+            error: None,
+            path,
+        },
+        Err(e) => Entry { name, size_bytes, architecture: None, quantization: None, error: Some(e.to_string()), path },
+    }
+}
+
+pub fn list(a: &ListArgs, cfg: &Config) -> Result<(), CliError> {
+    let named: Vec<Entry> = cfg.models.iter().map(|(n, p)| describe(n.clone(), p.clone())).collect();
+    let mut files = Vec::new();
+    for dir in dirs(cfg) {
+        let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+        let mut paths: Vec<PathBuf> =
+            rd.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "gguf") && p.is_file()).collect();
+        paths.sort();
+        for p in paths {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            files.push(describe(name, p));
+        }
+    }
+    if a.json {
+        let v = serde_json::json!({ "named": named, "files": files, "models_dirs": dirs(cfg) });
+        println!("{}", serde_json::to_string_pretty(&v).expect("serializes"));
+        return Ok(());
+    }
+    let row = |e: &Entry| {
+        let size = e.size_bytes.map(|b| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)).unwrap_or_else(|| "missing".into());
+        match &e.error {
+            Some(err) if e.size_bytes.is_some() => format!("{:28} {:>11}  unreadable: {err}", e.name, size),
+            _ => format!(
+                "{:28} {:>11}  {:10} {:8}  {}",
+                e.name,
+                size,
+                e.architecture.as_deref().unwrap_or("-"),
+                e.quantization.as_deref().unwrap_or("-"),
+                e.path.display()
+            ),
+        }
+    };
+    if !named.is_empty() {
+        println!("named models (config):");
+        for e in &named {
+            println!("  {}", row(e));
+        }
+    }
+    for dir in dirs(cfg) {
+        println!("models in {}:", dir.display());
+        let here: Vec<&Entry> = files.iter().filter(|e| e.path.parent() == Some(dir.as_path())).collect();
+        if here.is_empty() {
+            println!("  (none)");
+        }
+        for e in here {
+            println!("  {}", row(e));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,412 @@
+//! Sessions: one context (KV cache + sampler) and the generation loop over it.
+//!
+//! Generation is pull-driven: [`Stream`] is an iterator that runs one decode step per
+//! piece of text the consumer asks for. A consumer that stops reading pauses generation
+//! with nothing buffered; dropping the stream stops it. A [`Canceller`] stops it from
+//! another thread within one decode step, also in the middle of a long prompt (through
+//! llama.cpp's abort callback, checked between graph nodes).
+//!
+//! The session keeps the tokens of its KV cache (`cached`) so the next generation decodes
+//! only what differs from them (prompt cache for multi-turn chat).
+
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use abi_stable::std_types::RSlice;
+use llama_plugin_api::{AbortBox, BackendError, ContextBox, Sampled, SamplingParams};
+
+use crate::error::{GenerateError, SessionError};
+use crate::stop::StopMatcher;
+use crate::utf8::Utf8Stream;
+use crate::{Model, SessionParams};
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// Most tokens to generate; `None` runs until end of generation or a full context.
+    pub max_tokens: Option<u32>,
+    pub sampling: SamplingParams,
+    /// Add BOS and other special tokens the model expects around a prompt. Off for text
+    /// rendered by a chat template, which carries its own.
+    pub add_special: bool,
+    /// Generation ends before any of these strings; they never appear in the output.
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions { max_tokens: None, sampling: SamplingParams::default(), add_special: true, stop: Vec::new() }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` was reached, or the context is full.
+    Length,
+    /// Cancelled by a [`Canceller`] or by the consumer.
+    Cancelled,
+}
+
+/// Counts and timings of one generation.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct GenerationStats {
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Prompt tokens found in the KV cache and not decoded again.
+    pub cached_tokens: usize,
+    /// Prompt tokens decoded (`prompt_tokens - cached_tokens`).
+    pub decoded_prompt_tokens: usize,
+    pub generated_tokens: usize,
+    /// Prompt processing including sampling the first token: the time to first token.
+    pub prompt_time: Duration,
+    /// Decoding the generated tokens after the first.
+    pub generation_time: Duration,
+    /// Single-token decode steps timed in `generation_time`.
+    pub decode_steps: usize,
+    pub finish: Option<FinishReason>,
+}
+
+impl GenerationStats {
+    pub fn prompt_tokens_per_s(&self) -> f64 {
+        rate(self.decoded_prompt_tokens, self.prompt_time)
+    }
+    pub fn generation_tokens_per_s(&self) -> f64 {
+        rate(self.decode_steps, self.generation_time)
+    }
+}
+
+fn rate(n: usize, t: Duration) -> f64 {
+    if t.is_zero() {
+        0.0
+    } else {
+        n as f64 / t.as_secs_f64()
+    }
+}
+
+/// Stops a session's generation from any thread.
+#[derive(Clone)]
+pub struct Canceller {
+    flag: Arc<AtomicBool>,
+    abort: Arc<AbortBox>,
+}
+
+impl Canceller {
+    /// Stops the generation in progress: the stream ends with `FinishReason::Cancelled`
+    /// within one decode step (a prompt being decoded is interrupted too).
+    pub fn cancel(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.abort.abort();
+    }
+}
+
+/// One conversation with a model: a context, its KV cache and what the cache holds.
+pub struct Session<'m> {
+    model: &'m Model,
+    ctx: ContextBox,
+    abort: Arc<AbortBox>,
+    cancel: Arc<AtomicBool>,
+    /// The tokens in the KV cache, in order. Invariant: `cached.len() == ctx.n_past()`
+    /// whenever no generation is running.
+    cached: Vec<i32>,
+    cache_tokens: u32,
+}
+
+impl<'m> Session<'m> {
+    pub(crate) fn new(model: &'m Model, params: &SessionParams) -> Result<Session<'m>, SessionError> {
+        params.validate()?;
+        let ctx = model.new_context(params.to_context_params())?;
+        let abort = Arc::new(ctx.abort_handle());
+        Ok(Session { model, ctx, abort, cancel: Arc::new(AtomicBool::new(false)), cached: Vec::new(), cache_tokens: params.cache_tokens })
+    }
+
+    pub fn n_ctx(&self) -> u32 {
+        self.ctx.n_ctx()
+    }
+
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    /// Tokens the backend holds in the KV cache right now.
+    pub fn kv_tokens(&self) -> u32 {
+        self.ctx.n_past()
+    }
+
+    /// Tokens the session believes are cached (equal to `kv_tokens` between generations).
+    pub fn cached_tokens(&self) -> usize {
+        self.cached.len()
+    }
+
+    /// Empties the KV cache.
+    pub fn reset(&mut self) {
+        self.ctx.clear();
+        self.cached.clear();
+    }
+
+    /// A handle that cancels this session's current generation from any thread.
+    pub fn canceller(&self) -> Canceller {
+        Canceller { flag: self.cancel.clone(), abort: self.abort.clone() }
+    }
+
+    /// Starts generating a continuation of `prompt`. Nothing is decoded until the stream
+    /// is read.
+    pub fn stream(&mut self, prompt: &str, opts: &GenerateOptions) -> Result<Stream<'_, 'm>, GenerateError> {
+        let tokens = self.model.tokenize(prompt, opts.add_special)?;
+        self.stream_tokens(tokens, opts)
+    }
+
+    /// Like [`Session::stream`] for an already tokenized prompt.
+    pub fn stream_tokens(&mut self, tokens: Vec<i32>, opts: &GenerateOptions) -> Result<Stream<'_, 'm>, GenerateError> {
+        if tokens.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        let n_ctx = self.ctx.n_ctx();
+        if tokens.len() > n_ctx as usize {
+            return Err(GenerateError::PromptTooLong { tokens: tokens.len(), n_ctx });
+        }
+        self.ctx.set_sampling(opts.sampling.clone()).into_result()?;
+        // A cancel aimed at an earlier generation must not stop this one.
+        self.cancel.store(false, Ordering::SeqCst);
+        self.ctx.reset_abort();
+        let stats = GenerationStats { prompt_tokens: tokens.len(), ..GenerationStats::default() };
+        Ok(Stream {
+            session: self,
+            state: State::Prefill(tokens),
+            max_tokens: opts.max_tokens,
+            utf8: Utf8Stream::default(),
+            stop: StopMatcher::new(&opts.stop),
+            stats,
+            gen_start: None,
+        })
+    }
+
+    /// Generates a continuation of `prompt`, handing text to `on_text` as it is produced;
+    /// `on_text` returns `Break` to stop.
+    pub fn generate(
+        &mut self,
+        prompt: &str,
+        opts: &GenerateOptions,
+        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<GenerationStats, GenerateError> {
+        let mut stream = self.stream(prompt, opts)?;
+        while let Some(piece) = stream.next() {
+            if on_text(&piece?).is_break() {
+                stream.stop();
+                break;
+            }
+        }
+        Ok(stream.stats().clone())
+    }
+
+    /// Decodes `tokens` after the cache and samples, retrying once when an abort meant for
+    /// an earlier generation interrupts it. Keeps `cached` equal to what the KV cache holds.
+    fn decode_sample(&mut self, mut tokens: &[i32]) -> Result<Sampled, BackendError> {
+        let mut retried = false;
+        loop {
+            let before = self.ctx.n_past() as usize;
+            let result = self.ctx.decode_sample(RSlice::from_slice(tokens)).into_result();
+            // Some micro-batches may have landed before a failure.
+            let landed = (self.ctx.n_past() as usize).saturating_sub(before).min(tokens.len());
+            self.cached.extend_from_slice(&tokens[..landed]);
+            tokens = &tokens[landed..];
+            match result {
+                Err(BackendError::Aborted) if !retried && !tokens.is_empty() && !self.cancel.load(Ordering::SeqCst) => {
+                    self.ctx.reset_abort();
+                    retried = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Reuses the longest cached prefix of `tokens`; returns how many tokens were reused.
+    fn reuse_prefix(&mut self, tokens: &[i32]) -> usize {
+        if self.cache_tokens == 0 {
+            self.reset();
+            return 0;
+        }
+        let common = self.cached.iter().zip(tokens).take_while(|(a, b)| a == b).count();
+        // At least one token must be decoded to get logits to sample from.
+        let keep = common.min(tokens.len() - 1).min(self.cache_tokens as usize);
+        if self.ctx.truncate(keep as u32) {
+            self.cached.truncate(keep);
+            keep
+        } else {
+            // The cache cannot drop just the tail (sliding-window layers): start over.
+            self.reset();
+            0
+        }
+    }
+
+    /// Brings the cache within its bound after a generation.
+    fn trim_cache(&mut self) {
+        let bound = self.cache_tokens as usize;
+        if bound == 0 {
+            self.reset();
+        } else if self.cached.len() > bound {
+            if self.ctx.truncate(bound as u32) {
+                self.cached.truncate(bound);
+            } else {
+                self.reset();
+            }
+        }
+    }
+}
+
+enum State {
+    Prefill(Vec<i32>),
+    Next(Sampled),
+    Done,
+}
+
+/// A generation in progress: an iterator of text pieces. See the module docs.
+pub struct Stream<'s, 'm> {
+    session: &'s mut Session<'m>,
+    state: State,
+    max_tokens: Option<u32>,
+    utf8: Utf8Stream,
+    stop: StopMatcher,
+    stats: GenerationStats,
+    gen_start: Option<Instant>,
+}
+
+impl Stream<'_, '_> {
+    /// Counts and timings so far; complete once the iterator has returned `None`.
+    pub fn stats(&self) -> &GenerationStats {
+        &self.stats
+    }
+
+    /// A handle that cancels this generation from any thread.
+    pub fn canceller(&self) -> Canceller {
+        self.session.canceller()
+    }
+
+    /// Ends the generation now (as the consumer's choice: `Cancelled`).
+    pub fn stop(&mut self) {
+        if !matches!(self.state, State::Done) {
+            self.finish(FinishReason::Cancelled);
+        }
+    }
+
+    fn finish(&mut self, reason: FinishReason) {
+        self.state = State::Done;
+        self.stats.finish = Some(reason);
+        if let Some(t) = self.gen_start {
+            self.stats.generation_time = t.elapsed();
+        }
+        self.session.trim_cache();
+        tracing::debug!(generated = self.stats.generated_tokens, finish = ?reason, cached = self.stats.cached_tokens, "generation done");
+    }
+
+    fn cancelled(&self) -> bool {
+        self.session.cancel.load(Ordering::SeqCst)
+    }
+
+    /// One step: decode what is pending and sample; returns text to emit (maybe empty).
+    fn step(&mut self) -> Result<Option<String>, GenerateError> {
+        let sampled = match std::mem::replace(&mut self.state, State::Done) {
+            State::Done => return Ok(None),
+            State::Prefill(tokens) => {
+                let t = Instant::now();
+                let reused = self.session.reuse_prefix(&tokens);
+                self.stats.cached_tokens = reused;
+                self.stats.decoded_prompt_tokens = tokens.len() - reused;
+                // The whole prompt is history for the repetition penalties, as in llama.cpp.
+                self.session.ctx.accept(RSlice::from_slice(&tokens));
+                if self.max_tokens == Some(0) {
+                    let r = self.session.ctx.decode(RSlice::from_slice(&tokens[reused..]), false).into_result();
+                    self.stats.prompt_time = t.elapsed();
+                    let held = (self.session.ctx.n_past() as usize).min(tokens.len());
+                    self.session.cached = tokens[..held].to_vec();
+                    let reason = match &r {
+                        Err(BackendError::Aborted) if self.cancelled() => FinishReason::Cancelled,
+                        _ => FinishReason::Length,
+                    };
+                    self.finish(reason);
+                    return match r {
+                        Err(BackendError::Aborted) if self.cancelled() => Ok(None),
+                        r => r.map(|_| None).map_err(Into::into),
+                    };
+                }
+                let r = self.session.decode_sample(&tokens[reused..]);
+                self.stats.prompt_time = t.elapsed();
+                self.gen_start = Some(Instant::now());
+                r
+            }
+            State::Next(prev) => {
+                let r = self.session.decode_sample(&[prev.token]);
+                self.stats.decode_steps += 1;
+                r
+            }
+        };
+        let next = match sampled {
+            Ok(s) => s,
+            Err(BackendError::Aborted) if self.cancelled() => {
+                self.finish(FinishReason::Cancelled);
+                return Ok(None);
+            }
+            Err(e) => {
+                self.finish(FinishReason::Cancelled);
+                return Err(e.into());
+            }
+        };
+        if self.cancelled() {
+            self.finish(FinishReason::Cancelled);
+            return Ok(None);
+        }
+        if next.is_eog {
+            let rest = self.utf8.finish() + &self.stop.finish();
+            self.finish(FinishReason::Stop);
+            return Ok(Some(rest));
+        }
+        self.stats.generated_tokens += 1;
+        let bytes = self.session.model.token_bytes(next.token, false)?;
+        let text = self.utf8.push(&bytes);
+        let (text, stopped) = self.stop.push(&text);
+        if stopped {
+            self.finish(FinishReason::Stop);
+            return Ok(Some(text));
+        }
+        let at_limit = self.max_tokens.is_some_and(|m| self.stats.generated_tokens >= m as usize);
+        let ctx_full = self.session.ctx.n_past() >= self.session.ctx.n_ctx();
+        if at_limit || ctx_full {
+            let rest = self.utf8.finish();
+            let (rest, _) = self.stop.push(&rest);
+            let text = text + &rest + &self.stop.finish();
+            self.finish(FinishReason::Length);
+            return Ok(Some(text));
+        }
+        self.state = State::Next(next);
+        Ok(Some(text))
+    }
+}
+
+impl Iterator for Stream<'_, '_> {
+    type Item = Result<String, GenerateError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            match self.step() {
+                Ok(Some(text)) if text.is_empty() => continue,
+                Ok(Some(text)) => return Some(Ok(text)),
+                Ok(None) => return None,
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
+impl Drop for Stream<'_, '_> {
+    /// Dropping a stream mid-way stops generation; the cache keeps what was decoded.
+    fn drop(&mut self) {
+        if !matches!(self.state, State::Done) {
+            self.finish(FinishReason::Cancelled);
+        }
+    }
+}
