@@ -30,38 +30,24 @@ fn template(model: &Model, choice: Option<&str>) -> Result<ChatTemplate, CliErro
     }
 }
 
-/// Where user lines come from.
-enum Input {
-    Terminal(rustyline::DefaultEditor),
-    Piped(std::io::StdinLock<'static>),
-}
-
 enum Line {
     Text(String),
-    /// Ctrl-C at the prompt.
-    Interrupted,
     Eof,
 }
 
-impl Input {
-    fn read(&mut self) -> Line {
-        match self {
-            Input::Terminal(ed) => match ed.readline("> ") {
-                Ok(l) => {
-                    let _ = ed.add_history_entry(l.as_str());
-                    Line::Text(l)
-                }
-                Err(rustyline::error::ReadlineError::Interrupted) => Line::Interrupted,
-                Err(_) => Line::Eof,
-            },
-            Input::Piped(stdin) => {
-                let mut l = String::new();
-                match stdin.read_line(&mut l) {
-                    Ok(0) | Err(_) => Line::Eof,
-                    Ok(_) => Line::Text(l.trim_end_matches(['\n', '\r']).to_string()),
-                }
-            }
-        }
+/// One line of input. The terminal stays in its own (cooked) mode throughout: it edits
+/// the line (backspace, Ctrl-U, Ctrl-W), Ctrl-D ends input, and Ctrl-C is always a signal,
+/// which cancels a streaming reply. (A raw-mode line editor would turn Ctrl-C during a
+/// reply into input.)
+fn read_line(stdin: &mut std::io::StdinLock<'static>, interactive: bool) -> Line {
+    if interactive {
+        eprint!("> ");
+        let _ = std::io::stderr().flush();
+    }
+    let mut l = String::new();
+    match stdin.read_line(&mut l) {
+        Ok(0) | Err(_) => Line::Eof,
+        Ok(_) => Line::Text(l.trim_end_matches(['\n', '\r']).to_string()),
     }
 }
 
@@ -78,19 +64,15 @@ pub fn run(cli: &Cli, a: &ChatArgs, cfg: &Config, ints: &Interrupts) -> Result<(
     let mut conv = Conversation::new(a.system.as_deref());
 
     let interactive = std::io::stdin().is_terminal();
-    let mut input = if interactive {
+    if interactive {
         eprintln!("{} — {HELP}", model.info().description);
-        Input::Terminal(rustyline::DefaultEditor::new().map_err(|e| CliError::Output(std::io::Error::other(e)))?)
-    } else {
-        Input::Piped(std::io::stdin().lock())
-    };
+        // Ctrl-C at the prompt does not leave the chat.
+        ints.on_idle(|| eprint!("\n(Ctrl-D or /exit leaves the chat)\n> "));
+    }
+    let mut stdin = std::io::stdin().lock();
     loop {
-        let line = match input.read() {
+        let line = match read_line(&mut stdin, interactive) {
             Line::Eof => break,
-            Line::Interrupted => {
-                eprintln!("(Ctrl-D or /exit leaves the chat)");
-                continue;
-            }
             Line::Text(l) => l,
         };
         let line = line.trim();

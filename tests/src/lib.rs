@@ -4,6 +4,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use llama_host::{BackendChoice, Backends, DiscoveryOptions, Model, ModelParams, SessionParams};
 
 /// `target/release` (or whichever profile directory the test binary runs from).
 pub fn target_dir() -> PathBuf {
@@ -84,4 +87,21 @@ pub fn assert_exit(o: &Output, code: i32) {
         stdout(o),
         stderr(o)
     );
+}
+
+/// The real model loaded in-process through the real CPU plugin from `target/release`,
+/// once per test binary (loading is the expensive part).
+pub fn model() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let opts = DiscoveryOptions { backend_dirs: vec![target_dir()], env_path: None, exe: None, user_dir: None };
+        let mut backends = Backends::discover(&opts);
+        let backend = backends.select(BackendChoice::Named("cpu".into())).expect("the CPU plugin in target/release");
+        Model::load(&backend, model_path(), &ModelParams::default()).expect("the test model loads")
+    })
+}
+
+/// Session parameters for tests: 2 threads, the given context.
+pub fn session_params(n_ctx: u32) -> SessionParams {
+    SessionParams { n_ctx, n_threads: 2, n_threads_batch: 2, ..SessionParams::default() }
 }
