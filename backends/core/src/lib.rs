@@ -141,13 +141,49 @@ pub const DEVICE_GPU: [u32; 2] = [llama_cpp_sys_2::GGML_BACKEND_DEVICE_TYPE_GPU,
 /// The probe of a GPU backend: usable with `score` when ggml's registry holds a GPU of this
 /// build's kind (`label` names it in the reason), unusable otherwise.
 pub fn probe_gpu(label: &str, score: u32) -> llama_plugin_api::ProbeReport {
-    guard_probe(|| {
-        let devices = devices(&DEVICE_GPU);
-        let (usable, reason) = if devices.is_empty() {
-            (false, format!("no {label} device found by ggml"))
-        } else {
-            (true, format!("{} {label} device(s)", devices.len()))
-        };
-        llama_plugin_api::ProbeReport { usable, score: if usable { score } else { 0 }, reason: RString::from(reason), devices }
-    })
+    let devices = devices(&DEVICE_GPU);
+    let (usable, reason) = if devices.is_empty() {
+        (false, format!("no {label} device found by ggml"))
+    } else {
+        (true, format!("{} {label} device(s)", devices.len()))
+    };
+    llama_plugin_api::ProbeReport { usable, score: if usable { score } else { 0 }, reason: RString::from(reason), devices }
 }
+
+/// Declares a backend plugin: the `extern "C"` functions of the root module and the
+/// exported root module itself. A backend crate is this one line plus its Cargo features:
+///
+/// ```ignore
+/// llama_backend_core::declare_backend!("cuda", Accelerator::Cuda, || llama_backend_core::probe_gpu("CUDA", 100));
+/// ```
+///
+/// The crate must depend on `abi_stable` directly (its export macro names the crate).
+#[macro_export]
+macro_rules! declare_backend {
+    ($name:literal, $accelerator:expr, $probe:expr) => {
+        extern "C" fn info() -> $crate::__api::BackendInfo {
+            $crate::backend_info($name, $accelerator)
+        }
+
+        extern "C" fn probe() -> $crate::__api::ProbeReport {
+            $crate::guard_probe($probe)
+        }
+
+        extern "C" fn init(
+            sink: $crate::__api::LogSink,
+        ) -> $crate::__api::abi_stable::std_types::RResult<$crate::__api::BackendBox, $crate::__api::BackendError> {
+            $crate::init(sink, info())
+        }
+
+        /// The plugin's root module, checked by the host before any other call.
+        #[$crate::__api::abi_stable::export_root_module]
+        pub fn get_library() -> $crate::__api::BackendModRef {
+            use $crate::__api::abi_stable::prefix_type::PrefixTypeTrait;
+            $crate::__api::BackendMod { required_cpu_features: $crate::compiled_cpu_features(), info, probe, init }
+                .leak_into_prefix()
+        }
+    };
+}
+
+#[doc(hidden)]
+pub use llama_plugin_api as __api;

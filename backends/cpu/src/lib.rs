@@ -2,21 +2,11 @@
 //! Thin on purpose; everything else lives in llama-backend-core.
 
 use llama_backend_core as core;
-use llama_plugin_api::abi_stable::export_root_module;
-use llama_plugin_api::abi_stable::prefix_type::PrefixTypeTrait;
-use llama_plugin_api::abi_stable::std_types::{RResult, RString};
-use llama_plugin_api::{Accelerator, BackendBox, BackendError, BackendInfo, BackendMod, BackendModRef, LogSink, ProbeReport};
+use llama_plugin_api::abi_stable::std_types::RString;
+use llama_plugin_api::{Accelerator, ProbeReport};
 
 /// Score of a usable CPU backend: any usable accelerator outranks it.
 const CPU_SCORE: u32 = 10;
-
-extern "C" fn info() -> BackendInfo {
-    core::backend_info("cpu", Accelerator::Cpu)
-}
-
-extern "C" fn probe() -> ProbeReport {
-    core::guard_probe(probe_cpu)
-}
 
 fn probe_cpu() -> ProbeReport {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -29,11 +19,4 @@ fn probe_cpu() -> ProbeReport {
     }
 }
 
-extern "C" fn init(sink: LogSink) -> RResult<BackendBox, BackendError> {
-    core::init(sink, info())
-}
-
-#[export_root_module]
-pub fn get_library() -> BackendModRef {
-    BackendMod { required_cpu_features: core::compiled_cpu_features(), info, probe, init }.leak_into_prefix()
-}
+core::declare_backend!("cpu", Accelerator::Cpu, probe_cpu);
