@@ -79,6 +79,7 @@ pub fn run(model: &Model, p: &BenchParams) -> Result<BenchResult, BenchError> {
         n_ubatch: p.n_ubatch,
         n_threads: p.n_threads,
         n_threads_batch: p.n_threads,
+        n_seq_max: 1,
     };
     let mut result = BenchResult { pp: None, tg: None };
 

@@ -19,9 +19,11 @@
 pub mod bench;
 pub mod chat;
 pub mod discovery;
+pub mod engine;
 pub mod gguf;
 mod error;
 pub mod hardware;
+pub mod metrics;
 mod logging;
 mod model;
 mod plugin;

@@ -175,6 +175,7 @@ impl SessionParams {
             n_ubatch: self.n_ubatch,
             n_threads: self.n_threads,
             n_threads_batch: self.n_threads_batch,
+            n_seq_max: 1,
         }
     }
 }

@@ -106,13 +106,17 @@ pub struct ModelParams {
     /// Layers to offload to an accelerator; ignored by the CPU backend.
     pub n_gpu_layers: i32,
     pub use_mmap: bool,
+    /// Let the backend repack weights into layouts for its fastest kernels (llama.cpp's
+    /// "extra buffer types"). Off makes every token's math independent of how many
+    /// tokens share a batch, at some prompt-processing speed.
+    pub repack: bool,
     /// Told the load progress (0.0 to 1.0) while the weights load.
     pub progress: ROption<ProgressSink>,
 }
 
 impl Default for ModelParams {
     fn default() -> Self {
-        ModelParams { n_gpu_layers: 0, use_mmap: true, progress: ROption::RNone }
+        ModelParams { n_gpu_layers: 0, use_mmap: true, repack: true, progress: ROption::RNone }
     }
 }
 
@@ -151,6 +155,9 @@ pub struct ContextParams {
     pub n_ubatch: u32,
     pub n_threads: i32,
     pub n_threads_batch: i32,
+    /// Sequences the context holds at once (parallel requests). The KV cache is split
+    /// evenly between them: each sequence may use `n_ctx / n_seq_max` positions.
+    pub n_seq_max: u32,
 }
 
 /// Sampler settings. `temperature <= 0` means greedy.
@@ -238,6 +245,26 @@ impl SamplingParams {
 
 /// Seed value asking the backend to pick a random seed.
 pub const SEED_RANDOM: u32 = u32::MAX;
+
+/// One token of a multi-sequence batch.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchToken {
+    pub token: i32,
+    /// Position of the token in its sequence.
+    pub pos: i32,
+    pub seq: i32,
+    /// Compute logits for this token (it will be sampled from).
+    pub logits: bool,
+}
+
+/// Sample the next token of `seq` with its sampler from batch entry `index`'s logits.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SampleRequest {
+    pub seq: i32,
+    pub index: i32,
+}
 
 /// What a decode step produced.
 #[repr(C)]
@@ -357,6 +384,28 @@ pub trait Context: Send {
 
     /// Clears the abort flag.
     fn reset_abort(&mut self);
+
+    /// Sequences this context holds at once.
+    fn n_seq_max(&self) -> u32;
+
+    /// Replaces the sampler of sequence `seq`; `history` (the prompt) feeds its repetition
+    /// penalties.
+    fn set_seq_sampling(&mut self, seq: i32, params: SamplingParams, history: RSlice<'_, i32>) -> RResult<(), BackendError>;
+
+    /// One decode step over several sequences (continuous batching): decodes `batch`
+    /// (at most n_batch tokens) and samples each request in `samples`, in order.
+    fn step(&mut self, batch: RSlice<'_, BatchToken>, samples: RSlice<'_, SampleRequest>) -> RResult<RVec<Sampled>, BackendError>;
+
+    /// Removes positions `[p0, p1)` of sequence `seq` (`p1 < 0`: to the end) from the KV
+    /// cache. Returns false if that cannot be done (see `truncate`).
+    fn seq_remove(&mut self, seq: i32, p0: i32, p1: i32) -> bool;
+
+    /// The last position sequence `seq` holds, or -1 when it holds none.
+    fn seq_pos_max(&self, seq: i32) -> i32;
+
+    /// Whether sequence `seq` can continue at position `pos` (a sliding-window cache
+    /// keeps the window before it).
+    fn seq_can_continue(&self, seq: i32, pos: i32) -> bool;
 
     /// Replaces the sampler chain.
     fn set_sampling(&mut self, params: SamplingParams) -> RResult<(), BackendError>;

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use llama_host::{BackendChoice, Backends, DiscoveryOptions, Model, ModelParams, SessionParams};
 
@@ -92,13 +92,28 @@ pub fn assert_exit(o: &Output, code: i32) {
 /// The real model loaded in-process through the real CPU plugin from `target/release`,
 /// once per test binary (loading is the expensive part).
 pub fn model() -> &'static Model {
-    static MODEL: OnceLock<Model> = OnceLock::new();
+    shared_model()
+}
+
+/// The same model as an `Arc`, for an engine.
+pub fn shared_model() -> &'static Arc<Model> {
+    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
     MODEL.get_or_init(|| {
         let opts = DiscoveryOptions { backend_dirs: vec![target_dir()], env_path: None, exe: None, user_dir: None };
         let mut backends = Backends::discover(&opts);
         let backend = backends.select(BackendChoice::Named("cpu".into())).expect("the CPU plugin in target/release");
-        Model::load(&backend, model_path(), &ModelParams::default()).expect("the test model loads")
+        Arc::new(Model::load(&backend, model_path(), &ModelParams::default()).expect("the test model loads"))
     })
+}
+
+/// Resident memory of this process in KiB (Linux /proc).
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Session parameters for tests: 2 threads, the given context.

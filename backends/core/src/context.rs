@@ -9,8 +9,10 @@ use std::sync::Arc;
 use llama_cpp_sys_2 as sys;
 use llama_plugin_api::abi_stable::sabi_trait::TD_Opaque;
 use llama_plugin_api::abi_stable::std_types::{RResult, RSlice, RString};
+use llama_plugin_api::abi_stable::std_types::RVec;
 use llama_plugin_api::{
-    AbortBox, AbortHandle_TO, BackendError, ContextBox, ContextParams, Context_TO, Sampled, SamplingParams,
+    AbortBox, AbortHandle_TO, BackendError, BatchToken, ContextBox, ContextParams, Context_TO, SampleRequest, Sampled,
+    SamplingParams,
 };
 
 use crate::model::LlamaModel;
@@ -28,8 +30,11 @@ impl Drop for RawContext {
 }
 
 pub(crate) struct LlamaContext {
-    // Field order matters: the sampler and context go before the model they refer to.
+    // Field order matters: the samplers and context go before the model they refer to.
+    /// Sequence 0's sampler (the single-sequence API).
     sampler: Sampler,
+    /// Samplers of the other sequences (index = sequence id), set by `set_seq_sampling`.
+    seq_samplers: Vec<Option<Sampler>>,
     ctx: RawContext,
     /// A batch with explicit per-token output flags, for decoding without logits.
     batch: Batch,
@@ -38,6 +43,7 @@ pub(crate) struct LlamaContext {
     abort: Arc<AtomicBool>,
     n_ctx: u32,
     n_batch: u32,
+    n_seq_max: u32,
     /// Tokens in the KV cache; resynchronised from llama.cpp after every decode.
     n_past: u32,
 }
@@ -97,7 +103,7 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &ContextParams) -> Result<ContextBo
     cp.n_ubatch = p.n_ubatch.min(cp.n_batch);
     cp.n_threads = p.n_threads;
     cp.n_threads_batch = p.n_threads_batch;
-    cp.n_seq_max = 1;
+    cp.n_seq_max = p.n_seq_max.max(1);
     // llama.cpp's C default keeps a full-size cache for sliding-window layers; its own
     // tools (common) turn that off: for Gemma 3 at 4096 tokens it is 45 MiB more. `truncate`
     // checks that the window a continuation needs is still there.
@@ -120,7 +126,12 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &ContextParams) -> Result<ContextBo
     let sampler = Sampler::new(&SamplingParams::default(), model.n_vocab(), n_ctx)?;
     // SAFETY: allocates token/pos/seq/logit arrays for `n_batch` tokens, one sequence each.
     let batch = Batch(unsafe { sys::llama_batch_init(n_batch as i32, 0, 1) });
-    Ok(Context_TO::from_value(LlamaContext { sampler, ctx, batch, model, abort, n_ctx, n_batch, n_past: 0 }, TD_Opaque))
+    let n_seq_max = cp.n_seq_max;
+    let seq_samplers = (0..n_seq_max).map(|_| None).collect();
+    Ok(Context_TO::from_value(
+        LlamaContext { sampler, seq_samplers, ctx, batch, model, abort, n_ctx, n_batch, n_seq_max, n_past: 0 },
+        TD_Opaque,
+    ))
 }
 
 impl LlamaContext {
@@ -189,6 +200,73 @@ impl LlamaContext {
     }
 }
 
+impl LlamaContext {
+    fn seq_slot(&mut self, seq: i32) -> Result<&mut Option<Sampler>, BackendError> {
+        let n = self.n_seq_max;
+        if seq < 0 || seq as u32 >= n {
+            return Err(invalid("seq", format!("{seq} is outside 0..{n}")));
+        }
+        Ok(&mut self.seq_samplers[seq as usize])
+    }
+
+    fn step_batch(&mut self, tokens: &[BatchToken], samples: &[SampleRequest]) -> Result<RVec<Sampled>, BackendError> {
+        if tokens.is_empty() {
+            return Err(invalid("batch", "empty".into()));
+        }
+        if tokens.len() > self.n_batch as usize {
+            return Err(invalid("batch", format!("{} tokens exceed the batch size {}", tokens.len(), self.n_batch)));
+        }
+        let n_vocab = self.model.n_vocab();
+        for t in tokens {
+            if t.token < 0 || t.token >= n_vocab {
+                return Err(BackendError::InvalidToken { token: t.token });
+            }
+            if t.seq < 0 || t.seq as u32 >= self.n_seq_max {
+                return Err(invalid("seq", format!("{} is outside 0..{}", t.seq, self.n_seq_max)));
+            }
+        }
+        for r in samples {
+            let ok = tokens.get(r.index as usize).is_some_and(|t| t.logits && t.seq == r.seq);
+            if r.index < 0 || !ok {
+                return Err(invalid("samples", format!("entry {} of sequence {} has no logits in this batch", r.index, r.seq)));
+            }
+            if self.seq_samplers[r.seq as usize].is_none() {
+                return Err(invalid("samples", format!("sequence {} has no sampler (set_seq_sampling)", r.seq)));
+            }
+        }
+        let b = &mut self.batch.0;
+        b.n_tokens = tokens.len() as i32;
+        for (i, t) in tokens.iter().enumerate() {
+            // SAFETY: the batch arrays hold n_batch entries and tokens.len() <= n_batch;
+            // seq_id[i] points at an array of one seq id (llama_batch_init with n_seq_max 1).
+            unsafe {
+                *b.token.add(i) = t.token;
+                *b.pos.add(i) = t.pos;
+                *b.n_seq_id.add(i) = 1;
+                **b.seq_id.add(i) = t.seq;
+                *b.logits.add(i) = t.logits as i8;
+            }
+        }
+        // SAFETY: the context is alive and used by this thread only; the batch is filled.
+        let rc = unsafe { sys::llama_decode(self.ctx.0.as_ptr(), *b) };
+        self.resync(());
+        match rc {
+            0 => {}
+            1 => return Err(BackendError::NoKvSlot),
+            2 => return Err(BackendError::Aborted),
+            code => return Err(BackendError::Decode { code }),
+        }
+        let mut out = RVec::with_capacity(samples.len());
+        for r in samples {
+            let sampler = self.seq_samplers[r.seq as usize].as_ref().expect("checked above");
+            // SAFETY: entry `r.index` of the batch just decoded computed logits (checked).
+            let token = unsafe { sys::llama_sampler_sample(sampler.as_ptr(), self.ctx.0.as_ptr(), r.index) };
+            out.push(Sampled { token, is_eog: self.model.is_eog(token) });
+        }
+        Ok(out)
+    }
+}
+
 impl llama_plugin_api::Context for LlamaContext {
     fn n_ctx(&self) -> u32 {
         self.n_ctx
@@ -233,6 +311,52 @@ impl llama_plugin_api::Context for LlamaContext {
 
     fn reset_abort(&mut self) {
         self.abort.store(false, Ordering::Relaxed);
+    }
+
+    fn n_seq_max(&self) -> u32 {
+        self.n_seq_max
+    }
+
+    fn set_seq_sampling(&mut self, seq: i32, params: SamplingParams, history: RSlice<'_, i32>) -> RResult<(), BackendError> {
+        guard(|| {
+            let mut sampler = Sampler::new(&params, self.model.n_vocab(), self.n_ctx)?;
+            sampler.accept(history.as_slice());
+            *self.seq_slot(seq)? = Some(sampler);
+            Ok(())
+        })
+    }
+
+    fn step(&mut self, batch: RSlice<'_, BatchToken>, samples: RSlice<'_, SampleRequest>) -> RResult<RVec<Sampled>, BackendError> {
+        guard(|| self.step_batch(batch.as_slice(), samples.as_slice()))
+    }
+
+    fn seq_remove(&mut self, seq: i32, p0: i32, p1: i32) -> bool {
+        if seq < 0 || seq as u32 >= self.n_seq_max {
+            return false;
+        }
+        // SAFETY: valid memory handle; the sequence id is in range.
+        let ok = unsafe { sys::llama_memory_seq_rm(self.memory(), seq, p0, p1) };
+        if seq == 0 {
+            self.resync(());
+        }
+        ok
+    }
+
+    fn seq_pos_max(&self, seq: i32) -> i32 {
+        if seq < 0 || seq as u32 >= self.n_seq_max {
+            return -1;
+        }
+        // SAFETY: valid memory handle; the sequence id is in range.
+        unsafe { sys::llama_memory_seq_pos_max(self.memory(), seq) }
+    }
+
+    fn seq_can_continue(&self, seq: i32, pos: i32) -> bool {
+        if seq < 0 || seq as u32 >= self.n_seq_max {
+            return false;
+        }
+        // SAFETY: plain queries on the live model and memory.
+        let (n_swa, pos_min) = unsafe { (sys::llama_model_n_swa(self.model.as_ptr()), sys::llama_memory_seq_pos_min(self.memory(), seq)) };
+        pos == 0 || n_swa <= 0 || pos_min <= (pos - n_swa).max(0)
     }
 
     fn set_sampling(&mut self, params: SamplingParams) -> RResult<(), BackendError> {

@@ -153,6 +153,7 @@ pub(crate) fn load(path: &str, params: &ModelParams) -> Result<ModelBox, Backend
     // SAFETY: returns a plain struct of defaults.
     let mut mp = unsafe { sys::llama_model_default_params() };
     mp.n_gpu_layers = params.n_gpu_layers;
+    mp.use_extra_bufts = params.repack;
     if !params.use_mmap {
         mp.load_mode = sys::LLAMA_LOAD_MODE_NONE;
     }
