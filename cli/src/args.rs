@@ -214,6 +214,15 @@ pub struct BenchArgs {
     pub batch_size: u32,
     #[arg(long = "ubatch-size", visible_alias = "ub", default_value_t = 512)]
     pub ubatch_size: u32,
+    /// Concurrent streams to measure aggregate generation at (comma-separated; empty or 0 skips).
+    #[arg(long = "concurrency", value_delimiter = ',', default_value = "1,2,4,8")]
+    pub concurrency: Vec<u32>,
+    /// New tokens per stream in the concurrency test.
+    #[arg(long = "concurrent-tokens", default_value_t = 64)]
+    pub concurrent_tokens: u32,
+    /// Skip the time-to-first-token test with and without prefix reuse.
+    #[arg(long)]
+    pub no_prefix_test: bool,
     /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,

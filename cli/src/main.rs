@@ -75,8 +75,12 @@ impl CliError {
     }
 }
 
-fn init_logging(cli: &Cli) {
+/// Logging to stderr (text or JSON), plus the profiling hook: with `LLAMA_TRACE_FILE` set,
+/// every span is also written to that file in Chrome's trace format. The returned guard
+/// flushes it when dropped.
+fn init_logging(cli: &Cli) -> Option<tracing_chrome::FlushGuard> {
     use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
     use tracing_subscriber::EnvFilter;
     // llama.cpp's own log (target llama_cpp) is off unless asked for: load errors reach
     // the user through typed errors, not through its log.
@@ -86,14 +90,21 @@ fn init_logging(cli: &Cli) {
         _ => "debug",
     };
     let filter = EnvFilter::try_from_env("LLAMA_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match cli.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.with_target(cli.verbose > 0).init(),
-    }
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    let fmt = match cli.log_format {
+        LogFormat::Json => fmt.json().boxed(),
+        LogFormat::Text => fmt.with_target(cli.verbose > 0).boxed(),
+    };
+    let (chrome, guard) = match std::env::var_os("LLAMA_TRACE_FILE").filter(|f| !f.is_empty()) {
+        Some(file) => {
+            let (layer, guard) = tracing_chrome::ChromeLayerBuilder::new().file(file).include_args(true).build();
+            // Spans and the runtime's own events; llama.cpp's log lines would drown them.
+            (Some(layer.with_filter(EnvFilter::new("debug,llama_cpp=off"))), Some(guard))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry().with(fmt.with_filter(filter)).with(chrome).init();
+    guard
 }
 
 fn discovery(cli: &Cli) -> DiscoveryOptions {
@@ -296,8 +307,18 @@ fn bench_cmd(cli: &Cli, a: &BenchArgs, cfg: &Config) -> Result<(), CliError> {
         n_ubatch: a.ubatch_size,
     };
     let r = bench::run(&model, &p)?;
+    let model = std::sync::Arc::new(model);
+    let cp = bench::ConcurrentParams {
+        streams: a.concurrency.iter().copied().filter(|&n| n > 0).collect(),
+        n_gen: a.concurrent_tokens,
+        n_threads: p.n_threads,
+        n_batch: p.n_batch,
+        n_ubatch: p.n_ubatch,
+    };
+    let concurrent = bench::concurrent(&model, &cp)?;
+    let prefix = if a.no_prefix_test { None } else { Some(bench::prefix_reuse(&model, &cp, 1000)?) };
     if a.json {
-        println!("{}", bench_json(&model, &backend, &p, &r));
+        println!("{}", bench_json(&model, &backend, &p, &r, &concurrent, prefix.as_ref()));
     } else {
         println!("| model | size | backend | threads | test | t/s |");
         println!("| --- | ---: | --- | ---: | ---: | ---: |");
@@ -315,11 +336,45 @@ fn bench_cmd(cli: &Cli, a: &BenchArgs, cfg: &Config) -> Result<(), CliError> {
                 );
             }
         }
+        if !concurrent.is_empty() {
+            println!();
+            println!("| streams | aggregate t/s (batched) | t/s one at a time | batched / one at a time | vs 1 stream |");
+            println!("| ---: | ---: | ---: | ---: | ---: |");
+            let base = concurrent[0].tokens_per_s;
+            for c in &concurrent {
+                println!(
+                    "| {} | {:.2} | {:.2} | {:.2}x | {:.2}x |",
+                    c.streams,
+                    c.tokens_per_s,
+                    c.sequential_tokens_per_s,
+                    c.tokens_per_s / c.sequential_tokens_per_s,
+                    c.tokens_per_s / base
+                );
+            }
+        }
+        if let Some(pr) = &prefix {
+            println!();
+            println!(
+                "time to first token, {}-token prompt sharing {} tokens with the previous one: {:.1} ms with prefix reuse, {:.1} ms without ({:.3}x)",
+                pr.prompt_tokens,
+                pr.cached_tokens,
+                pr.ttft_with_reuse_ms,
+                pr.ttft_without_reuse_ms,
+                pr.ttft_with_reuse_ms / pr.ttft_without_reuse_ms
+            );
+        }
     }
     Ok(())
 }
 
-fn bench_json(model: &Model, backend: &LoadedBackend, p: &BenchParams, r: &BenchResult) -> String {
+fn bench_json(
+    model: &Model,
+    backend: &LoadedBackend,
+    p: &BenchParams,
+    r: &BenchResult,
+    concurrent: &[bench::ConcurrentResult],
+    prefix: Option<&bench::PrefixReuse>,
+) -> String {
     let v = serde_json::json!({
         "model": model.path(),
         "model_description": model.info().description.as_str(),
@@ -336,6 +391,8 @@ fn bench_json(model: &Model, backend: &LoadedBackend, p: &BenchParams, r: &Bench
         "tg_stddev": r.tg.as_ref().map(|t| t.stddev),
         "pp": r.pp,
         "tg": r.tg,
+        "concurrent": concurrent,
+        "prefix_reuse": prefix,
     });
     serde_json::to_string_pretty(&v).expect("bench results serialize")
 }
@@ -384,13 +441,15 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    init_logging(&cli);
-    match dispatch(&cli, &matches) {
+    let trace_guard = init_logging(&cli);
+    let code = match dispatch(&cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError::Interrupted) => ExitCode::from(130),
         Err(e) => {
             print_error(&e);
             ExitCode::from(e.exit_code())
         }
-    }
+    };
+    drop(trace_guard);
+    code
 }

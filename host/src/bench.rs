@@ -80,6 +80,7 @@ pub fn run(model: &Model, p: &BenchParams) -> Result<BenchResult, BenchError> {
         n_threads: p.n_threads,
         n_threads_batch: p.n_threads,
         n_seq_max: 1,
+        kv_unified: false,
     };
     let mut result = BenchResult { pp: None, tg: None };
 
@@ -137,4 +138,140 @@ mod tests {
         let mut r = Lcg(1);
         assert!((0..1000).map(|_| r.next(7)).all(|t| (0..7).contains(&t)));
     }
+}
+
+/// Aggregate generation throughput with `streams` concurrent requests.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConcurrentResult {
+    pub streams: u32,
+    /// Batched: all streams in one engine with `streams` slots.
+    pub tokens_per_s: f64,
+    /// The same requests one at a time (one slot), for comparison.
+    pub sequential_tokens_per_s: f64,
+    pub generated_tokens: usize,
+}
+
+/// Time to first token of a prompt sharing a long prefix with the previous one.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PrefixReuse {
+    pub prompt_tokens: usize,
+    pub cached_tokens: usize,
+    pub ttft_with_reuse_ms: f64,
+    pub ttft_without_reuse_ms: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConcurrentParams {
+    pub streams: Vec<u32>,
+    /// New tokens per stream.
+    pub n_gen: u32,
+    pub n_threads: i32,
+    pub n_batch: u32,
+    pub n_ubatch: u32,
+}
+
+const TOPICS: [&str; 8] = [
+    "Write a long story about a lighthouse keeper.",
+    "Explain in detail how bread is baked.",
+    "Describe the history of the bicycle.",
+    "Tell me everything about the moon.",
+    "Write a long letter to a friend about a journey.",
+    "Explain how rivers shape valleys.",
+    "Describe a day in a busy market.",
+    "Tell a long tale about a clever fox.",
+];
+
+fn engine_for(model: &std::sync::Arc<Model>, slots: u32, p: &ConcurrentParams, prefix_cache: bool) -> Result<crate::engine::Engine, BenchError> {
+    let config = crate::engine::EngineConfig {
+        slots,
+        queue: 64,
+        n_ctx: slots * (256 + p.n_gen).next_multiple_of(256).max(512),
+        n_batch: p.n_batch,
+        n_ubatch: p.n_ubatch,
+        n_threads: p.n_threads,
+        n_threads_batch: p.n_threads,
+        stream_capacity: 64,
+        prefix_cache,
+        ..crate::engine::EngineConfig::default()
+    };
+    Ok(crate::engine::Engine::start(model.clone(), config)?)
+}
+
+fn run_requests(engine: &crate::engine::Engine, prompts: &[&str], n_gen: u32, all_at_once: bool) -> Result<(usize, f64), BenchError> {
+    let opts = crate::GenerateOptions {
+        max_tokens: Some(n_gen),
+        sampling: llama_plugin_api::SamplingParams { temperature: 0.0, ..Default::default() },
+        ..Default::default()
+    };
+    let submit = |p: &str| {
+        engine
+            .submit(crate::engine::Request { prompt: p.to_string(), opts: opts.clone(), deadline: None })
+            .map_err(|e| BenchError::InvalidParam { field: "request", reason: e.to_string() })
+    };
+    let t = Instant::now();
+    let mut generated = 0;
+    if all_at_once {
+        let handles = prompts.iter().map(|p| submit(p)).collect::<Result<Vec<_>, _>>()?;
+        for h in handles {
+            generated += h.collect().1.generated_tokens;
+        }
+    } else {
+        for p in prompts {
+            generated += submit(p)?.collect().1.generated_tokens;
+        }
+    }
+    Ok((generated, t.elapsed().as_secs_f64()))
+}
+
+/// Aggregate throughput at each concurrency, batched and one at a time, on the same
+/// requests (distinct prompts, greedy, `n_gen` new tokens each).
+pub fn concurrent(model: &std::sync::Arc<Model>, p: &ConcurrentParams) -> Result<Vec<ConcurrentResult>, BenchError> {
+    let mut out = Vec::new();
+    for &n in &p.streams {
+        if n == 0 {
+            continue;
+        }
+        let prompts: Vec<&str> = (0..n as usize).map(|i| TOPICS[i % TOPICS.len()]).collect();
+        let batched = engine_for(model, n, p, false)?;
+        // Warm-up: one short request, so first-touch costs are not measured.
+        run_requests(&batched, &prompts[..1], 2, true)?;
+        let (gen_b, secs_b) = run_requests(&batched, &prompts, p.n_gen, true)?;
+        drop(batched);
+        let single = engine_for(model, 1, p, false)?;
+        run_requests(&single, &prompts[..1], 2, true)?;
+        let (gen_s, secs_s) = run_requests(&single, &prompts, p.n_gen, false)?;
+        out.push(ConcurrentResult {
+            streams: n,
+            tokens_per_s: gen_b as f64 / secs_b,
+            sequential_tokens_per_s: gen_s as f64 / secs_s,
+            generated_tokens: gen_b,
+        });
+    }
+    Ok(out)
+}
+
+/// Time to first token of a second prompt sharing a ~`prefix_tokens` prefix with the
+/// first, with the prefix cache on and off.
+pub fn prefix_reuse(model: &std::sync::Arc<Model>, p: &ConcurrentParams, prefix_words: usize) -> Result<PrefixReuse, BenchError> {
+    let prefix = "The committee reviewed the annual report on rivers, forests and mountains. ".repeat(prefix_words / 12 + 1);
+    let mut ttft = [0.0; 2];
+    let mut stats = None;
+    for (k, cache) in [true, false].into_iter().enumerate() {
+        let engine = engine_for(model, 1, &ConcurrentParams { n_gen: 1024, ..p.clone() }, cache)?;
+        let opts = crate::GenerateOptions { max_tokens: Some(1), ..Default::default() };
+        let ask = |q: &str| {
+            engine
+                .submit(crate::engine::Request { prompt: format!("{prefix}{q}"), opts: opts.clone(), deadline: None })
+                .map_err(|e| BenchError::InvalidParam { field: "request", reason: e.to_string() })
+                .map(|h| h.collect().1)
+        };
+        ask("First question?")?;
+        let second = ask("Second question?")?;
+        ttft[k] = second.time_to_first_token.map_or(0.0, |d| d.as_secs_f64() * 1e3);
+        if cache {
+            stats = Some(second);
+        }
+    }
+    let s = stats.expect("the cached run ran");
+    Ok(PrefixReuse { prompt_tokens: s.prompt_tokens, cached_tokens: s.cached_tokens, ttft_with_reuse_ms: ttft[0], ttft_without_reuse_ms: ttft[1] })
 }

@@ -191,6 +191,8 @@ impl Drop for Handle {
 }
 
 struct Job {
+    /// `request{id}`: every log line about this request is inside it.
+    span: tracing::Span,
     id: u64,
     tokens: Vec<i32>,
     opts: GenerateOptions,
@@ -243,6 +245,10 @@ impl Engine {
             n_threads: config.n_threads,
             n_threads_batch: config.n_threads_batch,
             n_seq_max: slots,
+            // One micro-batch per step whichever slots are active (with split buffers
+            // llama.cpp splits a batch by runs of consecutive sequence ids). The engine
+            // keeps each slot within `n_ctx / slots`.
+            kv_unified: true,
         };
         let ctx = model.new_context(params)?;
         let slot_ctx = ctx.n_ctx() / slots;
@@ -333,14 +339,15 @@ impl Engine {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u64;
         let (tx, rx) = bounded(self.config.stream_capacity.max(1));
         let cancel = Arc::new(AtomicBool::new(false));
-        let job = Job { id, tokens, opts, deadline: req.deadline, submitted: Instant::now(), tx, cancel: cancel.clone() };
+        let span = tracing::info_span!("request", id, prompt_tokens = tokens.len());
+        span.in_scope(|| tracing::debug!("admitted"));
+        let job = Job { span, id, tokens, opts, deadline: req.deadline, submitted: Instant::now(), tx, cancel: cancel.clone() };
         self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(Msg::Job(Box::new(job))).is_err() {
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
             return Err(SubmitError::Stopped);
         }
-        tracing::debug!(request = id, "admitted");
         Ok(Handle { id, rx, cancel })
     }
 }
@@ -568,7 +575,7 @@ impl Worker {
         slot.cached.truncate(keep);
         self.metrics.cached_prompt_tokens.fetch_add(keep as u64, Ordering::Relaxed);
         let sampler = self.ctx.set_seq_sampling(seq, job.opts.sampling.clone(), RSlice::from_slice(&job.tokens)).into_result();
-        tracing::debug!(request = job.id, slot = i, reused = keep, prompt = job.tokens.len(), "started");
+        job.span.in_scope(|| tracing::info!(slot = i, queue_wait_ms = wait.as_secs_f64() * 1e3, cached = keep, "prefill"));
         let stop = StopMatcher::new(&job.opts.stop);
         slot.active = Some(Active {
             job,
@@ -629,7 +636,7 @@ impl Worker {
                 metrics.count(if timed_out { Outcome::Timeout } else { Outcome::Cancelled });
                 metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
                 in_flight.fetch_sub(1, Ordering::SeqCst);
-                tracing::debug!(request = job.id, ?finish, "ended while queued");
+                job.span.in_scope(|| tracing::info!(?finish, "ended while queued"));
                 false
             } else {
                 true
@@ -730,7 +737,9 @@ impl Worker {
         let a = self.slots[i].active.as_mut().expect("active");
         if a.first_token.is_none() {
             a.first_token = Some(now);
-            self.metrics.time_to_first_token.observe(now.duration_since(a.job.submitted).as_secs_f64());
+            let ttft = now.duration_since(a.job.submitted).as_secs_f64();
+            self.metrics.time_to_first_token.observe(ttft);
+            a.job.span.in_scope(|| tracing::debug!(ttft_ms = ttft * 1e3, "decode"));
         } else if let Some(prev) = a.last_token {
             self.metrics.inter_token_latency.observe(now.duration_since(prev).as_secs_f64());
         }
@@ -798,7 +807,9 @@ impl Worker {
             finish,
             error,
         };
-        tracing::debug!(request = stats.id, ?finish, generated = stats.generated_tokens, "finished");
+        a.job.span.in_scope(|| {
+            tracing::info!(?finish, generated = stats.generated_tokens, total_ms = stats.total.as_secs_f64() * 1e3, "finished")
+        });
         // The final text and Done go out as the consumer makes room, without holding up
         // the others; a consumer that is gone is dropped.
         let mut rest: VecDeque<Event> = a.pending.take().into_iter().collect();

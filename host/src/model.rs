@@ -176,6 +176,7 @@ impl SessionParams {
             n_threads: self.n_threads,
             n_threads_batch: self.n_threads_batch,
             n_seq_max: 1,
+            kv_unified: false,
         }
     }
 }

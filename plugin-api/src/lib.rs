@@ -155,9 +155,12 @@ pub struct ContextParams {
     pub n_ubatch: u32,
     pub n_threads: i32,
     pub n_threads_batch: i32,
-    /// Sequences the context holds at once (parallel requests). The KV cache is split
-    /// evenly between them: each sequence may use `n_ctx / n_seq_max` positions.
+    /// Sequences the context holds at once (parallel requests).
     pub n_seq_max: u32,
+    /// One KV buffer shared by all sequences (llama.cpp's `kv_unified`): a batch of tokens
+    /// from several sequences is one micro-batch, and the caller keeps each sequence within
+    /// its share. Off: each sequence gets `n_ctx / n_seq_max` cells of its own.
+    pub kv_unified: bool,
 }
 
 /// Sampler settings. `temperature <= 0` means greedy.

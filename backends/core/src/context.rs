@@ -104,6 +104,7 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &ContextParams) -> Result<ContextBo
     cp.n_threads = p.n_threads;
     cp.n_threads_batch = p.n_threads_batch;
     cp.n_seq_max = p.n_seq_max.max(1);
+    cp.kv_unified = p.kv_unified;
     // llama.cpp's C default keeps a full-size cache for sliding-window layers; its own
     // tools (common) turn that off: for Gemma 3 at 4096 tokens it is 45 MiB more. `truncate`
     // checks that the window a continuation needs is still there.
