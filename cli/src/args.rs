@@ -223,6 +223,10 @@ pub struct BenchArgs {
     /// Skip the time-to-first-token test with and without prefix reuse.
     #[arg(long)]
     pub no_prefix_test: bool,
+    /// Run the concurrency test in the engine's batch-invariant mode (weights not
+    /// repacked, padded batches): what exact, concurrency-independent outputs cost.
+    #[arg(long)]
+    pub batch_invariant: bool,
     /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,

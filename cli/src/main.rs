@@ -307,6 +307,12 @@ fn bench_cmd(cli: &Cli, a: &BenchArgs, cfg: &Config) -> Result<(), CliError> {
         n_ubatch: a.ubatch_size,
     };
     let r = bench::run(&model, &p)?;
+    let model = if a.batch_invariant {
+        // Batch-invariant engines need the weights in their plain layout.
+        Model::load(&backend, &path, &ModelParams { repack: false, ..ModelParams::default() })?
+    } else {
+        model
+    };
     let model = std::sync::Arc::new(model);
     let cp = bench::ConcurrentParams {
         streams: a.concurrency.iter().copied().filter(|&n| n > 0).collect(),
@@ -314,11 +320,12 @@ fn bench_cmd(cli: &Cli, a: &BenchArgs, cfg: &Config) -> Result<(), CliError> {
         n_threads: p.n_threads,
         n_batch: p.n_batch,
         n_ubatch: p.n_ubatch,
+        batch_invariant: a.batch_invariant,
     };
     let concurrent = bench::concurrent(&model, &cp)?;
     let prefix = if a.no_prefix_test { None } else { Some(bench::prefix_reuse(&model, &cp, 1000)?) };
     if a.json {
-        println!("{}", bench_json(&model, &backend, &p, &r, &concurrent, prefix.as_ref()));
+        println!("{}", bench_json(&model, &backend, &p, &r, &concurrent, prefix.as_ref(), a.batch_invariant));
     } else {
         println!("| model | size | backend | threads | test | t/s |");
         println!("| --- | ---: | --- | ---: | ---: | ---: |");
@@ -374,6 +381,7 @@ fn bench_json(
     r: &BenchResult,
     concurrent: &[bench::ConcurrentResult],
     prefix: Option<&bench::PrefixReuse>,
+    concurrent_invariant: bool,
 ) -> String {
     let v = serde_json::json!({
         "model": model.path(),
@@ -392,6 +400,7 @@ fn bench_json(
         "pp": r.pp,
         "tg": r.tg,
         "concurrent": concurrent,
+        "batch_invariant": concurrent_invariant,
         "prefix_reuse": prefix,
     });
     serde_json::to_string_pretty(&v).expect("bench results serialize")

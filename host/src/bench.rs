@@ -168,6 +168,8 @@ pub struct ConcurrentParams {
     pub n_threads: i32,
     pub n_batch: u32,
     pub n_ubatch: u32,
+    /// Engines in batch-invariant mode (the model must be loaded without repacking).
+    pub batch_invariant: bool,
 }
 
 const TOPICS: [&str; 8] = [
@@ -192,6 +194,7 @@ fn engine_for(model: &std::sync::Arc<Model>, slots: u32, p: &ConcurrentParams, p
         n_threads_batch: p.n_threads,
         stream_capacity: 64,
         prefix_cache,
+        batch_invariant: p.batch_invariant,
         ..crate::engine::EngineConfig::default()
     };
     Ok(crate::engine::Engine::start(model.clone(), config)?)
@@ -212,9 +215,12 @@ fn run_requests(engine: &crate::engine::Engine, prompts: &[&str], n_gen: u32, al
     let mut generated = 0;
     if all_at_once {
         let handles = prompts.iter().map(|p| submit(p)).collect::<Result<Vec<_>, _>>()?;
-        for h in handles {
-            generated += h.collect().1.generated_tokens;
-        }
+        // One reader per stream, as concurrent clients would be: a stream nobody reads
+        // pauses (by design), which would serialize the measurement.
+        generated = std::thread::scope(|s| {
+            let readers: Vec<_> = handles.into_iter().map(|h| s.spawn(move || h.collect().1.generated_tokens)).collect();
+            readers.into_iter().map(|r| r.join().unwrap_or(0)).sum()
+        });
     } else {
         for p in prompts {
             generated += submit(p)?.collect().1.generated_tokens;

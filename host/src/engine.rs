@@ -47,6 +47,11 @@ pub struct EngineConfig {
     pub stream_capacity: usize,
     /// Reuse a finished request's KV cells for a later prompt with the same prefix.
     pub prefix_cache: bool,
+    /// Batch-invariant mode: a request's tokens are computed with the same kernels
+    /// whatever else is in the batch, so greedy output does not depend on concurrency.
+    /// Costs some throughput; needs a model loaded with `ModelParams::repack` off.
+    /// See docs/ARCHITECTURE.md ("Batch shape and exact outputs").
+    pub batch_invariant: bool,
 }
 
 impl Default for EngineConfig {
@@ -64,6 +69,7 @@ impl Default for EngineConfig {
             max_new_tokens: None,
             stream_capacity: 16,
             prefix_cache: true,
+            batch_invariant: false,
         }
     }
 }
@@ -244,14 +250,15 @@ impl Engine {
             n_ubatch: config.n_ubatch,
             n_threads: config.n_threads,
             n_threads_batch: config.n_threads_batch,
-            n_seq_max: slots,
+            // Batch-invariant mode keeps one more sequence for its padding token.
+            n_seq_max: slots + config.batch_invariant as u32,
             // One micro-batch per step whichever slots are active (with split buffers
             // llama.cpp splits a batch by runs of consecutive sequence ids). The engine
             // keeps each slot within `n_ctx / slots`.
             kv_unified: true,
         };
         let ctx = model.new_context(params)?;
-        let slot_ctx = ctx.n_ctx() / slots;
+        let slot_ctx = ctx.n_ctx() / (slots + config.batch_invariant as u32);
         let metrics = Arc::new(Metrics::default());
         metrics.kv_capacity.store((slot_ctx * slots) as i64, Ordering::Relaxed);
         let limit = slots as usize + config.queue;
@@ -269,6 +276,7 @@ impl Engine {
             slot_ctx,
             prefix_cache: config.prefix_cache,
             draining: Vec::new(),
+            pad: config.batch_invariant.then(|| (slots as i32, model.info().bos.max(0))),
         };
         let thread = std::thread::Builder::new()
             .name("llama-engine".into())
@@ -458,6 +466,8 @@ struct Worker {
     prefix_cache: bool,
     /// Final events of finished requests whose consumer has not made room yet.
     draining: Vec<(Sender<Event>, VecDeque<Event>)>,
+    /// Batch-invariant mode: (padding sequence, padding token).
+    pad: Option<(i32, i32)>,
 }
 
 fn common_prefix(a: &[i32], b: &[i32]) -> usize {
@@ -519,7 +529,10 @@ impl Worker {
             let states: Vec<SlotState> = self.slots.iter().map(Slot::state).collect();
             let mut order: Vec<usize> = (0..self.slots.len()).filter(|&i| self.slots[i].active.is_some()).collect();
             order.sort_by_key(|&i| self.slots[i].active.as_ref().map_or(0, |a| a.order));
-            let plan = plan_batch(&states, &order, self.n_batch as usize);
+            let plan = match self.pad {
+                None => plan_batch(&states, &order, self.n_batch as usize),
+                Some(_) => plan_invariant(&states, &order, self.n_batch as usize - 1),
+            };
             if plan.is_empty() {
                 if self.slots.iter().any(|s| s.active.is_some()) {
                     // Everyone is paused on a slow consumer: wait a little, or for a new request.
@@ -685,8 +698,15 @@ impl Worker {
                 }
             }
         }
+        if let Some((seq, token)) = self.pad {
+            // Last in the batch, so its KV cell is the newest and is freed right after.
+            batch.push(BatchToken { token, pos: 0, seq, logits: true });
+        }
         let t = Instant::now();
         let result = self.ctx.step(RSlice::from_slice(&batch), RSlice::from_slice(&samples)).into_result();
+        if let Some((seq, _)) = self.pad {
+            self.ctx.seq_remove(seq, 0, -1);
+        }
         self.metrics.busy_us.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
         self.metrics.decode_steps.fetch_add(1, Ordering::Relaxed);
         let sampled = match result {
@@ -830,9 +850,38 @@ impl Worker {
     }
 }
 
+/// The batch-invariant plan: a step is either the next token of every ready generating
+/// slot, or one prompt (its next `budget` tokens), never both. Every token is then computed
+/// by the same kernels as when its request runs alone: the padding token keeps every
+/// matrix product at two or more rows, and attention never switches to its tiled path
+/// for a generation token because a prompt shares its batch.
+pub fn plan_invariant(slots: &[SlotState], order: &[usize], budget: usize) -> Vec<(usize, Part)> {
+    let tokens: Vec<(usize, Part)> =
+        slots.iter().enumerate().filter(|(_, s)| matches!(s, SlotState::Generate { ready: true })).map(|(i, _)| (i, Part::Token)).take(budget).collect();
+    if !tokens.is_empty() {
+        return tokens;
+    }
+    order
+        .iter()
+        .find_map(|&i| match slots.get(i) {
+            Some(SlotState::Prefill { remaining }) if budget > 0 => Some(vec![(i, Part::Prompt((*remaining).min(budget)))]),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_invariant_plan_never_mixes_prompts_and_generation() {
+        let slots = [SlotState::Prefill { remaining: 100 }, SlotState::Generate { ready: true }, SlotState::Generate { ready: false }];
+        assert_eq!(plan_invariant(&slots, &[0], 64), vec![(1, Part::Token)]);
+        let slots = [SlotState::Prefill { remaining: 100 }, SlotState::Prefill { remaining: 3 }];
+        assert_eq!(plan_invariant(&slots, &[1, 0], 64), vec![(1, Part::Prompt(3))]);
+        assert_eq!(plan_invariant(&slots, &[0, 1], 64), vec![(0, Part::Prompt(64))]);
+    }
 
     #[test]
     fn generating_slots_go_first_then_prompts_oldest_first() {

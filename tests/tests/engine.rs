@@ -23,6 +23,36 @@ fn req(prompt: &str, opts: GenerateOptions) -> Request {
 
 const PROMPTS: [&str; 4] = ["The capital of France is", "Once upon a time", "The best way to cook rice is", "In 1492, Columbus"];
 
+/// The repacked-weights-off model that batch-invariant mode needs.
+fn unpacked_model() -> &'static Arc<llama_host::Model> {
+    static M: std::sync::OnceLock<Arc<llama_host::Model>> = std::sync::OnceLock::new();
+    M.get_or_init(|| {
+        let m = shared_model();
+        Arc::new(llama_host::Model::load(m.backend(), m.path(), &llama_host::ModelParams { repack: false, ..Default::default() }).unwrap())
+    })
+}
+
+#[test]
+fn concurrent_greedy_requests_equal_their_solo_outputs() {
+    let config = EngineConfig { slots: 4, queue: 4, n_ctx: 2560, n_threads: 2, n_threads_batch: 2, batch_invariant: true, ..EngineConfig::default() };
+    // Each alone, on a fresh engine per request (nothing cached).
+    let solo: Vec<String> = PROMPTS
+        .iter()
+        .map(|p| Engine::start(Arc::clone(unpacked_model()), config.clone()).unwrap().submit(req(p, greedy(32))).unwrap().collect().0)
+        .collect();
+    // All together on another fresh engine.
+    let e = Engine::start(Arc::clone(unpacked_model()), config).unwrap();
+    let handles: Vec<_> = PROMPTS.iter().map(|p| e.submit(req(p, greedy(32))).unwrap()).collect();
+    let together: Vec<String> = std::thread::scope(|s| {
+        let readers: Vec<_> = handles.into_iter().map(|h| s.spawn(move || h.collect().0)).collect();
+        readers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for (i, (a, b)) in solo.iter().zip(&together).enumerate() {
+        assert!(!a.is_empty());
+        assert_eq!(a, b, "request {i} differs when batched with others");
+    }
+}
+
 /// A request alone in the engine produces exactly what a plain session produces.
 /// (Concurrent requests are batched together; llama.cpp's CPU kernels do not promise the
 /// same floating-point results for different batch shapes, so their greedy text can
@@ -53,22 +83,31 @@ fn a_lone_request_equals_the_session_and_concurrent_ones_complete() {
 
 #[test]
 fn cancelling_one_leaves_the_others_untouched() {
-    let e = engine(3, 0);
+    let config = EngineConfig { slots: 3, queue: 0, n_ctx: 2048, n_threads: 2, n_threads_batch: 2, batch_invariant: true, ..EngineConfig::default() };
+    let solo: Vec<String> = PROMPTS[..2]
+        .iter()
+        .map(|p| Engine::start(Arc::clone(unpacked_model()), config.clone()).unwrap().submit(req(p, greedy(20))).unwrap().collect().0)
+        .collect();
+    let e = Engine::start(Arc::clone(unpacked_model()), config).unwrap();
     let a = e.submit(req(PROMPTS[0], greedy(20))).unwrap();
     let victim = e.submit(req(PROMPTS[2], greedy(200))).unwrap();
     let b = e.submit(req(PROMPTS[1], greedy(20))).unwrap();
-    // Let the victim produce something, then cancel it.
-    let first = victim.next_timeout(Duration::from_secs(30));
-    assert!(matches!(first, Some(Event::Text(_))), "{first:?}");
-    victim.cancel();
-    let (_, vstats) = victim.collect();
-    assert_eq!(vstats.finish, Finish::Cancelled);
-    assert!(vstats.generated_tokens < 200);
-    for h in [a, b] {
-        let (text, st) = h.collect();
-        assert!(!text.is_empty());
-        assert_eq!((st.finish, st.generated_tokens), (Finish::Length, 20));
-    }
+    let (a_text, b_text) = std::thread::scope(|s| {
+        let ra = s.spawn(move || a.collect());
+        let rb = s.spawn(move || b.collect());
+        // Let the victim produce something, then cancel it while the others run.
+        let first = victim.next_timeout(Duration::from_secs(30));
+        assert!(matches!(first, Some(Event::Text(_))), "{first:?}");
+        victim.cancel();
+        let (_, vstats) = victim.collect();
+        assert_eq!(vstats.finish, Finish::Cancelled);
+        assert!(vstats.generated_tokens < 200);
+        let (ra, rb) = (ra.join().unwrap(), rb.join().unwrap());
+        assert_eq!((ra.1.finish, rb.1.finish), (Finish::Length, Finish::Length));
+        (ra.0, rb.0)
+    });
+    assert_eq!(a_text, solo[0]);
+    assert_eq!(b_text, solo[1]);
     let kv = e.kv_usage().unwrap();
     assert_eq!(kv.backend_tokens, kv.accounted_tokens, "{kv:?}");
 }
