@@ -44,6 +44,50 @@ pub enum Command {
     Backends(BackendsArgs),
     /// Measure prompt processing and generation speed (like llama-bench).
     Bench(BenchArgs),
+    /// Serve the model over HTTP with an OpenAI-compatible API.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to bind; anything but loopback without an API key gets a warning.
+    #[arg(long, default_value = "127.0.0.1", env = "LLAMA_HOST")]
+    pub host: String,
+    /// Port (0 picks a free one; the bound address is printed).
+    #[arg(long, default_value_t = 8080, env = "LLAMA_PORT")]
+    pub port: u16,
+    /// Requests decoded together.
+    #[arg(long, visible_alias = "np", default_value_t = 4)]
+    pub parallel: u32,
+    /// Requests that may wait beyond --parallel; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 16)]
+    pub queue: usize,
+    /// API key required as `Authorization: Bearer KEY` (not on /health).
+    #[arg(long, env = "LLAMA_API_KEY", conflicts_with = "api_key_file")]
+    pub api_key: Option<String>,
+    /// File holding the API key.
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// Total KV cache in tokens, shared by the --parallel slots.
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 8192)]
+    pub ctx_size: u32,
+    #[arg(short = 't', long = "threads", allow_hyphen_values = true)]
+    pub threads: Option<i32>,
+    #[arg(short = 'b', long = "batch-size", default_value_t = 2048)]
+    pub batch_size: u32,
+    #[arg(long = "ubatch-size", visible_alias = "ub", default_value_t = 512)]
+    pub ubatch_size: u32,
+    /// Most new tokens any request may ask for.
+    #[arg(long)]
+    pub max_tokens: Option<u32>,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body: usize,
+    /// Seconds a client has to send its request headers.
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout: u64,
 }
 
 #[derive(Args, Debug, Clone)]

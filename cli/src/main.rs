@@ -406,6 +406,80 @@ fn bench_json(
     serde_json::to_string_pretty(&v).expect("bench results serialize")
 }
 
+fn serve_cmd(cli: &Cli, a: &args::ServeArgs, cfg: &Config) -> Result<(), CliError> {
+    use llama_host::engine::{Engine, EngineConfig};
+    use llama_host::server::{AppState, ServerConfig};
+    let path = models::resolve(&a.model, cfg)?;
+    let api_key = match (&a.api_key, &a.api_key_file) {
+        (Some(k), _) => Some(k.clone()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|source| CliError::ReadFile { path: f.display().to_string(), source })?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    let backend = select_backend(cli, &a.model)?;
+    let model = std::sync::Arc::new(load_model(&backend, &path)?);
+    let template = llama_host::chat::ChatTemplate::for_model(&model).ok();
+    let t = threads("threads", a.threads)?;
+    let engine = Engine::start(
+        model.clone(),
+        EngineConfig {
+            slots: a.parallel.max(1),
+            queue: a.queue,
+            n_ctx: a.ctx_size,
+            n_batch: a.batch_size,
+            n_ubatch: a.ubatch_size,
+            n_threads: t,
+            n_threads_batch: t,
+            max_new_tokens: a.max_tokens,
+            ..EngineConfig::default()
+        },
+    )?;
+    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "llama".into());
+    let state = std::sync::Arc::new(AppState {
+        engine: std::sync::Arc::new(engine),
+        template,
+        config: ServerConfig {
+            model_name: name,
+            api_key,
+            max_body_bytes: a.max_body,
+            header_timeout: std::time::Duration::from_secs(a.header_timeout.max(1)),
+            ..ServerConfig::default()
+        },
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(CliError::Output)?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", a.host, a.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|e| CliError::InvalidArg { field: "host/port", reason: format!("cannot bind {addr}: {e}") })?;
+        let bound = llama_host::server::bound(&listener);
+        if let Some(b) = bound {
+            if !b.ip().is_loopback() && state.config.api_key.is_none() {
+                tracing::warn!("listening on {b} without an API key: anyone who can reach it can use it");
+            }
+            eprintln!("llama: serving {} on http://{b} (model '{}')", backend.name(), state.config.model_name);
+        }
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+            }
+        };
+        llama_host::server::serve(listener, state, shutdown).await.map_err(CliError::Output)
+    })?;
+    eprintln!("llama: server stopped");
+    Ok(())
+}
+
 /// The error and each cause not already part of its message.
 pub(crate) fn print_error(e: &CliError) {
     let top = e.to_string();
@@ -423,7 +497,8 @@ pub(crate) fn print_error(e: &CliError) {
 fn dispatch(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), CliError> {
     let cfg = config::load(config::locate(cli.config.as_deref()).as_deref())?;
     let sub = matches.subcommand().map(|(_, m)| m).expect("a subcommand is required");
-    let ints = Interrupts::install();
+    // `serve` handles SIGINT/SIGTERM itself (graceful shutdown).
+    let ints = if matches!(cli.command, Command::Serve(_)) { Interrupts::default() } else { Interrupts::install() };
     match &cli.command {
         Command::Run(a) => {
             let mut a = a.clone();
@@ -441,6 +516,7 @@ fn dispatch(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), CliError> {
         Command::List(a) => models::list(a, &cfg),
         Command::Backends(a) => backends_cmd(cli, a),
         Command::Bench(a) => bench_cmd(cli, a, &cfg),
+        Command::Serve(a) => serve_cmd(cli, a, &cfg),
     }
 }
 

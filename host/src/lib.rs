@@ -24,6 +24,7 @@ pub mod gguf;
 mod error;
 pub mod hardware;
 pub mod metrics;
+pub mod server;
 mod logging;
 mod model;
 mod plugin;

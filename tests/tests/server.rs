@@ -1,0 +1,236 @@
+//! `llama serve` through the real binary on a free loopback port, with a real HTTP client.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use llama_tests::{llama_cmd, model_path};
+use serde_json::{json, Value};
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let model = model_path();
+        let mut args = vec!["serve", "-m", model.to_str().unwrap(), "--port", "0", "-t", "2"];
+        args.extend_from_slice(extra);
+        let mut child = llama_cmd(&args).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let base = loop {
+            let line = lines.next().expect("llama serve printed its address").unwrap();
+            if let Some(rest) = line.split("on http://").nth(1) {
+                break format!("http://{}", rest.split_whitespace().next().unwrap());
+            }
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, base }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn addr(&self) -> String {
+        self.base.trim_start_matches("http://").to_string()
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        match ureq::post(&self.url(path)).send_json(body.clone()) {
+            Ok(r) => (r.status(), r.into_json().unwrap_or(Value::Null)),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
+            Err(e) => panic!("{path}: {e}"),
+        }
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let text = ureq::get(&self.url("/metrics")).call().unwrap().into_string().unwrap();
+        text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' ')).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads an SSE body: the `data:` payloads, up to and including `[DONE]`.
+fn sse_events(r: ureq::Response) -> Vec<String> {
+    BufReader::new(r.into_reader()).lines().map_while(Result::ok).filter_map(|l| l.strip_prefix("data: ").map(str::to_string)).collect()
+}
+
+#[test]
+fn every_endpoint_streaming_and_not() {
+    let s = Server::start(&["--parallel", "2"]);
+    assert_eq!(ureq::get(&s.url("/health")).call().unwrap().into_json::<Value>().unwrap()["status"], "ok");
+    let models: Value = ureq::get(&s.url("/v1/models")).call().unwrap().into_json().unwrap();
+    let name = models["data"][0]["id"].as_str().unwrap().to_string();
+
+    let (code, v) = s.post("/v1/completions", &json!({"model": name, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    assert!(!v["choices"][0]["text"].as_str().unwrap().is_empty());
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+
+    let (code, v) = s.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6, "temperature": 0, "top_k": 10, "min_p": 0.1, "repeat_penalty": 1.1}));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+
+    for (path, body) in [
+        ("/v1/completions", json!({"prompt": "Once upon a time", "max_tokens": 6, "stream": true})),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "stream": true, "stream_options": {"include_usage": true}})),
+    ] {
+        let r = ureq::post(&s.url(path)).send_json(body).unwrap();
+        assert_eq!(r.header("content-type"), Some("text/event-stream"));
+        let events = sse_events(r);
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+        let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).expect("each chunk is JSON")).collect();
+        assert!(chunks.iter().any(|c| c["choices"][0]["finish_reason"] == "length"), "{chunks:?}");
+        if path.contains("chat") {
+            assert_eq!(chunks[0]["object"], "chat.completion.chunk");
+            assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 6);
+        }
+    }
+
+    let (code, v) = s.post("/tokenize", &json!({"content": "Hello world"}));
+    assert_eq!(code, 200);
+    let tokens = v["tokens"].clone();
+    let (code, v) = s.post("/detokenize", &json!({"tokens": tokens}));
+    assert_eq!((code, v["content"].as_str()), (200, Some("Hello world")));
+    assert!(s.metric("llama_requests_total{outcome=\"length\"}") >= 4.0);
+}
+
+#[test]
+fn six_streams_against_two_slots_and_two_queued() {
+    let s = Server::start(&["--parallel", "2", "--queue", "2"]);
+    let url = s.url("/v1/completions");
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(6));
+    let results: Vec<(u16, Option<String>, Vec<String>)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..6)
+            .map(|i| {
+                let (url, barrier) = (url.clone(), barrier.clone());
+                sc.spawn(move || {
+                    barrier.wait();
+                    let body = json!({"prompt": format!("Story number {i}:"), "max_tokens": 60, "stream": true});
+                    match ureq::post(&url).send_json(body) {
+                        Ok(r) => (r.status(), None, sse_events(r)),
+                        Err(ureq::Error::Status(code, r)) => {
+                            let retry = r.header("retry-after").map(str::to_string);
+                            let body: Value = r.into_json().unwrap();
+                            assert!(body["error"]["message"].is_string(), "{body}");
+                            (code, retry, Vec::new())
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok: Vec<_> = results.iter().filter(|r| r.0 == 200).collect();
+    let busy: Vec<_> = results.iter().filter(|r| r.0 == 503).collect();
+    assert_eq!((ok.len(), busy.len()), (4, 2), "{:?}", results.iter().map(|r| r.0).collect::<Vec<_>>());
+    assert!(busy.iter().all(|r| r.1.as_deref() == Some("1")), "Retry-After missing");
+    assert!(ok.iter().all(|r| r.2.last().map(String::as_str) == Some("[DONE]")));
+}
+
+#[test]
+fn a_client_that_drops_mid_stream_frees_its_slot() {
+    let s = Server::start(&["--parallel", "1", "--queue", "1"]);
+    let r = ureq::post(&s.url("/v1/completions")).send_json(json!({"prompt": "Tell me a long story.", "max_tokens": 2000, "stream": true})).unwrap();
+    let mut reader = BufReader::new(r.into_reader());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("data: "));
+    assert_eq!(s.metric("llama_active_sequences"), 1.0);
+    drop(reader);
+    let dropped = Instant::now();
+    while s.metric("llama_active_sequences") != 0.0 {
+        assert!(dropped.elapsed() < Duration::from_secs(1), "the slot is still busy 1 s after the client left");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("slot free {:?} after the client dropped", dropped.elapsed());
+    assert_eq!(s.metric("llama_requests_total{outcome=\"cancelled\"}"), 1.0);
+}
+
+#[test]
+fn bad_input_gets_the_right_4xx_and_the_server_keeps_serving() {
+    let s = Server::start(&["--parallel", "1", "-c", "256", "--max-body", "4096"]);
+    let raw = |body: &str| match ureq::post(&s.url("/v1/completions")).set("content-type", "application/json").send_string(body) {
+        Ok(r) => (r.status(), r.into_json::<Value>().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json::<Value>().unwrap()),
+        Err(e) => panic!("{e}"),
+    };
+    let cases: Vec<(String, u16, Option<&str>)> = vec![
+        ("{not json".into(), 400, None),
+        (r#"{"prompt": 42}"#.into(), 400, None),
+        (json!({"prompt": "x".repeat(5000)}).to_string(), 413, None),
+        (r#"{"prompt": "hi", "max_tokens": -5}"#.into(), 400, Some("max_tokens")),
+        (r#"{"prompt": "hi", "model": "no-such-model"}"#.into(), 404, Some("model")),
+        (json!({"prompt": "word ".repeat(600)}).to_string(), 400, Some("messages")),
+        (r#"{"prompt": "hi", "top_p": 1.5}"#.into(), 400, Some("top_p")),
+    ];
+    for (body, code, param) in &cases {
+        let (got, v) = raw(body);
+        assert_eq!(got, *code, "{}: {v}", &body[..body.len().min(60)]);
+        assert!(v["error"]["message"].is_string(), "{v}");
+        if let Some(p) = param {
+            assert_eq!(v["error"]["param"], *p, "{v}");
+        }
+    }
+    let (code, v) = s.post("/v1/completions", &json!({"prompt": "Hello", "max_tokens": 3}));
+    assert_eq!(code, 200, "{v}");
+}
+
+#[test]
+fn a_slow_header_sender_is_cut_off_while_others_are_served() {
+    let s = Server::start(&["--header-timeout", "2"]);
+    let addr = s.addr();
+    let slow = std::thread::spawn(move || {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let start = Instant::now();
+        for b in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaa\r\n\r\n" {
+            if c.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            if start.elapsed() > Duration::from_secs(8) {
+                break;
+            }
+        }
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
+        (start.elapsed(), String::from_utf8_lossy(&rest).into_owned())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, _) = s.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(code, 200, "another client was not served meanwhile");
+    let (took, reply) = slow.join().unwrap();
+    eprintln!("slow client cut off after {took:?}: {reply:?}");
+    assert!(!reply.contains("\"ok\""), "the slow client was served: {reply}");
+    assert!(took < Duration::from_secs(8), "not cut off: {took:?}");
+}
+
+#[test]
+fn the_api_key_is_required_except_on_health() {
+    let s = Server::start(&["--api-key", "sekret"]);
+    assert_eq!(ureq::get(&s.url("/health")).call().unwrap().status(), 200);
+    match ureq::get(&s.url("/v1/models")).call() {
+        Err(ureq::Error::Status(401, r)) => assert_eq!(r.into_json::<Value>().unwrap()["error"]["code"], "invalid_api_key"),
+        other => panic!("{other:?}"),
+    }
+    match ureq::get(&s.url("/v1/models")).set("Authorization", "Bearer wrong").call() {
+        Err(ureq::Error::Status(401, _)) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(ureq::get(&s.url("/v1/models")).set("Authorization", "Bearer sekret").call().unwrap().status(), 200);
+}
