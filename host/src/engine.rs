@@ -158,6 +158,17 @@ impl Handle {
         self.rx.recv_timeout(timeout).ok()
     }
 
+    /// Like `next_timeout`, telling a timeout (`Ok(None)`) from an engine that is gone
+    /// (`Err(())`), so a caller can poll for its own client going away in between.
+    #[allow(clippy::result_unit_err)]
+    pub fn poll(&self, timeout: Duration) -> Result<Option<Event>, ()> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(ev) => Ok(Some(ev)),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(None),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(()),
+        }
+    }
+
     /// Reads to the end: all text and the final stats.
     pub fn collect(self) -> (String, RequestStats) {
         let mut text = String::new();

@@ -324,6 +324,8 @@ async fn completion(state: Arc<AppState>, body: Value, chat: bool) -> Response<B
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         return stream_response(handle, id, model, chat, include_usage);
     }
+    // If the client goes away, hyper drops this future: the guard then cancels the request.
+    let _cancel_on_drop = CancelOnDrop(handle.canceller());
     let (text, stats) = match tokio::task::spawn_blocking(move || handle.collect()).await {
         Ok(r) => r,
         Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "generation failed", None, None),
@@ -347,6 +349,15 @@ async fn completion(state: Arc<AppState>, body: Value, chat: bool) -> Response<B
             "usage": usage(&stats),
         }),
     )
+}
+
+struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        // Harmless after completion: a finished request ignores it.
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 fn finish_reason(s: &RequestStats) -> &'static str {
@@ -401,8 +412,15 @@ fn stream_response(handle: crate::engine::Handle, id: String, model: String, cha
         if chat && !send(chunk(json!({"role": "assistant", "content": ""}), Value::Null)) {
             return;
         }
-        let mut handle = handle;
-        for ev in handle.by_ref() {
+        // Poll, so a client that leaves while its request is still queued (no events yet)
+        // is noticed within 50 ms and its request never starts.
+        loop {
+            let ev = match handle.poll(Duration::from_millis(50)) {
+                Ok(Some(ev)) => ev,
+                Ok(None) if tx.is_closed() => return,
+                Ok(None) => continue,
+                Err(()) => return,
+            };
             match ev {
                 Event::Text(t) => {
                     if !send(chunk(json!({"content": t}), Value::Null)) {

@@ -11,10 +11,16 @@ use serde_json::{json, Value};
 struct Server {
     child: Child,
     base: String,
+    /// One server at a time: the latency checks (a freed slot within 1 s, a header
+    /// timeout) measure the server, not a 2-core machine shared with another test's server.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
+        let serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let model = model_path();
         let mut args = vec!["serve", "-m", model.to_str().unwrap(), "--port", "0", "-t", "2"];
         args.extend_from_slice(extra);
@@ -28,7 +34,7 @@ impl Server {
         };
         // Keep draining stderr so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Server { child, base }
+        Server { child, base, _serial: serial }
     }
 
     fn url(&self, path: &str) -> String {
@@ -253,4 +259,36 @@ fn the_official_openai_python_client_works() {
     eprintln!("{stdout}");
     assert!(o.status.success(), "openai client failed:\n{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(stdout.trim_end().ends_with("ok"));
+}
+
+#[test]
+fn a_queued_client_that_drops_never_starts() {
+    let s = Server::start(&["--parallel", "1", "--queue", "2"]);
+    // A holds the only slot for a while.
+    let a = ureq::post(&s.url("/v1/completions")).send_json(json!({"prompt": "Tell me a long story.", "max_tokens": 150, "stream": true})).unwrap();
+    let mut a = BufReader::new(a.into_reader());
+    let mut line = String::new();
+    a.read_line(&mut line).unwrap();
+    let prompt_tokens_before = s.metric("llama_prompt_tokens_total");
+    // B queues behind it and hangs up before its turn.
+    let addr = s.addr();
+    let mut b = TcpStream::connect(&addr).unwrap();
+    let body = json!({"prompt": "This request must never run.", "max_tokens": 50, "stream": true}).to_string();
+    write!(b, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let t = Instant::now();
+    while s.metric("llama_queue_depth") != 1.0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "B was never queued");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(b);
+    let t = Instant::now();
+    while s.metric("llama_queue_depth") != 0.0 {
+        assert!(t.elapsed() < Duration::from_secs(1), "B is still queued 1 s after hanging up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("queued client removed {:?} after hanging up", t.elapsed());
+    // Let A finish: B's prompt was never decoded, and B counts as cancelled.
+    let _ = a.read_to_end(&mut Vec::new());
+    assert_eq!(s.metric("llama_prompt_tokens_total"), prompt_tokens_before, "B's prompt was processed");
+    assert_eq!(s.metric("llama_requests_total{outcome=\"cancelled\"}"), 1.0);
 }
