@@ -557,6 +557,12 @@ impl Worker {
         }
     }
 
+    /// The KV-tokens gauge: what the slots hold (prefix caches and running requests).
+    fn publish_kv(&self) {
+        let kv: usize = self.slots.iter().map(|s| s.cached.len()).sum();
+        self.metrics.kv_tokens.store(kv as i64, Ordering::Relaxed);
+    }
+
     fn handle(&mut self, m: Msg, shutting_down: &mut bool) {
         match m {
             Msg::Job(job) => self.waiting.push_back(*job),
@@ -757,8 +763,7 @@ impl Worker {
             k += 1;
             self.accept(i, s);
         }
-        let kv: usize = self.slots.iter().map(|s| s.cached.len()).sum();
-        self.metrics.kv_tokens.store(kv as i64, Ordering::Relaxed);
+        self.publish_kv();
     }
 
     /// Handles one sampled token of slot `i`.
@@ -856,8 +861,7 @@ impl Worker {
         });
         self.metrics.active_sequences.fetch_sub(1, Ordering::Relaxed);
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        let kv: usize = self.slots.iter().map(|s| s.cached.len()).sum();
-        self.metrics.kv_tokens.store(kv as i64, Ordering::Relaxed);
+        self.publish_kv();
     }
 }
 

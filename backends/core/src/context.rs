@@ -202,6 +202,15 @@ impl LlamaContext {
 }
 
 impl LlamaContext {
+    /// Whether `seq` still holds what continuing at `pos` needs: a sliding-window cache
+    /// keeps only the last window of positions, and the one before `pos` may already have
+    /// been evicted (as llama-server checks before reusing a slot).
+    fn window_intact(&self, seq: i32, pos: i32) -> bool {
+        // SAFETY: plain queries on the live model and memory; `seq` is in range (callers check).
+        let (n_swa, pos_min) = unsafe { (sys::llama_model_n_swa(self.model.as_ptr()), sys::llama_memory_seq_pos_min(self.memory(), seq)) };
+        pos == 0 || n_swa <= 0 || pos_min <= (pos - n_swa).max(0)
+    }
+
     fn seq_slot(&mut self, seq: i32) -> Result<&mut Option<Sampler>, BackendError> {
         let n = self.n_seq_max;
         if seq < 0 || seq as u32 >= n {
@@ -294,12 +303,7 @@ impl llama_plugin_api::Context for LlamaContext {
         if !ok || self.n_past != n_keep {
             return false;
         }
-        // A sliding-window cache keeps only the last window of positions: continuing at
-        // `n_keep` needs the window before it, which may already have been evicted (as
-        // llama-server checks before reusing a slot).
-        // SAFETY: plain queries on the live model and memory.
-        let (n_swa, pos_min) = unsafe { (sys::llama_model_n_swa(self.model.as_ptr()), sys::llama_memory_seq_pos_min(self.memory(), 0)) };
-        n_keep == 0 || n_swa <= 0 || pos_min <= (n_keep as i32 - n_swa).max(0)
+        self.window_intact(0, n_keep as i32)
     }
 
     fn accept(&mut self, tokens: RSlice<'_, i32>) {
@@ -355,9 +359,7 @@ impl llama_plugin_api::Context for LlamaContext {
         if seq < 0 || seq as u32 >= self.n_seq_max {
             return false;
         }
-        // SAFETY: plain queries on the live model and memory.
-        let (n_swa, pos_min) = unsafe { (sys::llama_model_n_swa(self.model.as_ptr()), sys::llama_memory_seq_pos_min(self.memory(), seq)) };
-        pos == 0 || n_swa <= 0 || pos_min <= (pos - n_swa).max(0)
+        self.window_intact(seq, pos)
     }
 
     fn set_sampling(&mut self, params: SamplingParams) -> RResult<(), BackendError> {
