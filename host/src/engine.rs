@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use abi_stable::std_types::RSlice;
-use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError, TrySendError};
+use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError};
+use flume::TrySendError;
 use llama_plugin_api::{BatchToken, ContextBox, ContextParams, SampleRequest};
 
 use crate::metrics::{Metrics, Outcome};
@@ -135,8 +136,31 @@ pub enum Event {
 /// A submitted request: iterate it for text, then its `Done`. Dropping it cancels.
 pub struct Handle {
     id: u64,
-    rx: Receiver<Event>,
-    cancel: Arc<AtomicBool>,
+    rx: flume::Receiver<Event>,
+    cancel: CancelOnDrop,
+}
+
+/// Sets a request's cancel flag when dropped: whoever holds the receiving end of a request
+/// holds this too, so a consumer that goes away always cancels (a finished request ignores it).
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A request's events as an async stream (see [`Handle::into_stream`]); dropping it cancels.
+pub struct EventStream {
+    events: flume::r#async::RecvStream<'static, Event>,
+    _cancel: CancelOnDrop,
+}
+
+impl tokio_stream::Stream for EventStream {
+    type Item = Event;
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Event>> {
+        std::pin::Pin::new(&mut self.events).poll_next(cx)
+    }
 }
 
 impl Handle {
@@ -146,11 +170,17 @@ impl Handle {
 
     /// Cancels the request (also from another thread, via [`Handle::canceller`]).
     pub fn cancel(&self) {
-        self.cancel.store(true, Ordering::SeqCst);
+        self.cancel.0.store(true, Ordering::SeqCst);
     }
 
     pub fn canceller(&self) -> Arc<AtomicBool> {
-        self.cancel.clone()
+        self.cancel.0.clone()
+    }
+
+    /// The events as an async stream, for a consumer on an async runtime (the HTTP server):
+    /// the engine thread wakes the consumer's task directly, no thread waits in between.
+    pub fn into_stream(self) -> EventStream {
+        EventStream { events: self.rx.into_stream(), _cancel: self.cancel }
     }
 
     /// The next event, waiting at most `timeout`.
@@ -164,9 +194,27 @@ impl Handle {
     pub fn poll(&self, timeout: Duration) -> Result<Option<Event>, ()> {
         match self.rx.recv_timeout(timeout) {
             Ok(ev) => Ok(Some(ev)),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(None),
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(()),
+            Err(flume::RecvTimeoutError::Timeout) => Ok(None),
+            Err(flume::RecvTimeoutError::Disconnected) => Err(()),
         }
+    }
+
+    /// The next event, awaited on an async runtime (the HTTP server's): no thread waits.
+    /// `None` once the request has ended and its events are read.
+    pub async fn recv(&self) -> Option<Event> {
+        self.rx.recv_async().await.ok()
+    }
+
+    /// Reads to the end, asynchronously: all text and the final stats.
+    pub async fn collect_async(self) -> (String, RequestStats) {
+        let mut text = String::new();
+        while let Some(ev) = self.recv().await {
+            match ev {
+                Event::Text(t) => text.push_str(&t),
+                Event::Done(s) => return (text, s),
+            }
+        }
+        (text, self.engine_gone())
     }
 
     /// Reads to the end: all text and the final stats.
@@ -178,8 +226,13 @@ impl Handle {
                 Event::Done(s) => return (text, s),
             }
         }
-        // The engine thread went away without a Done: report it as an error.
-        let stats = RequestStats {
+        let stats = self.engine_gone();
+        (text, stats)
+    }
+
+    /// The stats of a request whose engine thread went away without a `Done`.
+    fn engine_gone(&self) -> RequestStats {
+        RequestStats {
             id: self.id,
             prompt_tokens: 0,
             cached_tokens: 0,
@@ -189,8 +242,7 @@ impl Handle {
             total: Duration::ZERO,
             finish: Finish::Error,
             error: Some("the engine stopped".into()),
-        };
-        (text, stats)
+        }
     }
 }
 
@@ -198,12 +250,6 @@ impl Iterator for Handle {
     type Item = Event;
     fn next(&mut self) -> Option<Event> {
         self.rx.recv().ok()
-    }
-}
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        self.cancel.store(true, Ordering::SeqCst);
     }
 }
 
@@ -215,7 +261,7 @@ struct Job {
     opts: GenerateOptions,
     deadline: Option<Instant>,
     submitted: Instant,
-    tx: Sender<Event>,
+    tx: flume::Sender<Event>,
     cancel: Arc<AtomicBool>,
 }
 
@@ -356,7 +402,7 @@ impl Engine {
             return Err(SubmitError::Overloaded { waiting: n, limit: self.limit });
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u64;
-        let (tx, rx) = bounded(self.config.stream_capacity.max(1));
+        let (tx, rx) = flume::bounded(self.config.stream_capacity.max(1));
         let cancel = Arc::new(AtomicBool::new(false));
         let span = tracing::info_span!("request", id, prompt_tokens = tokens.len());
         span.in_scope(|| tracing::debug!("admitted"));
@@ -367,7 +413,7 @@ impl Engine {
             self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
             return Err(SubmitError::Stopped);
         }
-        Ok(Handle { id, rx, cancel })
+        Ok(Handle { id, rx, cancel: CancelOnDrop(cancel) })
     }
 }
 
@@ -476,7 +522,7 @@ struct Worker {
     slot_ctx: u32,
     prefix_cache: bool,
     /// Final events of finished requests whose consumer has not made room yet.
-    draining: Vec<(Sender<Event>, VecDeque<Event>)>,
+    draining: Vec<(flume::Sender<Event>, VecDeque<Event>)>,
     /// Batch-invariant mode: (padding sequence, padding token).
     pad: Option<(i32, i32)>,
 }

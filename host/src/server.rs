@@ -22,6 +22,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio_stream::StreamExt;
 
 use crate::chat::{ChatTemplate, Message};
 use crate::engine::{Engine, Event, Finish, RequestStats, SubmitError};
@@ -324,12 +325,9 @@ async fn completion(state: Arc<AppState>, body: Value, chat: bool) -> Response<B
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         return stream_response(handle, id, model, chat, include_usage);
     }
-    // If the client goes away, hyper drops this future: the guard then cancels the request.
-    let _cancel_on_drop = CancelOnDrop(handle.canceller());
-    let (text, stats) = match tokio::task::spawn_blocking(move || handle.collect()).await {
-        Ok(r) => r,
-        Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "generation failed", None, None),
-    };
+    // If the client goes away, hyper drops this future and with it the handle, which
+    // cancels the request.
+    let (text, stats) = handle.collect_async().await;
     if stats.finish == Finish::Error {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "generation failed", None, None);
     }
@@ -349,15 +347,6 @@ async fn completion(state: Arc<AppState>, body: Value, chat: bool) -> Response<B
             "usage": usage(&stats),
         }),
     )
-}
-
-struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        // Harmless after completion: a finished request ignores it.
-        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
 }
 
 fn finish_reason(s: &RequestStats) -> &'static str {
@@ -393,53 +382,38 @@ fn submit_error(e: SubmitError) -> Response<Body> {
 }
 
 /// Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`.
+///
+/// The body is the request's event stream itself, mapped to SSE frames: the engine thread
+/// wakes this connection's task directly. When the client goes away hyper drops the body,
+/// and with it the event stream, which cancels the request (also while it is queued).
 fn stream_response(handle: crate::engine::Handle, id: String, model: String, chat: bool, include_usage: bool) -> Response<Body> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(16);
     let created = now_secs();
+    let object = if chat { "chat.completion.chunk" } else { "text_completion" };
     let chunk = move |delta: Value, finish: Value| -> Bytes {
         let choice = if chat {
             json!({"index": 0, "delta": delta, "finish_reason": finish})
         } else {
             json!({"index": 0, "text": delta.get("content").cloned().unwrap_or(json!("")), "logprobs": null, "finish_reason": finish})
         };
-        let obj = json!({"id": id, "object": if chat { "chat.completion.chunk" } else { "text_completion" }, "created": created, "model": model, "choices": [choice]});
+        let obj = json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]});
         Bytes::from(format!("data: {obj}\n\n"))
     };
-    tokio::task::spawn_blocking(move || {
-        let send = |b: Bytes| tx.blocking_send(Ok(Frame::data(b))).is_ok();
-        // A failed send means the client went away: returning drops the handle, which
-        // cancels the request.
-        if chat && !send(chunk(json!({"role": "assistant", "content": ""}), Value::Null)) {
-            return;
-        }
-        // Poll, so a client that leaves while its request is still queued (no events yet)
-        // is noticed within 50 ms and its request never starts.
-        loop {
-            let ev = match handle.poll(Duration::from_millis(50)) {
-                Ok(Some(ev)) => ev,
-                Ok(None) if tx.is_closed() => return,
-                Ok(None) => continue,
-                Err(()) => return,
-            };
-            match ev {
-                Event::Text(t) => {
-                    if !send(chunk(json!({"content": t}), Value::Null)) {
-                        return;
-                    }
-                }
-                Event::Done(stats) => {
-                    let _ = send(chunk(json!({}), json!(finish_reason(&stats))));
-                    if include_usage {
-                        let u = json!({"id": "usage", "object": if chat { "chat.completion.chunk" } else { "text_completion" }, "choices": [], "usage": usage(&stats)});
-                        let _ = send(Bytes::from(format!("data: {u}\n\n")));
-                    }
-                    let _ = send(Bytes::from_static(b"data: [DONE]\n\n"));
-                    return;
-                }
+    let head = chat.then(|| chunk(json!({"role": "assistant", "content": ""}), Value::Null));
+    let events = handle.into_stream().map(move |ev| match ev {
+        Event::Text(t) => chunk(json!({"content": t}), Value::Null),
+        Event::Done(stats) => {
+            // The last chunk, the usage and the terminator go out as one frame.
+            let mut tail = chunk(json!({}), json!(finish_reason(&stats))).to_vec();
+            if include_usage {
+                let u = json!({"id": "usage", "object": object, "choices": [], "usage": usage(&stats)});
+                tail.extend_from_slice(format!("data: {u}\n\n").as_bytes());
             }
+            tail.extend_from_slice(b"data: [DONE]\n\n");
+            Bytes::from(tail)
         }
     });
-    let mut r = Response::new(BodyExt::boxed(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx))));
+    let frames = tokio_stream::iter(head).chain(events).map(|b| Ok::<_, Infallible>(Frame::data(b)));
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(frames)));
     r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     r.headers_mut().insert("cache-control", HeaderValue::from_static("no-cache"));
     r

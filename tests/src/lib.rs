@@ -63,8 +63,10 @@ pub fn llama_cmd(args: &[&str]) -> Command {
 }
 
 /// An empty per-user data directory, so a developer's installed plugins don't leak in.
+/// One fixed directory beside the build output: it is only ever read, so test processes can
+/// share it, and nothing is left behind in the system temp directory.
 fn empty_data_home() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("llama-tests-empty-data-{}", std::process::id()));
+    let d = llama_bin().parent().expect("binary has a directory").join("llama-tests-empty-data");
     std::fs::create_dir_all(&d).expect("create empty data dir");
     d
 }
