@@ -26,6 +26,9 @@ pub enum LoadError {
     Empty { path: PathBuf },
     #[error("{path} is not a GGUF model (it starts with {found}, a GGUF file starts with \"GGUF\")")]
     NotGguf { path: PathBuf, found: String },
+    /// The GGUF validator refused the file before llama.cpp saw it.
+    #[error(transparent)]
+    Invalid(llama_gguf::GgufError),
     #[error("cannot read model file {path}")]
     Io { path: PathBuf, #[source] source: std::io::Error },
     #[error("{path}: {source}")]

@@ -20,7 +20,7 @@ pub mod bench;
 pub mod chat;
 pub mod discovery;
 pub mod engine;
-pub mod gguf;
+pub use llama_gguf as gguf;
 mod error;
 pub mod hardware;
 pub mod metrics;

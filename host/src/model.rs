@@ -1,6 +1,8 @@
 //! The library API over a selected backend: `Model::load`, sessions, generation.
-//! Checks the cheap things (the file exists, is a file, starts with "GGUF") before the
-//! backend sees the path, so the common mistakes get precise errors.
+//! Checks the file before the backend sees the path: the cheap things first (it exists, is a
+//! file, starts with "GGUF"), so the common mistakes get precise errors, then the GGUF
+//! validator (crate `llama-gguf`) over the header and tensor table, because llama.cpp aborts
+//! the process on some malformed files instead of returning an error.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -39,6 +41,9 @@ fn check_file(path: &Path) -> Result<(), LoadError> {
     if magic != b"GGUF" {
         return Err(LoadError::NotGguf { path: path.to_path_buf(), found: format!("{:?}", String::from_utf8_lossy(&magic)) });
     }
+    let started = std::time::Instant::now();
+    let file = llama_gguf::validate(path).map_err(LoadError::Invalid)?;
+    tracing::debug!(tensors = file.tensors.len(), elapsed_us = started.elapsed().as_micros() as u64, "model file validated");
     Ok(())
 }
 

@@ -187,3 +187,25 @@ macro_rules! declare_backend {
 
 #[doc(hidden)]
 pub use llama_plugin_api as __api;
+
+#[cfg(test)]
+mod tests {
+    use llama_cpp_sys_2 as sys;
+
+    /// The validator refuses what this ggml cannot load and sizes tensors as ggml does:
+    /// its type table must match ggml's, type by type.
+    #[test]
+    fn the_validators_tensor_types_match_ggml() {
+        for t in 0..sys::GGML_TYPE_COUNT {
+            // SAFETY: plain lookups in ggml's static type table, for every id below the count.
+            let (block, size) = unsafe { (sys::ggml_blck_size(t as _), sys::ggml_type_size(t as _)) };
+            let ours = llama_gguf::GGML_TYPES.iter().find(|e| e.0 == t);
+            if size == 0 {
+                assert!(ours.is_none(), "type {t} was removed from ggml but the validator accepts it");
+            } else {
+                let (_, name, b, s) = ours.unwrap_or_else(|| panic!("type {t} is missing from the validator's table"));
+                assert_eq!((*b, *s), (block as u64, size as u64), "type {t} ({name})");
+            }
+        }
+    }
+}
