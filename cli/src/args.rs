@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(name = "llama", version, about = "Run GGUF models on the best backend this machine has")]
 pub struct Cli {
     /// More log output: -v shows the backend report and llama.cpp's log, -vv debug detail.
@@ -32,7 +32,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand, Debug, Clone)]
 pub enum Command {
     /// Generate a continuation of a prompt, streamed to stdout.
     Run(RunArgs),
@@ -88,6 +88,21 @@ pub struct ServeArgs {
     /// Seconds a client has to send its request headers.
     #[arg(long, default_value_t = 10)]
     pub header_timeout: u64,
+    /// When the model cannot be loaded: `exit` with the error (exit code 3), or `serve`:
+    /// keep running and answer /health with 503 and the reason (for supervisors that would
+    /// otherwise restart the server in a loop).
+    #[arg(long, value_enum, default_value = "exit")]
+    pub on_load_error: OnLoadError,
+    /// Allow cross-origin (CORS) requests from this origin, e.g. `http://localhost:3000`, or
+    /// `*` for any (repeatable). Default: none.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    pub cors_origins: Vec<String>,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnLoadError {
+    Exit,
+    Serve,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -210,14 +225,14 @@ pub struct ChatArgs {
     pub no_stats: bool,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct ListArgs {
     /// Print as JSON.
     #[arg(long)]
     pub json: bool,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct BackendsArgs {
     /// Print the report as JSON.
     #[arg(long)]
@@ -226,7 +241,7 @@ pub struct BackendsArgs {
     pub action: Option<BackendsAction>,
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand, Debug, Clone)]
 pub enum BackendsAction {
     /// Check a backend library and copy it into the per-user backends directory.
     Install {
@@ -238,7 +253,7 @@ pub enum BackendsAction {
     },
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,

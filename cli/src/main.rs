@@ -407,7 +407,6 @@ fn bench_json(
 }
 
 fn serve_cmd(cli: &Cli, a: &args::ServeArgs, cfg: &Config) -> Result<(), CliError> {
-    use llama_host::engine::{Engine, EngineConfig};
     use llama_host::server::{AppState, ServerConfig};
     let path = models::resolve(&a.model, cfg)?;
     let api_key = match (&a.api_key, &a.api_key_file) {
@@ -420,36 +419,8 @@ fn serve_cmd(cli: &Cli, a: &args::ServeArgs, cfg: &Config) -> Result<(), CliErro
         ),
         (None, None) => None,
     };
-    let backend = select_backend(cli, &a.model)?;
-    let model = std::sync::Arc::new(load_model(&backend, &path)?);
-    let template = llama_host::chat::ChatTemplate::for_model(&model).ok();
-    let t = threads("threads", a.threads)?;
-    let engine = Engine::start(
-        model.clone(),
-        EngineConfig {
-            slots: a.parallel.max(1),
-            queue: a.queue,
-            n_ctx: a.ctx_size,
-            n_batch: a.batch_size,
-            n_ubatch: a.ubatch_size,
-            n_threads: t,
-            n_threads_batch: t,
-            max_new_tokens: a.max_tokens,
-            ..EngineConfig::default()
-        },
-    )?;
+    let threads = threads("threads", a.threads)?;
     let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "llama".into());
-    let state = std::sync::Arc::new(AppState {
-        engine: std::sync::Arc::new(engine),
-        template,
-        config: ServerConfig {
-            model_name: name,
-            api_key,
-            max_body_bytes: a.max_body,
-            header_timeout: std::time::Duration::from_secs(a.header_timeout.max(1)),
-            ..ServerConfig::default()
-        },
-    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -461,23 +432,105 @@ fn serve_cmd(cli: &Cli, a: &args::ServeArgs, cfg: &Config) -> Result<(), CliErro
             .await
             .map_err(|e| CliError::InvalidArg { field: "host/port", reason: format!("cannot bind {addr}: {e}") })?;
         let bound = llama_host::server::bound(&listener);
-        if let Some(b) = bound {
-            if !b.ip().is_loopback() && state.config.api_key.is_none() {
-                tracing::warn!("listening on {b} without an API key: anyone who can reach it can use it");
-            }
-            eprintln!("llama: serving {} on http://{b} (model '{}')", backend.name(), state.config.model_name);
+        let loopback = bound.is_some_and(|b| b.ip().is_loopback());
+        if !loopback && api_key.is_none() {
+            tracing::warn!("listening on {addr} without an API key: anyone who can reach it can use it");
         }
-        let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+        let state = std::sync::Arc::new(AppState::new(ServerConfig {
+            model_name: name,
+            api_key,
+            max_body_bytes: a.max_body,
+            header_timeout: std::time::Duration::from_secs(a.header_timeout.max(1)),
+            loopback_hosts_only: loopback,
+            cors_origins: a.cors_origins.clone(),
+            ..ServerConfig::default()
+        }));
+        if let Some(b) = bound {
+            eprintln!("llama: listening on http://{b} (model '{}'; /health answers 503 until it is loaded)", state.config.model_name);
+        }
+        // Load on a plain thread while the server already answers /health.
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<CliError>();
+        let loader = {
+            let (cli, a, state) = (cli.clone(), a.clone(), state.clone());
+            std::thread::spawn(move || match start_engine(&cli, &a, &path, threads) {
+                Ok((ready, backend)) => {
+                    eprintln!("llama: serving {backend}: ready");
+                    state.set_ready(ready);
+                }
+                Err(e) if a.on_load_error == args::OnLoadError::Serve => {
+                    print_error(&e);
+                    eprintln!("llama: the model failed to load; serving /health 503 until stopped (--on-load-error serve)");
+                    state.set_failed(public_reason(&e, &path));
+                }
+                Err(e) => {
+                    let _ = failed_tx.send(e);
+                }
+            })
+        };
+        let failure = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let shutdown = {
+            let failure = failure.clone();
+            async move {
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+                    Ok(e) = failed_rx => { *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e); }
+                }
             }
         };
-        llama_host::server::serve(listener, state, shutdown).await.map_err(CliError::Output)
+        llama_host::server::serve(listener, state, shutdown).await.map_err(CliError::Output)?;
+        let failed = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        // A stop during loading waits for the load to finish: llama.cpp's load cannot be
+        // interrupted, and exiting under it would tear its memory down mid-use.
+        let _ = loader.join();
+        Ok(())
     })?;
     eprintln!("llama: server stopped");
     Ok(())
+}
+
+/// Selects the backend, loads the model and starts its engine.
+fn start_engine(cli: &Cli, a: &args::ServeArgs, path: &Path, threads: i32) -> Result<(llama_host::server::Ready, String), CliError> {
+    use llama_host::engine::{Engine, EngineConfig};
+    let backend = select_backend(cli, &a.model)?;
+    let model = std::sync::Arc::new(load_model(&backend, path)?);
+    let template = llama_host::chat::ChatTemplate::for_model(&model).ok();
+    let engine = Engine::start(
+        model,
+        EngineConfig {
+            slots: a.parallel.max(1),
+            queue: a.queue,
+            n_ctx: a.ctx_size,
+            n_batch: a.batch_size,
+            n_ubatch: a.ubatch_size,
+            n_threads: threads,
+            n_threads_batch: threads,
+            max_new_tokens: a.max_tokens,
+            ..EngineConfig::default()
+        },
+    )?;
+    Ok((llama_host::server::Ready { engine: std::sync::Arc::new(engine), template }, backend.name().to_string()))
+}
+
+/// What a load failure may tell HTTP clients: what was wrong with the file, never where it
+/// is or whether some path exists.
+fn public_reason(e: &CliError, path: &Path) -> String {
+    use llama_host::LoadError;
+    match e {
+        CliError::Load(LoadError::Invalid(g)) => g.reason(),
+        CliError::Load(LoadError::Rejected { source, .. }) => {
+            let msg = source.to_string();
+            let p = path.display().to_string();
+            if p.is_empty() { msg } else { msg.replace(&p, "<model>") }
+        }
+        CliError::Load(_) => "the model file cannot be read".into(),
+        CliError::Select(_) => "no usable backend".into(),
+        _ => "the engine could not start".into(),
+    }
 }
 
 /// The error and each cause not already part of its message.

@@ -5,17 +5,26 @@
 //! POST /detokenize. Errors are OpenAI error objects. Bounded everywhere: body size,
 //! header read time, connections; an engine queue that is full answers 503 with
 //! Retry-After. A client that disconnects mid-stream cancels its request (the engine frees
-//! its slot at the next step). The engine's blocking handles are read on tokio's blocking
-//! pool, so async workers never wait on the engine.
+//! its slot at the next step). The engine wakes each response's task directly (the event
+//! channel has an async receiver), so no thread waits on the engine.
+//!
+//! The server listens before the model is loaded: /health answers 503 `loading` until the
+//! engine is ready, and, when loading failed and the server was told to stay up, 503 with
+//! the reason (never a path). On a loopback bind a request whose Host header is not a
+//! loopback name is refused (DNS rebinding); cross-origin access (CORS) is off unless
+//! origins are allowed explicitly.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Bytes, Frame, Incoming};
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{
+    HeaderValue, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_MAX_AGE, AUTHORIZATION,
+    CONTENT_TYPE, HOST, ORIGIN, RETRY_AFTER, VARY,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -43,6 +52,11 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// How long shutdown waits for open streams.
     pub drain_timeout: Duration,
+    /// Refuse requests whose Host header is not a loopback name or address (set on a
+    /// loopback bind: a web page that rebinds its own DNS name to 127.0.0.1 then gets 403).
+    pub loopback_hosts_only: bool,
+    /// Origins allowed cross-origin access (`*` for any). Empty: no CORS headers at all.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -54,15 +68,53 @@ impl Default for ServerConfig {
             header_timeout: Duration::from_secs(10),
             max_connections: 256,
             drain_timeout: Duration::from_secs(10),
+            loopback_hosts_only: true,
+            cors_origins: Vec::new(),
         }
     }
 }
 
-/// What the request handlers share.
+/// What the request handlers share. The server starts before the model is loaded: until
+/// [`AppState::set_ready`] the model routes answer 503.
 pub struct AppState {
+    pub config: ServerConfig,
+    ready: OnceLock<Ready>,
+    failed: OnceLock<String>,
+}
+
+/// A loaded model's engine, and its chat template when it has one.
+pub struct Ready {
     pub engine: Arc<Engine>,
     pub template: Option<ChatTemplate>,
-    pub config: ServerConfig,
+}
+
+impl AppState {
+    pub fn new(config: ServerConfig) -> AppState {
+        AppState { config, ready: OnceLock::new(), failed: OnceLock::new() }
+    }
+
+    /// Loading finished: the model routes open.
+    pub fn set_ready(&self, ready: Ready) {
+        let _ = self.ready.set(ready);
+    }
+
+    /// Loading failed: /health and the model routes answer 503 with `reason`, which must
+    /// not name a filesystem path.
+    pub fn set_failed(&self, reason: String) {
+        let _ = self.failed.set(reason);
+    }
+
+    /// The engine, or the 503 that says why there is none.
+    #[allow(clippy::result_large_err)] // built once per request, returned at once
+    fn ready(&self) -> Result<&Ready, Response<Body>> {
+        if let Some(r) = self.ready.get() {
+            return Ok(r);
+        }
+        Err(match self.failed.get() {
+            Some(reason) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable_error", format!("the model failed to load: {reason}"), None, Some("model_load_failed")),
+            None => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable_error", "loading model", None, Some("loading")),
+        })
+    }
 }
 
 /// Serves until `shutdown` completes, then stops accepting and gives open connections
@@ -147,41 +199,101 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
+/// A Host header that names this machine: `localhost` (or a name under it), a loopback
+/// address, with or without a port. Anything else on a loopback bind is a browser that was
+/// pointed at us through someone's DNS name.
+fn is_loopback_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit())).map_or(host, |(h, _)| h)
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The allowed origin to echo back, if the request's Origin is on the allow-list.
+fn allowed_origin(config: &ServerConfig, req: &Request<Incoming>) -> Option<HeaderValue> {
+    let origin = req.headers().get(ORIGIN)?;
+    let o = origin.to_str().ok()?;
+    config.cors_origins.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(o)).then(|| origin.clone())
+}
+
 async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    if state.config.loopback_hosts_only {
+        let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        if !is_loopback_host(host) {
+            return Ok(error(StatusCode::FORBIDDEN, "invalid_request_error", "this server only answers requests addressed to localhost", None, Some("host_not_allowed")));
+        }
+    }
+    let origin = allowed_origin(&state.config, &req);
+    if req.method() == Method::OPTIONS {
+        // A CORS preflight: answered only for allowed origins.
+        let Some(origin) = origin else {
+            return Ok(error(StatusCode::FORBIDDEN, "invalid_request_error", "cross-origin requests are not allowed", None, Some("cors_not_allowed")));
+        };
+        let mut r = full(StatusCode::NO_CONTENT, "text/plain", Bytes::new());
+        let h = r.headers_mut();
+        h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.insert(ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+        h.insert(ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("authorization, content-type"));
+        h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+        h.insert(VARY, HeaderValue::from_static("origin"));
+        return Ok(r);
+    }
+    let mut resp = route(state, req).await;
+    if let Some(origin) = origin {
+        resp.headers_mut().insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        resp.headers_mut().insert(VARY, HeaderValue::from_static("origin"));
+    }
+    Ok(resp)
+}
+
+async fn route(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     if path == "/health" {
-        return Ok(json_response(StatusCode::OK, &json!({"status": "ok"})));
+        return match state.ready() {
+            Ok(_) => json_response(StatusCode::OK, &json!({"status": "ok"})),
+            Err(resp) => resp,
+        };
     }
     if let Some(key) = &state.config.api_key {
         let given = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
         if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
-            return Ok(error(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid or missing API key", None, Some("invalid_api_key")));
+            return error(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid or missing API key", None, Some("invalid_api_key"));
         }
     }
     let method = req.method().clone();
-    Ok(match (method, path.as_str()) {
-        (Method::GET, "/v1/models") => json_response(
+    let known = matches!(path.as_str(), "/v1/models" | "/metrics" | "/v1/completions" | "/v1/chat/completions" | "/tokenize" | "/detokenize");
+    if !known {
+        return error(StatusCode::NOT_FOUND, "invalid_request_error", format!("no route {path}"), None, None);
+    }
+    let ready = match state.ready() {
+        Ok(_) if path == "/v1/models" => None,
+        Ok(r) => Some(r),
+        Err(resp) => return resp,
+    };
+    match (method, path.as_str(), ready) {
+        (Method::GET, "/v1/models", _) => json_response(
             StatusCode::OK,
             &json!({"object": "list", "data": [{"id": state.config.model_name, "object": "model", "created": 0, "owned_by": "llama"}]}),
         ),
-        (Method::GET, "/metrics") => full(StatusCode::OK, "text/plain; version=0.0.4", state.engine.metrics().render_prometheus()),
-        (Method::POST, "/v1/completions" | "/v1/chat/completions" | "/tokenize" | "/detokenize") => {
+        (Method::GET, "/metrics", Some(r)) => full(StatusCode::OK, "text/plain; version=0.0.4", r.engine.metrics().render_prometheus()),
+        (Method::POST, "/v1/completions" | "/v1/chat/completions" | "/tokenize" | "/detokenize", Some(r)) => {
             let body = match read_json(&state, req).await {
                 Ok(v) => v,
-                Err(resp) => return Ok(resp),
+                Err(resp) => return resp,
             };
             match path.as_str() {
-                "/v1/completions" => completion(state, body, false).await,
-                "/v1/chat/completions" => completion(state, body, true).await,
-                "/tokenize" => tokenize(&state, body),
-                _ => detokenize(&state, body),
+                "/v1/completions" => completion(&state, r, body, false).await,
+                "/v1/chat/completions" => completion(&state, r, body, true).await,
+                "/tokenize" => tokenize(r, body),
+                _ => detokenize(r, body),
             }
         }
-        (_, "/v1/models" | "/metrics" | "/v1/completions" | "/v1/chat/completions" | "/tokenize" | "/detokenize") => {
-            error(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method not allowed", None, None)
-        }
-        _ => error(StatusCode::NOT_FOUND, "invalid_request_error", format!("no route {path}"), None, None),
-    })
+        _ => error(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method not allowed", None, None),
+    }
 }
 
 async fn read_json(state: &AppState, req: Request<Incoming>) -> Result<Value, Response<Body>> {
@@ -251,7 +363,7 @@ struct CompletionRequest {
     stream_options: Option<StreamOptions>,
 }
 
-async fn completion(state: Arc<AppState>, body: Value, chat: bool) -> Response<Body> {
+async fn completion(state: &AppState, ready: &Ready, body: Value, chat: bool) -> Response<Body> {
     let req: CompletionRequest = match serde_json::from_value(body) {
         Ok(r) => r,
         Err(e) => return bad_request(format!("invalid request: {e}"), None),
@@ -266,7 +378,7 @@ async fn completion(state: Arc<AppState>, body: Value, chat: bool) -> Response<B
     }
     let prompt = if chat {
         let Some(messages) = req.messages else { return bad_request("'messages' is required", Some("messages")) };
-        let Some(tmpl) = &state.template else { return bad_request("this model has no chat template", Some("messages")) };
+        let Some(tmpl) = &ready.template else { return bad_request("this model has no chat template", Some("messages")) };
         let msgs: Vec<Message> = messages
             .into_iter()
             .map(|m| Message {
@@ -315,7 +427,7 @@ async fn completion(state: Arc<AppState>, body: Value, chat: bool) -> Response<B
         Some(Stop::Many(v)) => v,
     };
     let opts = GenerateOptions { max_tokens, sampling, add_special: !chat, stop };
-    let handle = match state.engine.submit(crate::engine::Request { prompt, opts, deadline: None }) {
+    let handle = match ready.engine.submit(crate::engine::Request { prompt, opts, deadline: None }) {
         Ok(h) => h,
         Err(e) => return submit_error(e),
     };
@@ -419,21 +531,21 @@ fn stream_response(handle: crate::engine::Handle, id: String, model: String, cha
     r
 }
 
-fn tokenize(state: &AppState, body: Value) -> Response<Body> {
+fn tokenize(ready: &Ready, body: Value) -> Response<Body> {
     let Some(content) = body.get("content").and_then(Value::as_str) else { return bad_request("'content' (a string) is required", Some("content")) };
     let add_special = body.get("add_special").and_then(Value::as_bool).unwrap_or(false);
-    match state.engine.model().tokenize(content, add_special) {
+    match ready.engine.model().tokenize(content, add_special) {
         Ok(t) => json_response(StatusCode::OK, &json!({"tokens": t})),
         Err(e) => bad_request(e.to_string(), Some("content")),
     }
 }
 
-fn detokenize(state: &AppState, body: Value) -> Response<Body> {
+fn detokenize(ready: &Ready, body: Value) -> Response<Body> {
     let Some(tokens) = body.get("tokens").and_then(Value::as_array) else { return bad_request("'tokens' (an array of integers) is required", Some("tokens")) };
     let mut bytes = Vec::new();
     for t in tokens {
         let Some(id) = t.as_i64().and_then(|i| i32::try_from(i).ok()) else { return bad_request("tokens must be integers", Some("tokens")) };
-        match state.engine.model().token_bytes(id, false) {
+        match ready.engine.model().token_bytes(id, false) {
             Ok(b) => bytes.extend(b),
             Err(_) => return bad_request(format!("token {id} is not in the vocabulary"), Some("tokens")),
         }
@@ -449,6 +561,16 @@ pub fn bound(listener: &tokio::net::TcpListener) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_host_names() {
+        for h in ["localhost", "localhost:8080", "LOCALHOST.", "app.localhost:1", "127.0.0.1", "127.0.0.1:8080", "127.5.6.7", "[::1]:8080", "[::1]", "::1"] {
+            assert!(is_loopback_host(h), "{h} should pass");
+        }
+        for h in ["", "evil.example", "evil.example:8080", "localhost.evil.example", "10.0.0.1:80", "0.0.0.0", "[::]:80", "127.0.0.1.nip.io"] {
+            assert!(!is_loopback_host(h), "{h} should be refused");
+        }
+    }
 
     #[test]
     fn api_keys_compare_exactly() {

@@ -19,10 +19,30 @@ struct Server {
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Server {
+    /// Starts `llama serve` on the test model and waits until /health says it is ready.
     fn start(extra: &[&str]) -> Server {
-        let serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let model = model_path();
-        let mut args = vec!["serve", "-m", model.to_str().unwrap(), "--port", "0", "-t", "2"];
+        let s = Server::start_with(model.to_str().unwrap(), extra);
+        let t = Instant::now();
+        loop {
+            match ureq::get(&s.url("/health")).call() {
+                Ok(r) if r.status() == 200 => break,
+                Err(ureq::Error::Status(503, r)) => {
+                    let v: Value = r.into_json().unwrap();
+                    assert_eq!(v["error"]["code"], "loading", "{v}");
+                }
+                other => panic!("/health: {other:?}"),
+            }
+            assert!(t.elapsed() < Duration::from_secs(120), "the model never became ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    /// Starts `llama serve` on `model` and returns once it listens (possibly still loading).
+    fn start_with(model: &str, extra: &[&str]) -> Server {
+        let serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut args = vec!["serve", "-m", model, "--port", "0", "-t", "2"];
         args.extend_from_slice(extra);
         let mut child = llama_cmd(&args).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
@@ -204,7 +224,7 @@ fn a_slow_header_sender_is_cut_off_while_others_are_served() {
         let mut c = TcpStream::connect(addr).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
         let start = Instant::now();
-        for b in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaa\r\n\r\n" {
+        for b in b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: aaaaaaaaaaaaaaaa\r\n\r\n" {
             if c.write_all(&[*b]).is_err() {
                 break;
             }
@@ -274,7 +294,7 @@ fn a_queued_client_that_drops_never_starts() {
     let addr = s.addr();
     let mut b = TcpStream::connect(&addr).unwrap();
     let body = json!({"prompt": "This request must never run.", "max_tokens": 50, "stream": true}).to_string();
-    write!(b, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    write!(b, "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
     let t = Instant::now();
     while s.metric("llama_queue_depth") != 1.0 {
         assert!(t.elapsed() < Duration::from_secs(10), "B was never queued");
@@ -291,4 +311,109 @@ fn a_queued_client_that_drops_never_starts() {
     let _ = a.read_to_end(&mut Vec::new());
     assert_eq!(s.metric("llama_prompt_tokens_total"), prompt_tokens_before, "B's prompt was processed");
     assert_eq!(s.metric("llama_requests_total{outcome=\"cancelled\"}"), 1.0);
+}
+
+/// One raw HTTP/1.1 request; returns the status line and headers, and the body.
+fn raw(addr: &str, request: &str) -> (String, String) {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (head.to_string(), body.to_string())
+}
+
+#[test]
+fn dns_rebinding_cors_and_error_leaks() {
+    let s = Server::start(&["--parallel", "1"]);
+    let addr = s.addr();
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    // A page on evil.example whose name was rebound to 127.0.0.1 sends its own Host.
+    for host in ["evil.example", &format!("evil.example:{port}"), "localhost.evil.example", "127.0.0.1.nip.io"] {
+        let (head, body) = raw(&addr, &format!("GET /v1/models HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"));
+        assert!(head.starts_with("HTTP/1.1 403"), "Host {host}: {head}");
+        assert!(body.contains("host_not_allowed"), "{body}");
+        let (head, _) = raw(&addr, &format!("GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"));
+        assert!(head.starts_with("HTTP/1.1 403"), "Host {host} on /health: {head}");
+    }
+    for host in [format!("localhost:{port}"), format!("127.0.0.1:{port}"), "localhost".to_string()] {
+        let (head, _) = raw(&addr, &format!("GET /v1/models HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"));
+        assert!(head.starts_with("HTTP/1.1 200"), "Host {host}: {head}");
+    }
+    // CORS is off by default: no allow-origin header, preflights refused.
+    let (head, _) = raw(&addr, "GET /v1/models HTTP/1.1\r\nHost: localhost\r\nOrigin: http://evil.example\r\nConnection: close\r\n\r\n");
+    assert!(!head.to_ascii_lowercase().contains("access-control-allow-origin"), "{head}");
+    let (head, _) = raw(&addr, "OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nOrigin: http://evil.example\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    // Error bodies name no path and do not tell whether a file exists.
+    let model = model_path();
+    // A model name is matched against the served names, never resolved to a path: an
+    // existing file, a traversal and a missing name get the same answer.
+    let mut answers = std::collections::BTreeSet::new();
+    for name in [model.to_str().unwrap(), "../../../../etc/passwd", "/etc/passwd", "no-such-model"] {
+        let (code, v) = s.post("/v1/completions", &json!({"model": name, "prompt": "Hi", "max_tokens": 1}));
+        assert_eq!(code, 404, "{v}");
+        let text = v.to_string().replace(&serde_json::to_string(name).unwrap()[1..name.len() + 1], "NAME");
+        assert!(!text.contains(model.parent().unwrap().to_str().unwrap()), "a server path leaked: {text}");
+        answers.insert(text);
+    }
+    assert_eq!(answers.len(), 1, "answers differ by name: {answers:?}");
+    drop(s);
+
+    let s = Server::start(&["--parallel", "1", "--cors-origin", "http://app.test"]);
+    let addr = s.addr();
+    let (head, _) = raw(&addr, "OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nOrigin: http://app.test\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 204"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("access-control-allow-origin: http://app.test"), "{head}");
+    let (head, _) = raw(&addr, "GET /v1/models HTTP/1.1\r\nHost: localhost\r\nOrigin: http://app.test\r\nConnection: close\r\n\r\n");
+    assert!(head.to_ascii_lowercase().contains("access-control-allow-origin: http://app.test"), "{head}");
+    let (head, _) = raw(&addr, "GET /v1/models HTTP/1.1\r\nHost: localhost\r\nOrigin: http://other.test\r\nConnection: close\r\n\r\n");
+    assert!(!head.to_ascii_lowercase().contains("access-control-allow-origin"), "{head}");
+}
+
+#[test]
+fn a_bad_model_exits_at_once_or_serves_503_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("secret-dir").join("broken.gguf");
+    std::fs::create_dir_all(bad.parent().unwrap()).unwrap();
+    // A valid header start with an absurd layer count: llama.cpp would abort on it.
+    let mut bytes = std::fs::read(model_path()).unwrap();
+    let key = b"gemma3.block_count";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    bytes[at + 4..at + 8].copy_from_slice(&100_000u32.to_le_bytes());
+    std::fs::write(&bad, &bytes).unwrap();
+
+    // Default: exit at once with the typed error, exit code 3, no signal.
+    let t = Instant::now();
+    let o = llama_cmd(&["serve", "-m", bad.to_str().unwrap(), "--port", "0"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("gemma3.block_count: 100000 is outside 1..=512"), "{}", String::from_utf8_lossy(&o.stderr));
+    eprintln!("exited after {:?}", t.elapsed());
+
+    // --on-load-error serve: stays up, /health 503 with the reason and no path.
+    let s = Server::start_with(bad.to_str().unwrap(), &["--on-load-error", "serve"]);
+    let t = Instant::now();
+    let v = loop {
+        match ureq::get(&s.url("/health")).call() {
+            Err(ureq::Error::Status(503, r)) => {
+                let v: Value = r.into_json().unwrap();
+                if v["error"]["code"] == "model_load_failed" {
+                    break v;
+                }
+            }
+            other => panic!("/health: {other:?}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "never reported the failure");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("gemma3.block_count"), "{msg}");
+    assert!(!msg.contains("secret-dir") && !msg.contains('/'), "a path leaked: {msg}");
+    let (code, v) = s.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 1}));
+    assert_eq!(code, 503, "{v}");
+    assert!(!v.to_string().contains("secret-dir"), "{v}");
+    // Still up a while later: no crash loop.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(ureq::get(&s.url("/health")).call().is_err_and(|e| matches!(e, ureq::Error::Status(503, _))));
 }
