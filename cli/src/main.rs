@@ -107,8 +107,21 @@ fn init_logging(cli: &Cli) -> Option<tracing_chrome::FlushGuard> {
     guard
 }
 
+/// Where to look for backends. Each candidate is probed in a child process (this binary,
+/// re-executed), so a plugin that crashes or hangs is reported instead of taking us down.
 fn discovery(cli: &Cli) -> DiscoveryOptions {
-    DiscoveryOptions { backend_dirs: cli.backend_dirs.clone(), ..DiscoveryOptions::from_env() }
+    DiscoveryOptions {
+        backend_dirs: cli.backend_dirs.clone(),
+        isolation: llama_host::probe::Isolation::current_exe(probe_timeout()),
+        ..DiscoveryOptions::from_env()
+    }
+}
+
+/// How long a backend's probe may take in its child process: 10 s, or
+/// `LLAMA_PROBE_TIMEOUT` seconds.
+fn probe_timeout() -> std::time::Duration {
+    let secs = std::env::var("LLAMA_PROBE_TIMEOUT").ok().and_then(|v| v.parse::<f64>().ok()).filter(|s| *s > 0.0).unwrap_or(10.0);
+    std::time::Duration::from_secs_f64(secs)
 }
 
 /// Discovers backends, prints the report with -v, and selects.
@@ -279,8 +292,8 @@ fn backends_cmd(cli: &Cli, a: &BackendsArgs) -> Result<(), CliError> {
             Some(d) => d.clone(),
             None => llama_host::user_backends_dir().ok_or(llama_host::InstallError::NoUserDir)?,
         };
-        let (dest, info) = llama_host::install_backend(file, &dir)?;
-        println!("installed {} backend {} ({}) to {}", info.name, info.version, info.llama_build, dest.display());
+        let (dest, [name, version, build]) = llama_host::install_backend(file, &dir, discovery(cli).isolation.as_ref())?;
+        println!("installed {name} backend {version} ({build}) to {}", dest.display());
         return Ok(());
     }
     let mut backends = Backends::discover(&discovery(cli));
@@ -574,6 +587,16 @@ fn dispatch(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), CliError> {
 }
 
 fn main() -> ExitCode {
+    // The child side of crash-isolated backend probing (see llama_host::probe): not a user
+    // command, so it is handled before argument parsing and never listed in --help.
+    let mut raw = std::env::args_os().skip(1);
+    if raw.next().is_some_and(|a| a == llama_host::probe::PROBE_SUBCOMMAND) {
+        let Some(path) = raw.next() else { return ExitCode::from(2) };
+        return match llama_host::probe::child_main(std::path::Path::new(&path)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::from(1),
+        };
+    }
     let matches = Cli::command().get_matches_from(args::normalize_args(std::env::args_os()));
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,

@@ -24,6 +24,7 @@ pub use llama_gguf as gguf;
 mod error;
 pub mod hardware;
 pub mod metrics;
+pub mod probe;
 pub mod server;
 mod logging;
 mod model;

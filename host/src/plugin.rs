@@ -25,6 +25,12 @@ pub enum PluginError {
     AbiLayout { expected: String },
     #[error("needs CPU features this CPU lacks: {}", missing.join(" "))]
     CpuFeatures { missing: Vec<String> },
+    /// A refusal reported by a probe in a child process (already a sentence).
+    #[error("{detail}")]
+    Refused { detail: String },
+    /// Its probe crashed or hung in a child process.
+    #[error("{detail}")]
+    Crashed { detail: String },
 }
 
 impl PluginError {
@@ -37,13 +43,14 @@ impl PluginError {
             PluginError::AbiVersion { .. } => "abi-version",
             PluginError::AbiLayout { .. } => "abi-layout",
             PluginError::CpuFeatures { .. } => "cpu-features",
+            PluginError::Refused { .. } => "refused",
+            PluginError::Crashed { .. } => "probe-crashed",
         }
     }
 }
 
 /// A backend library that passed every check, with what it said about itself.
 pub(crate) struct Plugin {
-    pub module: BackendModRef,
     pub info: BackendInfo,
     pub probe: ProbeReport,
 }
@@ -100,8 +107,8 @@ fn translate(err: LibraryError, path: &Path) -> PluginError {
     }
 }
 
-/// Opens, checks and probes one candidate file.
-pub(crate) fn open(path: &Path) -> Result<Plugin, PluginError> {
+/// Opens and checks one candidate file, without probing it: the module and its info.
+pub(crate) fn load(path: &Path) -> Result<(BackendModRef, BackendInfo), PluginError> {
     let header = lib_header_from_path(path).map_err(|e| translate(e, path))?;
     let name = header.root_mod_consts().name();
     if name.as_str() != ROOT_MODULE_NAME {
@@ -114,8 +121,14 @@ pub(crate) fn open(path: &Path) -> Result<Plugin, PluginError> {
         return Err(PluginError::CpuFeatures { missing });
     }
     let info = (module.info())();
+    Ok((module, info))
+}
+
+/// Opens, checks and probes one candidate file.
+pub(crate) fn open(path: &Path) -> Result<Plugin, PluginError> {
+    let (module, info) = load(path)?;
     let probe = (module.probe())();
-    Ok(Plugin { module, info, probe })
+    Ok(Plugin { info, probe })
 }
 
 /// Why `llama backends install` refused a file.
@@ -131,13 +144,25 @@ pub enum InstallError {
     Copy { dir: PathBuf, #[source] source: std::io::Error },
 }
 
-/// Checks that `file` loads as a backend with this host's ABI, then copies it into `dir`
-/// (atomically: a copy then a rename). Returns the installed path and its info.
-pub fn install_backend(file: &Path, dir: &Path) -> Result<(PathBuf, BackendInfo), InstallError> {
+/// Checks that `file` loads as a backend with this host's ABI (in a child process when
+/// `isolation` is given, so a library that crashes when opened cannot take the host down),
+/// then copies it into `dir` (atomically: a copy then a rename). Returns the installed path
+/// and the backend's name, version and llama.cpp build.
+pub fn install_backend(file: &Path, dir: &Path, isolation: Option<&crate::probe::Isolation>) -> Result<(PathBuf, [String; 3]), InstallError> {
+    use crate::probe::{self, ProbeOutcome};
     if !file.is_file() {
         return Err(InstallError::NotFound { path: file.to_path_buf() });
     }
-    let plugin = open(file).map_err(|reason| InstallError::Refused { path: file.to_path_buf(), reason })?;
+    let refused = |reason| InstallError::Refused { path: file.to_path_buf(), reason };
+    let outcome = match isolation {
+        Some(iso) => probe::isolated(&probe::Isolation { cache: None, ..iso.clone() }, file),
+        None => probe::in_process(file),
+    };
+    let about = match outcome {
+        ProbeOutcome::Probed { name, version, llama_build, .. } => [name, version, llama_build],
+        ProbeOutcome::Rejected { reason, .. } => return Err(refused(PluginError::Refused { detail: reason })),
+        ProbeOutcome::Crashed { reason } => return Err(refused(PluginError::Crashed { detail: reason })),
+    };
     let name = file.file_name().ok_or_else(|| InstallError::NotFound { path: file.to_path_buf() })?;
     let copy_err = |source| InstallError::Copy { dir: dir.to_path_buf(), source };
     std::fs::create_dir_all(dir).map_err(copy_err)?;
@@ -148,7 +173,7 @@ pub fn install_backend(file: &Path, dir: &Path) -> Result<(PathBuf, BackendInfo)
         let _ = std::fs::remove_file(&tmp);
         copy_err(e)
     })?;
-    Ok((dest, plugin.info))
+    Ok((dest, about))
 }
 
 

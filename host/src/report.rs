@@ -35,7 +35,7 @@ impl fmt::Display for Verdict {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct DeviceReport {
     pub name: String,
     pub description: String,
@@ -52,7 +52,7 @@ pub struct CandidateReport {
     pub score: Option<u32>,
     pub reason: String,
     /// Machine-readable rejection kind (`not-a-library`, `abi-version`, ...).
-    pub rejection: Option<&'static str>,
+    pub rejection: Option<String>,
     pub version: Option<String>,
     pub llama_build: Option<String>,
     pub devices: Vec<DeviceReport>,

@@ -10,8 +10,9 @@ use llama_plugin_api::{Accelerator, BackendBox, BackendInfo, ProbeReport, ABI_VE
 use crate::discovery::{self, SearchDir};
 use crate::error::SelectError;
 use crate::hardware;
-use crate::plugin::{self, Plugin};
-use crate::report::{CandidateReport, DeviceReport, SearchDirReport, SelectionReport, Verdict};
+use crate::plugin;
+use crate::probe::{self, ProbeOutcome};
+use crate::report::{CandidateReport, SearchDirReport, SelectionReport, Verdict};
 
 /// Which backend to use.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +41,9 @@ pub struct DiscoveryOptions {
     pub exe: Option<PathBuf>,
     /// The per-user backends directory.
     pub user_dir: Option<PathBuf>,
+    /// Probe each candidate in a child process (crash isolation); `None` probes in this
+    /// process, which a library user may prefer when there is no `llama` binary to run.
+    pub isolation: Option<crate::probe::Isolation>,
 }
 
 impl DiscoveryOptions {
@@ -50,6 +54,7 @@ impl DiscoveryOptions {
             env_path: std::env::var("LLAMA_BACKEND_PATH").ok(),
             exe: std::env::current_exe().ok(),
             user_dir: discovery::user_backends_dir(),
+            isolation: None,
         }
     }
 
@@ -58,10 +63,11 @@ impl DiscoveryOptions {
     }
 }
 
-/// A backend plugin that loaded, passed its checks and probed usable.
+/// A backend plugin that passed its checks and probed usable (opened in this process only
+/// when selected).
 struct Usable {
     row: usize,
-    plugin: Plugin,
+    path: PathBuf,
 }
 
 /// The backends found on this machine.
@@ -143,62 +149,67 @@ impl Backends {
         };
         let mut usable = Vec::new();
         let mut seen: Vec<PathBuf> = Vec::new();
+        let mut paths = Vec::new();
         for dir in &dirs {
             for path in discovery::candidates_in(dir) {
                 // The same file reached twice (a symlinked directory, say) is one candidate.
                 let canonical = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
-                if seen.contains(&canonical) {
-                    continue;
+                if !seen.contains(&canonical) {
+                    seen.push(canonical);
+                    paths.push(path);
                 }
-                seen.push(canonical);
+            }
+        }
+        let mut prober = opts.isolation.as_ref().map(probe::Prober::new);
+        let outcomes: Vec<(ProbeOutcome, bool)> = match prober.as_mut() {
+            Some(p) => p.probe_all(&paths),
+            None => paths.iter().map(|p| (probe::in_process(p), false)).collect(),
+        };
+        {
+            for (path, (outcome, cached)) in paths.into_iter().zip(outcomes) {
                 let row = report.candidates.len();
-                match plugin::open(&path) {
-                    Err(reason) => {
-                        tracing::debug!(path = %path.display(), %reason, "backend candidate rejected");
-                        report.candidates.push(CandidateReport {
-                            name: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-                            path: Some(path),
-                            verdict: Verdict::Rejected,
-                            score: None,
-                            reason: reason.to_string(),
-                            rejection: Some(reason.kind()),
-                            version: None,
-                            llama_build: None,
-                            devices: Vec::new(),
-                        });
+                let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let mut c = CandidateReport {
+                    name: file_name,
+                    path: Some(path.clone()),
+                    verdict: Verdict::Rejected,
+                    score: None,
+                    reason: String::new(),
+                    rejection: None,
+                    version: None,
+                    llama_build: None,
+                    devices: Vec::new(),
+                };
+                match outcome {
+                    ProbeOutcome::Rejected { kind, reason } => {
+                        c.reason = reason;
+                        c.rejection = Some(kind);
                     }
-                    Ok(plugin) => {
-                        let host_reason = hardware::accelerator_unavailable(plugin.info.accelerator);
-                        let ok = plugin.probe.usable && host_reason.is_none();
-                        let reason = host_reason.unwrap_or_else(|| plugin.probe.reason.to_string());
-                        tracing::debug!(path = %path.display(), usable = ok, %reason, "backend candidate probed");
-                        report.candidates.push(CandidateReport {
-                            name: plugin.info.name.to_string(),
-                            path: Some(path),
-                            verdict: if ok { Verdict::Usable } else { Verdict::Unusable },
-                            score: ok.then_some(plugin.probe.score),
-                            reason,
-                            rejection: None,
-                            version: Some(plugin.info.version.to_string()),
-                            llama_build: Some(plugin.info.llama_build.to_string()),
-                            devices: plugin
-                                .probe
-                                .devices
-                                .iter()
-                                .map(|d| DeviceReport {
-                                    name: d.name.to_string(),
-                                    description: d.description.to_string(),
-                                    memory_total: d.memory_total,
-                                    memory_free: d.memory_free,
-                                })
-                                .collect(),
-                        });
+                    ProbeOutcome::Crashed { reason } => {
+                        c.reason = reason;
+                        c.rejection = Some("probe-crashed".into());
+                    }
+                    ProbeOutcome::Probed { name, accelerator, version, llama_build, usable: probed_usable, score, reason, devices } => {
+                        let host_reason = KNOWN.iter().find(|a| a.as_str() == accelerator).and_then(|a| hardware::accelerator_unavailable(*a));
+                        let ok = probed_usable && host_reason.is_none();
+                        c.name = name;
+                        c.verdict = if ok { Verdict::Usable } else { Verdict::Unusable };
+                        c.score = ok.then_some(score);
+                        c.reason = host_reason.unwrap_or(reason);
+                        c.version = Some(version);
+                        c.llama_build = Some(llama_build);
+                        c.devices = devices;
                         if ok {
-                            usable.push(Usable { row, plugin });
+                            usable.push(Usable { row, path: path.clone() });
                         }
                     }
                 }
+                tracing::debug!(path = %path.display(), verdict = %c.verdict, reason = %c.reason, cached, "backend candidate");
+                report.candidates.push(c);
             }
+        }
+        if let Some(p) = &prober {
+            tracing::debug!(cached = p.hits, probed = p.misses, "backend probes");
         }
         // Known backends without any plugin file still get a row that says why they are
         // not in use, so "why is my GPU not used?" has an answer.
@@ -248,27 +259,41 @@ impl Backends {
             let Some(i) = choose(&options, &choice) else {
                 return Err(self.no_backend(&choice));
             };
-            let u = &self.usable[i];
-            let row = u.row;
-            match (u.plugin.module.init())(crate::logging::sink()).into_result() {
-                Ok(backend) => {
+            let row = self.usable[i].row;
+            let path = self.usable[i].path.clone();
+            // Only now is the library opened in this process (its probe ran in a child when
+            // isolated); a failure here drops it and, under Auto, the next best is tried.
+            let loaded = plugin::load(&path).map_err(|e| e.to_string()).and_then(|(module, info)| {
+                (module.init())(crate::logging::sink()).into_result().map(|b| (b, info)).map_err(|e| format!("initialisation failed: {e}"))
+            });
+            match loaded {
+                Ok((backend, info)) => {
                     let c = &mut self.report.candidates[row];
                     c.verdict = Verdict::Selected;
                     tracing::info!(backend = %c.name, path = ?c.path, "backend selected");
-                    return Ok(LoadedBackend {
-                        inner: Arc::new(BackendInner {
-                            backend,
-                            info: u.plugin.info.clone(),
-                            probe: u.plugin.probe.clone(),
-                            path: c.path.clone().unwrap_or_default(),
-                        }),
-                    });
+                    let probe = ProbeReport {
+                        usable: true,
+                        score: c.score.unwrap_or(0),
+                        reason: c.reason.as_str().into(),
+                        devices: c
+                            .devices
+                            .iter()
+                            .map(|d| llama_plugin_api::DeviceInfo {
+                                name: d.name.as_str().into(),
+                                description: d.description.as_str().into(),
+                                memory_total: d.memory_total,
+                                memory_free: d.memory_free,
+                            })
+                            .collect(),
+                    };
+                    return Ok(LoadedBackend { inner: Arc::new(BackendInner { backend, info, probe, path }) });
                 }
-                Err(e) => {
+                Err(reason) => {
+                    self.usable.remove(i);
                     let c = &mut self.report.candidates[row];
                     c.verdict = Verdict::Unusable;
                     c.score = None;
-                    c.reason = format!("initialisation failed: {e}");
+                    c.reason = reason;
                     if choice != BackendChoice::Auto {
                         return Err(self.no_backend(&choice));
                     }
@@ -356,6 +381,7 @@ mod tests {
             env_path: None,
             exe: None,
             user_dir: None,
+            isolation: None,
         };
         let mut b = Backends::discover(&opts);
         let names: Vec<&str> = b.report().candidates.iter().map(|c| c.name.as_str()).collect();

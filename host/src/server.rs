@@ -203,7 +203,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// address, with or without a port. Anything else on a loopback bind is a browser that was
 /// pointed at us through someone's DNS name.
 fn is_loopback_host(host: &str) -> bool {
-    let name = if let Some(rest) = host.strip_prefix('[') {
+    let name = if host.parse::<std::net::IpAddr>().is_ok() {
+        host
+    } else if let Some(rest) = host.strip_prefix('[') {
         // [v6]:port
         rest.split(']').next().unwrap_or("")
     } else {

@@ -58,7 +58,10 @@ pub fn llama_cmd(args: &[&str]) -> Command {
     cmd.args(args)
         .env_remove("LLAMA_BACKEND_PATH")
         .env_remove("LLAMA_LOG")
-        .env("XDG_DATA_HOME", empty_data_home());
+        .env_remove("LLAMA_PROBE_TIMEOUT")
+        .env("XDG_DATA_HOME", empty_data_home())
+        // The probe cache of the tests' own, beside the build output.
+        .env("XDG_CACHE_HOME", llama_bin().parent().expect("binary has a directory").join("llama-tests-cache"));
     cmd
 }
 
@@ -101,7 +104,7 @@ pub fn model() -> &'static Model {
 pub fn shared_model() -> &'static Arc<Model> {
     static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
     MODEL.get_or_init(|| {
-        let opts = DiscoveryOptions { backend_dirs: vec![target_dir()], env_path: None, exe: None, user_dir: None };
+        let opts = DiscoveryOptions { backend_dirs: vec![target_dir()], env_path: None, exe: None, user_dir: None, isolation: None };
         let mut backends = Backends::discover(&opts);
         let backend = backends.select(BackendChoice::Named("cpu".into())).expect("the CPU plugin in target/release");
         Arc::new(Model::load(&backend, model_path(), &ModelParams::default()).expect("the test model loads"))

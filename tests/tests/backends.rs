@@ -163,3 +163,58 @@ fn an_installed_backend_is_picked_up_from_the_user_directory() {
     assert!(cpus.iter().any(|c| c["path"].as_str().unwrap().starts_with(user_dir.to_str().unwrap())));
     assert_eq!(cpus.iter().filter(|c| c["verdict"] == "selected").count(), 1);
 }
+
+/// A backends directory of misbehaving plugins: one segfaults when opened (a constructor),
+/// one segfaults in its probe, one hangs in its probe. Each claims a score no real CPU
+/// backend has, so a host that trusted them would pick them.
+fn crashing_backends_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let ext = std::env::consts::DLL_EXTENSION;
+    for f in ["crash_on_open", "crash_in_probe", "hang_in_probe"] {
+        std::fs::copy(built_library(&format!("fixture_{f}")), dir.path().join(format!("libllama_backend_{f}.{ext}"))).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn plugins_that_crash_or_hang_are_reported_and_skipped() {
+    let dir = crashing_backends_dir();
+    let t = std::time::Instant::now();
+    let o = llama_tests::llama_cmd(&["run", "-v", "--backend-dir", dir_arg(dir.path()), "-m", model_path().to_str().unwrap(), "-p", "Hello", "-n", "4"])
+        .env("LLAMA_PROBE_TIMEOUT", "3")
+        .output()
+        .unwrap();
+    let cold = t.elapsed();
+    assert_exit(&o, 0);
+    assert!(!stdout(&o).trim().is_empty(), "no text generated");
+    let err = stderr(&o);
+    for (file, reason) in [
+        ("libllama_backend_crash_on_open", "probe crashed: signal 11 (SIGSEGV)"),
+        ("libllama_backend_crash_in_probe", "probe crashed: signal 11 (SIGSEGV)"),
+        ("libllama_backend_hang_in_probe", "probe timed out after 3 s"),
+    ] {
+        let line = err.lines().find(|l| l.contains(file)).unwrap_or_else(|| panic!("{file} not reported in:\n{err}"));
+        assert!(line.contains("rejected") && line.contains(reason), "{file}: {line}");
+    }
+    assert!(err.contains("cpu") && err.contains("selected"), "{err}");
+    // The outcomes are cached per file: the next start probes nothing and waits for nothing.
+    let t = std::time::Instant::now();
+    let o = llama_tests::llama_cmd(&["backends", "--json", "--backend-dir", dir_arg(dir.path())]).env("LLAMA_PROBE_TIMEOUT", "3").output().unwrap();
+    let warm = t.elapsed();
+    assert_exit(&o, 0);
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(candidate(&r, "libllama_backend_hang_in_probe.so")["reason"], "probe timed out after 3 s");
+    assert_eq!(candidate(&r, "cpu")["verdict"], "selected");
+    eprintln!("cold start with a hanging plugin {cold:?}, warm (cached) {warm:?}");
+    assert!(warm < std::time::Duration::from_secs(3), "the hang was probed again: {warm:?}");
+
+    // Installing one of them is refused with the reason, and the host survives it.
+    for f in ["crash_on_open", "hang_in_probe"] {
+        let target = tempfile::tempdir().unwrap();
+        let file = dir.path().join(format!("libllama_backend_{f}.{}", std::env::consts::DLL_EXTENSION));
+        let o = llama_tests::llama_cmd(&["backends", "install", file.to_str().unwrap(), "--dir", dir_arg(target.path())]).env("LLAMA_PROBE_TIMEOUT", "3").output().unwrap();
+        assert_exit(&o, 4);
+        assert!(stderr(&o).contains("probe"), "{}", stderr(&o));
+        assert!(std::fs::read_dir(target.path()).unwrap().next().is_none(), "a refused plugin was installed");
+    }
+}
