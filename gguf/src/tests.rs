@@ -230,3 +230,31 @@ fn every_prefix_of_a_valid_file_is_refused_without_panicking() {
         assert!(validate_bytes(&bytes[..n]).is_err(), "a {n}-byte prefix was accepted");
     }
 }
+
+/// The fuzz target's seed corpus and every input the fuzzer ever crashed on (fuzz/regressions,
+/// kept as regression tests) go through the validator without panicking; the handcrafted
+/// model seeds are valid.
+#[test]
+fn seed_corpus_and_fuzz_regressions() {
+    let fuzz = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    let mut seen = 0;
+    for dir in ["corpus/seeds", "regressions"] {
+        for entry in std::fs::read_dir(fuzz.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap();
+            let result = std::panic::catch_unwind(|| validate_bytes(&bytes));
+            assert!(result.is_ok(), "{} panicked the validator", path.display());
+            let model_seed = ["minimal-llama.gguf", "per-layer-arrays.gguf", "moe-quantized.gguf"].iter().any(|n| path.ends_with(n));
+            if model_seed {
+                if let Ok(Err(p)) = &result {
+                    panic!("seed {} is refused: {p}", path.display());
+                }
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen >= 5, "the seed corpus is missing");
+}
