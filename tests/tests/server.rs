@@ -417,3 +417,171 @@ fn a_bad_model_exits_at_once_or_serves_503_with_the_reason() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(ureq::get(&s.url("/health")).call().is_err_and(|e| matches!(e, ureq::Error::Status(503, _))));
 }
+
+/// The server process's resident memory (KiB) and open file descriptors.
+fn rss_and_fds(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    (rss, fds)
+}
+
+/// How one soak request ended. Anything else (a transport error, a malformed body) fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Ended {
+    Completed,
+    Streamed,
+    Overloaded,
+    HungUp,
+}
+
+fn soak_request(base: &str, agent: &ureq::Agent, addr: &str, n: u64) -> Result<Ended, String> {
+    // A small xorshift per request: reproducible and different for each.
+    let mut x = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rnd = |m: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % m
+    };
+    let kind = rnd(10);
+    let max_tokens = 1 + rnd(24);
+    let prompt = ["Hello", "Tell me about rivers.", "Write a haiku about snow.", "List three colours.", "Why is the sky blue?"][rnd(5) as usize];
+    if kind == 0 {
+        // A client that hangs up mid-stream.
+        let mut c = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        let body = json!({"prompt": prompt, "max_tokens": 200, "stream": true}).to_string();
+        write!(c, "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 256];
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let got = c.read(&mut buf).map_err(|e| e.to_string())?;
+        let head = String::from_utf8_lossy(&buf[..got]).to_string();
+        if head.starts_with("HTTP/1.1 503") {
+            return Ok(Ended::Overloaded);
+        }
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(format!("hang-up request got {head:?}"));
+        }
+        return Ok(Ended::HungUp);
+    }
+    let stream = kind < 6;
+    let chat = kind == 5 || kind == 9;
+    let (path, body) = if chat {
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "stream": stream, "seed": n}))
+    } else {
+        ("/v1/completions", json!({"prompt": prompt, "max_tokens": max_tokens, "stream": stream, "temperature": 0.7, "seed": n}))
+    };
+    match agent.post(&format!("{base}{path}")).send_json(body) {
+        Ok(r) if stream => {
+            let events = sse_events(r);
+            if events.last().map(String::as_str) != Some("[DONE]") {
+                return Err(format!("stream did not end with [DONE]: {events:?}"));
+            }
+            for e in &events[..events.len() - 1] {
+                serde_json::from_str::<Value>(e).map_err(|err| format!("bad chunk {e:?}: {err}"))?;
+            }
+            Ok(Ended::Streamed)
+        }
+        Ok(r) => {
+            let v: Value = r.into_json().map_err(|e| e.to_string())?;
+            let finish = &v["choices"][0]["finish_reason"];
+            if finish != "length" && finish != "stop" {
+                return Err(format!("unexpected body {v}"));
+            }
+            Ok(Ended::Completed)
+        }
+        Err(ureq::Error::Status(503, r)) => {
+            if r.header("retry-after").is_none() {
+                return Err("503 without Retry-After".into());
+            }
+            Ok(Ended::Overloaded)
+        }
+        Err(e) => Err(format!("{path}: {e}")),
+    }
+}
+
+/// 1,000 mixed requests over HTTP: streaming and not, completions and chat, random lengths,
+/// a tenth hanging up mid-stream, and more clients than slots plus queue so some are turned
+/// away. Every request must end in a definite outcome; memory and file descriptors after the
+/// run must be within 10% of their values after the first 100 requests.
+#[test]
+fn http_soak_of_a_thousand_mixed_requests() {
+    let s = Server::start(&["--parallel", "4", "--queue", "4", "-c", "4096"]);
+    let pid = s.child.id();
+    let base = s.base.clone();
+    let addr = s.addr();
+    // Two more clients than slots plus queue: some are turned away.
+    let clients = 10;
+    let rejections = std::sync::atomic::AtomicU64::new(0);
+    let run = |from: u64, to: u64| -> Vec<Result<Ended, String>> {
+        let next = std::sync::atomic::AtomicU64::new(from);
+        let results = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|sc| {
+            for _ in 0..clients {
+                sc.spawn(|| {
+                    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(120)).build();
+                    loop {
+                        let n = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if n >= to {
+                            break;
+                        }
+                        // A well-behaved client backs off and retries a 503 a few times.
+                        let mut r = soak_request(&base, &agent, &addr, n);
+                        for attempt in 0..4 {
+                            if r != Ok(Ended::Overloaded) {
+                                break;
+                            }
+                            rejections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            std::thread::sleep(Duration::from_millis(50 * (attempt + 1) + n % 50));
+                            r = soak_request(&base, &agent, &addr, n);
+                        }
+                        results.lock().unwrap().push(r);
+                    }
+                });
+            }
+        });
+        results.into_inner().unwrap()
+    };
+    let settle = |s: &Server| {
+        let t = Instant::now();
+        while s.metric("llama_active_sequences") != 0.0 || s.metric("llama_queue_depth") != 0.0 {
+            assert!(t.elapsed() < Duration::from_secs(10), "requests still running after the clients finished");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let t = Instant::now();
+    let mut results = run(0, 100);
+    settle(&s);
+    let (rss_100, fds_100) = rss_and_fds(pid);
+    results.extend(run(100, 1000));
+    settle(&s);
+    let (rss_end, fds_end) = rss_and_fds(pid);
+    let took = t.elapsed();
+    let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    let mut counts = std::collections::BTreeMap::new();
+    for r in results.iter().flatten() {
+        *counts.entry(*r).or_insert(0) += 1;
+    }
+    eprintln!(
+        "soak: {} requests in {took:?}: {counts:?}, {} failed, {} 503s retried; RSS {rss_100} KiB after 100 -> {rss_end} KiB ({:.3}x); fds {fds_100} -> {fds_end}",
+        results.len(),
+        failures.len(),
+        rejections.load(std::sync::atomic::Ordering::Relaxed),
+        rss_end as f64 / rss_100 as f64
+    );
+    let outcomes: Vec<String> = ["stop", "length", "cancelled", "timeout", "rejected", "error"]
+        .iter()
+        .map(|o| format!("{o} {}", s.metric(&format!("llama_requests_total{{outcome=\"{o}\"}}"))))
+        .collect();
+    eprintln!("server outcomes: {}", outcomes.join(", "));
+    assert_eq!(s.metric("llama_requests_total{outcome=\"error\"}"), 0.0);
+    assert_eq!(results.len(), 1000);
+    assert!(failures.is_empty(), "{} requests had no definite outcome: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(counts.get(&Ended::HungUp).is_some_and(|&n| n >= 70), "too few hang-ups: {counts:?}");
+    assert!(rejections.load(std::sync::atomic::Ordering::Relaxed) > 0 || counts.contains_key(&Ended::Overloaded), "the queue limit was never reached");
+    assert!(rss_end as f64 <= rss_100 as f64 * 1.10, "resident memory grew: {rss_100} -> {rss_end} KiB");
+    assert!((fds_end as f64) <= fds_100 as f64 * 1.10, "file descriptors grew: {fds_100} -> {fds_end}");
+    // The server still serves.
+    let (code, v) = s.post("/v1/completions", &json!({"prompt": "Hello", "max_tokens": 2}));
+    assert_eq!(code, 200, "{v}");
+}
