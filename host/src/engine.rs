@@ -698,6 +698,10 @@ impl Worker {
             let timed_out = job.deadline.is_some_and(|d| now >= d);
             if job.cancel.load(Ordering::SeqCst) || timed_out {
                 let finish = if timed_out { Finish::Timeout } else { Finish::Cancelled };
+                // Accounting before the Done, as in `finish`.
+                metrics.count(if timed_out { Outcome::Timeout } else { Outcome::Cancelled });
+                metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                in_flight.fetch_sub(1, Ordering::SeqCst);
                 let _ = job.tx.try_send(Event::Done(RequestStats {
                     id: job.id,
                     prompt_tokens: job.tokens.len(),
@@ -709,9 +713,6 @@ impl Worker {
                     finish,
                     error: None,
                 }));
-                metrics.count(if timed_out { Outcome::Timeout } else { Outcome::Cancelled });
-                metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
-                in_flight.fetch_sub(1, Ordering::SeqCst);
                 job.span.in_scope(|| tracing::info!(?finish, "ended while queued"));
                 false
             } else {
@@ -892,12 +893,8 @@ impl Worker {
         a.job.span.in_scope(|| {
             tracing::info!(?finish, generated = stats.generated_tokens, total_ms = stats.total.as_secs_f64() * 1e3, "finished")
         });
-        // The final text and Done go out as the consumer makes room, without holding up
-        // the others; a consumer that is gone is dropped.
-        let mut rest: VecDeque<Event> = a.pending.take().into_iter().collect();
-        rest.push_back(Event::Done(stats));
-        self.draining.push((a.job.tx.clone(), rest));
-        self.flush_draining();
+        // Accounting first: a consumer that has read its Done may submit again at once and
+        // must find the admission slot free.
         self.metrics.count(match finish {
             Finish::Stop => Outcome::Stop,
             Finish::Length => Outcome::Length,
@@ -908,6 +905,12 @@ impl Worker {
         self.metrics.active_sequences.fetch_sub(1, Ordering::Relaxed);
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         self.publish_kv();
+        // The final text and Done go out as the consumer makes room, without holding up
+        // the others; a consumer that is gone is dropped.
+        let mut rest: VecDeque<Event> = a.pending.take().into_iter().collect();
+        rest.push_back(Event::Done(stats));
+        self.draining.push((a.job.tx.clone(), rest));
+        self.flush_draining();
     }
 }
 
