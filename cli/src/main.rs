@@ -39,6 +39,8 @@ pub enum CliError {
     #[error(transparent)]
     Load(#[from] llama_host::LoadError),
     #[error(transparent)]
+    ModelName(#[from] llama_host::ModelNameError),
+    #[error(transparent)]
     Session(#[from] llama_host::SessionError),
     #[error(transparent)]
     Generate(#[from] llama_host::GenerateError),
@@ -67,7 +69,7 @@ impl CliError {
             | CliError::Config(_)
             | CliError::Session(SessionError::InvalidParam { .. })
             | CliError::Generate(GenerateError::InvalidParam { .. } | GenerateError::PromptTooLong { .. } | GenerateError::EmptyPrompt) => 2,
-            CliError::NoModel { .. } | CliError::UnknownModel { .. } | CliError::Load(_) => 3,
+            CliError::NoModel { .. } | CliError::UnknownModel { .. } | CliError::Load(_) | CliError::ModelName(_) => 3,
             CliError::Select(_) | CliError::Install(_) => 4,
             CliError::Interrupted => 130,
             _ => 1,

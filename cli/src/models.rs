@@ -55,13 +55,16 @@ fn resolve_name(name: &str, cfg: &Config) -> Result<PathBuf, CliError> {
     if as_path.exists() {
         return Ok(as_path.to_path_buf());
     }
-    // A bare name (no directory part) may be a file in a models directory.
+    // A bare name (no directory part) may be a file in a models directory; the lookup
+    // refuses anything that would leave the directory (see `find_model_in`).
     if as_path.components().count() == 1 {
         for dir in dirs(cfg) {
-            for candidate in [dir.join(name), dir.join(format!("{name}.gguf"))] {
-                if candidate.is_file() {
-                    return Ok(candidate);
-                }
+            match llama_host::find_model_in(&dir, name) {
+                Ok(Some(p)) => return Ok(p),
+                Ok(None) => {}
+                Err(e @ llama_host::ModelNameError::Escapes { .. }) => return Err(e.into()),
+                // Not a plain name (".hidden"): it can only be a path, handled below.
+                Err(llama_host::ModelNameError::NotAName { .. }) => break,
             }
         }
     }

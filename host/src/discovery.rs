@@ -54,6 +54,42 @@ pub fn default_models_dir() -> Option<PathBuf> {
     user_data_dir().map(|d| d.join("models"))
 }
 
+/// Why a model name was not looked up in a models directory.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelNameError {
+    #[error("'{name}' is not a model name: a name is a file name in the models directory, without '/', '\\' or a leading '.'")]
+    NotAName { name: String },
+    #[error("'{name}' leads outside the models directory")]
+    Escapes { name: String },
+}
+
+/// The file a model *name* means in `dir` (`name` or `name.gguf`), if one exists. A name is
+/// a plain file name: separators, `.`/`..`, hidden names and absolute paths are refused,
+/// and so is a file that resolves (through a symlink) outside `dir`, so a name that came
+/// from a request or a config can never reach another file.
+pub fn find_model_in(dir: &Path, name: &str) -> Result<Option<PathBuf>, ModelNameError> {
+    let plain = !name.is_empty()
+        && !name.starts_with('.')
+        && !name.contains(['/', '\\', '\0'])
+        && Path::new(name).components().count() == 1
+        && !Path::new(name).is_absolute();
+    if !plain {
+        return Err(ModelNameError::NotAName { name: name.to_string() });
+    }
+    let Ok(root) = std::fs::canonicalize(dir) else { return Ok(None) };
+    for candidate in [dir.join(name), dir.join(format!("{name}.gguf"))] {
+        if !candidate.is_file() {
+            continue;
+        }
+        let real = std::fs::canonicalize(&candidate).map_err(|_| ModelNameError::Escapes { name: name.to_string() })?;
+        if !real.starts_with(&root) {
+            return Err(ModelNameError::Escapes { name: name.to_string() });
+        }
+        return Ok(Some(candidate));
+    }
+    Ok(None)
+}
+
 fn user_data_dir() -> Option<PathBuf> {
     let home = || std::env::var_os("HOME").filter(|h| !h.is_empty()).map(PathBuf::from);
     if cfg!(target_os = "macos") {
@@ -122,6 +158,24 @@ pub fn candidates_in(dir: &SearchDir) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn model_names_cannot_leave_the_models_directory() {
+        let root = tempfile::tempdir().unwrap();
+        let models = root.path().join("models");
+        std::fs::create_dir_all(&models).unwrap();
+        std::fs::write(models.join("good.gguf"), b"GGUF").unwrap();
+        std::fs::write(root.path().join("secret.gguf"), b"GGUF").unwrap();
+        std::os::unix::fs::symlink(root.path().join("secret.gguf"), models.join("link.gguf")).unwrap();
+        assert_eq!(find_model_in(&models, "good").unwrap(), Some(models.join("good.gguf")));
+        assert_eq!(find_model_in(&models, "good.gguf").unwrap(), Some(models.join("good.gguf")));
+        assert_eq!(find_model_in(&models, "missing").unwrap(), None);
+        for bad in ["../secret", "../secret.gguf", "..", ".", "", ".hidden", "/etc/passwd", "a/b", "sub\\x", "nul\0x"] {
+            assert!(matches!(find_model_in(&models, bad), Err(ModelNameError::NotAName { .. })), "{bad:?} was looked up");
+        }
+        // A symlink inside the directory that points outside it.
+        assert!(matches!(find_model_in(&models, "link"), Err(ModelNameError::Escapes { .. })));
+    }
 
     #[test]
     fn search_order_is_flag_env_exe_lib_user_without_duplicates() {

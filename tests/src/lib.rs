@@ -104,7 +104,9 @@ pub fn model() -> &'static Model {
 pub fn shared_model() -> &'static Arc<Model> {
     static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
     MODEL.get_or_init(|| {
-        let opts = DiscoveryOptions { backend_dirs: vec![target_dir()], env_path: None, exe: None, user_dir: None, isolation: None };
+        // As the executable's directory: only `libllama_backend_*` files are candidates there,
+        // not the misbehaving fixture libraries beside them (probed in-process here).
+        let opts = DiscoveryOptions { backend_dirs: Vec::new(), env_path: None, exe: Some(llama_bin()), user_dir: None, isolation: None };
         let mut backends = Backends::discover(&opts);
         let backend = backends.select(BackendChoice::Named("cpu".into())).expect("the CPU plugin in target/release");
         Arc::new(Model::load(&backend, model_path(), &ModelParams::default()).expect("the test model loads"))

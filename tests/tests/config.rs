@@ -85,3 +85,24 @@ fn list_shows_named_models_and_files_with_their_headers() {
     assert_exit(&o, 0);
     assert!(stdout(&o).contains("gemma3") && stdout(&o).contains("Q4_K_M"), "{}", stdout(&o));
 }
+
+#[test]
+fn a_model_name_never_leaves_the_models_directory() {
+    let root = tempfile::tempdir().unwrap();
+    let models = root.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    // A name in the models directory that is a symlink to a model outside it.
+    std::os::unix::fs::symlink(model_path(), models.join("escape.gguf")).unwrap();
+    std::os::unix::fs::symlink(model_path(), models.join("inside.gguf")).unwrap();
+    let cfg = format!("models-dir = {:?}\n", models.to_str().unwrap());
+    let o = with_config(&cfg, &["run", "escape", "-p", "Hi", "-n", "1"]);
+    assert_exit(&o, 3);
+    assert!(stderr(&o).contains("'escape' leads outside the models directory"), "{}", stderr(&o));
+    // A copy inside is fine; a traversal is not a name (it is a path, and must exist as one).
+    std::fs::remove_file(models.join("inside.gguf")).unwrap();
+    std::fs::copy(model_path(), models.join("inside.gguf")).unwrap();
+    assert_exit(&with_config(&cfg, &["run", "inside", "-p", "Hi", "-n", "1"]), 0);
+    let o = with_config(&cfg, &["run", "../secret.gguf", "-p", "Hi", "-n", "1"]);
+    assert_exit(&o, 3);
+    assert!(stderr(&o).contains("does not exist"), "{}", stderr(&o));
+}
