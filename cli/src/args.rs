@@ -93,6 +93,10 @@ pub struct ServeArgs {
     /// otherwise restart the server in a loop).
     #[arg(long, value_enum, default_value = "exit")]
     pub on_load_error: OnLoadError,
+    /// Threads serving HTTP (tokio workers). Decoding runs on the engine's own thread and
+    /// llama.cpp's pool; HTTP work is light, and every extra thread competes with them.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub http_threads: u32,
     /// Allow cross-origin (CORS) requests from this origin, e.g. `http://localhost:3000`, or
     /// `*` for any (repeatable). Default: none.
     #[arg(long = "cors-origin", value_name = "ORIGIN")]

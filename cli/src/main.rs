@@ -437,7 +437,7 @@ fn serve_cmd(cli: &Cli, a: &args::ServeArgs, cfg: &Config) -> Result<(), CliErro
     let threads = threads("threads", a.threads)?;
     let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "llama".into());
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(a.http_threads as usize)
         .enable_all()
         .build()
         .map_err(CliError::Output)?;
