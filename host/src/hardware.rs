@@ -50,16 +50,113 @@ pub fn missing_cpu_features<'a>(required: impl IntoIterator<Item = &'a str>, has
     required.into_iter().filter(|f| has(f) != Some(true)).map(str::to_string).collect()
 }
 
-/// Whether an NVIDIA driver can be opened, with the reason when not. Cheap when absent
-/// (one failed dlopen); the CUDA plugin's own probe says more.
-pub fn cuda_driver() -> Result<(), String> {
-    let lib = if cfg!(windows) { "nvcuda.dll" } else { "libcuda.so.1" };
+/// The oldest driver API version a CUDA plugin of this project works with: it is built with
+/// the CUDA 13.0 toolkit (scripts/build-cuda), and a driver reports 13000 for CUDA 13.0.
+pub const MIN_CUDA_DRIVER: i32 = 13000;
+
+/// One CUDA device as the driver reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CudaDevice {
+    pub name: String,
+    pub total_memory: u64,
+}
+
+/// What the NVIDIA driver says, read without any CUDA plugin.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CudaDriver {
+    /// `cuDriverGetVersion`: 1000 × major + 10 × minor (13000 is CUDA 13.0).
+    pub version: i32,
+    pub devices: Vec<CudaDevice>,
+}
+
+/// `13000` → `13.0`.
+pub fn cuda_version_string(v: i32) -> String {
+    format!("{}.{}", v / 1000, (v % 1000) / 10)
+}
+
+/// Opens the NVIDIA driver library (`lib`, normally `libcuda.so.1`) through libloading and
+/// asks it: `cuInit`, `cuDriverGetVersion`, `cuDeviceGetCount`, and each device's name and
+/// memory. Every failure is a sentence for the selection report.
+pub fn query_cuda_driver(lib: &str) -> Result<CudaDriver, String> {
+    type CuResult = i32;
     // SAFETY: opening the NVIDIA driver library runs its initialisers, which the driver
-    // supports; we only test that it loads and drop it at once.
-    match unsafe { libloading::Library::new(lib) } {
-        Ok(_) => Ok(()),
-        Err(_) => Err(format!("{lib} not found (no NVIDIA driver)")),
+    // supports; a library of that name that is not the driver is caught by the symbol
+    // lookups below failing.
+    let library = unsafe { libloading::Library::new(lib) }.map_err(|_| format!("{lib} not found (no NVIDIA driver)"))?;
+    macro_rules! sym {
+        ($name:literal, $ty:ty) => {
+            // SAFETY: the symbol is looked up with the signature the CUDA driver API documents
+            // for it (cuda.h); the library outlives every call (it lives to the end of this fn).
+            unsafe { library.get::<$ty>($name) }.map_err(|_| format!("{lib} has no {} (not an NVIDIA driver?)", String::from_utf8_lossy(&$name[..$name.len() - 1])))?
+        };
     }
+    let cu_init = sym!(b"cuInit\0", unsafe extern "C" fn(u32) -> CuResult);
+    let cu_driver_get_version = sym!(b"cuDriverGetVersion\0", unsafe extern "C" fn(*mut i32) -> CuResult);
+    let cu_device_get_count = sym!(b"cuDeviceGetCount\0", unsafe extern "C" fn(*mut i32) -> CuResult);
+    let cu_device_get = sym!(b"cuDeviceGet\0", unsafe extern "C" fn(*mut i32, i32) -> CuResult);
+    let cu_device_get_name = sym!(b"cuDeviceGetName\0", unsafe extern "C" fn(*mut std::ffi::c_char, i32, i32) -> CuResult);
+    let cu_device_total_mem = sym!(b"cuDeviceTotalMem_v2\0", unsafe extern "C" fn(*mut usize, i32) -> CuResult);
+    let mut version = 0;
+    // SAFETY: cuDriverGetVersion writes one int through a valid pointer; it needs no cuInit.
+    let r = unsafe { cu_driver_get_version(&mut version) };
+    if r != 0 {
+        return Err(format!("the NVIDIA driver did not report its version (CUDA error {r})"));
+    }
+    // SAFETY: cuInit takes flags 0 and has no other preconditions.
+    let r = unsafe { cu_init(0) };
+    if r != 0 {
+        // 100: no device; 999 and others: a broken or mismatched driver installation.
+        return Err(match r {
+            100 => format!("NVIDIA driver {} found, but no CUDA device", cuda_version_string(version)),
+            _ => format!("NVIDIA driver {} found, but cuInit failed (CUDA error {r})", cuda_version_string(version)),
+        });
+    }
+    let mut count = 0;
+    // SAFETY: writes one int through a valid pointer, after a successful cuInit.
+    let r = unsafe { cu_device_get_count(&mut count) };
+    if r != 0 {
+        return Err(format!("cuDeviceGetCount failed (CUDA error {r})"));
+    }
+    let mut devices = Vec::new();
+    for i in 0..count.clamp(0, 64) {
+        let mut dev = 0;
+        let mut name = [0 as std::ffi::c_char; 256];
+        let mut total = 0usize;
+        // SAFETY: valid out-pointers; `name` holds 256 bytes and the length passed is 255, so
+        // the driver's NUL-terminated string always fits.
+        let ok = unsafe { cu_device_get(&mut dev, i) == 0 && cu_device_get_name(name.as_mut_ptr(), 255, dev) == 0 && cu_device_total_mem(&mut total, dev) == 0 };
+        if !ok {
+            continue;
+        }
+        // SAFETY: the driver wrote a NUL-terminated string into `name` (zero-initialised, so a
+        // terminator exists even if it wrote nothing).
+        let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned();
+        devices.push(CudaDevice { name, total_memory: total as u64 });
+    }
+    Ok(CudaDriver { version, devices })
+}
+
+/// Whether CUDA can work here, before any CUDA plugin is loaded: a driver, new enough for
+/// this project's CUDA build, with at least one device. The reason when not.
+pub fn cuda_driver() -> Result<CudaDriver, String> {
+    static DRIVER: std::sync::OnceLock<Result<CudaDriver, String>> = std::sync::OnceLock::new();
+    DRIVER.get_or_init(|| cuda_usable(query_cuda_driver(if cfg!(windows) { "nvcuda.dll" } else { "libcuda.so.1" }))).clone()
+}
+
+/// Applies the version and device-count rules to what the driver said.
+pub fn cuda_usable(d: Result<CudaDriver, String>) -> Result<CudaDriver, String> {
+    let d = d?;
+    if d.version < MIN_CUDA_DRIVER {
+        return Err(format!(
+            "NVIDIA driver supports CUDA {}, too old for this CUDA build (needs {}); update the driver",
+            cuda_version_string(d.version),
+            cuda_version_string(MIN_CUDA_DRIVER)
+        ));
+    }
+    if d.devices.is_empty() {
+        return Err(format!("NVIDIA driver {} found, but no CUDA device", cuda_version_string(d.version)));
+    }
+    Ok(d)
 }
 
 /// Whether Metal can exist on this platform.
@@ -90,6 +187,18 @@ mod tests {
             "avx2" | "fma" | "avx512f" | "f16c" => Some(have.contains(&f)),
             _ => None,
         }
+    }
+
+    #[test]
+    fn cuda_rules_old_drivers_and_no_devices() {
+        let dev = CudaDevice { name: "H100".into(), total_memory: 80 << 30 };
+        let ok = cuda_usable(Ok(CudaDriver { version: 13000, devices: vec![dev.clone()] }));
+        assert_eq!(ok.unwrap().devices, vec![dev.clone()]);
+        let old = cuda_usable(Ok(CudaDriver { version: 12040, devices: vec![dev] })).unwrap_err();
+        assert_eq!(old, "NVIDIA driver supports CUDA 12.4, too old for this CUDA build (needs 13.0); update the driver");
+        let none = cuda_usable(Ok(CudaDriver { version: 13010, devices: vec![] })).unwrap_err();
+        assert!(none.contains("no CUDA device"), "{none}");
+        assert!(query_cuda_driver("libcuda-does-not-exist.so.1").unwrap_err().contains("no NVIDIA driver"));
     }
 
     #[test]

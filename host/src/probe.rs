@@ -183,11 +183,8 @@ fn cache_key(path: &Path) -> Option<String> {
     let meta = std::fs::metadata(path).ok()?;
     let mtime = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?.as_nanos();
     let canonical = std::fs::canonicalize(path).ok()?;
-    let machine = format!(
-        "cuda:{};metal:{}",
-        crate::hardware::cuda_driver().is_ok(),
-        crate::hardware::metal_platform().is_ok()
-    );
+    let cuda = crate::hardware::cuda_driver().map(|d| d.version.to_string()).unwrap_or_else(|_| "none".into());
+    let machine = format!("cuda:{cuda};metal:{}", crate::hardware::metal_platform().is_ok());
     Some(format!(
         "{}|{}|{}|host {} abi {}|{}",
         canonical.display(),

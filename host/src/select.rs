@@ -218,9 +218,20 @@ impl Backends {
             let present = report.candidates.iter().any(|c| c.name == name && c.verdict != Verdict::Rejected);
             if !present {
                 let mut reason = String::new();
+                let mut devices = Vec::new();
                 if let Some(hw) = hardware::accelerator_unavailable(acc) {
                     reason.push_str(&hw);
                     reason.push_str("; ");
+                } else if acc == Accelerator::Cuda {
+                    // The driver works: say what it offers, so the missing plugin is the answer.
+                    if let Ok(d) = hardware::cuda_driver() {
+                        reason.push_str(&format!("NVIDIA driver {} with {} device(s); ", hardware::cuda_version_string(d.version), d.devices.len()));
+                        devices = d
+                            .devices
+                            .iter()
+                            .map(|g| crate::report::DeviceReport { name: g.name.clone(), description: "CUDA device (from the driver)".into(), memory_total: g.total_memory, memory_free: 0 })
+                            .collect();
+                    }
                 }
                 reason.push_str(&format!("no {name} backend plugin found"));
                 report.candidates.push(CandidateReport {
@@ -232,7 +243,7 @@ impl Backends {
                     rejection: None,
                     version: None,
                     llama_build: None,
-                    devices: Vec::new(),
+                    devices,
                 });
             }
         }

@@ -218,3 +218,46 @@ fn plugins_that_crash_or_hang_are_reported_and_skipped() {
         assert!(std::fs::read_dir(target.path()).unwrap().next().is_none(), "a refused plugin was installed");
     }
 }
+
+/// The host asks the NVIDIA driver itself (cuInit, cuDriverGetVersion, cuDeviceGetCount)
+/// before any CUDA plugin: here through a stand-in libcuda.so.1 on LD_LIBRARY_PATH.
+#[test]
+fn the_cuda_driver_is_queried_before_any_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(built_library("fixture_fake_cuda"), dir.path().join("libcuda.so.1")).unwrap();
+    let report = |envs: &[(&str, &str)]| -> serde_json::Value {
+        let mut cmd = llama_tests::llama_cmd(&["backends", "--json"]);
+        cmd.env("LD_LIBRARY_PATH", dir.path());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let o = cmd.output().unwrap();
+        assert_exit(&o, 0);
+        serde_json::from_str(&stdout(&o)).unwrap()
+    };
+    let r = report(&[("FAKE_CUDA_DEVICES", "2")]);
+    let cuda = candidate(&r, "cuda");
+    assert_eq!(cuda["reason"], "NVIDIA driver 13.0 with 2 device(s); no cuda backend plugin found", "{cuda:#}");
+    assert_eq!(cuda["devices"][1]["name"], "Fake GPU 1");
+    assert_eq!(cuda["devices"][0]["memory_total"], 80u64 << 30);
+    assert_eq!(candidate(&r, "cpu")["verdict"], "selected");
+
+    let r = report(&[("FAKE_CUDA_VERSION", "12040")]);
+    assert_eq!(
+        candidate(&r, "cuda")["reason"],
+        "NVIDIA driver supports CUDA 12.4, too old for this CUDA build (needs 13.0); update the driver; no cuda backend plugin found"
+    );
+    let r = report(&[("FAKE_CUDA_DEVICES", "0")]);
+    assert!(candidate(&r, "cuda")["reason"].as_str().unwrap().starts_with("NVIDIA driver 13.0 found, but no CUDA device"));
+    let r = report(&[("FAKE_CUDA_INIT", "999")]);
+    assert!(candidate(&r, "cuda")["reason"].as_str().unwrap().contains("cuInit failed (CUDA error 999)"));
+
+    // Naming the backend is an error with the driver's reason.
+    let o = llama_tests::llama_cmd(&["run", "--backend", "cuda", "-m", model_path().to_str().unwrap(), "-p", "Hi", "-n", "1"])
+        .env("LD_LIBRARY_PATH", dir.path())
+        .env("FAKE_CUDA_VERSION", "12040")
+        .output()
+        .unwrap();
+    assert_exit(&o, 4);
+    assert!(stderr(&o).contains("too old for this CUDA build"), "{}", stderr(&o));
+}
