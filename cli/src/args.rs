@@ -121,6 +121,64 @@ pub struct ModelArgs {
     /// Backend: auto, cpu, cuda or metal. A named backend that cannot run is an error.
     #[arg(long, default_value = "auto", value_name = "NAME", env = "LLAMA_BACKEND")]
     pub backend: String,
+    /// Layers to offload to the GPU (`-ngl`): a number, `all`, or `auto` (all on a GPU
+    /// backend, none on the CPU). Asking for layers where only the CPU is usable is a warning.
+    #[arg(long = "gpu-layers", value_name = "N|auto|all", default_value = "auto", env = "LLAMA_GPU_LAYERS", allow_hyphen_values = true)]
+    pub gpu_layers: GpuLayers,
+}
+
+/// `--gpu-layers`: how much of the model goes to the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "toml::Value")]
+pub enum GpuLayers {
+    Auto,
+    All,
+    Count(u32),
+}
+
+impl std::str::FromStr for GpuLayers {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(GpuLayers::Auto),
+            "all" | "-1" => Ok(GpuLayers::All),
+            n => n.parse::<u32>().map(GpuLayers::Count).map_err(|_| format!("'{n}' is not a layer count, 'auto' or 'all'")),
+        }
+    }
+}
+
+impl TryFrom<toml::Value> for GpuLayers {
+    type Error = String;
+    fn try_from(v: toml::Value) -> Result<Self, String> {
+        match v {
+            toml::Value::String(s) => s.parse(),
+            toml::Value::Integer(n) if n >= 0 && n <= u32::MAX as i64 => Ok(GpuLayers::Count(n as u32)),
+            other => Err(format!("{other} is out of range: expected a layer count >= 0, \"auto\" or \"all\"")),
+        }
+    }
+}
+
+impl GpuLayers {
+    /// Whether this asks for GPU offload explicitly.
+    pub fn wants_gpu(self) -> bool {
+        matches!(self, GpuLayers::All | GpuLayers::Count(1..))
+    }
+
+    /// llama.cpp's `n_gpu_layers` on a backend that is (`true`) or is not a GPU: negative
+    /// means all layers.
+    pub fn n_gpu_layers(self, gpu: bool) -> i32 {
+        match self {
+            GpuLayers::Auto => {
+                if gpu {
+                    -1
+                } else {
+                    0
+                }
+            }
+            GpuLayers::All => -1,
+            GpuLayers::Count(n) => n.min(i32::MAX as u32) as i32,
+        }
+    }
 }
 
 /// Context and threads.
@@ -302,6 +360,7 @@ pub fn normalize_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec
         .map(|a| match a.to_str() {
             Some("-ub") => "--ubatch-size".into(),
             Some("-tb") => "--threads-batch".into(),
+            Some("-ngl") => "--gpu-layers".into(),
             _ => a,
         })
         .collect()
@@ -310,6 +369,27 @@ pub fn normalize_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_layers_parse_and_validate() {
+        let parse = |v: &str| Cli::try_parse_from(normalize_args(["llama", "run", "-ngl", v, "-p", "x"].iter().map(Into::into)));
+        let layers = |v: &str| match parse(v).unwrap().command {
+            Command::Run(r) => r.model.gpu_layers,
+            _ => panic!("not run"),
+        };
+        assert_eq!(layers("12"), GpuLayers::Count(12));
+        assert_eq!(layers("all"), GpuLayers::All);
+        assert_eq!(layers("-1"), GpuLayers::All);
+        assert_eq!(layers("auto"), GpuLayers::Auto);
+        let e = parse("-3").unwrap_err().to_string();
+        assert!(e.contains("--gpu-layers") && e.contains("not a layer count"), "{e}");
+        assert!(parse("lots").is_err());
+        assert_eq!(GpuLayers::Auto.n_gpu_layers(false), 0);
+        assert_eq!(GpuLayers::Auto.n_gpu_layers(true), -1);
+        assert_eq!(GpuLayers::Count(7).n_gpu_layers(false), 7);
+        assert!(GpuLayers::Count(1).wants_gpu() && GpuLayers::All.wants_gpu());
+        assert!(!GpuLayers::Count(0).wants_gpu() && !GpuLayers::Auto.wants_gpu());
+    }
 
     #[test]
     fn llama_cpp_style_flags_parse() {

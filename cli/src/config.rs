@@ -73,6 +73,7 @@ fn non_negative_i32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i32>, D::E
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Defaults {
     pub backend: Option<String>,
+    pub gpu_layers: Option<crate::args::GpuLayers>,
     #[serde(default, deserialize_with = "at_least_one_u32")]
     pub ctx_size: Option<u32>,
     #[serde(default, deserialize_with = "at_least_one_i32")]
@@ -163,7 +164,7 @@ impl Config {
     /// Fills the arguments the user left at their defaults with this file's values.
     pub fn apply(&self, m: &ArgMatches, model: &mut ModelArgs, ctx: &mut ContextArgs, s: &mut SamplingArgs) {
         let d = &self.defaults;
-        fill!(m, d, model, backend);
+        fill!(m, d, model, backend, gpu_layers);
         fill!(m, d, ctx, ctx_size, threads, threads_batch, batch_size, ubatch_size, cache_tokens);
         fill!(m, d, s, n_predict, seed, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, stop);
     }
@@ -202,6 +203,15 @@ mod tests {
         assert_eq!(c.models["g"], PathBuf::from("/m/g.gguf"));
         assert_eq!(c.defaults.temp, Some(0.5));
         assert_eq!(c.defaults.ctx_size, Some(512));
+    }
+
+    #[test]
+    fn gpu_layers_in_the_config() {
+        use crate::args::GpuLayers;
+        assert_eq!(parse_ok("[defaults]\ngpu-layers = \"all\"\n").defaults.gpu_layers, Some(GpuLayers::All));
+        assert_eq!(parse_ok("[defaults]\ngpu-layers = 12\n").defaults.gpu_layers, Some(GpuLayers::Count(12)));
+        let e = parse_err("[defaults]\ngpu-layers = -4\n");
+        assert!(e.contains("line 2") && e.contains("gpu-layers"), "{e}");
     }
 
     #[test]

@@ -134,7 +134,26 @@ pub(crate) fn select_backend(cli: &Cli, m: &ModelArgs) -> Result<LoadedBackend, 
     if cli.verbose > 0 {
         eprint!("{}", backends.report());
     }
-    Ok(selected?)
+    let selected = selected?;
+    // GPU layers asked for, but the backend in use is the CPU: say why, once, and go on.
+    // (A GPU backend named with --backend that cannot run is already an error above.)
+    if m.gpu_layers.wants_gpu() && selected.info().accelerator == llama_host::Accelerator::Cpu {
+        let why: Vec<String> = backends
+            .report()
+            .candidates
+            .iter()
+            .filter(|c| matches!(c.name.as_str(), "cuda" | "metal"))
+            .map(|c| format!("{}: {}", c.name, c.reason))
+            .collect();
+        tracing::warn!("--gpu-layers asks for GPU offload, but no GPU backend is usable here ({}); running on the CPU", why.join("; "));
+    }
+    Ok(selected)
+}
+
+/// Model parameters from the command line: GPU layers resolved for the backend in use.
+fn model_params(backend: &LoadedBackend, m: &ModelArgs) -> ModelParams {
+    let gpu = backend.info().accelerator != llama_host::Accelerator::Cpu;
+    ModelParams { n_gpu_layers: m.gpu_layers.n_gpu_layers(gpu), ..ModelParams::default() }
 }
 
 fn threads(field: &'static str, t: Option<i32>) -> Result<i32, CliError> {
@@ -213,11 +232,13 @@ fn flag_name(field: &str) -> &'static str {
 }
 
 /// Loads the model with a progress bar on a terminal.
-pub(crate) fn load_model(backend: &LoadedBackend, path: &Path) -> Result<Model, CliError> {
+pub(crate) fn load_model(backend: &LoadedBackend, path: &Path, m: &ModelArgs) -> Result<Model, CliError> {
     let label = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let params = model_params(backend, m);
+    tracing::debug!(n_gpu_layers = params.n_gpu_layers, "model parameters");
     Ok(match progress::bar(label) {
-        Some(bar) => Model::load_with_progress(backend, path, &ModelParams::default(), bar)?,
-        None => Model::load(backend, path, &ModelParams::default())?,
+        Some(bar) => Model::load_with_progress(backend, path, &params, bar)?,
+        None => Model::load(backend, path, &params)?,
     })
 }
 
@@ -262,7 +283,7 @@ fn run(cli: &Cli, a: &RunArgs, cfg: &Config, ints: &Interrupts) -> Result<(), Cl
     let params = session_params(&a.ctx)?;
     params.validate()?;
     let backend = select_backend(cli, &a.model)?;
-    let model = load_model(&backend, &path)?;
+    let model = load_model(&backend, &path, &a.model)?;
     let mut session = model.session(&params)?;
     let prompt = if a.chat {
         let mut conv = Conversation::new(a.system.as_deref());
@@ -312,7 +333,7 @@ fn backends_cmd(cli: &Cli, a: &BackendsArgs) -> Result<(), CliError> {
 fn bench_cmd(cli: &Cli, a: &BenchArgs, cfg: &Config) -> Result<(), CliError> {
     let path = models::resolve(&a.model, cfg)?;
     let backend = select_backend(cli, &a.model)?;
-    let model = load_model(&backend, &path)?;
+    let model = load_model(&backend, &path, &a.model)?;
     let p = BenchParams {
         n_prompt: a.n_prompt,
         n_gen: a.n_gen,
@@ -324,7 +345,7 @@ fn bench_cmd(cli: &Cli, a: &BenchArgs, cfg: &Config) -> Result<(), CliError> {
     let r = bench::run(&model, &p)?;
     let model = if a.batch_invariant {
         // Batch-invariant engines need the weights in their plain layout.
-        Model::load(&backend, &path, &ModelParams { repack: false, ..ModelParams::default() })?
+        Model::load(&backend, &path, &ModelParams { repack: false, ..model_params(&backend, &a.model) })?
     } else {
         model
     };
@@ -512,7 +533,7 @@ fn serve_cmd(cli: &Cli, a: &args::ServeArgs, cfg: &Config) -> Result<(), CliErro
 fn start_engine(cli: &Cli, a: &args::ServeArgs, path: &Path, threads: i32) -> Result<(llama_host::server::Ready, String), CliError> {
     use llama_host::engine::{Engine, EngineConfig};
     let backend = select_backend(cli, &a.model)?;
-    let model = std::sync::Arc::new(load_model(&backend, path)?);
+    let model = std::sync::Arc::new(load_model(&backend, path, &a.model)?);
     let template = llama_host::chat::ChatTemplate::for_model(&model).ok();
     let engine = Engine::start(
         model,

@@ -261,3 +261,33 @@ fn the_cuda_driver_is_queried_before_any_plugin() {
     assert_exit(&o, 4);
     assert!(stderr(&o).contains("too old for this CUDA build"), "{}", stderr(&o));
 }
+
+/// `--gpu-layers` (`-ngl`) parses, validates and reaches llama.cpp; asking for GPU layers
+/// where only the CPU is usable is a warning under auto, an error when a GPU backend is named.
+#[test]
+fn gpu_layers_reach_llama_cpp_and_warn_without_a_gpu() {
+    let m = model_path();
+    let m = m.to_str().unwrap();
+    let o = llama_tests::llama(&["run", "-vv", "-m", m, "-ngl", "7", "-p", "Hi", "-n", "1"]);
+    assert_exit(&o, 0);
+    let err = stderr(&o);
+    assert!(err.contains("--gpu-layers asks for GPU offload, but no GPU backend is usable here (cuda: "), "{err}");
+    assert!(err.contains("n_gpu_layers = 7"), "the value did not reach the backend:\n{err}");
+    // auto on the CPU: no warning, nothing offloaded.
+    let o = llama_tests::llama(&["run", "-vv", "-m", m, "-p", "Hi", "-n", "1"]);
+    assert_exit(&o, 0);
+    assert!(stderr(&o).contains("n_gpu_layers = 0") && !stderr(&o).contains("asks for GPU offload"), "{}", stderr(&o));
+    // all = -1 (llama.cpp's "every layer"), also from the environment.
+    let o = llama_tests::llama_cmd(&["run", "-vv", "-m", m, "-p", "Hi", "-n", "1"]).env("LLAMA_GPU_LAYERS", "all").output().unwrap();
+    assert_exit(&o, 0);
+    assert!(stderr(&o).contains("n_gpu_layers = -1"), "{}", stderr(&o));
+    // Bad values name the flag; a named GPU backend that cannot run is an error.
+    for bad in ["-3", "lots"] {
+        let o = llama_tests::llama(&["run", "-m", m, "-ngl", bad, "-p", "Hi"]);
+        assert_exit(&o, 2);
+        assert!(stderr(&o).contains("--gpu-layers"), "{}", stderr(&o));
+    }
+    let o = llama_tests::llama(&["run", "--backend", "cuda", "-m", m, "-ngl", "all", "-p", "Hi", "-n", "1"]);
+    assert_exit(&o, 4);
+    assert!(stderr(&o).contains("backend 'cuda' cannot be used here"), "{}", stderr(&o));
+}

@@ -40,6 +40,11 @@ pub fn take_first_error() -> Option<String> {
     FIRST_ERROR.with(|e| e.borrow_mut().take())
 }
 
+/// A line of the backend's own, logged like llama.cpp's (info level).
+pub(crate) fn info(line: &str) {
+    emit(line, sys::GGML_LOG_LEVEL_INFO);
+}
+
 fn level_of(level: u32) -> LogLevel {
     match level {
         sys::GGML_LOG_LEVEL_ERROR => LogLevel::Error,

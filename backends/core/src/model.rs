@@ -163,6 +163,9 @@ pub(crate) fn load(path: &str, params: &ModelParams) -> Result<ModelBox, Backend
         mp.progress_callback = Some(report_progress);
         mp.progress_callback_user_data = sink as *const ProgressSink as *mut c_void;
     }
+    // What llama.cpp is asked for: visible with `llama -vv`, so offload settings can be seen
+    // to arrive even on a build without a GPU (where llama.cpp itself says nothing of them).
+    log::info(&format!("llama_model_load_from_file: n_gpu_layers = {}, use_extra_bufts = {}, mmap = {}", mp.n_gpu_layers, mp.use_extra_bufts, params.use_mmap));
     log::clear_first_error();
     // SAFETY: `c_path` is NUL-terminated and outlives the call; failures return NULL.
     let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), mp) };
