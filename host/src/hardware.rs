@@ -2,9 +2,25 @@
 //! (checked before a plugin's code runs, since code built for a missing feature dies with
 //! SIGILL) and whether a GPU driver is present at all.
 
+/// CPU features to treat as missing: `LLAMA_DISABLE_CPU_FEATURES=avx512f,avx2`. For testing
+/// the variant choice on any machine, or forcing a lower CPU variant.
+pub fn disabled_cpu_features() -> Vec<String> {
+    std::env::var("LLAMA_DISABLE_CPU_FEATURES")
+        .unwrap_or_default()
+        .split([',', ' '])
+        .filter(|f| !f.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 /// Whether this CPU has `feature` (named as in Rust's `target_feature`). `None` when the
 /// name is unknown to this host: such a plugin is refused, never run blind.
 pub fn cpu_has(feature: &str) -> Option<bool> {
+    let detected = cpu_detects(feature)?;
+    Some(detected && !disabled_cpu_features().iter().any(|d| d == feature))
+}
+
+fn cpu_detects(feature: &str) -> Option<bool> {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     {
         use std::arch::is_x86_feature_detected as has;

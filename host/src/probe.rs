@@ -184,7 +184,11 @@ fn cache_key(path: &Path) -> Option<String> {
     let mtime = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?.as_nanos();
     let canonical = std::fs::canonicalize(path).ok()?;
     let cuda = crate::hardware::cuda_driver().map(|d| d.version.to_string()).unwrap_or_else(|_| "none".into());
-    let machine = format!("cuda:{cuda};metal:{}", crate::hardware::metal_platform().is_ok());
+    let machine = format!(
+        "cuda:{cuda};metal:{};cpu-off:{}",
+        crate::hardware::metal_platform().is_ok(),
+        crate::hardware::disabled_cpu_features().join(",")
+    );
     Some(format!(
         "{}|{}|{}|host {} abi {}|{}",
         canonical.display(),

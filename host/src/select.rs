@@ -359,6 +359,36 @@ mod tests {
         assert_eq!(choose(&opts, &BackendChoice::Auto), Some(1));
     }
 
+    /// CPU variants as scripts/build-cpu-variants builds them: each declares its features,
+    /// scores 10 + their number; the host refuses those the CPU lacks features for, then
+    /// takes the best of the rest.
+    #[test]
+    fn cpu_variants_are_chosen_by_the_features_this_cpu_has() {
+        let baseline: &[&str] = &[];
+        let v3: &[&str] = &["sse4.2", "avx", "avx2", "fma", "f16c", "bmi2"];
+        let v4: &[&str] = &["sse4.2", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"];
+        let variants = [("x86-64", baseline), ("x86-64-v3", v3), ("x86-64-v4", v4)];
+        let pick = |cpu: &'static [&'static str]| {
+            let has = move |f: &str| Some(cpu.contains(&f));
+            let opts: Vec<Candidate> = variants
+                .iter()
+                .map(|(_, req)| {
+                    let missing = hardware::missing_cpu_features(req.iter().copied(), has);
+                    opt("cpu", missing.is_empty(), 10 + req.len() as u32)
+                })
+                .collect();
+            let missing_v4 = hardware::missing_cpu_features(v4.iter().copied(), has);
+            (choose(&opts, &BackendChoice::Auto).map(|i| variants[i].0), missing_v4)
+        };
+        // An AVX2 machine without AVX-512: v3, and v4 refused naming what is missing.
+        let (chosen, missing) = pick(&["sse4.2", "avx", "avx2", "fma", "f16c", "bmi2"]);
+        assert_eq!(chosen, Some("x86-64-v3"));
+        assert_eq!(missing, vec!["avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"]);
+        // An AVX-512 machine: v4. An old machine: the baseline.
+        assert_eq!(pick(&["sse4.2", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"]).0, Some("x86-64-v4"));
+        assert_eq!(pick(&["sse4.2"]).0, Some("x86-64"));
+    }
+
     #[test]
     fn ties_go_to_the_earlier_candidate() {
         let opts = [opt("cpu", true, 10), opt("cpu", true, 10)];

@@ -23,6 +23,16 @@ pub const LLAMA_BUILD: &str = "llama-cpp-sys-2 0.1.161";
 /// llama.cpp is configured from the same target features (see .cargo/config.toml), so a
 /// CPU lacking one of these would hit an illegal instruction.
 pub fn compiled_cpu_features() -> RSlice<'static, RStr<'static>> {
+    // Leaked once per process: the root module is built once and lives as long as the library.
+    RSlice::from_slice(Box::leak(feature_list().into_boxed_slice()))
+}
+
+/// How many CPU features this library was compiled to use (a CPU plugin's score).
+pub fn compiled_cpu_feature_count() -> usize {
+    feature_list().len()
+}
+
+fn feature_list() -> Vec<RStr<'static>> {
     macro_rules! enabled {
         ($($name:tt),* $(,)?) => {{
             let mut v: Vec<RStr<'static>> = Vec::new();
@@ -39,8 +49,7 @@ pub fn compiled_cpu_features() -> RSlice<'static, RStr<'static>> {
     let features = enabled!("neon", "dotprod", "i8mm", "sve");
     #[cfg(not(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64")))]
     let features: Vec<RStr<'static>> = Vec::new();
-    // Leaked once per process: the root module is built once and lives as long as the library.
-    RSlice::from_slice(Box::leak(features.into_boxed_slice()))
+    features
 }
 
 /// The backend object handed to the host by `init`.
