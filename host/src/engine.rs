@@ -188,17 +188,6 @@ impl Handle {
         self.rx.recv_timeout(timeout).ok()
     }
 
-    /// Like `next_timeout`, telling a timeout (`Ok(None)`) from an engine that is gone
-    /// (`Err(())`), so a caller can poll for its own client going away in between.
-    #[allow(clippy::result_unit_err)]
-    pub fn poll(&self, timeout: Duration) -> Result<Option<Event>, ()> {
-        match self.rx.recv_timeout(timeout) {
-            Ok(ev) => Ok(Some(ev)),
-            Err(flume::RecvTimeoutError::Timeout) => Ok(None),
-            Err(flume::RecvTimeoutError::Disconnected) => Err(()),
-        }
-    }
-
     /// The next event, awaited on an async runtime (the HTTP server's): no thread waits.
     /// `None` once the request has ended and its events are read.
     pub async fn recv(&self) -> Option<Event> {

@@ -177,27 +177,25 @@ pub fn isolated(iso: &Isolation, path: &Path) -> ProbeOutcome {
     }
 }
 
-/// What makes a cached outcome still true: the file itself, this host, and the machine's
-/// accelerator state (a driver installed since changes a CUDA plugin's answer).
-fn cache_key(path: &Path) -> Option<String> {
+/// The machine's side of a cache key: this host, and the accelerator state (a driver
+/// installed since changes a CUDA plugin's answer). The same for every candidate.
+fn machine_key() -> String {
+    let cuda = crate::hardware::cuda_driver().map(|d| d.version.to_string()).unwrap_or_else(|_| "none".into());
+    format!(
+        "host {} abi {}|cuda:{cuda};metal:{};cpu-off:{}",
+        env!("CARGO_PKG_VERSION"),
+        llama_plugin_api::ABI_VERSION,
+        crate::hardware::metal_platform().is_ok(),
+        crate::hardware::disabled_cpu_features().join(",")
+    )
+}
+
+/// What makes a cached outcome still true: the file itself (path, size, mtime) and `machine`.
+fn cache_key(path: &Path, machine: &str) -> Option<String> {
     let meta = std::fs::metadata(path).ok()?;
     let mtime = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?.as_nanos();
     let canonical = std::fs::canonicalize(path).ok()?;
-    let cuda = crate::hardware::cuda_driver().map(|d| d.version.to_string()).unwrap_or_else(|_| "none".into());
-    let machine = format!(
-        "cuda:{cuda};metal:{};cpu-off:{}",
-        crate::hardware::metal_platform().is_ok(),
-        crate::hardware::disabled_cpu_features().join(",")
-    );
-    Some(format!(
-        "{}|{}|{}|host {} abi {}|{}",
-        canonical.display(),
-        meta.len(),
-        mtime,
-        env!("CARGO_PKG_VERSION"),
-        llama_plugin_api::ABI_VERSION,
-        machine
-    ))
+    Some(format!("{}|{}|{}|{machine}", canonical.display(), meta.len(), mtime))
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -242,7 +240,8 @@ impl<'a> Prober<'a> {
     /// The outcome for each path, and whether it came from the cache. Misses are probed in
     /// children running side by side, so a hanging plugin costs one timeout, not one each.
     pub fn probe_all(&mut self, paths: &[PathBuf]) -> Vec<(ProbeOutcome, bool)> {
-        let keys: Vec<Option<String>> = paths.iter().map(|p| cache_key(p)).collect();
+        let machine = machine_key();
+        let keys: Vec<Option<String>> = paths.iter().map(|p| cache_key(p, &machine)).collect();
         let cached: Vec<Option<ProbeOutcome>> = keys.iter().map(|k| k.as_ref().and_then(|k| self.cache.entries.get(k)).cloned()).collect();
         let iso = self.iso;
         let fresh: Vec<Option<ProbeOutcome>> = std::thread::scope(|s| {
@@ -315,9 +314,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("libllama_backend_x.so");
         std::fs::write(&f, b"one").unwrap();
-        let a = cache_key(&f).unwrap();
+        let a = cache_key(&f, &machine_key()).unwrap();
         std::fs::write(&f, b"three").unwrap();
-        let b = cache_key(&f).unwrap();
+        let b = cache_key(&f, &machine_key()).unwrap();
         assert_ne!(a, b, "a rewritten plugin must be probed again");
         assert!(a.contains(env!("CARGO_PKG_VERSION")));
     }

@@ -63,17 +63,12 @@ impl DiscoveryOptions {
     }
 }
 
-/// A backend plugin that passed its checks and probed usable (opened in this process only
-/// when selected).
-struct Usable {
-    row: usize,
-    path: PathBuf,
-}
-
 /// The backends found on this machine.
 pub struct Backends {
     report: SelectionReport,
-    usable: Vec<Usable>,
+    /// Report rows of the plugins that passed their checks and probed usable (opened in this
+    /// process only when selected).
+    usable: Vec<usize>,
 }
 
 /// An initialised backend, shared by the models loaded through it.
@@ -200,7 +195,7 @@ impl Backends {
                         c.llama_build = Some(llama_build);
                         c.devices = devices;
                         if ok {
-                            usable.push(Usable { row, path: path.clone() });
+                            usable.push(row);
                         }
                     }
                 }
@@ -262,16 +257,16 @@ impl Backends {
             let options: Vec<Candidate> = self
                 .usable
                 .iter()
-                .map(|u| {
-                    let c = &self.report.candidates[u.row];
+                .map(|&row| {
+                    let c = &self.report.candidates[row];
                     Candidate { name: c.name.clone(), usable: c.verdict == Verdict::Usable, score: c.score.unwrap_or(0) }
                 })
                 .collect();
             let Some(i) = choose(&options, &choice) else {
                 return Err(self.no_backend(&choice));
             };
-            let row = self.usable[i].row;
-            let path = self.usable[i].path.clone();
+            let row = self.usable[i];
+            let path = self.report.candidates[row].path.clone().expect("a usable candidate has a file");
             // Only now is the library opened in this process (its probe ran in a child when
             // isolated); a failure here drops it and, under Auto, the next best is tried.
             let loaded = plugin::load(&path).map_err(|e| e.to_string()).and_then(|(module, info)| {
