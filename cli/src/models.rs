@@ -92,7 +92,7 @@ struct Entry {
 
 fn describe(name: String, path: PathBuf) -> Entry {
     let size_bytes = std::fs::metadata(&path).ok().map(|m| m.len());
-    match gguf::read_header(&path) {
+    match gguf::read(&path) {
         Ok(h) => Entry {
             name,
             size_bytes,

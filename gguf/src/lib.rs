@@ -182,9 +182,6 @@ pub struct GgufFile {
     pub file_len: u64,
 }
 
-/// The former name of [`GgufFile`], which holds more than the header now.
-pub type GgufHeader = GgufFile;
-
 impl GgufFile {
     pub fn get(&self, key: &str) -> Option<&MetaValue> {
         self.metadata.get(key)
@@ -557,11 +554,6 @@ pub fn read(path: &Path) -> Result<GgufFile, GgufError> {
     let file = std::fs::File::open(path).map_err(io)?;
     let len = file.metadata().map_err(io)?.len();
     parse_from(BufReader::with_capacity(1 << 16, file), len).map_err(|e| with_path(path, e))
-}
-
-/// The former name of [`read`].
-pub fn read_header(path: &Path) -> Result<GgufFile, GgufError> {
-    read(path)
 }
 
 /// Reads and fully checks a model file: structure, then the model-level values.
