@@ -485,45 +485,44 @@ fn serve_cmd(cli: &Cli, a: &args::ServeArgs, cfg: &Config) -> Result<(), CliErro
             eprintln!("llama: listening on http://{b} (model '{}'; /health answers 503 until it is loaded)", state.config.model_name);
         }
         // Load on a plain thread while the server already answers /health.
-        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<CliError>();
+        // The loader returns the error that must end the server (default --on-load-error
+        // exit) and signals the shutdown future, so the server stops and the error is returned.
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<()>();
         let loader = {
             let (cli, a, state) = (cli.clone(), a.clone(), state.clone());
             std::thread::spawn(move || match start_engine(&cli, &a, &path, threads) {
                 Ok((ready, backend)) => {
                     eprintln!("llama: serving {backend}: ready");
                     state.set_ready(ready);
+                    Ok(())
                 }
                 Err(e) if a.on_load_error == args::OnLoadError::Serve => {
                     print_error(&e);
                     eprintln!("llama: the model failed to load; serving /health 503 until stopped (--on-load-error serve)");
                     state.set_failed(public_reason(&e, &path));
+                    Ok(())
                 }
                 Err(e) => {
-                    let _ = failed_tx.send(e);
+                    let _ = failed_tx.send(());
+                    Err(e)
                 }
             })
         };
-        let failure = std::sync::Arc::new(std::sync::Mutex::new(None));
-        let shutdown = {
-            let failure = failure.clone();
-            async move {
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
-                    Ok(e) = failed_rx => { *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e); }
-                }
+        let shutdown = async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+                Ok(()) = failed_rx => {}
             }
         };
         llama_host::server::serve(listener, state, shutdown).await.map_err(CliError::Output)?;
-        let failed = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(e) = failed {
-            return Err(e);
-        }
         // A stop during loading waits for the load to finish: llama.cpp's load cannot be
         // interrupted, and exiting under it would tear its memory down mid-use.
-        let _ = loader.join();
-        Ok(())
+        match loader.join() {
+            Ok(Err(e)) => Err(e),
+            _ => Ok(()),
+        }
     })?;
     eprintln!("llama: server stopped");
     Ok(())
