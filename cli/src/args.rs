@@ -125,6 +125,111 @@ pub struct ModelArgs {
     /// backend, none on the CPU). Asking for layers where only the CPU is usable is a warning.
     #[arg(long = "gpu-layers", value_name = "N|auto|all", default_value = "auto", env = "LLAMA_GPU_LAYERS", allow_hyphen_values = true)]
     pub gpu_layers: GpuLayers,
+    /// GPUs to offload to, by name as `llama backends` lists them (`CUDA0,CUDA1`), or
+    /// `none`. Default: every GPU of the backend in use.
+    #[arg(long = "device", value_name = "NAME,..|none", env = "LLAMA_DEVICE")]
+    pub device: Option<Devices>,
+    /// How to spread the model over several GPUs: `none` (only --main-gpu), `layer` (whole
+    /// layers per GPU) or `row` (matrices split across GPUs).
+    #[arg(long = "split-mode", value_name = "none|layer|row", default_value = "layer", env = "LLAMA_SPLIT_MODE")]
+    pub split_mode: SplitModeArg,
+    /// With `--split-mode none`, the GPU to use, counted from 0 among the offload devices.
+    #[arg(long = "main-gpu", value_name = "N", default_value_t = 0, env = "LLAMA_MAIN_GPU", allow_hyphen_values = true, value_parser = clap::value_parser!(u32).range(0..1024))]
+    pub main_gpu: u32,
+}
+
+/// `--device`: which GPUs to offload to.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "toml::Value")]
+pub enum Devices {
+    /// No offload device at all.
+    None,
+    Named(Vec<String>),
+}
+
+impl std::str::FromStr for Devices {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim() == "none" {
+            return Ok(Devices::None);
+        }
+        let names: Vec<String> = s.split(',').map(|n| n.trim().to_string()).collect();
+        if names.iter().any(|n| n.is_empty() || n.contains(char::is_whitespace)) {
+            return Err(format!("'{s}' is not a comma-separated list of device names (like CUDA0,CUDA1) or 'none'"));
+        }
+        Ok(Devices::Named(names))
+    }
+}
+
+impl TryFrom<toml::Value> for Devices {
+    type Error = String;
+    fn try_from(v: toml::Value) -> Result<Self, String> {
+        match v {
+            toml::Value::String(s) => s.parse(),
+            toml::Value::Array(items) => items
+                .into_iter()
+                .map(|i| i.as_str().map(str::to_string).ok_or_else(|| format!("{i} is not a device name")))
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(|names| names.join(",").parse()),
+            other => Err(format!("{other} is not a device list: expected \"CUDA0,CUDA1\", [\"CUDA0\"] or \"none\"")),
+        }
+    }
+}
+
+/// `--split-mode`, llama.cpp's names.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SplitModeArg {
+    None,
+    Layer,
+    Row,
+}
+
+impl From<SplitModeArg> for llama_host::SplitMode {
+    fn from(m: SplitModeArg) -> Self {
+        match m {
+            SplitModeArg::None => llama_host::SplitMode::None,
+            SplitModeArg::Layer => llama_host::SplitMode::Layer,
+            SplitModeArg::Row => llama_host::SplitMode::Row,
+        }
+    }
+}
+
+impl ModelArgs {
+    /// The offload flags that ask for a GPU explicitly, by name (empty when none do).
+    pub fn gpu_flags(&self) -> Vec<&'static str> {
+        let mut flags = Vec::new();
+        if self.gpu_layers.wants_gpu() {
+            flags.push("--gpu-layers");
+        }
+        if matches!(self.device, Some(Devices::Named(_))) {
+            flags.push("--device");
+        }
+        if self.main_gpu != 0 {
+            flags.push("--main-gpu");
+        }
+        flags
+    }
+
+    /// llama.cpp's model parameters for a backend that does (`gpu`) or does not compute on a
+    /// GPU. `fallback`: the CPU was chosen because no GPU backend was usable, so GPU device
+    /// names (meaningless to it) are dropped rather than refused.
+    pub fn model_params(&self, gpu: bool, fallback: bool) -> llama_host::ModelParams {
+        use llama_host::abi::{ROption, RString, RVec};
+        let devices = match &self.device {
+            Some(Devices::Named(_)) if !gpu && fallback => ROption::RNone,
+            Some(Devices::Named(names)) => ROption::RSome(names.iter().map(|n| RString::from(n.as_str())).collect::<RVec<_>>()),
+            Some(Devices::None) => ROption::RSome(RVec::new()),
+            None => ROption::RNone,
+        };
+        llama_host::ModelParams {
+            n_gpu_layers: self.gpu_layers.n_gpu_layers(gpu),
+            split_mode: self.split_mode.into(),
+            main_gpu: self.main_gpu as i32,
+            devices,
+            ..llama_host::ModelParams::default()
+        }
+    }
 }
 
 /// `--gpu-layers`: how much of the model goes to the GPU.
@@ -299,6 +404,13 @@ pub struct BackendsArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also estimate how many of this model's layers fit on each GPU backend's devices
+    /// (a GGUF path or model name; read from the file's header, nothing is loaded).
+    #[arg(short = 'm', long = "model", value_name = "MODEL")]
+    pub model: Option<String>,
+    /// Context length the estimate reserves KV cache for.
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
+    pub ctx_size: u32,
     #[command(subcommand)]
     pub action: Option<BackendsAction>,
 }
@@ -361,6 +473,9 @@ pub fn normalize_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec
             Some("-ub") => "--ubatch-size".into(),
             Some("-tb") => "--threads-batch".into(),
             Some("-ngl") => "--gpu-layers".into(),
+            Some("-sm") => "--split-mode".into(),
+            Some("-mg") => "--main-gpu".into(),
+            Some("-dev") => "--device".into(),
             _ => a,
         })
         .collect()
@@ -421,6 +536,37 @@ mod tests {
         let cli = Cli::parse_from(["llama", "run", "-p", "hi", "-n", "-1"]);
         let Command::Run(r) = cli.command else { panic!("not run") };
         assert_eq!(r.sampling.n_predict, -1);
+    }
+
+    #[test]
+    fn offload_flags_parse_and_reach_the_model_params() {
+        let model = |args: &[&str]| {
+            let mut v = vec!["llama", "run", "-p", "x"];
+            v.extend_from_slice(args);
+            match Cli::try_parse_from(normalize_args(v.iter().map(|a| a.into()))).map_err(|e| e.to_string())?.command {
+                Command::Run(r) => Ok::<_, String>(r.model),
+                _ => unreachable!(),
+            }
+        };
+        let m = model(&["-dev", "CUDA0,CUDA1", "-sm", "row", "-mg", "1", "-ngl", "20"]).unwrap();
+        assert_eq!(m.device, Some(Devices::Named(vec!["CUDA0".into(), "CUDA1".into()])));
+        let p = m.model_params(true, true);
+        assert_eq!((p.n_gpu_layers, p.split_mode, p.main_gpu), (20, llama_host::SplitMode::Row, 1));
+        assert_eq!(p.devices.as_ref().map(|d| d.iter().map(|n| n.to_string()).collect::<Vec<_>>()).into_option(), Some(vec!["CUDA0".into(), "CUDA1".into()]));
+        assert_eq!(m.gpu_flags(), vec!["--gpu-layers", "--device", "--main-gpu"]);
+        // On a CPU fallback the GPU names are dropped (a warning says so); named, they go on
+        // to the backend, which refuses them.
+        assert!(m.model_params(false, true).devices.is_none());
+        assert!(m.model_params(false, false).devices.is_some());
+        let none = model(&["--device", "none", "--split-mode", "none"]).unwrap();
+        assert_eq!(none.model_params(true, true).devices.into_option().map(|d| d.len()), Some(0));
+        assert_eq!(none.model_params(true, true).split_mode, llama_host::SplitMode::None);
+        assert!(none.gpu_flags().is_empty());
+        let defaults = model(&[]).unwrap().model_params(true, true);
+        assert_eq!((defaults.split_mode, defaults.main_gpu, defaults.devices.is_none()), (llama_host::SplitMode::Layer, 0, true));
+        for bad in [&["--split-mode", "diagonal"][..], &["--main-gpu", "-1"], &["--device", "CUDA0,,CUDA1"], &["--device", ""]] {
+            assert!(model(bad).is_err(), "{bad:?} was accepted");
+        }
     }
 
     #[test]

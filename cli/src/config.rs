@@ -64,6 +64,9 @@ fn at_least_one_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::E
 fn at_least_one_i32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {
     range(d, |v: &i32| *v >= 1, "an integer >= 1")
 }
+fn gpu_index<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    range(d, |v: &u32| *v < 1024, "a GPU index from 0 to 1023")
+}
 fn non_negative_i32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {
     range(d, |v: &i32| *v >= 0, "an integer >= 0")
 }
@@ -74,6 +77,10 @@ fn non_negative_i32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i32>, D::E
 pub struct Defaults {
     pub backend: Option<String>,
     pub gpu_layers: Option<crate::args::GpuLayers>,
+    pub device: Option<crate::args::Devices>,
+    pub split_mode: Option<crate::args::SplitModeArg>,
+    #[serde(default, deserialize_with = "gpu_index")]
+    pub main_gpu: Option<u32>,
     #[serde(default, deserialize_with = "at_least_one_u32")]
     pub ctx_size: Option<u32>,
     #[serde(default, deserialize_with = "at_least_one_i32")]
@@ -164,7 +171,7 @@ impl Config {
     /// Fills the arguments the user left at their defaults with this file's values.
     pub fn apply(&self, m: &ArgMatches, model: &mut ModelArgs, ctx: &mut ContextArgs, s: &mut SamplingArgs) {
         let d = &self.defaults;
-        fill!(m, d, model, backend, gpu_layers);
+        fill!(m, d, model, backend, gpu_layers, device, split_mode, main_gpu);
         fill!(m, d, ctx, ctx_size, threads, threads_batch, batch_size, ubatch_size, cache_tokens);
         fill!(m, d, s, n_predict, seed, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, stop);
     }
@@ -210,6 +217,14 @@ mod tests {
         use crate::args::GpuLayers;
         assert_eq!(parse_ok("[defaults]\ngpu-layers = \"all\"\n").defaults.gpu_layers, Some(GpuLayers::All));
         assert_eq!(parse_ok("[defaults]\ngpu-layers = 12\n").defaults.gpu_layers, Some(GpuLayers::Count(12)));
+        let c = parse_ok("[defaults]\ndevice = \"CUDA0,CUDA1\"\nsplit-mode = \"row\"\nmain-gpu = 1\n");
+        assert_eq!(c.defaults.device, Some(crate::args::Devices::Named(vec!["CUDA0".into(), "CUDA1".into()])));
+        assert_eq!(c.defaults.split_mode, Some(crate::args::SplitModeArg::Row));
+        assert_eq!(c.defaults.main_gpu, Some(1));
+        assert_eq!(parse_ok("[defaults]\ndevice = [\"CUDA1\"]\n").defaults.device, Some(crate::args::Devices::Named(vec!["CUDA1".into()])));
+        assert_eq!(parse_ok("[defaults]\ndevice = \"none\"\n").defaults.device, Some(crate::args::Devices::None));
+        assert!(parse_err("[defaults]\nsplit-mode = \"diagonal\"\n").contains("split-mode"));
+        assert!(parse_err("[defaults]\nmain-gpu = -1\n").contains("main-gpu"));
         let e = parse_err("[defaults]\ngpu-layers = -4\n");
         assert!(e.contains("line 2") && e.contains("gpu-layers"), "{e}");
     }

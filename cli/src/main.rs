@@ -68,6 +68,7 @@ impl CliError {
             CliError::InvalidArg { .. }
             | CliError::Config(_)
             | CliError::Session(SessionError::InvalidParam { .. })
+            | CliError::Load(llama_host::LoadError::InvalidParam { .. })
             | CliError::Generate(GenerateError::InvalidParam { .. } | GenerateError::PromptTooLong { .. } | GenerateError::EmptyPrompt) => 2,
             CliError::NoModel { .. } | CliError::UnknownModel { .. } | CliError::Load(_) | CliError::ModelName(_) => 3,
             CliError::Select(_) | CliError::Install(_) => 4,
@@ -130,14 +131,15 @@ fn probe_timeout() -> std::time::Duration {
 pub(crate) fn select_backend(cli: &Cli, m: &ModelArgs) -> Result<LoadedBackend, CliError> {
     let mut backends = Backends::discover(&discovery(cli));
     let choice: BackendChoice = m.backend.parse().unwrap_or(BackendChoice::Auto);
-    let selected = backends.select(choice);
+    let selected = backends.select(choice.clone());
     if cli.verbose > 0 {
         eprint!("{}", backends.report());
     }
     let selected = selected?;
-    // GPU layers asked for, but the backend in use is the CPU: say why, once, and go on.
+    // GPU offload asked for, but the backend in use is the CPU: say why, once, and go on.
     // (A GPU backend named with --backend that cannot run is already an error above.)
-    if m.gpu_layers.wants_gpu() && selected.info().accelerator == llama_host::Accelerator::Cpu {
+    let flags = m.gpu_flags();
+    if !flags.is_empty() && selected.info().accelerator == llama_host::Accelerator::Cpu && choice == BackendChoice::Auto {
         let why: Vec<String> = backends
             .report()
             .candidates
@@ -145,15 +147,16 @@ pub(crate) fn select_backend(cli: &Cli, m: &ModelArgs) -> Result<LoadedBackend, 
             .filter(|c| matches!(c.name.as_str(), "cuda" | "metal"))
             .map(|c| format!("{}: {}", c.name, c.reason))
             .collect();
-        tracing::warn!("--gpu-layers asks for GPU offload, but no GPU backend is usable here ({}); running on the CPU", why.join("; "));
+        let verb = if flags.len() == 1 { "asks" } else { "ask" };
+        tracing::warn!("{} {verb} for GPU offload, but no GPU backend is usable here ({}); running on the CPU", flags.join(", "), why.join("; "));
     }
     Ok(selected)
 }
 
-/// Model parameters from the command line: GPU layers resolved for the backend in use.
+/// Model parameters from the command line, resolved for the backend in use.
 fn model_params(backend: &LoadedBackend, m: &ModelArgs) -> ModelParams {
     let gpu = backend.info().accelerator != llama_host::Accelerator::Cpu;
-    ModelParams { n_gpu_layers: m.gpu_layers.n_gpu_layers(gpu), ..ModelParams::default() }
+    m.model_params(gpu, matches!(m.backend.parse(), Ok(BackendChoice::Auto)))
 }
 
 fn threads(field: &'static str, t: Option<i32>) -> Result<i32, CliError> {
@@ -235,7 +238,7 @@ fn flag_name(field: &str) -> &'static str {
 pub(crate) fn load_model(backend: &LoadedBackend, path: &Path, m: &ModelArgs) -> Result<Model, CliError> {
     let label = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let params = model_params(backend, m);
-    tracing::debug!(n_gpu_layers = params.n_gpu_layers, "model parameters");
+    tracing::debug!(n_gpu_layers = params.n_gpu_layers, split_mode = params.split_mode.as_str(), main_gpu = params.main_gpu, "model parameters");
     Ok(match progress::bar(label) {
         Some(bar) => Model::load_with_progress(backend, path, &params, bar)?,
         None => Model::load(backend, path, &params)?,
@@ -309,7 +312,7 @@ fn run(cli: &Cli, a: &RunArgs, cfg: &Config, ints: &Interrupts) -> Result<(), Cl
     Ok(())
 }
 
-fn backends_cmd(cli: &Cli, a: &BackendsArgs) -> Result<(), CliError> {
+fn backends_cmd(cli: &Cli, a: &BackendsArgs, cfg: &Config) -> Result<(), CliError> {
     if let Some(BackendsAction::Install { file, dir }) = &a.action {
         let dir = match dir {
             Some(d) => d.clone(),
@@ -322,12 +325,79 @@ fn backends_cmd(cli: &Cli, a: &BackendsArgs) -> Result<(), CliError> {
     let mut backends = Backends::discover(&discovery(cli));
     // Selecting initialises the winner, so the report shows what `llama run` would use.
     let _ = backends.select(BackendChoice::Auto);
+    let model = match &a.model {
+        Some(name) => Some(model_fit(&models::resolve_name(name, cfg)?, a.ctx_size, backends.report())?),
+        None => None,
+    };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(backends.report()).expect("the report serializes"));
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            #[serde(flatten)]
+            report: &'a llama_host::SelectionReport,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            model: Option<ModelFit>,
+        }
+        println!("{}", serde_json::to_string_pretty(&Out { report: backends.report(), model }).expect("the report serializes"));
     } else {
         print!("{}", backends.report());
+        if let Some(m) = model {
+            print!("{m}");
+        }
     }
     Ok(())
+}
+
+/// `llama backends -m MODEL`: the model's memory needs and the layers each GPU backend could take.
+#[derive(serde::Serialize)]
+struct ModelFit {
+    path: std::path::PathBuf,
+    footprint: llama_host::fit::ModelFootprint,
+    gpus: Vec<llama_host::fit::BackendFit>,
+}
+
+fn model_fit(path: &Path, n_ctx: u32, report: &llama_host::SelectionReport) -> Result<ModelFit, CliError> {
+    let file = llama_host::gguf::read(path).map_err(|e| CliError::Load(llama_host::LoadError::Invalid(e)))?;
+    let footprint = llama_host::fit::ModelFootprint::of(&file, n_ctx).map_err(|e| CliError::InvalidArg { field: "model", reason: e.to_string() })?;
+    let gpus = llama_host::fit::for_report(report, &footprint);
+    Ok(ModelFit { path: path.to_path_buf(), footprint, gpus })
+}
+
+impl std::fmt::Display for ModelFit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let m = &self.footprint;
+        let all = m.n_layer + 1;
+        writeln!(f, "model {}:", self.path.display())?;
+        writeln!(
+            f,
+            "  {} layers + output head: {:.2} GiB on a GPU with every layer offloaded (weights {:.2} GiB, KV cache {:.2} GiB at {} tokens, an upper bound); {:.2} GiB of embeddings stay in host memory",
+            m.n_layer,
+            gib(m.offloaded_bytes(all)),
+            gib(m.offloaded_bytes(all) - u64::from(m.n_layer) * m.kv_bytes_per_layer),
+            gib(u64::from(m.n_layer) * m.kv_bytes_per_layer),
+            m.n_ctx,
+            gib(m.host_bytes)
+        )?;
+        if self.gpus.is_empty() {
+            writeln!(f, "  no GPU device found: every layer runs on the CPU")?;
+        }
+        for g in &self.gpus {
+            let memory = if g.from_free_memory { "free" } else { "total (the driver's figure; the plugin reports free)" };
+            let flag = if g.fit.layers == g.fit.all { "all".to_string() } else { g.fit.layers.to_string() };
+            writeln!(
+                f,
+                "  {} ({}): {} of {} layers fit (--gpu-layers {flag}); {:.2} GiB available = {memory} memory of {} device(s) less a {:.0} GiB margin each",
+                g.backend,
+                g.verdict,
+                g.fit.layers,
+                g.fit.all,
+                gib(g.fit.available_bytes),
+                g.devices,
+                gib(llama_host::fit::GPU_MARGIN)
+            )?;
+        }
+        Ok(())
+    }
 }
 
 fn bench_cmd(cli: &Cli, a: &BenchArgs, cfg: &Config) -> Result<(), CliError> {
@@ -602,7 +672,7 @@ fn dispatch(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), CliError> {
             chat::run(cli, &a, &cfg, &ints)
         }
         Command::List(a) => models::list(a, &cfg),
-        Command::Backends(a) => backends_cmd(cli, a),
+        Command::Backends(a) => backends_cmd(cli, a, &cfg),
         Command::Bench(a) => bench_cmd(cli, a, &cfg),
         Command::Serve(a) => serve_cmd(cli, a, &cfg),
     }

@@ -47,7 +47,7 @@ pub fn resolve(args: &ModelArgs, cfg: &Config) -> Result<PathBuf, CliError> {
     }
 }
 
-fn resolve_name(name: &str, cfg: &Config) -> Result<PathBuf, CliError> {
+pub(crate) fn resolve_name(name: &str, cfg: &Config) -> Result<PathBuf, CliError> {
     if let Some(p) = cfg.models.get(name) {
         return Ok(p.clone());
     }

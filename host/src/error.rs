@@ -33,6 +33,9 @@ pub enum LoadError {
     Io { path: PathBuf, #[source] source: std::io::Error },
     #[error("{path}: {source}")]
     Rejected { path: PathBuf, #[source] source: BackendError },
+    /// A model parameter the backend cannot honour (`device`, `main_gpu`).
+    #[error("invalid {field}: {reason}")]
+    InvalidParam { field: String, reason: String },
 }
 
 /// A session (inference context) could not be created.

@@ -177,10 +177,16 @@ pub fn cuda_usable(d: Result<CudaDriver, String>) -> Result<CudaDriver, String> 
 
 /// Whether Metal can exist on this platform.
 pub fn metal_platform() -> Result<(), String> {
-    if cfg!(target_os = "macos") {
-        Ok(())
-    } else {
-        Err(format!("Metal needs macOS (this is {})", std::env::consts::OS))
+    metal_platform_for(std::env::consts::OS)
+}
+
+/// The platform rule for Metal, on an OS name as `std::env::consts::OS` gives it. Whether
+/// the Mac has a usable GPU is the Metal plugin's own probe (ggml's device list).
+pub fn metal_platform_for(os: &str) -> Result<(), String> {
+    match os {
+        "macos" => Ok(()),
+        "ios" => Err("Metal plugins are built for macOS; iOS apps link llama.cpp directly".into()),
+        other => Err(format!("Metal needs macOS (this is {other})")),
     }
 }
 
@@ -215,6 +221,14 @@ mod tests {
         let none = cuda_usable(Ok(CudaDriver { version: 13010, devices: vec![] })).unwrap_err();
         assert!(none.contains("no CUDA device"), "{none}");
         assert!(query_cuda_driver("libcuda-does-not-exist.so.1").unwrap_err().contains("no NVIDIA driver"));
+    }
+
+    #[test]
+    fn metal_needs_macos() {
+        assert_eq!(metal_platform_for("macos"), Ok(()));
+        assert_eq!(metal_platform_for("linux").unwrap_err(), "Metal needs macOS (this is linux)");
+        assert!(metal_platform_for("windows").unwrap_err().contains("windows"));
+        assert_eq!(metal_platform().is_ok(), cfg!(target_os = "macos"));
     }
 
     #[test]

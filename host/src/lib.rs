@@ -17,6 +17,7 @@
 //! This crate never links llama.cpp: only backends do.
 
 pub mod bench;
+pub mod fit;
 pub mod chat;
 pub mod discovery;
 pub mod engine;
@@ -36,10 +37,16 @@ mod stop;
 mod utf8;
 
 pub use error::{Error, GenerateError, LoadError, SelectError, SessionError};
-pub use llama_plugin_api::{Accelerator, BackendError, DeviceInfo, LogitBias, ModelInfo, ModelParams, SamplingParams};
+pub use llama_plugin_api::{Accelerator, BackendError, DeviceInfo, LogitBias, ModelInfo, ModelParams, SamplingParams, SplitMode};
 pub use model::{default_threads, Model, SessionParams};
 pub use session::{Canceller, FinishReason, GenerateOptions, GenerationStats, Session, Stream};
 pub use plugin::{install_backend, InstallError};
 pub use report::{CandidateReport, SelectionReport, Verdict};
 pub use select::{BackendChoice, Backends, DiscoveryOptions, LoadedBackend};
 pub use discovery::{default_models_dir, find_model_in, user_backends_dir, ModelNameError};
+
+/// The FFI-safe standard types some parameter structs ([`ModelParams`], [`SamplingParams`])
+/// are made of, for callers that build them field by field.
+pub mod abi {
+    pub use llama_plugin_api::abi_stable::std_types::{ROption, RString, RVec};
+}

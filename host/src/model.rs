@@ -8,7 +8,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use abi_stable::std_types::RStr;
-use llama_plugin_api::{ContextBox, ContextParams, ModelBox, ModelInfo, ModelParams};
+use llama_plugin_api::{BackendError, ContextBox, ContextParams, ModelBox, ModelInfo, ModelParams};
 
 use crate::error::{GenerateError, LoadError, SessionError};
 use crate::select::LoadedBackend;
@@ -61,7 +61,12 @@ impl Model {
             .raw()
             .load_model(RStr::from_str(path_str), params.clone())
             .into_result()
-            .map_err(|source| LoadError::Rejected { path: path.to_path_buf(), source })?;
+            .map_err(|source| match source {
+                // A load parameter the backend refused (an unknown device, a GPU index out of
+                // range) is the caller's mistake, not the file's.
+                BackendError::InvalidParam { field, reason } => LoadError::InvalidParam { field: field.into_string(), reason: reason.into_string() },
+                source => LoadError::Rejected { path: path.to_path_buf(), source },
+            })?;
         let info = raw.info();
         tracing::info!(model = %info.description, params = info.n_params, "model loaded");
         Ok(Model { raw, info, path: path.to_path_buf(), backend: backend.clone() })

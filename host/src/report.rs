@@ -93,7 +93,9 @@ impl fmt::Display for SelectionReport {
                 writeln!(f, "{indent}version {v}, {b}")?;
             }
             for d in &c.devices {
-                let mem = if d.memory_total > 0 {
+                let mem = if d.memory_total > 0 && d.memory_free == 0 {
+                    format!(", {:.1} GiB", gib(d.memory_total))
+                } else if d.memory_total > 0 {
                     format!(", {:.1} GiB free of {:.1} GiB", gib(d.memory_free), gib(d.memory_total))
                 } else {
                     String::new()

@@ -99,12 +99,44 @@ pub struct LogSink {
     pub log: extern "C" fn(LogLevel, RStr<'_>),
 }
 
+/// How a model is spread over several GPUs (llama.cpp's `split_mode`).
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SplitMode {
+    /// One GPU only: the one `main_gpu` names.
+    None,
+    /// Whole layers (and their KV cache) per GPU, in proportion to free memory.
+    Layer,
+    /// Matrices split by rows across GPUs (tensor parallelism where the backend supports it).
+    Row,
+    /// llama.cpp's experimental tensor-parallel meta device.
+    Tensor,
+}
+
+impl SplitMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SplitMode::None => "none",
+            SplitMode::Layer => "layer",
+            SplitMode::Row => "row",
+            SplitMode::Tensor => "tensor",
+        }
+    }
+}
+
 /// How to load a model file.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone)]
 pub struct ModelParams {
-    /// Layers to offload to an accelerator; ignored by the CPU backend.
+    /// Layers to offload to an accelerator, counted from the last; negative means all.
+    /// A backend without GPU devices (the CPU one) has nothing to offload to.
     pub n_gpu_layers: i32,
+    pub split_mode: SplitMode,
+    /// With `SplitMode::None`: the index, among the offload devices, of the one GPU to use.
+    pub main_gpu: i32,
+    /// Offload devices by ggml name (`CUDA0`, `MTL0`); `None` means every GPU the backend
+    /// has, an empty list none at all. A name the backend does not have is an error.
+    pub devices: ROption<RVec<RString>>,
     pub use_mmap: bool,
     /// Let the backend repack weights into layouts for its fastest kernels (llama.cpp's
     /// "extra buffer types"). Off makes every token's math independent of how many
@@ -116,7 +148,15 @@ pub struct ModelParams {
 
 impl Default for ModelParams {
     fn default() -> Self {
-        ModelParams { n_gpu_layers: 0, use_mmap: true, repack: true, progress: ROption::RNone }
+        ModelParams {
+            n_gpu_layers: 0,
+            split_mode: SplitMode::Layer,
+            main_gpu: 0,
+            devices: ROption::RNone,
+            use_mmap: true,
+            repack: true,
+            progress: ROption::RNone,
+        }
     }
 }
 

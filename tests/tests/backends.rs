@@ -51,7 +51,7 @@ fn broken_backends_dir() -> tempfile::TempDir {
     let ext = std::env::consts::DLL_EXTENSION;
     std::fs::write(dir.path().join(format!("garbage.{ext}")), b"this is a text file, not a library\n").unwrap();
     std::fs::copy(built_library("fixture_not_a_backend"), dir.path().join(format!("libnot_a_backend.{ext}"))).unwrap();
-    std::fs::copy(built_library("fixture_abi2_backend"), dir.path().join(format!("libllama_backend_future.{ext}"))).unwrap();
+    std::fs::copy(built_library("fixture_future_abi_backend"), dir.path().join(format!("libllama_backend_future.{ext}"))).unwrap();
     dir
 }
 
@@ -67,7 +67,7 @@ fn broken_candidates_are_rejected_with_reasons_and_cpu_still_runs() {
     let expect = [
         (format!("garbage.{ext}"), "not-a-library", "not a shared library"),
         (format!("libnot_a_backend.{ext}"), "not-a-backend", "not a llama backend"),
-        (format!("libllama_backend_future.{ext}"), "abi-version", "built for plugin ABI 2.0.0, host expects 1.0.0"),
+        (format!("libllama_backend_future.{ext}"), "abi-version", "built for plugin ABI 9.0.0, host expects 2.0.0"),
     ];
     for (file, kind, reason) in &expect {
         let c = candidate(&r, file);
@@ -138,7 +138,7 @@ fn install_checks_the_library_first() {
     for (file, reason) in [
         (format!("garbage.{ext}"), "not a shared library"),
         (format!("libnot_a_backend.{ext}"), "not a llama backend"),
-        (format!("libllama_backend_future.{ext}"), "built for plugin ABI 2.0.0, host expects 1.0.0"),
+        (format!("libllama_backend_future.{ext}"), "built for plugin ABI 9.0.0, host expects 2.0.0"),
     ] {
         let o = llama(&["backends", "install", broken.path().join(&file).to_str().unwrap(), "--dir", d]);
         assert_exit(&o, 4);
@@ -290,4 +290,72 @@ fn gpu_layers_reach_llama_cpp_and_warn_without_a_gpu() {
     let o = llama_tests::llama(&["run", "--backend", "cuda", "-m", m, "-ngl", "all", "-p", "Hi", "-n", "1"]);
     assert_exit(&o, 4);
     assert!(stderr(&o).contains("backend 'cuda' cannot be used here"), "{}", stderr(&o));
+}
+
+/// `--device`, `--split-mode` and `--main-gpu` reach the backend; GPU names are a warning
+/// under auto (the CPU runs, nothing offloaded) and a typed error when the CPU is named.
+#[test]
+fn offload_devices_and_split_mode_reach_the_backend() {
+    let m = model_path();
+    let m = m.to_str().unwrap();
+    let o = llama_tests::llama(&["run", "-vv", "-m", m, "-dev", "CUDA0,CUDA1", "-sm", "row", "-mg", "1", "-p", "Hi", "-n", "1"]);
+    assert_exit(&o, 0);
+    let err = stderr(&o);
+    assert!(err.contains("--device, --main-gpu ask for GPU offload, but no GPU backend is usable here"), "{err}");
+    // Under auto on the CPU, the GPU names are dropped (the warning said so); the rest arrive.
+    assert!(err.contains("split_mode = row, main_gpu = 1, devices = all"), "{err}");
+    let o = llama_tests::llama(&["run", "-vv", "-m", m, "--device", "none", "--split-mode", "none", "-p", "Hi", "-n", "1"]);
+    assert_exit(&o, 0);
+    assert!(stderr(&o).contains("split_mode = none, main_gpu = 0, devices = none"), "{}", stderr(&o));
+    // The CPU backend named: a GPU device is a parameter error naming what it has.
+    let o = llama_tests::llama(&["run", "--backend", "cpu", "-m", m, "--device", "CUDA0", "-p", "Hi", "-n", "1"]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("invalid device: no device 'CUDA0' (this backend has no GPU devices)"), "{}", stderr(&o));
+    // Bad values name the flag; the config file and the environment are read too.
+    for bad in [&["--split-mode", "diagonal"][..], &["--main-gpu", "-2"], &["--device", "CUDA0,"]] {
+        let mut args = vec!["run", "-m", m, "-p", "Hi"];
+        args.extend_from_slice(bad);
+        let o = llama_tests::llama(&args);
+        assert_exit(&o, 2);
+        assert!(stderr(&o).contains(bad[0]), "{}", stderr(&o));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(&cfg, "[defaults]\nsplit-mode = \"none\"\nmain-gpu = 2\ndevice = \"none\"\n").unwrap();
+    let o = llama_tests::llama(&["run", "-vv", "--config", cfg.to_str().unwrap(), "-m", m, "-p", "Hi", "-n", "1"]);
+    assert_exit(&o, 0);
+    assert!(stderr(&o).contains("split_mode = none, main_gpu = 2, devices = none"), "{}", stderr(&o));
+    let o = llama_tests::llama_cmd(&["run", "-vv", "-m", m, "-p", "Hi", "-n", "1"]).env("LLAMA_SPLIT_MODE", "row").output().unwrap();
+    assert_exit(&o, 0);
+    assert!(stderr(&o).contains("split_mode = row"), "{}", stderr(&o));
+}
+
+/// `llama backends -m MODEL` estimates the layers that fit on each GPU backend's devices,
+/// from the GGUF header: here against the stand-in driver's memory sizes.
+#[test]
+fn backends_with_a_model_shows_how_many_layers_fit() {
+    let m = model_path();
+    let m = m.to_str().unwrap();
+    let r = report_json(&["-m", m]);
+    assert_eq!(r["model"]["footprint"]["n_layer"], 18, "{:#}", r["model"]);
+    assert_eq!(r["model"]["gpus"].as_array().unwrap().len(), 0, "no GPU here: {:#}", r["model"]);
+    let o = llama(&["backends", "-m", m]);
+    assert!(stdout(&o).contains("18 layers + output head") && stdout(&o).contains("no GPU device found: every layer runs on the CPU"), "{}", stdout(&o));
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(built_library("fixture_fake_cuda"), dir.path().join("libcuda.so.1")).unwrap();
+    let fit = |mem_mib: &str, ctx: &str| -> serde_json::Value {
+        let o = llama_tests::llama_cmd(&["backends", "--json", "-m", m, "-c", ctx]).env("LD_LIBRARY_PATH", dir.path()).env("FAKE_CUDA_MEM_MIB", mem_mib).output().unwrap();
+        assert_exit(&o, 0);
+        let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        r["model"]["gpus"][0].clone()
+    };
+    let big = fit("81920", "4096");
+    assert_eq!((big["backend"].as_str(), big["fit"]["layers"].as_u64(), big["fit"]["all"].as_u64()), (Some("cuda"), Some(19), Some(19)), "{big:#}");
+    // 1200 MiB less the 1 GiB margin leaves 176 MiB: the 178 MB output head does not fit,
+    // and at 16384 tokens each layer needs ~4 MB of weights + 16 MiB of KV cache.
+    let small = fit("1200", "16384");
+    assert_eq!(small["fit"]["layers"].as_u64(), Some(8), "{small:#}");
+    let tiny = fit("512", "4096");
+    assert_eq!(tiny["fit"]["layers"].as_u64(), Some(0), "{tiny:#}");
 }

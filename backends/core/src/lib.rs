@@ -150,7 +150,15 @@ pub const DEVICE_GPU: [u32; 2] = [llama_cpp_sys_2::GGML_BACKEND_DEVICE_TYPE_GPU,
 /// The probe of a GPU backend: usable with `score` when ggml's registry holds a GPU of this
 /// build's kind (`label` names it in the reason), unusable otherwise.
 pub fn probe_gpu(label: &str, score: u32) -> llama_plugin_api::ProbeReport {
-    let devices = devices(&DEVICE_GPU);
+    gpu_report(label, score, devices(&DEVICE_GPU))
+}
+
+/// The verdict of a GPU probe on the devices ggml found (the testable half of [`probe_gpu`]).
+pub fn gpu_report(
+    label: &str,
+    score: u32,
+    devices: llama_plugin_api::abi_stable::std_types::RVec<llama_plugin_api::DeviceInfo>,
+) -> llama_plugin_api::ProbeReport {
     let (usable, reason) = if devices.is_empty() {
         (false, format!("no {label} device found by ggml"))
     } else {
@@ -200,6 +208,36 @@ pub use llama_plugin_api as __api;
 #[cfg(test)]
 mod tests {
     use llama_cpp_sys_2 as sys;
+    use llama_plugin_api::abi_stable::std_types::{RString, RVec};
+    use llama_plugin_api::DeviceInfo;
+
+    /// The GPU plugins' probe (Metal's included, which cannot run on Linux) against device
+    /// lists standing in for ggml's registry.
+    #[test]
+    fn a_gpu_probe_is_usable_only_with_a_device() {
+        let none = super::gpu_report("Metal", 90, RVec::new());
+        assert!(!none.usable);
+        assert_eq!((none.score, none.reason.as_str()), (0, "no Metal device found by ggml"));
+        let m2 = DeviceInfo {
+            name: RString::from("MTL0"),
+            description: RString::from("Apple M2 Pro"),
+            memory_total: 32 << 30,
+            memory_free: 21 << 30,
+        };
+        let one = super::gpu_report("Metal", 90, vec![m2.clone()].into());
+        assert!(one.usable);
+        assert_eq!((one.score, one.reason.as_str()), (90, "1 Metal device(s)"));
+        assert_eq!(one.devices[0].description.as_str(), "Apple M2 Pro");
+        let two = super::gpu_report("CUDA", 100, vec![m2.clone(), m2].into());
+        assert_eq!(two.reason.as_str(), "2 CUDA device(s)");
+    }
+
+    /// This build (the CPU one) registers no GPU: its GPU probe says so.
+    #[test]
+    fn the_cpu_build_has_no_gpu_device() {
+        assert!(!super::probe_gpu("CUDA", 100).usable);
+        assert!(!super::devices(&[super::DEVICE_CPU]).is_empty());
+    }
 
     /// The validator refuses what this ggml cannot load and sizes tensors as ggml does:
     /// its type table must match ggml's, type by type.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use llama_cpp_sys_2 as sys;
 use llama_plugin_api::abi_stable::sabi_trait::TD_Opaque;
 use llama_plugin_api::abi_stable::std_types::{ROption, RResult, RStr, RString, RVec};
-use llama_plugin_api::{BackendError, ContextBox, ContextParams, ModelBox, ModelInfo, ModelParams, Model_TO, ProgressSink};
+use llama_plugin_api::{BackendError, ContextBox, ContextParams, ModelBox, ModelInfo, ModelParams, Model_TO, ProgressSink, SplitMode};
 
 use crate::{context, guard, log};
 
@@ -153,6 +153,16 @@ pub(crate) fn load(path: &str, params: &ModelParams) -> Result<ModelBox, Backend
     // SAFETY: returns a plain struct of defaults.
     let mut mp = unsafe { sys::llama_model_default_params() };
     mp.n_gpu_layers = params.n_gpu_layers;
+    mp.split_mode = split_mode(params.split_mode);
+    mp.main_gpu = params.main_gpu;
+    // NULL-terminated, as llama.cpp wants it; it copies the handles during the load, and
+    // this vector outlives the (synchronous) load call.
+    let chosen = offload_devices(params)?;
+    let mut device_ptrs: Vec<sys::ggml_backend_dev_t> = chosen.iter().flatten().copied().collect();
+    device_ptrs.push(std::ptr::null_mut());
+    if chosen.is_some() {
+        mp.devices = device_ptrs.as_mut_ptr();
+    }
     mp.use_extra_bufts = params.repack;
     if !params.use_mmap {
         mp.load_mode = sys::LLAMA_LOAD_MODE_NONE;
@@ -165,7 +175,20 @@ pub(crate) fn load(path: &str, params: &ModelParams) -> Result<ModelBox, Backend
     }
     // What llama.cpp is asked for: visible with `llama -vv`, so offload settings can be seen
     // to arrive even on a build without a GPU (where llama.cpp itself says nothing of them).
-    log::info(&format!("llama_model_load_from_file: n_gpu_layers = {}, use_extra_bufts = {}, mmap = {}", mp.n_gpu_layers, mp.use_extra_bufts, params.use_mmap));
+    let device_names = match &params.devices {
+        ROption::RNone => "all".to_string(),
+        ROption::RSome(names) if names.is_empty() => "none".to_string(),
+        ROption::RSome(names) => names.iter().map(RString::as_str).collect::<Vec<_>>().join(","),
+    };
+    log::info(&format!(
+        "llama_model_load_from_file: n_gpu_layers = {}, split_mode = {}, main_gpu = {}, devices = {}, use_extra_bufts = {}, mmap = {}",
+        mp.n_gpu_layers,
+        params.split_mode.as_str(),
+        mp.main_gpu,
+        device_names,
+        mp.use_extra_bufts,
+        params.use_mmap
+    ));
     log::clear_first_error();
     // SAFETY: `c_path` is NUL-terminated and outlives the call; failures return NULL.
     let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), mp) };
@@ -174,6 +197,77 @@ pub(crate) fn load(path: &str, params: &ModelParams) -> Result<ModelBox, Backend
     })?;
     let model = Arc::new(LlamaModel { raw });
     Ok(Model_TO::from_value(ModelHandle { model }, TD_Opaque))
+}
+
+fn split_mode(m: SplitMode) -> sys::llama_split_mode {
+    match m {
+        SplitMode::None => sys::LLAMA_SPLIT_MODE_NONE,
+        SplitMode::Layer => sys::LLAMA_SPLIT_MODE_LAYER,
+        SplitMode::Row => sys::LLAMA_SPLIT_MODE_ROW,
+        SplitMode::Tensor => sys::LLAMA_SPLIT_MODE_TENSOR,
+    }
+}
+
+/// The GPU devices ggml registered in this build, by name.
+fn gpu_devices() -> Vec<(String, sys::ggml_backend_dev_t)> {
+    let mut out = Vec::new();
+    // SAFETY: the device registry is initialised on first use and never freed; the indices
+    // come from ggml_backend_dev_count and names are NUL-terminated strings it owns.
+    unsafe {
+        for i in 0..sys::ggml_backend_dev_count() {
+            let dev = sys::ggml_backend_dev_get(i);
+            if dev.is_null() || !crate::DEVICE_GPU.contains(&sys::ggml_backend_dev_type(dev)) {
+                continue;
+            }
+            let name = std::ffi::CStr::from_ptr(sys::ggml_backend_dev_name(dev)).to_string_lossy().into_owned();
+            out.push((name, dev));
+        }
+    }
+    out
+}
+
+/// The offload devices for `params` from the GPUs ggml registered; `None`: llama.cpp's
+/// default, every GPU.
+fn offload_devices(params: &ModelParams) -> Result<Option<Vec<sys::ggml_backend_dev_t>>, BackendError> {
+    let available = gpu_devices();
+    let names: Vec<&str> = available.iter().map(|(n, _)| n.as_str()).collect();
+    Ok(resolve_offload(params, &names)?.map(|picked| picked.into_iter().map(|i| available[i].1).collect()))
+}
+
+/// Checks the offload settings against the GPU names a backend has, before llama.cpp sees
+/// them, so a wrong device name or GPU index is a typed error naming the parameter
+/// (llama.cpp would only log it and fail the load). Returns the chosen devices' indices.
+pub(crate) fn resolve_offload(params: &ModelParams, available: &[&str]) -> Result<Option<Vec<usize>>, BackendError> {
+    let have = || {
+        if available.is_empty() {
+            "this backend has no GPU devices".to_string()
+        } else {
+            format!("this backend has {}", available.join(", "))
+        }
+    };
+    let invalid = |field: &str, reason: String| BackendError::InvalidParam { field: RString::from(field), reason: RString::from(reason) };
+    let chosen = match &params.devices {
+        ROption::RNone => None,
+        ROption::RSome(wanted) => Some(
+            wanted
+                .iter()
+                .map(|w| {
+                    available
+                        .iter()
+                        .position(|n| n.eq_ignore_ascii_case(w.as_str()))
+                        .ok_or_else(|| invalid("device", format!("no device '{w}' ({})", have())))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let n = chosen.as_ref().map_or(available.len(), Vec::len);
+    if params.main_gpu < 0 {
+        return Err(invalid("main_gpu", format!("{} is below 0", params.main_gpu)));
+    }
+    if params.split_mode == SplitMode::None && n > 0 && params.main_gpu as usize >= n {
+        return Err(invalid("main_gpu", format!("{} is not a GPU index: {n} offload device(s), counted from 0 ({})", params.main_gpu, have())));
+    }
+    Ok(chosen)
 }
 
 struct ModelHandle {
@@ -206,5 +300,53 @@ impl llama_plugin_api::Model for ModelHandle {
 
     fn new_context(&self, params: ContextParams) -> RResult<ContextBox, BackendError> {
         guard(|| context::new(self.model.clone(), &params))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(devices: Option<&[&str]>, split_mode: SplitMode, main_gpu: i32) -> ModelParams {
+        ModelParams {
+            devices: devices.map(|d| d.iter().map(|n| RString::from(*n)).collect::<RVec<_>>()).into(),
+            split_mode,
+            main_gpu,
+            ..ModelParams::default()
+        }
+    }
+
+    fn field(e: BackendError) -> String {
+        match e {
+            BackendError::InvalidParam { field, reason } => format!("{field}: {reason}"),
+            other => panic!("not InvalidParam: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn offload_devices_resolve_by_name_and_bad_ones_are_named() {
+        let gpus = ["CUDA0", "CUDA1"];
+        assert_eq!(resolve_offload(&params(None, SplitMode::Layer, 0), &gpus).unwrap(), None);
+        assert_eq!(resolve_offload(&params(Some(&["cuda1", "CUDA0"]), SplitMode::Layer, 0), &gpus).unwrap(), Some(vec![1, 0]));
+        assert_eq!(resolve_offload(&params(Some(&[]), SplitMode::Layer, 0), &gpus).unwrap(), Some(vec![]));
+        let e = field(resolve_offload(&params(Some(&["CUDA2"]), SplitMode::Layer, 0), &gpus).unwrap_err());
+        assert_eq!(e, "device: no device 'CUDA2' (this backend has CUDA0, CUDA1)");
+        let e = field(resolve_offload(&params(Some(&["CUDA0"]), SplitMode::Layer, 0), &[]).unwrap_err());
+        assert_eq!(e, "device: no device 'CUDA0' (this backend has no GPU devices)");
+    }
+
+    #[test]
+    fn main_gpu_must_index_an_offload_device_in_single_gpu_mode() {
+        let gpus = ["CUDA0", "CUDA1"];
+        assert!(resolve_offload(&params(None, SplitMode::None, 1), &gpus).is_ok());
+        let e = field(resolve_offload(&params(None, SplitMode::None, 2), &gpus).unwrap_err());
+        assert!(e.starts_with("main_gpu: 2 is not a GPU index: 2 offload device(s)"), "{e}");
+        let e = field(resolve_offload(&params(Some(&["CUDA1"]), SplitMode::None, 1), &gpus).unwrap_err());
+        assert!(e.starts_with("main_gpu: 1 is not a GPU index: 1 offload device(s)"), "{e}");
+        // Other split modes spread over all devices; main_gpu only places small tensors.
+        assert!(resolve_offload(&params(None, SplitMode::Row, 1), &gpus).is_ok());
+        // No GPU at all (the CPU backend): nothing to check against, nothing offloaded.
+        assert!(resolve_offload(&params(None, SplitMode::None, 3), &[]).is_ok());
+        assert_eq!(field(resolve_offload(&params(None, SplitMode::Layer, -1), &gpus).unwrap_err()), "main_gpu: -1 is below 0");
     }
 }

@@ -1,0 +1,209 @@
+//! How many of a model's layers fit in a GPU's free memory, estimated from the GGUF file
+//! alone (no backend, no load): what `llama backends -m MODEL` prints, so a user can pick
+//! `--gpu-layers` before a load fails for lack of memory.
+//!
+//! The arithmetic follows how llama.cpp places a model with `n_gpu_layers = N`: the last N
+//! repeating layers go to the GPU with their share of the KV cache, and when N exceeds the
+//! layer count the output head goes too (`N = n_layer + 1` is "all"). The token embeddings
+//! stay in host memory. A model with tied embeddings (no `output.weight`) gets a copy of
+//! `token_embd.weight` as its output head.
+
+use llama_gguf::{GgufFile, MetaValue};
+use serde::Serialize;
+
+/// Memory held back on every GPU for llama.cpp's compute buffers, the CUDA/Metal runtime
+/// and the desktop: 1 GiB, as llama.cpp's own fitting does by default.
+pub const GPU_MARGIN: u64 = 1 << 30;
+
+/// A model's memory needs, per layer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelFootprint {
+    /// Repeating layers (`block_count`).
+    pub n_layer: u32,
+    /// Weights of each repeating layer, in bytes.
+    pub layer_bytes: Vec<u64>,
+    /// The output head (and its norm), offloaded with the last "layer".
+    pub output_bytes: u64,
+    /// Weights that stay in host memory (token embeddings).
+    pub host_bytes: u64,
+    /// The KV cache of one layer at `n_ctx` tokens (f16 keys and values).
+    pub kv_bytes_per_layer: u64,
+    pub n_ctx: u32,
+}
+
+/// The verdict for one GPU (or several, pooled as a layer split pools them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LayerFit {
+    /// What `--gpu-layers` could be: 0 ..= n_layer + 1.
+    pub layers: u32,
+    /// `n_layer + 1`: the value that offloads everything.
+    pub all: u32,
+    /// Bytes the offloaded part needs (weights + KV), and what was available after the margin.
+    pub needed_bytes: u64,
+    pub available_bytes: u64,
+}
+
+/// The file lacks a hyperparameter the estimate needs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot estimate the model's size per layer: {0}")]
+pub struct FitError(String);
+
+fn uint(f: &GgufFile, key: &str) -> Option<u64> {
+    f.get(key).and_then(MetaValue::as_u64)
+}
+
+/// A per-layer value: a scalar, or an array of one value per layer (the largest is taken,
+/// since the estimate must not fall short).
+fn per_layer_max(f: &GgufFile, key: &str) -> Option<u64> {
+    match f.get(key)? {
+        MetaValue::Array { values, .. } => values.iter().filter_map(MetaValue::as_u64).max(),
+        v => v.as_u64(),
+    }
+}
+
+impl ModelFootprint {
+    pub fn of(f: &GgufFile, n_ctx: u32) -> Result<ModelFootprint, FitError> {
+        let arch = f.architecture().ok_or_else(|| FitError("no general.architecture".into()))?;
+        let key = |k: &str| format!("{arch}.{k}");
+        let n_layer = uint(f, &key("block_count")).ok_or_else(|| FitError(format!("no {arch}.block_count")))?;
+        let n_layer = u32::try_from(n_layer).map_err(|_| FitError(format!("{arch}.block_count {n_layer} is too large")))?;
+        let n_embd = uint(f, &key("embedding_length")).ok_or_else(|| FitError(format!("no {arch}.embedding_length")))?;
+        let n_head = per_layer_max(f, &key("attention.head_count")).unwrap_or(0);
+        let n_head_kv = per_layer_max(f, &key("attention.head_count_kv")).unwrap_or(n_head);
+        let head_dim = n_embd.checked_div(n_head).unwrap_or(0);
+        let k_len = uint(f, &key("attention.key_length")).unwrap_or(head_dim);
+        let v_len = uint(f, &key("attention.value_length")).unwrap_or(head_dim);
+
+        let mut layer_bytes = vec![0u64; n_layer as usize];
+        let (mut output_bytes, mut host_bytes, mut embd_bytes, mut tied) = (0u64, 0u64, 0u64, true);
+        for t in &f.tensors {
+            let layer = t.name.strip_prefix("blk.").and_then(|rest| rest.split('.').next()).and_then(|i| i.parse::<usize>().ok());
+            match layer {
+                Some(i) if i < layer_bytes.len() => layer_bytes[i] += t.n_bytes,
+                _ if t.name.starts_with("output") => {
+                    tied &= t.name != "output.weight";
+                    output_bytes += t.n_bytes;
+                }
+                _ => {
+                    if t.name == "token_embd.weight" {
+                        embd_bytes = t.n_bytes;
+                    }
+                    host_bytes += t.n_bytes;
+                }
+            }
+        }
+        if tied {
+            output_bytes += embd_bytes;
+        }
+        // f16 keys and values for every token of the context.
+        let kv_bytes_per_layer = u64::from(n_ctx) * n_head_kv * (k_len + v_len) * 2;
+        Ok(ModelFootprint { n_layer, layer_bytes, output_bytes, host_bytes, kv_bytes_per_layer, n_ctx })
+    }
+
+    /// Bytes on the GPU with `n` offloaded layers (llama.cpp's `n_gpu_layers`).
+    pub fn offloaded_bytes(&self, n: u32) -> u64 {
+        let repeating = n.min(self.n_layer) as usize;
+        let layers: u64 = self.layer_bytes[self.layer_bytes.len() - repeating..].iter().sum();
+        let output = if n > self.n_layer { self.output_bytes } else { 0 };
+        layers + repeating as u64 * self.kv_bytes_per_layer + output
+    }
+
+    /// The most layers that fit in `free` bytes over `devices` GPUs, after [`GPU_MARGIN`]
+    /// on each.
+    pub fn fit(&self, free: u64, devices: u32) -> LayerFit {
+        let available = free.saturating_sub(GPU_MARGIN * u64::from(devices.max(1)));
+        let all = self.n_layer + 1;
+        let layers = (0..=all).rev().find(|&n| self.offloaded_bytes(n) <= available).unwrap_or(0);
+        LayerFit { layers, all, needed_bytes: self.offloaded_bytes(all), available_bytes: available }
+    }
+}
+
+/// The estimate for one GPU backend of a selection report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BackendFit {
+    pub backend: String,
+    pub verdict: crate::report::Verdict,
+    /// GPUs pooled (a layer split spreads layers over all of them).
+    pub devices: u32,
+    /// Whether the devices reported free memory (a backend's probe) or only their total
+    /// (the driver, when no plugin is installed).
+    pub from_free_memory: bool,
+    pub fit: LayerFit,
+}
+
+/// The estimate for every GPU backend in `report` that lists devices with memory.
+pub fn for_report(report: &crate::report::SelectionReport, model: &ModelFootprint) -> Vec<BackendFit> {
+    report
+        .candidates
+        .iter()
+        .filter(|c| matches!(c.name.as_str(), "cuda" | "metal"))
+        .filter(|c| c.devices.iter().any(|d| d.memory_total > 0))
+        .map(|c| {
+            let from_free_memory = c.devices.iter().any(|d| d.memory_free > 0);
+            let memory: u64 = c.devices.iter().map(|d| if from_free_memory { d.memory_free } else { d.memory_total }).sum();
+            let devices = c.devices.len() as u32;
+            BackendFit { backend: c.name.clone(), verdict: c.verdict, devices, from_free_memory, fit: model.fit(memory, devices) }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llama_gguf::TensorInfo;
+    use std::collections::BTreeMap;
+
+    /// A 4-layer model: 100 MB per layer, a 50 MB output head, 30 MB of embeddings.
+    fn model(tied: bool) -> GgufFile {
+        let mut metadata = BTreeMap::new();
+        metadata.insert("general.architecture".into(), MetaValue::Str("llama".into()));
+        metadata.insert("llama.block_count".into(), MetaValue::UInt(4));
+        metadata.insert("llama.embedding_length".into(), MetaValue::UInt(1024));
+        metadata.insert("llama.attention.head_count".into(), MetaValue::UInt(8));
+        metadata.insert("llama.attention.head_count_kv".into(), MetaValue::UInt(2));
+        let t = |name: &str, n_bytes: u64| TensorInfo { name: name.into(), dims: vec![1], ggml_type: 0, offset: 0, n_bytes };
+        let mut tensors = vec![t("token_embd.weight", 30_000_000), t("output_norm.weight", 4096)];
+        if !tied {
+            tensors.push(t("output.weight", 50_000_000));
+        }
+        for i in 0..4 {
+            tensors.push(t(&format!("blk.{i}.attn_q.weight"), 60_000_000));
+            tensors.push(t(&format!("blk.{i}.ffn_up.weight"), 40_000_000));
+        }
+        GgufFile { version: 3, tensor_count: tensors.len() as u64, metadata, value_types: BTreeMap::new(), tensors, alignment: 32, data_offset: 0, file_len: 0 }
+    }
+
+    #[test]
+    fn the_footprint_adds_up_by_layer() {
+        let m = ModelFootprint::of(&model(false), 4096).unwrap();
+        assert_eq!(m.layer_bytes, vec![100_000_000; 4]);
+        assert_eq!((m.output_bytes, m.host_bytes), (50_004_096, 30_000_000));
+        // 4096 tokens x 2 KV heads x (128 + 128) x 2 bytes.
+        assert_eq!(m.kv_bytes_per_layer, 4096 * 2 * 256 * 2);
+        assert_eq!(m.offloaded_bytes(0), 0);
+        assert_eq!(m.offloaded_bytes(2), 2 * (100_000_000 + 4_194_304));
+        assert_eq!(m.offloaded_bytes(5), 4 * (100_000_000 + 4_194_304) + 50_004_096);
+        // Tied embeddings: the output head is a copy of them.
+        assert_eq!(ModelFootprint::of(&model(true), 4096).unwrap().output_bytes, 30_004_096);
+    }
+
+    #[test]
+    fn layers_fit_after_the_margin() {
+        let m = ModelFootprint::of(&model(false), 4096).unwrap();
+        let per_layer = 100_000_000 + 4_194_304;
+        assert_eq!(m.fit(80 << 30, 1).layers, 5, "everything fits an 80 GiB card");
+        assert_eq!(m.fit(GPU_MARGIN + 2 * per_layer + 10, 1).layers, 2);
+        assert_eq!(m.fit(GPU_MARGIN + 4 * per_layer, 1).layers, 4, "the head needs its own room");
+        assert_eq!(m.fit(GPU_MARGIN / 2, 1).layers, 0);
+        // Two GPUs: a margin on each.
+        assert_eq!(m.fit(2 * GPU_MARGIN + per_layer, 2).layers, 1);
+        assert_eq!(m.fit(80 << 30, 1).all, 5);
+    }
+
+    #[test]
+    fn missing_hyperparameters_are_named() {
+        let mut f = model(false);
+        f.metadata.remove("llama.block_count");
+        assert_eq!(ModelFootprint::of(&f, 4096).unwrap_err().to_string(), "cannot estimate the model's size per layer: no llama.block_count");
+    }
+}
