@@ -170,10 +170,17 @@ macro_rules! fill {
 impl Config {
     /// Fills the arguments the user left at their defaults with this file's values.
     pub fn apply(&self, m: &ArgMatches, model: &mut ModelArgs, ctx: &mut ContextArgs, s: &mut SamplingArgs) {
+        self.apply_model(m, model);
         let d = &self.defaults;
-        fill!(m, d, model, backend, gpu_layers, device, split_mode, main_gpu);
         fill!(m, d, ctx, ctx_size, threads, threads_batch, batch_size, ubatch_size, cache_tokens);
         fill!(m, d, s, n_predict, seed, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, stop);
+    }
+
+    /// Fills the model and offload arguments (`backend`, `gpu-layers`, `device`,
+    /// `split-mode`, `main-gpu`): all a command that loads a model shares (`serve`, `bench`).
+    pub fn apply_model(&self, m: &ArgMatches, model: &mut ModelArgs) {
+        let d = &self.defaults;
+        fill!(m, d, model, backend, gpu_layers, device, split_mode, main_gpu);
     }
 
     /// A string default (`system`, `chat_template`) when the flag was not given.

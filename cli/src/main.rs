@@ -673,8 +673,16 @@ fn dispatch(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), CliError> {
         }
         Command::List(a) => models::list(a, &cfg),
         Command::Backends(a) => backends_cmd(cli, a, &cfg),
-        Command::Bench(a) => bench_cmd(cli, a, &cfg),
-        Command::Serve(a) => serve_cmd(cli, a, &cfg),
+        Command::Bench(a) => {
+            let mut a = a.clone();
+            cfg.apply_model(sub, &mut a.model);
+            bench_cmd(cli, &a, &cfg)
+        }
+        Command::Serve(a) => {
+            let mut a = a.clone();
+            cfg.apply_model(sub, &mut a.model);
+            serve_cmd(cli, &a, &cfg)
+        }
     }
 }
 

@@ -328,6 +328,15 @@ fn offload_devices_and_split_mode_reach_the_backend() {
     let o = llama_tests::llama_cmd(&["run", "-vv", "-m", m, "-p", "Hi", "-n", "1"]).env("LLAMA_SPLIT_MODE", "row").output().unwrap();
     assert_exit(&o, 0);
     assert!(stderr(&o).contains("split_mode = row"), "{}", stderr(&o));
+    // The same flags and config keys reach `llama bench` and `llama serve`.
+    let c = cfg.to_str().unwrap();
+    let o = llama_tests::llama(&["bench", "-vv", "--config", c, "-m", m, "-p", "0", "-n", "1", "-r", "1", "--concurrency", "0", "--no-prefix-test"]);
+    assert_exit(&o, 0);
+    assert!(stderr(&o).contains("split_mode = none, main_gpu = 2, devices = none"), "{}", stderr(&o));
+    std::fs::write(&cfg, "[defaults]\ndevice = \"CUDA9\"\n").unwrap();
+    let o = llama_tests::llama(&["serve", "--config", c, "--backend", "cpu", "-m", m, "--port", "0"]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("invalid device: no device 'CUDA9'"), "{}", stderr(&o));
 }
 
 /// `llama backends -m MODEL` estimates the layers that fit on each GPU backend's devices,
