@@ -79,11 +79,31 @@ fn looks_like_shared_library(path: &Path) -> bool {
     )
 }
 
+/// What to do about a library a plugin needs and the system lacks, for the ones users
+/// meet: the GPU runtimes the CUDA plugin links.
+fn missing_library_hint(detail: &str) -> Option<String> {
+    let cuda_runtime = ["libcublas", "libcublasLt", "libcudart"].iter().any(|l| detail.contains(l));
+    if !cuda_runtime {
+        return None;
+    }
+    let driver = match hardware::cuda_driver() {
+        Ok(d) => format!("NVIDIA driver {} found", hardware::cuda_version_string(d.version)),
+        Err(reason) => format!("no usable NVIDIA driver here either: {reason}"),
+    };
+    Some(format!(
+        "the CUDA plugin needs the CUDA 13 runtime libraries (cuBLAS, cudart): install the CUDA toolkit or add its lib directory to LD_LIBRARY_PATH; {driver}"
+    ))
+}
+
 fn translate(err: LibraryError, path: &Path) -> PluginError {
     match err {
         LibraryError::OpenError { err, .. } => {
             let detail = strip_path(&err.to_string(), path);
             if looks_like_shared_library(path) {
+                let detail = match missing_library_hint(&detail) {
+                    Some(hint) => format!("{detail} ({hint})"),
+                    None => detail,
+                };
                 PluginError::LoadFailed { detail }
             } else {
                 PluginError::NotALibrary { detail }
@@ -199,6 +219,13 @@ mod tests {
             Err(other) => panic!("wrong rejection: {other}"),
             Ok(_) => panic!("a text file loaded as a plugin"),
         }
+    }
+
+    #[test]
+    fn a_missing_cuda_runtime_gets_a_hint() {
+        let hint = missing_library_hint("libcublas.so.13: cannot open shared object file: No such file or directory").unwrap();
+        assert!(hint.starts_with("the CUDA plugin needs the CUDA 13 runtime libraries"), "{hint}");
+        assert_eq!(missing_library_hint("libfoo.so.1: cannot open shared object file"), None);
     }
 
     #[test]
