@@ -57,7 +57,7 @@ pub fn run(cli: &Cli, a: &ChatArgs, cfg: &Config, ints: &Interrupts) -> Result<(
     let params = session_params(&a.ctx)?;
     params.validate()?;
     let backend = select_backend(cli, &a.model)?;
-    let model = load_model(&backend, &path, &a.model)?;
+    let model = load_model(&backend, &path, &a.model, params.n_ctx)?;
     let tmpl = template(&model, a.chat_template.as_deref())?;
     tracing::info!(template = %tmpl.source, "chat template");
     let mut session = model.session(&params)?;

@@ -154,9 +154,44 @@ pub(crate) fn select_backend(cli: &Cli, m: &ModelArgs) -> Result<LoadedBackend, 
 }
 
 /// Model parameters from the command line, resolved for the backend in use.
-fn model_params(backend: &LoadedBackend, m: &ModelArgs) -> ModelParams {
+fn model_params(backend: &LoadedBackend, m: &ModelArgs, path: &Path, n_ctx: u32) -> ModelParams {
     let gpu = backend.info().accelerator != llama_host::Accelerator::Cpu;
-    m.model_params(gpu, matches!(m.backend.parse(), Ok(BackendChoice::Auto)))
+    let mut params = m.model_params(gpu, matches!(m.backend.parse(), Ok(BackendChoice::Auto)));
+    if gpu && m.gpu_layers == args::GpuLayers::Auto {
+        if let Some(n) = auto_gpu_layers(backend, m, path, n_ctx) {
+            params.n_gpu_layers = n;
+        }
+    }
+    params
+}
+
+/// `--gpu-layers auto` on a GPU backend: every layer if the model fits the offload devices'
+/// free memory right now, else as many as the estimate says fit (a load that asks for more
+/// than fits fails outright). `None` (all layers) when there is nothing to estimate with.
+fn auto_gpu_layers(backend: &LoadedBackend, m: &ModelArgs, path: &Path, n_ctx: u32) -> Option<i32> {
+    let now = backend.devices_now();
+    let mut devices: Vec<&llama_host::DeviceInfo> = match &m.device {
+        Some(args::Devices::Named(names)) => now.iter().filter(|d| names.iter().any(|n| n.eq_ignore_ascii_case(d.name.as_str()))).collect(),
+        Some(args::Devices::None) => return None,
+        None => now.iter().collect(),
+    };
+    if m.split_mode == args::SplitModeArg::None {
+        devices = devices.get(m.main_gpu as usize).into_iter().copied().collect();
+    }
+    let footprint = llama_host::fit::ModelFootprint::of(&llama_host::gguf::read(path).ok()?, n_ctx).ok()?;
+    let (layers, fit) = llama_host::fit::auto_gpu_layers(&footprint, &devices)?;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    if layers >= 0 {
+        tracing::warn!(
+            "the model needs about {:.1} GiB of GPU memory and {:.1} GiB is free (less a margin): offloading {layers} of {} layers, the rest runs on the CPU (--gpu-layers N overrides)",
+            gib(fit.needed_bytes),
+            gib(fit.available_bytes),
+            fit.all
+        );
+    } else {
+        tracing::info!(needed_gib = gib(fit.needed_bytes), available_gib = gib(fit.available_bytes), "every layer fits on the GPU");
+    }
+    Some(layers)
 }
 
 fn threads(field: &'static str, t: Option<i32>) -> Result<i32, CliError> {
@@ -235,9 +270,9 @@ fn flag_name(field: &str) -> &'static str {
 }
 
 /// Loads the model with a progress bar on a terminal.
-pub(crate) fn load_model(backend: &LoadedBackend, path: &Path, m: &ModelArgs) -> Result<Model, CliError> {
+pub(crate) fn load_model(backend: &LoadedBackend, path: &Path, m: &ModelArgs, n_ctx: u32) -> Result<Model, CliError> {
     let label = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let params = model_params(backend, m);
+    let params = model_params(backend, m, path, n_ctx);
     tracing::debug!(n_gpu_layers = params.n_gpu_layers, split_mode = params.split_mode.as_str(), main_gpu = params.main_gpu, "model parameters");
     Ok(match progress::bar(label) {
         Some(bar) => Model::load_with_progress(backend, path, &params, bar)?,
@@ -286,7 +321,7 @@ fn run(cli: &Cli, a: &RunArgs, cfg: &Config, ints: &Interrupts) -> Result<(), Cl
     let params = session_params(&a.ctx)?;
     params.validate()?;
     let backend = select_backend(cli, &a.model)?;
-    let model = load_model(&backend, &path, &a.model)?;
+    let model = load_model(&backend, &path, &a.model, params.n_ctx)?;
     let mut session = model.session(&params)?;
     let prompt = if a.chat {
         let mut conv = Conversation::new(a.system.as_deref());
@@ -403,7 +438,9 @@ impl std::fmt::Display for ModelFit {
 fn bench_cmd(cli: &Cli, a: &BenchArgs, cfg: &Config) -> Result<(), CliError> {
     let path = models::resolve(&a.model, cfg)?;
     let backend = select_backend(cli, &a.model)?;
-    let model = load_model(&backend, &path, &a.model)?;
+    // The context the auto GPU-layer estimate reserves KV cache for.
+    let n_ctx = (a.n_prompt + a.n_gen).max(4096);
+    let model = load_model(&backend, &path, &a.model, n_ctx)?;
     let p = BenchParams {
         n_prompt: a.n_prompt,
         n_gen: a.n_gen,
@@ -415,7 +452,7 @@ fn bench_cmd(cli: &Cli, a: &BenchArgs, cfg: &Config) -> Result<(), CliError> {
     let r = bench::run(&model, &p)?;
     let model = if a.batch_invariant {
         // Batch-invariant engines need the weights in their plain layout.
-        Model::load(&backend, &path, &ModelParams { repack: false, ..model_params(&backend, &a.model) })?
+        Model::load(&backend, &path, &ModelParams { repack: false, ..model_params(&backend, &a.model, &path, n_ctx) })?
     } else {
         model
     };
@@ -602,7 +639,7 @@ fn serve_cmd(cli: &Cli, a: &args::ServeArgs, cfg: &Config) -> Result<(), CliErro
 fn start_engine(cli: &Cli, a: &args::ServeArgs, path: &Path, threads: i32) -> Result<(llama_host::server::Ready, String), CliError> {
     use llama_host::engine::{Engine, EngineConfig};
     let backend = select_backend(cli, &a.model)?;
-    let model = std::sync::Arc::new(load_model(&backend, path, &a.model)?);
+    let model = std::sync::Arc::new(load_model(&backend, path, &a.model, a.ctx_size)?);
     let template = llama_host::chat::ChatTemplate::for_model(&model).ok();
     let engine = Engine::start(
         model,

@@ -118,6 +118,19 @@ impl ModelFootprint {
     }
 }
 
+/// `--gpu-layers auto` on a GPU backend: every layer when the model fits the devices' free
+/// memory, else as many as fit (llama.cpp's `n_gpu_layers`; -1 is all). `None` when the
+/// devices report no free memory, so there is nothing to estimate against.
+pub fn auto_gpu_layers(model: &ModelFootprint, devices: &[&llama_plugin_api::DeviceInfo]) -> Option<(i32, LayerFit)> {
+    let free: u64 = devices.iter().map(|d| d.memory_free).sum();
+    if free == 0 {
+        return None;
+    }
+    let fit = model.fit(free, devices.len() as u32);
+    let layers = if fit.layers >= fit.all { -1 } else { fit.layers as i32 };
+    Some((layers, fit))
+}
+
 /// The estimate for one GPU backend of a selection report.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BackendFit {
@@ -198,6 +211,18 @@ mod tests {
         // Two GPUs: a margin on each.
         assert_eq!(m.fit(2 * GPU_MARGIN + per_layer, 2).layers, 1);
         assert_eq!(m.fit(80 << 30, 1).all, 5);
+    }
+
+    #[test]
+    fn auto_offloads_what_fits() {
+        use llama_plugin_api::abi_stable::std_types::RString;
+        let m = ModelFootprint::of(&model(false), 4096).unwrap();
+        let gpu = |free: u64| llama_plugin_api::DeviceInfo { name: RString::from("CUDA0"), description: RString::new(), memory_total: 80 << 30, memory_free: free };
+        let (big, small) = (gpu(80 << 30), gpu(GPU_MARGIN + 3 * (100_000_000 + 4_194_304)));
+        assert_eq!(auto_gpu_layers(&m, &[&big]).map(|f| f.0), Some(-1));
+        assert_eq!(auto_gpu_layers(&m, &[&small]).map(|f| f.0), Some(3));
+        assert_eq!(auto_gpu_layers(&m, &[&gpu(0)]), None, "no free-memory figure: nothing to go by");
+        assert_eq!(auto_gpu_layers(&m, &[]), None);
     }
 
     #[test]

@@ -82,6 +82,8 @@ struct BackendInner {
     info: BackendInfo,
     probe: ProbeReport,
     path: PathBuf,
+    /// The library's root module (libraries are never unloaded, so it stays valid).
+    module: llama_plugin_api::BackendModRef,
 }
 
 impl LoadedBackend {
@@ -99,6 +101,12 @@ impl LoadedBackend {
     }
     pub(crate) fn raw(&self) -> &BackendBox {
         &self.inner.backend
+    }
+
+    /// The backend's devices as they are now: its probe run again in this process (the
+    /// report's figures may come from the probe cache, and free GPU memory changes).
+    pub fn devices_now(&self) -> Vec<llama_plugin_api::DeviceInfo> {
+        (self.inner.module.probe())().devices.into_iter().collect()
     }
 }
 
@@ -270,10 +278,10 @@ impl Backends {
             // Only now is the library opened in this process (its probe ran in a child when
             // isolated); a failure here drops it and, under Auto, the next best is tried.
             let loaded = plugin::load(&path).map_err(|e| e.to_string()).and_then(|(module, info)| {
-                (module.init())(crate::logging::sink()).into_result().map(|b| (b, info)).map_err(|e| format!("initialisation failed: {e}"))
+                (module.init())(crate::logging::sink()).into_result().map(|b| (b, info, module)).map_err(|e| format!("initialisation failed: {e}"))
             });
             match loaded {
-                Ok((backend, info)) => {
+                Ok((backend, info, module)) => {
                     let c = &mut self.report.candidates[row];
                     c.verdict = Verdict::Selected;
                     tracing::info!(backend = %c.name, path = ?c.path, "backend selected");
@@ -292,7 +300,7 @@ impl Backends {
                             })
                             .collect(),
                     };
-                    return Ok(LoadedBackend { inner: Arc::new(BackendInner { backend, info, probe, path }) });
+                    return Ok(LoadedBackend { inner: Arc::new(BackendInner { backend, info, probe, path, module }) });
                 }
                 Err(reason) => {
                     self.usable.remove(i);
