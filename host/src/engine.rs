@@ -23,8 +23,7 @@ use flume::TrySendError;
 use llama_plugin_api::{BatchToken, ContextBox, ContextParams, SampleRequest};
 
 use crate::metrics::{Metrics, Outcome};
-use crate::stop::StopMatcher;
-use crate::utf8::Utf8Stream;
+use crate::text::TextOutput;
 use crate::{GenerateOptions, Model};
 
 /// Sizes and limits of an engine.
@@ -470,8 +469,7 @@ struct Active {
     last: Option<i32>,
     /// A text piece the consumer has not taken yet (its channel was full).
     pending: Option<Event>,
-    utf8: Utf8Stream,
-    stop: StopMatcher,
+    text: TextOutput,
     started: Instant,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
@@ -641,7 +639,7 @@ impl Worker {
         self.metrics.cached_prompt_tokens.fetch_add(keep as u64, Ordering::Relaxed);
         let sampler = self.ctx.set_seq_sampling(seq, job.opts.sampling.clone(), RSlice::from_slice(&job.tokens)).into_result();
         job.span.in_scope(|| tracing::info!(slot = i, queue_wait_ms = wait.as_secs_f64() * 1e3, cached = keep, "prefill"));
-        let stop = StopMatcher::new(&job.opts.stop);
+        let text = TextOutput::new(&job.opts.stop);
         slot.active = Some(Active {
             job,
             prompt_done: keep,
@@ -649,8 +647,7 @@ impl Worker {
             generated: 0,
             last: None,
             pending: None,
-            utf8: Utf8Stream::default(),
-            stop,
+            text,
             started: Instant::now(),
             first_token: None,
             last_token: None,
@@ -817,7 +814,7 @@ impl Worker {
         }
         a.last_token = Some(now);
         if s.is_eog {
-            let rest = a.utf8.finish() + &a.stop.finish();
+            let rest = a.text.flush();
             self.emit(i, rest);
             self.finish(i, Finish::Stop, None);
             return;
@@ -826,8 +823,7 @@ impl Worker {
         a.last = Some(s.token);
         self.metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
         let bytes = self.model.token_bytes(s.token, false).unwrap_or_default();
-        let text = a.utf8.push(&bytes);
-        let (text, stopped) = a.stop.push(&text);
+        let (text, stopped) = a.text.push(&bytes);
         if stopped {
             self.emit(i, text);
             self.finish(i, Finish::Stop, None);
@@ -836,10 +832,8 @@ impl Worker {
         let at_limit = a.job.opts.max_tokens.is_some_and(|m| a.generated >= m as usize);
         let full = a.job.tokens.len() + a.generated >= slot_ctx;
         if at_limit || full {
-            let rest = a.utf8.finish();
-            let (rest, _) = a.stop.push(&rest);
-            let tail = a.stop.finish();
-            self.emit(i, text + &rest + &tail);
+            let tail = a.text.flush();
+            self.emit(i, text + &tail);
             self.finish(i, Finish::Length, None);
             return;
         }

@@ -34,6 +34,7 @@ pub mod report;
 mod select;
 mod session;
 mod stop;
+mod text;
 mod utf8;
 
 pub use error::{Error, GenerateError, LoadError, SelectError, SessionError};

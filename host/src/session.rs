@@ -18,8 +18,7 @@ use abi_stable::std_types::RSlice;
 use llama_plugin_api::{AbortBox, BackendError, ContextBox, Sampled, SamplingParams};
 
 use crate::error::{GenerateError, SessionError};
-use crate::stop::StopMatcher;
-use crate::utf8::Utf8Stream;
+use crate::text::TextOutput;
 use crate::{Model, SessionParams};
 
 /// What to generate.
@@ -179,8 +178,7 @@ impl<'m> Session<'m> {
             session: self,
             state: State::Prefill(tokens),
             max_tokens: opts.max_tokens,
-            utf8: Utf8Stream::default(),
-            stop: StopMatcher::new(&opts.stop),
+            text: TextOutput::new(&opts.stop),
             stats,
             gen_start: None,
         })
@@ -270,8 +268,7 @@ pub struct Stream<'s, 'm> {
     session: &'s mut Session<'m>,
     state: State,
     max_tokens: Option<u32>,
-    utf8: Utf8Stream,
-    stop: StopMatcher,
+    text: TextOutput,
     stats: GenerationStats,
     gen_start: Option<Instant>,
 }
@@ -361,14 +358,13 @@ impl Stream<'_, '_> {
             return Ok(None);
         }
         if next.is_eog {
-            let rest = self.utf8.finish() + &self.stop.finish();
+            let rest = self.text.flush();
             self.finish(FinishReason::Stop);
             return Ok(Some(rest));
         }
         self.stats.generated_tokens += 1;
         let bytes = self.session.model.token_bytes(next.token, false)?;
-        let text = self.utf8.push(&bytes);
-        let (text, stopped) = self.stop.push(&text);
+        let (text, stopped) = self.text.push(&bytes);
         if stopped {
             self.finish(FinishReason::Stop);
             return Ok(Some(text));
@@ -376,9 +372,7 @@ impl Stream<'_, '_> {
         let at_limit = self.max_tokens.is_some_and(|m| self.stats.generated_tokens >= m as usize);
         let ctx_full = self.session.ctx.n_past() >= self.session.ctx.n_ctx();
         if at_limit || ctx_full {
-            let rest = self.utf8.finish();
-            let (rest, _) = self.stop.push(&rest);
-            let text = text + &rest + &self.stop.finish();
+            let text = text + &self.text.flush();
             self.finish(FinishReason::Length);
             return Ok(Some(text));
         }
