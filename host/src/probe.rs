@@ -181,13 +181,22 @@ pub fn isolated(iso: &Isolation, path: &Path) -> ProbeOutcome {
 /// installed since changes a CUDA plugin's answer). The same for every candidate.
 fn machine_key() -> String {
     let cuda = crate::hardware::cuda_driver().map(|d| d.version.to_string()).unwrap_or_else(|_| "none".into());
+    // Where the dynamic loader looks decides which libraries a plugin finds (its cuBLAS).
+    let search = ["LD_LIBRARY_PATH", "DYLD_LIBRARY_PATH"].map(|v| std::env::var(v).unwrap_or_default()).join(";");
     format!(
-        "host {} abi {}|cuda:{cuda};metal:{};cpu-off:{}",
+        "host {} abi {}|cuda:{cuda};metal:{};cpu-off:{};libs:{search}",
         env!("CARGO_PKG_VERSION"),
         llama_plugin_api::ABI_VERSION,
         crate::hardware::metal_platform().is_ok(),
         crate::hardware::disabled_cpu_features().join(",")
     )
+}
+
+/// Whether an outcome may be cached. A library that could not be loaded (a missing
+/// dependency, usually: the CUDA plugin without cuBLAS) is asked again next time, since
+/// installing the dependency changes nothing the key can see, and a failed dlopen is cheap.
+fn cacheable(o: &ProbeOutcome) -> bool {
+    !matches!(o, ProbeOutcome::Rejected { kind, .. } if kind == "load-failed")
 }
 
 /// What makes a cached outcome still true: the file itself (path, size, mtime) and `machine`.
@@ -264,7 +273,7 @@ impl<'a> Prober<'a> {
                 }
                 (None, Some(o)) => {
                     self.misses += 1;
-                    if let Some(k) = key {
+                    if let Some(k) = key.filter(|_| cacheable(&o)) {
                         self.cache.entries.insert(k, o.clone());
                         self.dirty = true;
                     }
@@ -291,6 +300,15 @@ impl Drop for Prober<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn load_failures_are_not_cached_and_the_loader_path_is_in_the_key() {
+        let failed = ProbeOutcome::Rejected { kind: "load-failed".into(), reason: "cannot be loaded: libcublas.so.13: …".into() };
+        let stale = ProbeOutcome::Rejected { kind: "abi-version".into(), reason: "built for plugin ABI 1.0.0, host expects 2.0.0".into() };
+        assert!(!cacheable(&failed));
+        assert!(cacheable(&stale) && cacheable(&ProbeOutcome::Crashed { reason: "x".into() }));
+        assert!(machine_key().contains("|cuda:") && machine_key().contains(";libs:"), "{}", machine_key());
+    }
 
     #[test]
     fn outcomes_round_trip_as_json() {
