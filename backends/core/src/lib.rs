@@ -170,7 +170,7 @@ pub fn gpu_report(
 /// Declares a backend plugin: the `extern "C"` functions of the root module and the
 /// exported root module itself. A backend crate is this one line plus its Cargo features:
 ///
-/// ```ignore
+/// ```text
 /// llama_backend_core::declare_backend!("cuda", Accelerator::Cuda, || llama_backend_core::probe_gpu("CUDA", 100));
 /// ```
 ///
