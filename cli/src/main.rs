@@ -244,12 +244,7 @@ pub(crate) fn generate_options(s: &SamplingArgs, add_special: bool) -> Result<Ge
         logit_bias: s.logit_bias.iter().map(|b| parse_logit_bias(b)).collect::<Result<Vec<_>, _>>()?.into(),
     };
     // Checked here too, so a bad value fails before the model loads and names the flag.
-    sampling.validate().map_err(|e| match e {
-        llama_host::BackendError::InvalidParam { field, reason } => {
-            CliError::InvalidArg { field: flag_name(field.as_str()), reason: reason.into_string() }
-        }
-        other => CliError::InvalidArg { field: "sampling", reason: other.to_string() },
-    })?;
+    sampling.validate().map_err(|e| CliError::InvalidArg { field: flag_name(e.field), reason: e.reason })?;
     Ok(GenerateOptions { max_tokens: u32::try_from(s.n_predict).ok(), sampling, add_special, stop: s.stop.clone() })
 }
 

@@ -361,12 +361,7 @@ impl Engine {
 
     /// Admits a request, or refuses it at once.
     pub fn submit(&self, req: Request) -> Result<Handle, SubmitError> {
-        req.opts.sampling.validate().map_err(|e| match e {
-            llama_plugin_api::BackendError::InvalidParam { field, reason } => {
-                SubmitError::InvalidParam { field: field.into_string(), reason: reason.into_string() }
-            }
-            other => SubmitError::InvalidParam { field: "sampling".into(), reason: other.to_string() },
-        })?;
+        req.opts.sampling.validate().map_err(|e| SubmitError::InvalidParam { field: e.field.into(), reason: e.reason })?;
         let tokens = self
             .model
             .tokenize(&req.prompt, req.opts.add_special)

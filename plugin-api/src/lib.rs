@@ -246,14 +246,35 @@ impl Default for SamplingParams {
     }
 }
 
-fn invalid(field: &str, reason: impl Into<String>) -> BackendError {
-    BackendError::InvalidParam { field: RString::from(field), reason: RString::from(reason.into()) }
+/// A sampling value out of range, by field name (`top_p`, `temperature`, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl std::fmt::Display for ParamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid {}: {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for ParamError {}
+
+impl From<ParamError> for BackendError {
+    fn from(e: ParamError) -> Self {
+        BackendError::InvalidParam { field: RString::from(e.field), reason: RString::from(e.reason) }
+    }
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ParamError {
+    ParamError { field, reason: reason.into() }
 }
 
 impl SamplingParams {
     /// Checks every value; the error names the field. Backends check too (the host
     /// may be another program), but callers can fail early with this.
-    pub fn validate(&self) -> Result<(), BackendError> {
+    pub fn validate(&self) -> Result<(), ParamError> {
         let p = self;
         if !p.temperature.is_finite() || p.temperature < 0.0 {
             return Err(invalid("temperature", format!("{} is not a number >= 0", p.temperature)));
