@@ -150,7 +150,7 @@ pub enum Devices {
 impl std::str::FromStr for Devices {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        if s.trim() == "none" {
+        if s.trim().eq_ignore_ascii_case("none") {
             return Ok(Devices::None);
         }
         let names: Vec<String> = s.split(',').map(|n| n.trim().to_string()).collect();
@@ -166,6 +166,7 @@ impl TryFrom<toml::Value> for Devices {
     fn try_from(v: toml::Value) -> Result<Self, String> {
         match v {
             toml::Value::String(s) => s.parse(),
+            toml::Value::Array(items) if items.is_empty() => Ok(Devices::None),
             toml::Value::Array(items) => items
                 .into_iter()
                 .map(|i| i.as_str().map(str::to_string).ok_or_else(|| format!("{i} is not a device name")))

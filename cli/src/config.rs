@@ -230,6 +230,7 @@ mod tests {
         assert_eq!(c.defaults.main_gpu, Some(1));
         assert_eq!(parse_ok("[defaults]\ndevice = [\"CUDA1\"]\n").defaults.device, Some(crate::args::Devices::Named(vec!["CUDA1".into()])));
         assert_eq!(parse_ok("[defaults]\ndevice = \"none\"\n").defaults.device, Some(crate::args::Devices::None));
+        assert_eq!(parse_ok("[defaults]\ndevice = []\n").defaults.device, Some(crate::args::Devices::None));
         assert!(parse_err("[defaults]\nsplit-mode = \"diagonal\"\n").contains("split-mode"));
         assert!(parse_err("[defaults]\nmain-gpu = -1\n").contains("main-gpu"));
         let e = parse_err("[defaults]\ngpu-layers = -4\n");

@@ -171,7 +171,8 @@ fn model_params(backend: &LoadedBackend, m: &ModelArgs, path: &Path, n_ctx: u32)
 fn auto_gpu_layers(backend: &LoadedBackend, m: &ModelArgs, path: &Path, n_ctx: u32) -> Option<i32> {
     let now = backend.devices_now();
     let mut devices: Vec<&llama_host::DeviceInfo> = match &m.device {
-        Some(args::Devices::Named(names)) => now.iter().filter(|d| names.iter().any(|n| n.eq_ignore_ascii_case(d.name.as_str()))).collect(),
+        // In the user's order: llama.cpp takes the devices (and --main-gpu's index) that way.
+        Some(args::Devices::Named(names)) => names.iter().filter_map(|n| now.iter().find(|d| d.name.eq_ignore_ascii_case(n))).collect(),
         Some(args::Devices::None) => return None,
         None => now.iter().collect(),
     };
@@ -403,8 +404,8 @@ impl std::fmt::Display for ModelFit {
             "  {} layers + output head: {:.2} GiB on a GPU with every layer offloaded (weights {:.2} GiB, KV cache {:.2} GiB at {} tokens, an upper bound); {:.2} GiB of embeddings stay in host memory",
             m.n_layer,
             gib(m.offloaded_bytes(all)),
-            gib(m.offloaded_bytes(all) - u64::from(m.n_layer) * m.kv_bytes_per_layer),
-            gib(u64::from(m.n_layer) * m.kv_bytes_per_layer),
+            gib(m.offloaded_bytes(all).saturating_sub(u64::from(m.n_layer).saturating_mul(m.kv_bytes_per_layer))),
+            gib(u64::from(m.n_layer).saturating_mul(m.kv_bytes_per_layer)),
             m.n_ctx,
             gib(m.host_bytes)
         )?;
@@ -434,7 +435,7 @@ fn bench_cmd(cli: &Cli, a: &BenchArgs, cfg: &Config) -> Result<(), CliError> {
     let path = models::resolve(&a.model, cfg)?;
     let backend = select_backend(cli, &a.model)?;
     // The context the auto GPU-layer estimate reserves KV cache for.
-    let n_ctx = (a.n_prompt + a.n_gen).max(4096);
+    let n_ctx = a.n_prompt.saturating_add(a.n_gen).max(4096);
     let model = load_model(&backend, &path, &a.model, n_ctx)?;
     let p = BenchParams {
         n_prompt: a.n_prompt,

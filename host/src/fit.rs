@@ -2,10 +2,11 @@
 //! alone (no backend, no load): what `llama backends -m MODEL` prints, so a user can pick
 //! `--gpu-layers` before a load fails for lack of memory.
 //!
-//! The arithmetic follows how llama.cpp places a model with `n_gpu_layers = N`: the last N
-//! repeating layers go to the GPU with their share of the KV cache, and when N exceeds the
-//! layer count the output head goes too (`N = n_layer + 1` is "all"). The token embeddings
-//! stay in host memory. A model with tied embeddings (no `output.weight`) gets a copy of
+//! The arithmetic follows how llama.cpp places a model with `n_gpu_layers = N`
+//! (`llama-model.cpp`, `i_gpu_start = n_layer + 1 - N`): the output head counts as the last
+//! layer, so N = 1 offloads the head alone and N = k the head plus the last k - 1 repeating
+//! layers with their share of the KV cache (`N = n_layer + 1` is "all"). The token
+//! embeddings stay in host memory. A model with tied embeddings (no `output.weight`) gets a copy of
 //! `token_embd.weight` as its output head.
 
 use llama_gguf::{GgufFile, MetaValue};
@@ -66,7 +67,12 @@ impl ModelFootprint {
         let arch = f.architecture().ok_or_else(|| FitError("no general.architecture".into()))?;
         let key = |k: &str| format!("{arch}.{k}");
         let n_layer = uint(f, &key("block_count")).ok_or_else(|| FitError(format!("no {arch}.block_count")))?;
-        let n_layer = u32::try_from(n_layer).map_err(|_| FitError(format!("{arch}.block_count {n_layer} is too large")))?;
+        // llama.cpp's own bound; the validator enforces it for loads, this keeps a bare
+        // header read (`llama backends -m`) from allocating or looping on a wild value.
+        if n_layer > llama_gguf::limits::MAX_LAYERS {
+            return Err(FitError(format!("{arch}.block_count {n_layer} is over {}", llama_gguf::limits::MAX_LAYERS)));
+        }
+        let n_layer = n_layer as u32;
         let n_embd = uint(f, &key("embedding_length")).ok_or_else(|| FitError(format!("no {arch}.embedding_length")))?;
         let n_head = per_layer_max(f, &key("attention.head_count")).unwrap_or(0);
         let n_head_kv = per_layer_max(f, &key("attention.head_count_kv")).unwrap_or(n_head);
@@ -95,17 +101,21 @@ impl ModelFootprint {
         if tied {
             output_bytes += embd_bytes;
         }
-        // f16 keys and values for every token of the context.
-        let kv_bytes_per_layer = u64::from(n_ctx) * n_head_kv * (k_len + v_len) * 2;
+        // f16 keys and values for every token of the context (saturating: the factors come
+        // from the file, and an absurd product only makes the model "not fit").
+        let kv_bytes_per_layer = u64::from(n_ctx).saturating_mul(n_head_kv).saturating_mul(k_len.saturating_add(v_len)).saturating_mul(2);
         Ok(ModelFootprint { n_layer, layer_bytes, output_bytes, host_bytes, kv_bytes_per_layer, n_ctx })
     }
 
-    /// Bytes on the GPU with `n` offloaded layers (llama.cpp's `n_gpu_layers`).
+    /// Bytes on the GPU with `n` offloaded layers (llama.cpp's `n_gpu_layers`): the output
+    /// head first, then repeating layers from the last one down.
     pub fn offloaded_bytes(&self, n: u32) -> u64 {
-        let repeating = n.min(self.n_layer) as usize;
-        let layers: u64 = self.layer_bytes[self.layer_bytes.len() - repeating..].iter().sum();
-        let output = if n > self.n_layer { self.output_bytes } else { 0 };
-        layers + repeating as u64 * self.kv_bytes_per_layer + output
+        if n == 0 {
+            return 0;
+        }
+        let repeating = (n - 1).min(self.n_layer) as usize;
+        let layers = self.layer_bytes[self.layer_bytes.len() - repeating..].iter().fold(0u64, |a, b| a.saturating_add(*b));
+        self.output_bytes.saturating_add(layers).saturating_add((repeating as u64).saturating_mul(self.kv_bytes_per_layer))
     }
 
     /// The most layers that fit in `free` bytes over `devices` GPUs, after [`GPU_MARGIN`]
@@ -194,8 +204,11 @@ mod tests {
         // 4096 tokens x 2 KV heads x (128 + 128) x 2 bytes.
         assert_eq!(m.kv_bytes_per_layer, 4096 * 2 * 256 * 2);
         assert_eq!(m.offloaded_bytes(0), 0);
-        assert_eq!(m.offloaded_bytes(2), 2 * (100_000_000 + 4_194_304));
+        // llama.cpp offloads the head first: 1 is the head alone, 3 the head + 2 layers.
+        assert_eq!(m.offloaded_bytes(1), 50_004_096);
+        assert_eq!(m.offloaded_bytes(3), 2 * (100_000_000 + 4_194_304) + 50_004_096);
         assert_eq!(m.offloaded_bytes(5), 4 * (100_000_000 + 4_194_304) + 50_004_096);
+        assert_eq!(m.offloaded_bytes(9), m.offloaded_bytes(5), "more than all is all");
         // Tied embeddings: the output head is a copy of them.
         assert_eq!(ModelFootprint::of(&model(true), 4096).unwrap().output_bytes, 30_004_096);
     }
@@ -203,13 +216,14 @@ mod tests {
     #[test]
     fn layers_fit_after_the_margin() {
         let m = ModelFootprint::of(&model(false), 4096).unwrap();
-        let per_layer = 100_000_000 + 4_194_304;
+        let (per_layer, head) = (100_000_000 + 4_194_304, 50_004_096);
         assert_eq!(m.fit(80 << 30, 1).layers, 5, "everything fits an 80 GiB card");
-        assert_eq!(m.fit(GPU_MARGIN + 2 * per_layer + 10, 1).layers, 2);
-        assert_eq!(m.fit(GPU_MARGIN + 4 * per_layer, 1).layers, 4, "the head needs its own room");
+        assert_eq!(m.fit(GPU_MARGIN + head + 2 * per_layer + 10, 1).layers, 3);
+        assert_eq!(m.fit(GPU_MARGIN + 4 * per_layer, 1).layers, 4, "the head comes first: 3 layers and the head");
+        assert_eq!(m.fit(GPU_MARGIN + head - 1, 1).layers, 0, "not even the head");
         assert_eq!(m.fit(GPU_MARGIN / 2, 1).layers, 0);
         // Two GPUs: a margin on each.
-        assert_eq!(m.fit(2 * GPU_MARGIN + per_layer, 2).layers, 1);
+        assert_eq!(m.fit(2 * GPU_MARGIN + head + per_layer, 2).layers, 2);
         assert_eq!(m.fit(80 << 30, 1).all, 5);
     }
 
@@ -218,9 +232,9 @@ mod tests {
         use llama_plugin_api::abi_stable::std_types::RString;
         let m = ModelFootprint::of(&model(false), 4096).unwrap();
         let gpu = |free: u64| llama_plugin_api::DeviceInfo { name: RString::from("CUDA0"), description: RString::new(), memory_total: 80 << 30, memory_free: free };
-        let (big, small) = (gpu(80 << 30), gpu(GPU_MARGIN + 3 * (100_000_000 + 4_194_304)));
+        let (big, small) = (gpu(80 << 30), gpu(GPU_MARGIN + 50_004_096 + 3 * (100_000_000 + 4_194_304)));
         assert_eq!(auto_gpu_layers(&m, &[&big]).map(|f| f.0), Some(-1));
-        assert_eq!(auto_gpu_layers(&m, &[&small]).map(|f| f.0), Some(3));
+        assert_eq!(auto_gpu_layers(&m, &[&small]).map(|f| f.0), Some(4), "the head and 3 layers");
         assert_eq!(auto_gpu_layers(&m, &[&gpu(0)]), None, "no free-memory figure: nothing to go by");
         assert_eq!(auto_gpu_layers(&m, &[]), None);
     }
@@ -228,6 +242,12 @@ mod tests {
     #[test]
     fn missing_hyperparameters_are_named() {
         let mut f = model(false);
+        f.metadata.insert("llama.block_count".into(), MetaValue::UInt(1 << 40));
+        assert!(ModelFootprint::of(&f, 4096).unwrap_err().to_string().contains("block_count 1099511627776 is over 512"));
+        f.metadata.insert("llama.attention.head_count_kv".into(), MetaValue::UInt(u64::MAX));
+        f.metadata.insert("llama.block_count".into(), MetaValue::UInt(4));
+        let wild = ModelFootprint::of(&f, 4096).unwrap();
+        assert_eq!((wild.kv_bytes_per_layer, wild.fit(80 << 30, 1).layers), (u64::MAX, 1), "saturates: only the head fits");
         f.metadata.remove("llama.block_count");
         assert_eq!(ModelFootprint::of(&f, 4096).unwrap_err().to_string(), "cannot estimate the model's size per layer: no llama.block_count");
     }

@@ -82,16 +82,16 @@ fn looks_like_shared_library(path: &Path) -> bool {
 /// What to do about a library a plugin needs and the system lacks, for the ones users
 /// meet: the GPU runtimes the CUDA plugin links.
 fn missing_library_hint(detail: &str) -> Option<String> {
-    let cuda_runtime = ["libcublas", "libcublasLt", "libcudart"].iter().any(|l| detail.contains(l));
-    if !cuda_runtime {
-        return None;
-    }
+    let lib = ["libcublasLt.so.", "libcublas.so.", "libcudart.so."].iter().find_map(|l| detail.find(l).map(|at| (at, l.len())))?;
+    // The major version the plugin was built against, from the missing file's name.
+    let major: String = detail[lib.0 + lib.1..].chars().take_while(char::is_ascii_digit).collect();
+    let cuda = if major.is_empty() { "CUDA".to_string() } else { format!("CUDA {major}") };
     let driver = match hardware::cuda_driver() {
         Ok(d) => format!("NVIDIA driver {} found", hardware::cuda_version_string(d.version)),
         Err(reason) => format!("no usable NVIDIA driver here either: {reason}"),
     };
     Some(format!(
-        "the CUDA plugin needs the CUDA 13 runtime libraries (cuBLAS, cudart): install the CUDA toolkit or add its lib directory to LD_LIBRARY_PATH; {driver}"
+        "the CUDA plugin needs the {cuda} runtime libraries (cuBLAS, cudart): install the CUDA toolkit or add its lib directory to LD_LIBRARY_PATH; {driver}"
     ))
 }
 
@@ -226,6 +226,7 @@ mod tests {
         let hint = missing_library_hint("libcublas.so.13: cannot open shared object file: No such file or directory").unwrap();
         assert!(hint.starts_with("the CUDA plugin needs the CUDA 13 runtime libraries"), "{hint}");
         assert_eq!(missing_library_hint("libfoo.so.1: cannot open shared object file"), None);
+        assert!(missing_library_hint("libcudart.so.12: cannot open shared object file").unwrap().contains("needs the CUDA 12 runtime"));
     }
 
     #[test]

@@ -219,8 +219,11 @@ fn gpu_devices() -> Vec<(String, sys::ggml_backend_dev_t)> {
             if dev.is_null() || !crate::DEVICE_GPU.contains(&sys::ggml_backend_dev_type(dev)) {
                 continue;
             }
-            let name = std::ffi::CStr::from_ptr(sys::ggml_backend_dev_name(dev)).to_string_lossy().into_owned();
-            out.push((name, dev));
+            let name = sys::ggml_backend_dev_name(dev);
+            if name.is_null() {
+                continue;
+            }
+            out.push((std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned(), dev));
         }
     }
     out
@@ -260,7 +263,15 @@ pub(crate) fn resolve_offload(params: &ModelParams, available: &[&str]) -> Resul
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
+    if let Some(picked) = &chosen {
+        if let Some((i, _)) = picked.iter().enumerate().find(|(i, d)| picked[..*i].contains(d)) {
+            return Err(invalid("device", format!("'{}' is named twice", available[picked[i]])));
+        }
+    }
     let n = chosen.as_ref().map_or(available.len(), Vec::len);
+    if params.split_mode == SplitMode::Tensor && n == 0 {
+        return Err(invalid("split_mode", format!("tensor parallelism needs at least one GPU ({})", have())));
+    }
     if params.main_gpu < 0 {
         return Err(invalid("main_gpu", format!("{} is below 0", params.main_gpu)));
     }
@@ -333,6 +344,10 @@ mod tests {
         assert_eq!(e, "device: no device 'CUDA2' (this backend has CUDA0, CUDA1)");
         let e = field(resolve_offload(&params(Some(&["CUDA0"]), SplitMode::Layer, 0), &[]).unwrap_err());
         assert_eq!(e, "device: no device 'CUDA0' (this backend has no GPU devices)");
+        let e = field(resolve_offload(&params(Some(&["CUDA1", "cuda1"]), SplitMode::Layer, 0), &gpus).unwrap_err());
+        assert_eq!(e, "device: 'CUDA1' is named twice");
+        let e = field(resolve_offload(&params(Some(&[]), SplitMode::Tensor, 0), &gpus).unwrap_err());
+        assert!(e.starts_with("split_mode: tensor parallelism needs at least one GPU"), "{e}");
     }
 
     #[test]
