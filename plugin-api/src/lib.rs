@@ -263,7 +263,7 @@ impl std::error::Error for ParamError {}
 
 impl From<ParamError> for BackendError {
     fn from(e: ParamError) -> Self {
-        BackendError::InvalidParam { field: RString::from(e.field), reason: RString::from(e.reason) }
+        BackendError::invalid_param(e.field, e.reason)
     }
 }
 
@@ -365,6 +365,13 @@ pub enum BackendError {
     Unavailable { reason: RString },
     /// A panic inside the backend, caught at the boundary.
     Panic { message: RString },
+}
+
+impl BackendError {
+    /// `InvalidParam` naming `field`: how every backend reports a parameter it refuses.
+    pub fn invalid_param(field: &str, reason: impl Into<String>) -> Self {
+        BackendError::InvalidParam { field: RString::from(field), reason: RString::from(reason.into()) }
+    }
 }
 
 impl std::fmt::Display for BackendError {

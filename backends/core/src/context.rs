@@ -17,7 +17,7 @@ use llama_plugin_api::{
 
 use crate::model::LlamaModel;
 use crate::sampler::Sampler;
-use crate::{guard, log};
+use crate::{guard, invalid, log};
 
 struct RawContext(NonNull<sys::llama_context>);
 
@@ -76,19 +76,15 @@ impl Drop for Batch {
     }
 }
 
-fn invalid(field: &str, reason: String) -> BackendError {
-    BackendError::InvalidParam { field: RString::from(field), reason: RString::from(reason) }
-}
-
 pub(crate) fn new(model: Arc<LlamaModel>, p: &ContextParams) -> Result<ContextBox, BackendError> {
     if p.n_ctx == 0 {
-        return Err(invalid("n_ctx", "must be at least 1".into()));
+        return Err(invalid("n_ctx", "must be at least 1"));
     }
     if p.n_batch == 0 {
-        return Err(invalid("n_batch", "must be at least 1".into()));
+        return Err(invalid("n_batch", "must be at least 1"));
     }
     if p.n_ubatch == 0 {
-        return Err(invalid("n_ubatch", "must be at least 1".into()));
+        return Err(invalid("n_ubatch", "must be at least 1"));
     }
     if p.n_threads <= 0 {
         return Err(invalid("n_threads", format!("{} is below 1", p.n_threads)));
@@ -221,7 +217,7 @@ impl LlamaContext {
 
     fn step_batch(&mut self, tokens: &[BatchToken], samples: &[SampleRequest]) -> Result<RVec<Sampled>, BackendError> {
         if tokens.is_empty() {
-            return Err(invalid("batch", "empty".into()));
+            return Err(invalid("batch", "empty"));
         }
         if tokens.len() > self.n_batch as usize {
             return Err(invalid("batch", format!("{} tokens exceed the batch size {}", tokens.len(), self.n_batch)));
@@ -376,7 +372,7 @@ impl llama_plugin_api::Context for LlamaContext {
     fn decode_sample(&mut self, tokens: RSlice<'_, i32>) -> RResult<Sampled, BackendError> {
         guard(|| {
             if tokens.is_empty() {
-                return Err(invalid("tokens", "nothing to decode".into()));
+                return Err(invalid("tokens", "nothing to decode"));
             }
             self.decode_all(tokens.as_slice(), true)?;
             // SAFETY: the last decode produced logits for its last token (index -1);

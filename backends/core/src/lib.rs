@@ -16,6 +16,11 @@ use llama_plugin_api::{Accelerator, BackendBox, BackendError, BackendInfo, Backe
 
 pub use guard::{guard, guard_probe};
 
+/// A parameter this backend refuses, by name: every module reports them the same way.
+pub(crate) fn invalid(field: &str, reason: impl Into<String>) -> BackendError {
+    BackendError::invalid_param(field, reason)
+}
+
 /// Which llama.cpp this backend links: the binding crate's version pins the llama.cpp tree.
 pub const LLAMA_BUILD: &str = "llama-cpp-sys-2 0.1.161";
 
@@ -111,16 +116,26 @@ pub fn system_info() -> String {
 /// The compute devices ggml registered in this build, of the given device types.
 pub fn devices(types: &[u32]) -> llama_plugin_api::abi_stable::std_types::RVec<llama_plugin_api::DeviceInfo> {
     use llama_cpp_sys_2 as sys;
-    let text = |p: *const std::ffi::c_char| {
-        if p.is_null() {
-            String::new()
-        } else {
-            // SAFETY: ggml returns NUL-terminated strings owned by the device registry,
-            // which lives as long as the library.
-            unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
-        }
-    };
-    let mut out = llama_plugin_api::abi_stable::std_types::RVec::new();
+    registered_devices(types)
+        .into_iter()
+        .map(|(dev, name)| {
+            let (mut free, mut total) = (0usize, 0usize);
+            // SAFETY: `dev` comes from the registry, which lives as long as the library; the
+            // out-pointers are valid.
+            unsafe { sys::ggml_backend_dev_memory(dev, &mut free, &mut total) };
+            // SAFETY: as above.
+            let description = ggml_text(unsafe { sys::ggml_backend_dev_description(dev) });
+            llama_plugin_api::DeviceInfo { name: RString::from(name), description: RString::from(description), memory_total: total as u64, memory_free: free as u64 }
+        })
+        .collect()
+}
+
+/// The devices ggml registered in this build, of the given types, in registry order (the
+/// order llama.cpp uses), with their names. Shared by the probe's device list and the
+/// resolution of `--device` names at load.
+pub(crate) fn registered_devices(types: &[u32]) -> Vec<(llama_cpp_sys_2::ggml_backend_dev_t, String)> {
+    use llama_cpp_sys_2 as sys;
+    let mut out = Vec::new();
     // SAFETY: the device registry is initialised on first use and never freed; the
     // indices come from ggml_backend_dev_count.
     unsafe {
@@ -129,17 +144,21 @@ pub fn devices(types: &[u32]) -> llama_plugin_api::abi_stable::std_types::RVec<l
             if dev.is_null() || !types.contains(&sys::ggml_backend_dev_type(dev)) {
                 continue;
             }
-            let (mut free, mut total) = (0usize, 0usize);
-            sys::ggml_backend_dev_memory(dev, &mut free, &mut total);
-            out.push(llama_plugin_api::DeviceInfo {
-                name: RString::from(text(sys::ggml_backend_dev_name(dev))),
-                description: RString::from(text(sys::ggml_backend_dev_description(dev))),
-                memory_total: total as u64,
-                memory_free: free as u64,
-            });
+            out.push((dev, ggml_text(sys::ggml_backend_dev_name(dev))));
         }
     }
     out
+}
+
+/// A string ggml owns (device names and descriptions), or "" for NULL.
+fn ggml_text(p: *const std::ffi::c_char) -> String {
+    if p.is_null() {
+        String::new()
+    } else {
+        // SAFETY: ggml returns NUL-terminated strings owned by the device registry, which
+        // lives as long as the library.
+        unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
 }
 
 /// ggml's device type for CPUs, for [`devices`].

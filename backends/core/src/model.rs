@@ -10,7 +10,7 @@ use llama_plugin_api::abi_stable::sabi_trait::TD_Opaque;
 use llama_plugin_api::abi_stable::std_types::{ROption, RResult, RStr, RString, RVec};
 use llama_plugin_api::{BackendError, ContextBox, ContextParams, ModelBox, ModelInfo, ModelParams, Model_TO, ProgressSink, SplitMode};
 
-use crate::{context, guard, log};
+use crate::{context, guard, invalid, log};
 
 pub(crate) struct LlamaModel {
     raw: NonNull<sys::llama_model>,
@@ -208,33 +208,12 @@ fn split_mode(m: SplitMode) -> sys::llama_split_mode {
     }
 }
 
-/// The GPU devices ggml registered in this build, by name.
-fn gpu_devices() -> Vec<(String, sys::ggml_backend_dev_t)> {
-    let mut out = Vec::new();
-    // SAFETY: the device registry is initialised on first use and never freed; the indices
-    // come from ggml_backend_dev_count and names are NUL-terminated strings it owns.
-    unsafe {
-        for i in 0..sys::ggml_backend_dev_count() {
-            let dev = sys::ggml_backend_dev_get(i);
-            if dev.is_null() || !crate::DEVICE_GPU.contains(&sys::ggml_backend_dev_type(dev)) {
-                continue;
-            }
-            let name = sys::ggml_backend_dev_name(dev);
-            if name.is_null() {
-                continue;
-            }
-            out.push((std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned(), dev));
-        }
-    }
-    out
-}
-
 /// The offload devices for `params` from the GPUs ggml registered; `None`: llama.cpp's
 /// default, every GPU.
 fn offload_devices(params: &ModelParams) -> Result<Option<Vec<sys::ggml_backend_dev_t>>, BackendError> {
-    let available = gpu_devices();
-    let names: Vec<&str> = available.iter().map(|(n, _)| n.as_str()).collect();
-    Ok(resolve_offload(params, &names)?.map(|picked| picked.into_iter().map(|i| available[i].1).collect()))
+    let available = crate::registered_devices(&crate::DEVICE_GPU);
+    let names: Vec<&str> = available.iter().map(|(_, n)| n.as_str()).collect();
+    Ok(resolve_offload(params, &names)?.map(|picked| picked.into_iter().map(|i| available[i].0).collect()))
 }
 
 /// Checks the offload settings against the GPU names a backend has, before llama.cpp sees
@@ -248,7 +227,6 @@ pub(crate) fn resolve_offload(params: &ModelParams, available: &[&str]) -> Resul
             format!("this backend has {}", available.join(", "))
         }
     };
-    let invalid = |field: &str, reason: String| BackendError::InvalidParam { field: RString::from(field), reason: RString::from(reason) };
     let chosen = match &params.devices {
         ROption::RNone => None,
         ROption::RSome(wanted) => Some(

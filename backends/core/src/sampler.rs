@@ -4,7 +4,7 @@
 use std::ptr::NonNull;
 
 use llama_cpp_sys_2 as sys;
-use llama_plugin_api::abi_stable::std_types::RString;
+use crate::invalid;
 use llama_plugin_api::{BackendError, SamplingParams};
 
 pub(crate) struct Sampler {
@@ -20,10 +20,6 @@ impl Drop for Sampler {
         // SAFETY: the chain owns the samplers added to it; freed exactly once.
         unsafe { sys::llama_sampler_free(self.raw.as_ptr()) }
     }
-}
-
-fn invalid(field: &str, reason: impl Into<String>) -> BackendError {
-    BackendError::InvalidParam { field: RString::from(field), reason: RString::from(reason.into()) }
 }
 
 impl Sampler {
