@@ -144,7 +144,7 @@ pub(crate) fn select_backend(cli: &Cli, m: &ModelArgs) -> Result<LoadedBackend, 
             .report()
             .candidates
             .iter()
-            .filter(|c| matches!(c.name.as_str(), "cuda" | "metal"))
+            .filter(|c| c.is_gpu())
             .map(|c| format!("{}: {}", c.name, c.reason))
             .collect();
         let verb = if flags.len() == 1 { "asks" } else { "ask" };
@@ -181,7 +181,7 @@ fn auto_gpu_layers(backend: &LoadedBackend, m: &ModelArgs, path: &Path, n_ctx: u
     }
     let footprint = llama_host::fit::ModelFootprint::of(&llama_host::gguf::read(path).ok()?, n_ctx).ok()?;
     let (layers, fit) = llama_host::fit::auto_gpu_layers(&footprint, &devices)?;
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    use llama_host::report::gib;
     if layers >= 0 {
         tracing::warn!(
             "the model needs about {:.1} GiB of GPU memory and {:.1} GiB is free (less a margin): offloading {layers} of {} layers, the rest runs on the CPU (--gpu-layers N overrides)",
@@ -266,13 +266,17 @@ fn flag_name(field: &str) -> &'static str {
 }
 
 /// Loads the model with a progress bar on a terminal.
+/// `n_ctx` is the context the `--gpu-layers auto` estimate reserves KV cache for.
 pub(crate) fn load_model(backend: &LoadedBackend, path: &Path, m: &ModelArgs, n_ctx: u32) -> Result<Model, CliError> {
+    load_with_params(backend, path, &model_params(backend, m, path, n_ctx))
+}
+
+fn load_with_params(backend: &LoadedBackend, path: &Path, params: &ModelParams) -> Result<Model, CliError> {
     let label = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let params = model_params(backend, m, path, n_ctx);
     tracing::debug!(n_gpu_layers = params.n_gpu_layers, split_mode = params.split_mode.as_str(), main_gpu = params.main_gpu, "model parameters");
     Ok(match progress::bar(label) {
-        Some(bar) => Model::load_with_progress(backend, path, &params, bar)?,
-        None => Model::load(backend, path, &params)?,
+        Some(bar) => Model::load_with_progress(backend, path, params, bar)?,
+        None => Model::load(backend, path, params)?,
     })
 }
 
@@ -395,7 +399,7 @@ fn model_fit(path: &Path, n_ctx: u32, report: &llama_host::SelectionReport) -> R
 
 impl std::fmt::Display for ModelFit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        use llama_host::report::gib;
         let m = &self.footprint;
         let all = m.n_layer + 1;
         writeln!(f, "model {}:", self.path.display())?;
@@ -434,9 +438,12 @@ impl std::fmt::Display for ModelFit {
 fn bench_cmd(cli: &Cli, a: &BenchArgs, cfg: &Config) -> Result<(), CliError> {
     let path = models::resolve(&a.model, cfg)?;
     let backend = select_backend(cli, &a.model)?;
-    // The context the auto GPU-layer estimate reserves KV cache for.
+    // The context the auto GPU-layer estimate reserves KV cache for. The parameters are
+    // resolved once: the batch-invariant model below must get the same offload as this one
+    // (a second estimate would see the GPU memory this one took).
     let n_ctx = a.n_prompt.saturating_add(a.n_gen).max(4096);
-    let model = load_model(&backend, &path, &a.model, n_ctx)?;
+    let params = model_params(&backend, &a.model, &path, n_ctx);
+    let model = load_with_params(&backend, &path, &params)?;
     let p = BenchParams {
         n_prompt: a.n_prompt,
         n_gen: a.n_gen,
@@ -448,7 +455,7 @@ fn bench_cmd(cli: &Cli, a: &BenchArgs, cfg: &Config) -> Result<(), CliError> {
     let r = bench::run(&model, &p)?;
     let model = if a.batch_invariant {
         // Batch-invariant engines need the weights in their plain layout.
-        Model::load(&backend, &path, &ModelParams { repack: false, ..model_params(&backend, &a.model, &path, n_ctx) })?
+        Model::load(&backend, &path, &ModelParams { repack: false, ..params })?
     } else {
         model
     };

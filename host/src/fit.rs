@@ -159,8 +159,7 @@ pub fn for_report(report: &crate::report::SelectionReport, model: &ModelFootprin
     report
         .candidates
         .iter()
-        .filter(|c| matches!(c.name.as_str(), "cuda" | "metal"))
-        .filter(|c| c.devices.iter().any(|d| d.memory_total > 0))
+        .filter(|c| c.is_gpu() && c.devices.iter().any(|d| d.memory_total > 0))
         .map(|c| {
             let from_free_memory = c.devices.iter().any(|d| d.memory_free > 0);
             let memory: u64 = c.devices.iter().map(|d| if from_free_memory { d.memory_free } else { d.memory_total }).sum();

@@ -72,6 +72,14 @@ pub struct SelectionReport {
     pub candidates: Vec<CandidateReport>,
 }
 
+impl CandidateReport {
+    /// A row for a GPU backend (found or not): the rows that answer "why is my GPU not
+    /// used?" and the ones a layer-fit estimate is made for.
+    pub fn is_gpu(&self) -> bool {
+        matches!(self.name.as_str(), "cuda" | "metal")
+    }
+}
+
 impl SelectionReport {
     pub fn selected(&self) -> Option<&CandidateReport> {
         self.candidates.iter().find(|c| c.verdict == Verdict::Selected)
@@ -113,6 +121,7 @@ impl fmt::Display for SelectionReport {
     }
 }
 
-fn gib(bytes: u64) -> f64 {
+/// Bytes in GiB, for messages.
+pub fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
