@@ -359,7 +359,7 @@ fn backends_cmd(cli: &Cli, a: &BackendsArgs, cfg: &Config) -> Result<(), CliErro
     }
     let mut backends = Backends::discover(&discovery(cli));
     // Selecting initialises the winner, so the report shows what `llama run` would use.
-    let _ = backends.select(BackendChoice::Auto);
+    let selected = backends.select(BackendChoice::Auto);
     let model = match &a.model {
         Some(name) => Some(model_fit(&models::resolve_name(name, cfg)?, a.ctx_size, backends.report())?),
         None => None,
@@ -379,6 +379,8 @@ fn backends_cmd(cli: &Cli, a: &BackendsArgs, cfg: &Config) -> Result<(), CliErro
             print!("{m}");
         }
     }
+    // Nothing usable: the report above says why; the exit code says so to scripts (4).
+    selected?;
     Ok(())
 }
 

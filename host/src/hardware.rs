@@ -25,7 +25,13 @@ fn cpu_detects(feature: &str) -> Option<bool> {
     {
         use std::arch::is_x86_feature_detected as has;
         Some(match feature {
+            "ssse3" => has!("ssse3"),
+            "sse4.1" => has!("sse4.1"),
             "sse4.2" => has!("sse4.2"),
+            "popcnt" => has!("popcnt"),
+            "bmi1" => has!("bmi1"),
+            "lzcnt" => has!("lzcnt"),
+            "movbe" => has!("movbe"),
             "avx" => has!("avx"),
             "avx2" => has!("avx2"),
             "fma" => has!("fma"),

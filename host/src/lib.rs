@@ -19,6 +19,7 @@
 pub mod bench;
 pub mod fit;
 pub mod chat;
+mod cpu_note;
 pub mod discovery;
 pub mod engine;
 pub use llama_gguf as gguf;

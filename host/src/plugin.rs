@@ -129,6 +129,8 @@ fn translate(err: LibraryError, path: &Path) -> PluginError {
 
 /// Opens and checks one candidate file, without probing it: the module and its info.
 pub(crate) fn load(path: &Path) -> Result<(BackendModRef, BackendInfo), PluginError> {
+    // Before opening: the library's static initialisers already use its instruction set.
+    check_declared_cpu_features(path)?;
     let header = lib_header_from_path(path).map_err(|e| translate(e, path))?;
     let name = header.root_mod_consts().name();
     if name.as_str() != ROOT_MODULE_NAME {
@@ -142,6 +144,18 @@ pub(crate) fn load(path: &Path) -> Result<(BackendModRef, BackendInfo), PluginEr
     }
     let info = (module.info())();
     Ok((module, info))
+}
+
+/// Refuses a library whose ELF note (see `cpu_note`) lists CPU features this CPU lacks,
+/// without opening it.
+pub(crate) fn check_declared_cpu_features(path: &Path) -> Result<(), PluginError> {
+    let Some(required) = crate::cpu_note::declared_cpu_features(path) else { return Ok(()) };
+    let missing = hardware::missing_cpu_features(required.iter().map(String::as_str), hardware::cpu_has);
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(PluginError::CpuFeatures { missing })
+    }
 }
 
 /// Opens, checks and probes one candidate file.

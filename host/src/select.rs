@@ -183,6 +183,13 @@ impl Backends {
                     llama_build: None,
                     devices: Vec::new(),
                 };
+                // The probe may have run on another CPU (a cached outcome, or a child that an
+                // emulator ran natively): this process checks the features the library
+                // declares itself, before it would ever open the library.
+                let outcome = match (outcome, plugin::check_declared_cpu_features(&path)) {
+                    (ProbeOutcome::Probed { .. }, Err(e)) => ProbeOutcome::Rejected { kind: e.kind().into(), reason: e.to_string() },
+                    (o, _) => o,
+                };
                 match outcome {
                     ProbeOutcome::Rejected { kind, reason } => {
                         c.reason = reason;

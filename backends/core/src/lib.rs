@@ -24,9 +24,13 @@ pub(crate) fn invalid(field: &str, reason: impl Into<String>) -> BackendError {
 /// Which llama.cpp this backend links: the binding crate's version pins the llama.cpp tree.
 pub const LLAMA_BUILD: &str = "llama-cpp-sys-2 0.1.161";
 
-/// The CPU features this library was compiled to use, in the names the host checks.
-/// llama.cpp is configured from the same target features (see .cargo/config.toml), so a
-/// CPU lacking one of these would hit an illegal instruction.
+/// The CPU features this library was compiled to use, comma-separated, in the names the
+/// host checks: those the C compiler enabled for llama.cpp and those the Rust code was
+/// compiled for (recorded by build.rs). A CPU lacking one of them would hit an illegal
+/// instruction.
+pub const CPU_FEATURES: &str = env!("LLAMA_CPU_FEATURES");
+
+/// [`CPU_FEATURES`] as the root module carries them.
 pub fn compiled_cpu_features() -> RSlice<'static, RStr<'static>> {
     // Leaked once per process: the root module is built once and lives as long as the library.
     RSlice::from_slice(Box::leak(feature_list().into_boxed_slice()))
@@ -38,24 +42,33 @@ pub fn compiled_cpu_feature_count() -> usize {
 }
 
 fn feature_list() -> Vec<RStr<'static>> {
-    macro_rules! enabled {
-        ($($name:tt),* $(,)?) => {{
-            let mut v: Vec<RStr<'static>> = Vec::new();
-            $( if cfg!(target_feature = $name) { v.push(RStr::from_str($name)); } )*
-            v
-        }};
-    }
-    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    let features = enabled!(
-        "sse4.2", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl",
-        "avx512dq", "avx512cd", "avx512vnni", "avx512vbmi", "avx512bf16", "avxvnni",
-    );
-    #[cfg(target_arch = "aarch64")]
-    let features = enabled!("neon", "dotprod", "i8mm", "sve");
-    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64")))]
-    let features: Vec<RStr<'static>> = Vec::new();
-    features
+    CPU_FEATURES.split(',').filter(|f| !f.is_empty()).map(RStr::from_str).collect()
 }
+
+/// The bytes of the ELF note section `.llama_cpu_features` (see `declare_backend!`):
+/// `llama-cpu-features:v1:` then [`CPU_FEATURES`]. Built at compile time.
+#[doc(hidden)]
+pub const fn cpu_features_note<const N: usize>() -> [u8; N] {
+    let prefix = CPU_FEATURES_NOTE_PREFIX.as_bytes();
+    let list = CPU_FEATURES.as_bytes();
+    let mut out = [0u8; N];
+    let mut i = 0;
+    while i < prefix.len() {
+        out[i] = prefix[i];
+        i += 1;
+    }
+    let mut j = 0;
+    while j < list.len() {
+        out[i + j] = list[j];
+        j += 1;
+    }
+    out
+}
+
+#[doc(hidden)]
+pub const CPU_FEATURES_NOTE_PREFIX: &str = "llama-cpu-features:v1:";
+#[doc(hidden)]
+pub const CPU_FEATURES_NOTE_LEN: usize = CPU_FEATURES_NOTE_PREFIX.len() + CPU_FEATURES.len();
 
 /// The backend object handed to the host by `init`.
 struct LlamaBackend {
@@ -210,6 +223,14 @@ macro_rules! declare_backend {
         ) -> $crate::__api::abi_stable::std_types::RResult<$crate::__api::BackendBox, $crate::__api::BackendError> {
             $crate::init(sink, info())
         }
+
+        /// The CPU features this library needs, in an ELF section of its own: the host reads
+        /// it from the file before opening the library, because opening it runs llama.cpp's
+        /// static initialisers, compiled for those features (SIGILL on a CPU without them).
+        #[cfg(target_os = "linux")]
+        #[used]
+        #[link_section = ".llama_cpu_features"]
+        static LLAMA_CPU_FEATURES_NOTE: [u8; $crate::CPU_FEATURES_NOTE_LEN] = $crate::cpu_features_note::<{ $crate::CPU_FEATURES_NOTE_LEN }>();
 
         /// The plugin's root module, checked by the host before any other call.
         #[$crate::__api::abi_stable::export_root_module]

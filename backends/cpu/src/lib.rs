@@ -6,7 +6,7 @@ use llama_plugin_api::abi_stable::std_types::RString;
 use llama_plugin_api::{Accelerator, ProbeReport};
 
 /// Base score of a usable CPU backend: any usable accelerator outranks it (the highest CPU
-/// score is 10 + 15 features).
+/// score is 10 + 21 features).
 const CPU_SCORE: u32 = 10;
 
 /// A CPU build's score: the base plus one per CPU feature it was compiled for, so among the
