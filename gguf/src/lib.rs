@@ -10,6 +10,10 @@
 //!
 //! A rejected file gets a [`GgufError`] naming the field and its value. A multi-gigabyte
 //! model is checked in milliseconds: only the header and tensor table are read.
+//!
+//! Memory stays about what the metadata occupies in the file: no length is allocated
+//! before it is checked against the bytes left and a cap, short scalar arrays keep their
+//! bytes as stored, and error messages quote at most a short prefix of any name or string.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -42,10 +46,130 @@ pub mod limits {
     pub const DEFAULT_ALIGNMENT: u64 = 32;
     /// Scalar arrays up to this length keep their values (per-layer hyperparameters).
     pub const KEEP_ARRAY_VALUES: u64 = 4096;
+    /// The GGUF specification's limit on a key's length.
+    pub const MAX_KEY: u64 = 65535;
+    /// llama.cpp's `GGUF_MAX_STRING_LENGTH` and `GGUF_MAX_ARRAY_ELEMENTS`.
+    pub const MAX_STRING: u64 = 1 << 30;
+    pub const MAX_ARRAY_LEN: u64 = 1 << 30;
+    /// Far above any real model (tens of keys, a few thousand tensors), low enough that
+    /// the per-entry bookkeeping of a file made of tiny entries stays a few megabytes.
+    pub const MAX_KEYS: u64 = 1 << 16;
+    pub const MAX_TENSORS: u64 = 1 << 16;
+    /// llama.cpp's architecture names are short identifiers; a longer one names none.
+    pub const MAX_ARCHITECTURE: usize = 64;
+    /// Bytes of a name or string quoted in an error message (escaped, so a control
+    /// character counts as the several it is shown as).
+    pub const SHOWN_BYTES: usize = 64;
+}
+
+/// A name or string from the file as an error message quotes it: escaped, and cut to
+/// [`limits::SHOWN_BYTES`] bytes with its full length, so that a crafted 2 MiB name
+/// cannot make a 2 MiB message (which the server would send to clients).
+struct Shown<'a> {
+    text: &'a str,
+    /// The length of what `text` is a prefix of.
+    full_len: u64,
+}
+
+fn shown(text: &str) -> Shown<'_> {
+    Shown { text, full_len: text.len() as u64 }
+}
+
+impl std::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        let mut chars = self.text.escape_debug().peekable();
+        let mut written = 0;
+        while let Some(&c) = chars.peek() {
+            written += c.len_utf8();
+            if written > limits::SHOWN_BYTES {
+                break;
+            }
+            f.write_char(c)?;
+            chars.next();
+        }
+        if chars.peek().is_some() || self.full_len > self.text.len() as u64 {
+            write!(f, "…({} bytes)", self.full_len)?;
+        }
+        Ok(())
+    }
+}
+
+/// Fixed size of a scalar type; None for string, array and unknown types.
+fn scalar_size(t: u32) -> Option<u64> {
+    match t {
+        types::U8 | types::I8 | types::BOOL => Some(1),
+        types::U16 | types::I16 => Some(2),
+        types::U32 | types::I32 | types::F32 => Some(4),
+        types::U64 | types::I64 | types::F64 => Some(8),
+        _ => None,
+    }
+}
+
+/// One little-endian scalar of type `t` from its `scalar_size(t)` bytes.
+fn decode_scalar(t: u32, bytes: &[u8]) -> MetaValue {
+    let mut wide = [0u8; 8];
+    let n = bytes.len().min(8);
+    wide[..n].copy_from_slice(&bytes[..n]);
+    let v = u64::from_le_bytes(wide);
+    match t {
+        types::I8 => MetaValue::Int(v as u8 as i8 as i64),
+        types::I16 => MetaValue::Int(v as u16 as i16 as i64),
+        types::I32 => MetaValue::Int(v as u32 as i32 as i64),
+        types::I64 => MetaValue::Int(v as i64),
+        types::F32 => MetaValue::Float(f32::from_bits(v as u32) as f64),
+        types::F64 => MetaValue::Float(f64::from_bits(v)),
+        types::BOOL => MetaValue::Bool(v != 0),
+        // U8, U16, U32, U64 (only scalar types reach here).
+        _ => MetaValue::UInt(v),
+    }
+}
+
+/// The values of a short scalar array, kept as the file stores them (little-endian, one
+/// element after another): a u8 array costs a byte per element, not a [`MetaValue`] (40).
+/// Empty for arrays whose values are not kept (long ones, strings).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Scalars {
+    element_type: u32,
+    raw: Vec<u8>,
+}
+
+impl Scalars {
+    /// Values of `element_type` (a scalar type) from their little-endian bytes; None when
+    /// the type is not a scalar or the bytes are not a whole number of elements.
+    pub fn from_le_bytes(element_type: u32, raw: Vec<u8>) -> Option<Scalars> {
+        let size = scalar_size(element_type)? as usize;
+        // Not is_multiple_of: the workspace declares Rust 1.85.
+        raw.chunks_exact(size).remainder().is_empty().then_some(Scalars { element_type, raw })
+    }
+
+    fn element_size(&self) -> usize {
+        scalar_size(self.element_type).unwrap_or(1) as usize
+    }
+
+    pub fn len(&self) -> usize {
+        self.raw.len() / self.element_size()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.raw.is_empty()
+    }
+
+    pub fn get(&self, i: usize) -> Option<MetaValue> {
+        let size = self.element_size();
+        let at = i.checked_mul(size)?;
+        self.raw.get(at..at.checked_add(size)?).map(|b| decode_scalar(self.element_type, b))
+    }
+
+    /// The values, decoded one at a time.
+    pub fn iter(&self) -> impl Iterator<Item = MetaValue> + '_ {
+        self.raw.chunks_exact(self.element_size()).map(|b| decode_scalar(self.element_type, b))
+    }
 }
 
 /// A metadata value. Arrays keep their element type and length, and their values when
 /// they are short scalar arrays (per-layer hyperparameters); long ones are skipped.
+/// Strings are kept whole (chat templates); they cost what they occupy in the file.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(untagged)]
 pub enum MetaValue {
@@ -58,7 +182,7 @@ pub enum MetaValue {
         element_type: u32,
         len: u64,
         #[serde(skip)]
-        values: Vec<MetaValue>,
+        values: Scalars,
     },
 }
 
@@ -92,7 +216,7 @@ impl std::fmt::Display for MetaValue {
             MetaValue::UInt(v) => write!(f, "{v}"),
             MetaValue::Float(v) => write!(f, "{v}"),
             MetaValue::Bool(v) => write!(f, "{v}"),
-            MetaValue::Str(s) => write!(f, "{s:?}"),
+            MetaValue::Str(s) => write!(f, "\"{}\"", shown(s)),
             MetaValue::Array { element_type, len, .. } => write!(f, "[{} x {len}]", type_name(*element_type)),
         }
     }
@@ -127,7 +251,39 @@ pub struct Problem {
 }
 
 fn problem(field: impl Into<String>, problem: impl Into<String>) -> Problem {
-    Problem { field: field.into(), problem: problem.into() }
+    // Callers quote file contents through `Shown`; this is the backstop that keeps every
+    // message short whatever a future caller formats into it.
+    Problem { field: clip(field.into(), 128), problem: clip(problem.into(), 256) }
+}
+
+/// `s` cut to at most `max` bytes (on a character boundary), marked with an ellipsis.
+fn clip(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+/// Bytes from the file as a string. Invalid UTF-8 becomes '?' byte for byte, in place:
+/// U+FFFD (three bytes) would let a string of invalid bytes triple in memory.
+fn into_string(bytes: Vec<u8>) -> String {
+    let mut bytes = match String::from_utf8(bytes) {
+        Ok(s) => return s,
+        Err(e) => e.into_bytes(),
+    };
+    let mut from = 0;
+    while let Err(e) = std::str::from_utf8(&bytes[from..]) {
+        let bad = from + e.valid_up_to();
+        let end = e.error_len().map_or(bytes.len(), |n| bad + n);
+        bytes[bad..end].fill(b'?');
+        from = end;
+    }
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -302,18 +458,22 @@ impl<R: Read + Seek> Reader<R> {
         }
         Ok(())
     }
+    fn fill(&mut self, buf: &mut [u8], field: &str) -> Res<()> {
+        self.need(buf.len() as u64, field)?;
+        self.inner.read_exact(buf).map_err(|e| problem(field, format!("read failed: {e}")))?;
+        self.pos += buf.len() as u64;
+        Ok(())
+    }
+    /// `n` bytes; callers bound `n` by a cap first, `need` bounds it by the file.
     fn bytes(&mut self, n: u64, field: &str) -> Res<Vec<u8>> {
         self.need(n, field)?;
         let mut buf = vec![0u8; n as usize];
-        self.inner.read_exact(&mut buf).map_err(|e| problem(field, format!("read failed: {e}")))?;
-        self.pos += n;
+        self.fill(&mut buf, field)?;
         Ok(buf)
     }
     fn array<const N: usize>(&mut self, field: &str) -> Res<[u8; N]> {
-        self.need(N as u64, field)?;
         let mut buf = [0u8; N];
-        self.inner.read_exact(&mut buf).map_err(|e| problem(field, format!("read failed: {e}")))?;
-        self.pos += N as u64;
+        self.fill(&mut buf, field)?;
         Ok(buf)
     }
     fn skip(&mut self, n: u64, field: &str) -> Res<()> {
@@ -337,75 +497,78 @@ impl<R: Read + Seek> Reader<R> {
     fn u64(&mut self, field: &str) -> Res<u64> {
         Ok(u64::from_le_bytes(self.array(field)?))
     }
-    fn string(&mut self, field: &str) -> Res<String> {
+    /// A string's length, checked against what is left and against `max`, nothing read.
+    fn string_len(&mut self, field: &str, max: u64) -> Res<u64> {
         let n = self.u64(field)?;
-        Ok(String::from_utf8_lossy(&self.bytes(n, field)?).into_owned())
+        self.need(n, field)?;
+        if n > max {
+            return Err(problem(field, format!("a string of {n} bytes, at most {max} allowed")));
+        }
+        Ok(n)
     }
-
-    /// Fixed size of a scalar type, None for string/array, an error for an unknown type.
-    fn scalar_size(t: u32, field: &str) -> Res<Option<u64>> {
-        Ok(match t {
-            types::U8 | types::I8 | types::BOOL => Some(1),
-            types::U16 | types::I16 => Some(2),
-            types::U32 | types::I32 | types::F32 => Some(4),
-            types::U64 | types::I64 | types::F64 => Some(8),
-            types::STRING | types::ARRAY => None,
-            _ => return Err(problem(field, format!("unknown value type {t}"))),
-        })
-    }
-
-    fn scalar(&mut self, t: u32, field: &str) -> Res<MetaValue> {
-        Ok(match t {
-            types::U8 => MetaValue::UInt(self.array::<1>(field)?[0] as u64),
-            types::I8 => MetaValue::Int(self.array::<1>(field)?[0] as i8 as i64),
-            types::U16 => MetaValue::UInt(u16::from_le_bytes(self.array(field)?) as u64),
-            types::I16 => MetaValue::Int(i16::from_le_bytes(self.array(field)?) as i64),
-            types::U32 => MetaValue::UInt(self.u32(field)? as u64),
-            types::I32 => MetaValue::Int(self.u32(field)? as i32 as i64),
-            types::F32 => MetaValue::Float(f32::from_bits(self.u32(field)?) as f64),
-            types::BOOL => MetaValue::Bool(self.array::<1>(field)?[0] != 0),
-            types::STRING => MetaValue::Str(self.string(field)?),
-            types::U64 => MetaValue::UInt(self.u64(field)?),
-            types::I64 => MetaValue::Int(self.u64(field)? as i64),
-            types::F64 => MetaValue::Float(f64::from_le_bytes(self.array(field)?)),
-            _ => return Err(problem(field, format!("unknown value type {t}"))),
-        })
+    fn string(&mut self, field: &str, max: u64) -> Res<String> {
+        let n = self.string_len(field, max)?;
+        Ok(into_string(self.bytes(n, field)?))
     }
 
     fn value(&mut self, t: u32, field: &str) -> Res<MetaValue> {
-        if t != types::ARRAY {
-            return self.scalar(t, field);
+        match t {
+            types::STRING => Ok(MetaValue::Str(self.string(field, limits::MAX_STRING)?)),
+            types::ARRAY => self.array_value(field),
+            _ => {
+                let size = scalar_size(t).ok_or_else(|| problem(field, format!("unknown value type {t}")))?;
+                let mut buf = [0u8; 8];
+                self.fill(&mut buf[..size as usize], field)?;
+                Ok(decode_scalar(t, &buf[..size as usize]))
+            }
         }
+    }
+
+    fn array_value(&mut self, field: &str) -> Res<MetaValue> {
         let et = self.u32(field)?;
         let len = self.u64(field)?;
         if et == types::ARRAY {
             return Err(problem(field, "nested arrays are not supported"));
         }
-        let mut values = Vec::new();
-        match Self::scalar_size(et, field)? {
-            Some(size) => {
-                let total = len.checked_mul(size).ok_or_else(|| problem(field, format!("an array of {len} elements overflows")))?;
-                self.need(total, field)?;
-                if len <= limits::KEEP_ARRAY_VALUES {
-                    for _ in 0..len {
-                        values.push(self.scalar(et, field)?);
-                    }
-                } else {
-                    self.skip(total, field)?;
-                }
+        if len > limits::MAX_ARRAY_LEN {
+            return Err(problem(field, format!("an array of {len} elements, at most {} allowed", limits::MAX_ARRAY_LEN)));
+        }
+        let mut values = Scalars { element_type: et, raw: Vec::new() };
+        if et == types::STRING {
+            // Each string takes at least its 8-byte length.
+            if len > self.left() / 8 {
+                return Err(problem(field, format!("an array of {len} strings cannot fit in the {} bytes left", self.left())));
             }
-            None => {
-                // Each string takes at least its 8-byte length.
-                if len > self.left() / 8 {
-                    return Err(problem(field, format!("an array of {len} strings cannot fit in the {} bytes left", self.left())));
-                }
-                for _ in 0..len {
-                    let n = self.u64(field)?;
-                    self.skip(n, field)?;
-                }
+            for _ in 0..len {
+                let n = self.string_len(field, limits::MAX_STRING)?;
+                self.skip(n, field)?;
+            }
+        } else {
+            let size = scalar_size(et).ok_or_else(|| problem(field, format!("unknown value type {et}")))?;
+            // At most 2^30 elements of at most 8 bytes: no overflow.
+            let total = len * size;
+            self.need(total, field)?;
+            if len <= limits::KEEP_ARRAY_VALUES {
+                values.raw = self.bytes(total, field)?;
+            } else {
+                self.skip(total, field)?;
             }
         }
         Ok(MetaValue::Array { element_type: et, len, values })
+    }
+
+    /// A tensor name: llama.cpp allows fewer than [`limits::MAX_NAME`] bytes. A longer one
+    /// is refused from its length field, quoting only the start of it.
+    fn tensor_name(&mut self, i: u64) -> Res<String> {
+        let field = format!("tensor #{i} name");
+        let n = self.u64(&field)?;
+        self.need(n, &field)?;
+        if n >= limits::MAX_NAME as u64 {
+            let start = into_string(self.bytes(n.min(limits::SHOWN_BYTES as u64), &field)?);
+            let name = Shown { text: &start, full_len: n };
+            return Err(problem(format!("tensor '{name}' name"), format!("is {n} bytes, at most {} allowed", limits::MAX_NAME - 1)));
+        }
+        Ok(into_string(self.bytes(n, &field)?))
     }
 }
 
@@ -433,12 +596,18 @@ fn parse_from<R: Read + Seek>(inner: R, len: u64) -> Result<GgufFile, ParseError
     if kv_count > r.left() / 12 {
         return Err(problem("kv_count", format!("{kv_count} key/value pairs cannot fit in the file")).into());
     }
+    if kv_count > limits::MAX_KEYS {
+        return Err(problem("kv_count", format!("{kv_count} key/value pairs, at most {} allowed", limits::MAX_KEYS)).into());
+    }
+    if tensor_count > limits::MAX_TENSORS {
+        return Err(problem("tensor_count", format!("{tensor_count} tensors, at most {} allowed", limits::MAX_TENSORS)).into());
+    }
     let mut metadata = BTreeMap::new();
     let mut value_types = BTreeMap::new();
     for i in 0..kv_count {
-        let key = r.string(&format!("key #{i}"))?;
-        // Names go into messages: control characters and broken UTF-8 are escaped.
-        let field = key.escape_debug().to_string();
+        let key = r.string(&format!("key #{i}"), limits::MAX_KEY)?;
+        // Names go into messages: escaped, and only their start.
+        let field = shown(&key).to_string();
         let t = r.u32(&field)?;
         let v = r.value(t, &field)?;
         if metadata.insert(key.clone(), v).is_some() {
@@ -460,16 +629,14 @@ fn parse_from<R: Read + Seek>(inner: R, len: u64) -> Result<GgufFile, ParseError
     if tensor_count > r.left() / 32 {
         return Err(problem("tensor_count", format!("{tensor_count} tensors cannot fit in the file")).into());
     }
-    let mut tensors = Vec::with_capacity(tensor_count as usize);
+    // Grown as entries are read, not sized from the count: an entry takes 72 bytes here
+    // and can take as few as 32 in the file.
+    let mut tensors = Vec::new();
     let mut names = HashSet::new();
     let mut expected_offset = 0u64;
     for i in 0..tensor_count {
-        let name = r.string(&format!("tensor #{i} name"))?;
-        let shown = name.escape_debug().to_string();
-        let field = |what: &str| format!("tensor '{shown}' {what}");
-        if name.len() >= limits::MAX_NAME {
-            return Err(problem(field("name"), format!("is {} bytes, at most {} allowed", name.len(), limits::MAX_NAME - 1)).into());
-        }
+        let name = r.tensor_name(i)?;
+        let field = |what: &str| format!("tensor '{}' {what}", shown(&name));
         if !names.insert(name.clone()) {
             return Err(problem(field("name"), "appears twice").into());
         }
@@ -517,7 +684,7 @@ fn parse_from<R: Read + Seek>(inner: R, len: u64) -> Result<GgufFile, ParseError
             Some(end) if end <= len => {}
             _ => {
                 return Err(problem(
-                    format!("tensor '{}' data", t.name.escape_debug()),
+                    format!("tensor '{}' data", shown(&t.name)),
                     format!("bytes {}..{} lie past the end of the file ({len} bytes)", data_offset.saturating_add(t.offset), end.unwrap_or(u64::MAX)),
                 )
                 .into())
@@ -577,6 +744,10 @@ pub fn validate_bytes(bytes: &[u8]) -> Result<GgufFile, Problem> {
 /// Checks the values llama.cpp asserts on or trusts when it loads a model.
 pub fn check_model(f: &GgufFile) -> Result<(), Problem> {
     let arch = match f.get("general.architecture") {
+        // Its name prefixes the keys named in messages below.
+        Some(MetaValue::Str(a)) if a.len() > limits::MAX_ARCHITECTURE => {
+            return Err(problem("general.architecture", format!("\"{}\" is not an architecture name", shown(a))))
+        }
         Some(MetaValue::Str(a)) => a.clone(),
         Some(v) => return Err(problem("general.architecture", format!("{v} is not a string"))),
         None => return Err(problem("general.architecture", "missing")),
@@ -598,7 +769,7 @@ pub fn check_model(f: &GgufFile) -> Result<(), Problem> {
                     return Err(problem(k, format!("an array of {len} values for {n_layer} layers")));
                 }
                 let mut max = 0;
-                for v in values {
+                for v in values.iter() {
                     max = max.max(v.as_u64().ok_or_else(|| problem(k, format!("holds {v}, not a non-negative integer ({})", type_name(*element_type))))?);
                 }
                 Ok(Some(max))
@@ -726,7 +897,7 @@ fn check_vocab(f: &GgufFile, arch: &str) -> Result<(), Problem> {
             // -1 stored signed, or as a u32.
             Some(-1) | Some(0xFFFF_FFFF) => {}
             Some(id) if (0..n_vocab as i64).contains(&id) => {}
-            _ => return Err(problem(k.clone(), format!("{v} is not a token id (the vocabulary holds {n_vocab} tokens)"))),
+            _ => return Err(problem(shown(k).to_string(), format!("{v} is not a token id (the vocabulary holds {n_vocab} tokens)"))),
         }
     }
     Ok(())

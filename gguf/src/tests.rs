@@ -258,3 +258,105 @@ fn seed_corpus_and_fuzz_regressions() {
     }
     assert!(seen >= 5, "the seed corpus is missing");
 }
+
+fn problem_of(bytes: &[u8]) -> Problem {
+    match validate_bytes(bytes) {
+        Ok(_) => panic!("accepted"),
+        Err(p) => p,
+    }
+}
+
+/// Short scalar arrays keep their values as the file's bytes; each element decodes back
+/// to the value it was written as, the way host/src/fit.rs reads per-layer maxima.
+#[test]
+fn short_scalar_arrays_keep_their_values_compactly() {
+    let heads = arr(types::I32, &[u32v(4), u32v(2), u32v(4)]);
+    let model = Builder::model().set("llama.block_count", types::U32, u32v(3)).set("llama.attention.head_count", types::ARRAY, heads);
+    let f = validate_bytes(&model.bytes()).unwrap();
+    let Some(MetaValue::Array { element_type, len, values }) = f.get("llama.attention.head_count") else { panic!("not an array") };
+    assert_eq!((*element_type, *len, values.len()), (types::I32, 3, 3));
+    assert_eq!(values.iter().filter_map(|v| v.as_u64()).max(), Some(4));
+    assert_eq!(values.get(1), Some(MetaValue::Int(2)));
+    assert_eq!(values.get(3), None);
+
+    let mixed = [
+        (types::I8, vec![0xFF], MetaValue::Int(-1)),
+        (types::U16, vec![0x34, 0x12], MetaValue::UInt(0x1234)),
+        (types::I16, (-300i16).to_le_bytes().to_vec(), MetaValue::Int(-300)),
+        (types::F32, 1.5f32.to_le_bytes().to_vec(), MetaValue::Float(1.5)),
+        (types::BOOL, vec![2], MetaValue::Bool(true)),
+        (types::U64, u64::MAX.to_le_bytes().to_vec(), MetaValue::UInt(u64::MAX)),
+        (types::F64, (-2.25f64).to_le_bytes().to_vec(), MetaValue::Float(-2.25)),
+    ];
+    for (t, bytes, value) in mixed {
+        let f = validate_bytes(&Builder::model().set("x.a", types::ARRAY, arr(t, &[bytes.clone(), bytes.clone()])).bytes()).unwrap();
+        let Some(MetaValue::Array { values, .. }) = f.get("x.a") else { panic!("not an array") };
+        assert_eq!(values.iter().collect::<Vec<_>>(), vec![value.clone(), value.clone()], "{}", type_name(t));
+        assert_eq!(Scalars::from_le_bytes(t, [bytes.clone(), bytes].concat()).as_ref(), Some(values));
+    }
+    // Long arrays and string arrays keep their length, not their values.
+    let long: Vec<Vec<u8>> = (0..=limits::KEEP_ARRAY_VALUES).map(|_| vec![1]).collect();
+    let f = validate_bytes(&Builder::model().set("x.long", types::ARRAY, arr(types::U8, &long)).bytes()).unwrap();
+    assert!(matches!(f.get("x.long"), Some(MetaValue::Array { len: 4097, values, .. }) if values.is_empty()));
+    assert!(matches!(f.get("tokenizer.ggml.tokens"), Some(MetaValue::Array { len: 4, values, .. }) if values.is_empty()));
+    assert_eq!(Scalars::from_le_bytes(types::STRING, vec![]), None);
+    assert_eq!(Scalars::from_le_bytes(types::U32, vec![0; 3]), None);
+}
+
+/// Names quoted in messages are escaped and cut, with their full length; short ones are
+/// quoted whole as before.
+#[test]
+fn names_in_messages_are_cut_to_an_escaped_prefix() {
+    let p = problem_of(&{
+        let mut b = Builder::model();
+        b.tensors[0].0 = format!("\n{}", "x".repeat(99));
+        b.bytes()
+    });
+    assert_eq!(p.field, format!("tensor '\\n{}…(100 bytes)' name", "x".repeat(62)));
+    assert_eq!(p.problem, "is 100 bytes, at most 63 allowed");
+    let value = "y".repeat(1000);
+    let p = problem_of(&Builder::model().set("llama.rope.scaling.type", types::STRING, s(&value)).bytes());
+    assert_eq!(p.problem, format!("\"{}…(1000 bytes)\" is not one of none, linear, yarn, longrope", "y".repeat(64)));
+    let p = problem_of(&Builder::model().set("llama.rope.scaling.type", types::STRING, s("we\"ird")).bytes());
+    assert_eq!(p.to_string(), "llama.rope.scaling.type: \"we\\\"ird\" is not one of none, linear, yarn, longrope");
+}
+
+/// Lengths over llama.cpp's or the specification's limits are refused from the length
+/// field, before anything of that size is read.
+#[test]
+fn lengths_over_the_caps_are_refused_before_reading() {
+    let padded = |mut b: Vec<u8>, at: usize, v: u64| {
+        b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        b.resize(b.len() + (1 << 20), 0);
+        b
+    };
+    let p = problem_of(&padded(Builder::model().bytes(), 16, limits::MAX_KEYS + 1));
+    assert_eq!((p.field.as_str(), p.problem.as_str()), ("kv_count", "65537 key/value pairs, at most 65536 allowed"));
+    let p = problem_of(&padded(Builder::model().bytes(), 8, limits::MAX_TENSORS + 1));
+    assert_eq!((p.field.as_str(), p.problem.as_str()), ("tensor_count", "65537 tensors, at most 65536 allowed"));
+    let mut long_key = Builder::model();
+    long_key.kvs.push(("k".repeat(limits::MAX_KEY as usize + 1), types::U32, u32v(0)));
+    let p = problem_of(&long_key.bytes());
+    assert_eq!((p.field.as_str(), p.problem.as_str()), ("key #9", "a string of 65536 bytes, at most 65535 allowed"));
+    let mut too_long = types::U8.to_le_bytes().to_vec();
+    too_long.extend_from_slice(&(limits::MAX_ARRAY_LEN + 1).to_le_bytes());
+    assert_eq!(field_of(&Builder::model().set("x.a", types::ARRAY, too_long).bytes()), "x.a");
+    let p = problem_of(&Builder::model().set("general.architecture", types::STRING, s(&"a".repeat(65))).bytes());
+    assert_eq!(p.field, "general.architecture");
+}
+
+/// Invalid UTF-8 is kept byte for byte as '?', never grown (U+FFFD takes three bytes).
+#[test]
+fn invalid_utf8_strings_do_not_grow() {
+    let mut value = 3u64.to_le_bytes().to_vec();
+    value.extend_from_slice(&[b'a', 0xFF, 0xC3]);
+    let f = validate_bytes(&Builder::model().set("general.name", types::STRING, value).bytes()).unwrap();
+    assert_eq!(f.get("general.name").and_then(MetaValue::as_str), Some("a??"));
+}
+
+/// The fuzz target (fuzz/fuzz_targets/gguf_validate.rs) calls this entry point.
+#[test]
+fn the_fuzz_entry_point_keeps_its_signature() {
+    let entry: fn(&[u8]) -> Result<GgufFile, Problem> = validate_bytes;
+    assert!(entry(b"").is_err());
+}
