@@ -1,6 +1,13 @@
 //! What the host can tell about the hardware without loading any backend: CPU features
 //! (checked before a plugin's code runs, since code built for a missing feature dies with
-//! SIGILL) and whether a GPU driver is present at all.
+//! SIGILL) and what the NVIDIA driver offers. `cuInit` is the driver's own code: it is run
+//! in a crash-isolated child whenever the caller isolates probes, never for a cache key, and
+//! a driver once initialised in a process is never unloaded from it.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use crate::probe::Isolation;
 
 /// CPU features to treat as missing: `LLAMA_DISABLE_CPU_FEATURES=avx512f,avx2`. For testing
 /// the variant choice on any machine, or forcing a lower CPU variant.
@@ -77,14 +84,14 @@ pub fn missing_cpu_features<'a>(required: impl IntoIterator<Item = &'a str>, has
 pub const MIN_CUDA_DRIVER: i32 = 13000;
 
 /// One CUDA device as the driver reports it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CudaDevice {
     pub name: String,
     pub total_memory: u64,
 }
 
 /// What the NVIDIA driver says, read without any CUDA plugin.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CudaDriver {
     /// `cuDriverGetVersion`: 1000 × major + 10 × minor (13000 is CUDA 13.0).
     pub version: i32,
@@ -96,19 +103,28 @@ pub fn cuda_version_string(v: i32) -> String {
     format!("{}.{}", v / 1000, (v % 1000) / 10)
 }
 
+/// The NVIDIA driver library, by the name the CUDA runtime loads it.
+const CUDA_DRIVER_LIB: &str = if cfg!(windows) { "nvcuda.dll" } else { "libcuda.so.1" };
+
 /// Opens the NVIDIA driver library (`lib`, normally `libcuda.so.1`) through libloading and
 /// asks it: `cuInit`, `cuDriverGetVersion`, `cuDeviceGetCount`, and each device's name and
 /// memory. Every failure is a sentence for the selection report.
-pub fn query_cuda_driver(lib: &str) -> Result<CudaDriver, String> {
+///
+/// Private: it runs whatever library `lib` names, initialisers and all, in this process.
+/// The library is never unloaded.
+fn query_cuda_driver(lib: &str) -> Result<CudaDriver, String> {
     type CuResult = i32;
     // SAFETY: opening the NVIDIA driver library runs its initialisers, which the driver
     // supports; a library of that name that is not the driver is caught by the symbol
-    // lookups below failing.
+    // lookups below failing. `lib` is this module's own constant outside its tests.
     let library = unsafe { libloading::Library::new(lib) }.map_err(|_| format!("{lib} not found (no NVIDIA driver)"))?;
+    // Never dlclose'd: after cuInit the driver has threads and handlers in this process that
+    // run its code, and unloading it would pull that code from under them.
+    let library = std::mem::ManuallyDrop::new(library);
     macro_rules! sym {
         ($name:literal, $ty:ty) => {
             // SAFETY: the symbol is looked up with the signature the CUDA driver API documents
-            // for it (cuda.h); the library outlives every call (it lives to the end of this fn).
+            // for it (cuda.h); the library is never unloaded, so it outlives every call.
             unsafe { library.get::<$ty>($name) }.map_err(|_| format!("{lib} has no {} (not an NVIDIA driver?)", String::from_utf8_lossy(&$name[..$name.len() - 1])))?
         };
     }
@@ -158,11 +174,102 @@ pub fn query_cuda_driver(lib: &str) -> Result<CudaDriver, String> {
     Ok(CudaDriver { version, devices })
 }
 
+/// The child side of an isolated driver query (`llama __probe-backend --cuda-driver`): what
+/// the driver says, before the version and device rules.
+pub(crate) fn query_cuda_driver_here() -> Result<CudaDriver, String> {
+    query_cuda_driver(CUDA_DRIVER_LIB)
+}
+
+static DRIVER: OnceLock<Result<CudaDriver, String>> = OnceLock::new();
+
 /// Whether CUDA can work here, before any CUDA plugin is loaded: a driver, new enough for
 /// this project's CUDA build, with at least one device. The reason when not.
+///
+/// Asked once per process: in a child through `isolation` (the probe child mode: a driver
+/// that crashes or hangs in cuInit takes only the child down), in this process only when
+/// there is none. Not asked at all where no driver library exists for the loader to find.
+pub fn cuda_driver_via(isolation: Option<&Isolation>) -> Result<CudaDriver, String> {
+    DRIVER.get_or_init(|| cuda_usable(ask_cuda_driver(isolation))).clone()
+}
+
+/// The answer an earlier [`cuda_driver_via`] got (discovery asks first, isolated when its
+/// options say so), or else the driver asked in this process.
 pub fn cuda_driver() -> Result<CudaDriver, String> {
-    static DRIVER: std::sync::OnceLock<Result<CudaDriver, String>> = std::sync::OnceLock::new();
-    DRIVER.get_or_init(|| cuda_usable(query_cuda_driver(if cfg!(windows) { "nvcuda.dll" } else { "libcuda.so.1" }))).clone()
+    cuda_driver_via(None)
+}
+
+fn ask_cuda_driver(isolation: Option<&Isolation>) -> Result<CudaDriver, String> {
+    let files = cuda_driver_files();
+    if files.complete && files.found.is_empty() {
+        return Err(format!("{CUDA_DRIVER_LIB} not found (no NVIDIA driver)"));
+    }
+    match isolation {
+        Some(iso) => crate::probe::cuda_driver_in_child(iso),
+        None => query_cuda_driver(CUDA_DRIVER_LIB),
+    }
+}
+
+/// The `libcuda.so.1` files the dynamic loader could pick.
+struct DriverFiles {
+    found: Vec<PathBuf>,
+    /// Whether every place the loader looks was searched (glibc Linux, with an ld.so.cache);
+    /// elsewhere an empty list proves nothing and the driver is asked.
+    complete: bool,
+}
+
+/// Looks where glibc's loader looks for `libcuda.so.1`, without loading anything:
+/// `LD_LIBRARY_PATH`, `/etc/ld.so.cache`, then the default directories.
+fn cuda_driver_files() -> DriverFiles {
+    let mut found: Vec<PathBuf> = Vec::new();
+    let mut add = |p: PathBuf| {
+        if p.is_file() && !found.contains(&p) {
+            found.push(p);
+        }
+    };
+    // An empty entry is the current directory, as for the loader (`"".join(x)` is `x`).
+    for dir in std::env::var_os("LD_LIBRARY_PATH").iter().flat_map(std::env::split_paths) {
+        add(dir.join(CUDA_DRIVER_LIB));
+    }
+    let cache = if cfg!(target_os = "linux") { std::fs::read("/etc/ld.so.cache").ok() } else { None };
+    for p in cache.as_deref().map(|c| paths_in_ld_cache(c, CUDA_DRIVER_LIB)).unwrap_or_default() {
+        add(p);
+    }
+    for dir in ["/lib64", "/usr/lib64", "/lib", "/usr/lib"] {
+        add(Path::new(dir).join(CUDA_DRIVER_LIB));
+    }
+    DriverFiles { found, complete: cache.is_some() }
+}
+
+/// The full paths ld.so.cache holds for `name`: NUL-terminated strings ending in `/name`
+/// (the cache's string table, in both of glibc's formats).
+fn paths_in_ld_cache(cache: &[u8], name: &str) -> Vec<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let needle = format!("/{name}\0").into_bytes();
+    let mut paths = Vec::new();
+    let mut from = 0;
+    while let Some(at) = cache[from..].windows(needle.len()).position(|w| w == needle).map(|i| from + i) {
+        let start = cache[..at].iter().rposition(|&b| b == 0).map_or(0, |i| i + 1);
+        let path = Path::new(std::ffi::OsStr::from_bytes(&cache[start..at + needle.len() - 1]));
+        if path.is_absolute() {
+            paths.push(path.to_path_buf());
+        }
+        from = at + needle.len();
+    }
+    paths
+}
+
+/// Cheap facts that change when the NVIDIA driver is installed, upgraded or removed, for
+/// the probe cache's key: the identity of each `libcuda.so.1` the loader could pick and the
+/// kernel module's version line. Nothing is loaded and cuInit is not called.
+pub fn cuda_driver_fingerprint() -> String {
+    let files: Vec<String> = cuda_driver_files()
+        .found
+        .iter()
+        .map(|f| format!("{}@{}", f.display(), crate::probe::file_identity(f).unwrap_or_default()))
+        .collect();
+    let module = std::fs::read_to_string("/proc/driver/nvidia/version").ok();
+    let module = module.as_deref().and_then(|v| v.lines().next()).map_or("none", str::trim);
+    format!("[{}] module [{module}]", files.join(","))
 }
 
 /// Applies the version and device-count rules to what the driver said.
@@ -196,12 +303,13 @@ pub fn metal_platform_for(os: &str) -> Result<(), String> {
     }
 }
 
-/// The host-side reason an accelerator cannot be used here, before any plugin is loaded.
-pub fn accelerator_unavailable(acc: llama_plugin_api::Accelerator) -> Option<String> {
+/// The host-side reason an accelerator cannot be used here, before any plugin is loaded
+/// (the NVIDIA driver asked through `isolation`, see [`cuda_driver_via`]).
+pub fn accelerator_unavailable(acc: llama_plugin_api::Accelerator, isolation: Option<&Isolation>) -> Option<String> {
     use llama_plugin_api::Accelerator;
     match acc {
         Accelerator::Cpu => None,
-        Accelerator::Cuda => cuda_driver().err(),
+        Accelerator::Cuda => cuda_driver_via(isolation).err(),
         Accelerator::Metal => metal_platform().err(),
     }
 }
@@ -227,6 +335,17 @@ mod tests {
         let none = cuda_usable(Ok(CudaDriver { version: 13010, devices: vec![] })).unwrap_err();
         assert!(none.contains("no CUDA device"), "{none}");
         assert!(query_cuda_driver("libcuda-does-not-exist.so.1").unwrap_err().contains("no NVIDIA driver"));
+    }
+
+    #[test]
+    fn the_driver_is_found_in_ld_so_cache_strings() {
+        // Keys and values are NUL-terminated strings; a path is a value ending in /name.
+        let cache = b"glibc-ld.so.cache1.1\0\x01\x02libcuda.so.1\0/usr/lib/x86_64-linux-gnu/libcuda.so.1\0libcudart.so.12\0/opt/x/libcuda.so.10\0/usr/lib32/libcuda.so.1\0";
+        assert_eq!(
+            paths_in_ld_cache(cache, "libcuda.so.1"),
+            vec![PathBuf::from("/usr/lib/x86_64-linux-gnu/libcuda.so.1"), PathBuf::from("/usr/lib32/libcuda.so.1")]
+        );
+        assert!(paths_in_ld_cache(b"libz.so.1\0/usr/lib/libz.so.1\0", "libcuda.so.1").is_empty());
     }
 
     #[test]

@@ -5,16 +5,20 @@
 //! hidden subcommand that opens and probes one file and prints the outcome as JSON; the host
 //! waits with a timeout, so a library that crashes or hangs is reported ("probe crashed:
 //! signal 11 (SIGSEGV)", "probe timed out after 10 s") and skipped while the host carries on.
-//! Only a file whose child came back usable is then opened in the host process.
+//! Only a file whose child came back usable is then opened in the host process. The same
+//! child mode asks the NVIDIA driver (`--cuda-driver`), so cuInit never runs in the host.
 //!
-//! Outcomes are cached per plugin file (path, size, modification time, host version and the
-//! machine's accelerator state), so an ordinary start spawns no child at all.
+//! Outcomes are cached per plugin file (path and the file's identity: size, modification
+//! time, device, inode and change time; host version and the machine's accelerator state),
+//! so an ordinary start probes nothing. The cache must never vouch for a file it did not
+//! see: one swapped in under the same size and mtime has a new change time. Outcomes that
+//! say more about the moment than about the file (a timeout) are not cached.
 
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +27,10 @@ use crate::report::DeviceReport;
 
 /// The hidden subcommand of the `llama` binary that probes one file in a child.
 pub const PROBE_SUBCOMMAND: &str = "__probe-backend";
+
+/// The argument of [`PROBE_SUBCOMMAND`] that asks the NVIDIA driver instead of probing a file
+/// (a candidate is never passed under this name: see `child_path_arg`).
+pub const CUDA_DRIVER_ARG: &str = "--cuda-driver";
 
 /// What probing one candidate file found. Plain data, so a child can report it as JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,11 +106,15 @@ pub fn default_cache_file() -> Option<PathBuf> {
     Some(base.join("llama").join("probes.json"))
 }
 
-/// The child side: probe `path` and print the outcome as one JSON line.
+/// The child side: probe `path` and print the outcome as one JSON line; with
+/// [`CUDA_DRIVER_ARG`], ask the NVIDIA driver and print its answer instead.
 pub fn child_main(path: &Path) -> std::io::Result<()> {
-    let outcome = in_process(path);
-    let line = serde_json::to_string(&outcome).map_err(std::io::Error::other)?;
-    println!("{line}");
+    let line = if path == Path::new(CUDA_DRIVER_ARG) {
+        serde_json::to_string(&crate::hardware::query_cuda_driver_here())
+    } else {
+        serde_json::to_string(&in_process(path))
+    };
+    println!("{}", line.map_err(std::io::Error::other)?);
     Ok(())
 }
 
@@ -118,19 +130,27 @@ fn signal_name(sig: i32) -> &'static str {
     }
 }
 
-/// Probes `path` in a child process, bounded by `timeout`.
-pub fn isolated(iso: &Isolation, path: &Path) -> ProbeOutcome {
-    let crashed = |reason: String| ProbeOutcome::Crashed { reason };
+/// Why a child gave no answer; `transient` when that says more about this moment than
+/// about what it was asked (a timeout: a cold disk or a busy machine), so it is asked again.
+struct ChildFailure {
+    reason: String,
+    transient: bool,
+}
+
+/// Runs `EXE __probe-backend ARG`, bounded by the timeout; its stdout when it exits normally.
+/// `what` names the job in the failure sentences ("probe crashed: signal 11 (SIGSEGV)").
+fn run_child(iso: &Isolation, what: &str, arg: &std::ffi::OsStr) -> Result<String, ChildFailure> {
+    let fail = |reason: String, transient: bool| ChildFailure { reason, transient };
     let mut child = match Command::new(&iso.exe)
         .arg(PROBE_SUBCOMMAND)
-        .arg(path)
+        .arg(arg)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
     {
         Ok(c) => c,
-        Err(e) => return crashed(format!("probe could not start ({}): {e}", iso.exe.display())),
+        Err(e) => return Err(fail(format!("{what} could not start ({}): {e}", iso.exe.display()), true)),
     };
     // Read both pipes on their own threads so a chatty child never blocks on a full pipe.
     let mut out = child.stdout.take().expect("piped");
@@ -154,10 +174,10 @@ pub fn isolated(iso: &Isolation, path: &Path) -> ProbeOutcome {
                 let _ = child.wait();
                 // The readers finish once the child's pipes close; a grandchild holding
                 // them must not stall the host, so they are left to finish on their own.
-                return crashed(format!("probe timed out after {} s", iso.timeout.as_secs_f64().round()));
+                return Err(fail(format!("{what} timed out after {} s", iso.timeout.as_secs_f64().round()), true));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => return crashed(format!("probe could not be awaited: {e}")),
+            Err(e) => return Err(fail(format!("{what} could not be awaited: {e}"), true)),
         }
     };
     let stdout = out_reader.join().unwrap_or_default();
@@ -165,22 +185,60 @@ pub fn isolated(iso: &Isolation, path: &Path) -> ProbeOutcome {
     use std::os::unix::process::ExitStatusExt;
     if let Some(sig) = status.signal() {
         let name = signal_name(sig);
-        return crashed(if name.is_empty() { format!("probe crashed: signal {sig}") } else { format!("probe crashed: signal {sig} ({name})") });
+        let sig = if name.is_empty() { format!("signal {sig}") } else { format!("signal {sig} ({name})") };
+        return Err(fail(format!("{what} crashed: {sig}"), false));
     }
     if !status.success() {
         let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
-        return crashed(format!("probe failed with exit code {}: {last}", status.code().unwrap_or(-1)));
+        return Err(fail(format!("{what} failed with exit code {}: {last}", status.code().unwrap_or(-1)), false));
     }
-    match stdout.lines().rev().find_map(|l| serde_json::from_str::<ProbeOutcome>(l).ok()) {
-        Some(o) => o,
-        None => crashed("probe printed no result".into()),
+    Ok(stdout)
+}
+
+/// `path` as the child's argument: a relative path that could read as an option (the
+/// driver query's `--cuda-driver`) is passed as `./path`.
+fn child_path_arg(path: &Path) -> PathBuf {
+    if path.is_relative() && path.as_os_str().to_string_lossy().starts_with('-') {
+        Path::new(".").join(path)
+    } else {
+        path.to_path_buf()
     }
 }
 
+/// Probes `path` in a child process, bounded by `timeout`.
+pub fn isolated(iso: &Isolation, path: &Path) -> ProbeOutcome {
+    probe_in_child(iso, path).0
+}
+
+/// The outcome, and whether it is a fact about the file that may be cached (not a timeout,
+/// nor a child that could not be started or awaited).
+fn probe_in_child(iso: &Isolation, path: &Path) -> (ProbeOutcome, bool) {
+    match run_child(iso, "probe", child_path_arg(path).as_os_str()) {
+        Ok(stdout) => match stdout.lines().rev().find_map(|l| serde_json::from_str::<ProbeOutcome>(l).ok()) {
+            Some(o) => (o, true),
+            None => (ProbeOutcome::Crashed { reason: "probe printed no result".into() }, true),
+        },
+        Err(f) => (ProbeOutcome::Crashed { reason: f.reason }, !f.transient),
+    }
+}
+
+/// Asks the NVIDIA driver in a child (`llama __probe-backend --cuda-driver`): what it said,
+/// or why the child gave no answer ("the NVIDIA driver query crashed: signal 11 (SIGSEGV)").
+pub(crate) fn cuda_driver_in_child(iso: &Isolation) -> Result<crate::hardware::CudaDriver, String> {
+    const WHAT: &str = "the NVIDIA driver query";
+    let stdout = run_child(iso, WHAT, CUDA_DRIVER_ARG.as_ref()).map_err(|f| f.reason)?;
+    stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Result<crate::hardware::CudaDriver, String>>(l).ok())
+        .unwrap_or_else(|| Err(format!("{WHAT} printed no result")))
+}
+
 /// The machine's side of a cache key: this host, and the accelerator state (a driver
-/// installed since changes a CUDA plugin's answer). The same for every candidate.
+/// installed since changes a CUDA plugin's answer). The same for every candidate. Cheap
+/// facts only: the driver's files and kernel module, never the driver itself (cuInit).
 fn machine_key() -> String {
-    let cuda = crate::hardware::cuda_driver().map(|d| d.version.to_string()).unwrap_or_else(|_| "none".into());
+    let cuda = crate::hardware::cuda_driver_fingerprint();
     // Where the dynamic loader looks decides which libraries a plugin finds (its cuBLAS).
     let search = ["LD_LIBRARY_PATH", "DYLD_LIBRARY_PATH"].map(|v| std::env::var(v).unwrap_or_default()).join(";");
     format!(
@@ -199,12 +257,21 @@ fn cacheable(o: &ProbeOutcome) -> bool {
     !matches!(o, ProbeOutcome::Rejected { kind, .. } if kind == "load-failed")
 }
 
-/// What makes a cached outcome still true: the file itself (path, size, mtime) and `machine`.
+/// What makes a cached outcome still true: the file itself (its path and identity) and
+/// `machine`.
 fn cache_key(path: &Path, machine: &str) -> Option<String> {
-    let meta = std::fs::metadata(path).ok()?;
-    let mtime = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?.as_nanos();
     let canonical = std::fs::canonicalize(path).ok()?;
-    Some(format!("{}|{}|{}|{machine}", canonical.display(), meta.len(), mtime))
+    let id = file_identity(&canonical)?;
+    Some(format!("{}|{id}|{machine}", canonical.display()))
+}
+
+/// One version of a file, told without reading it: device, inode, size, modification time
+/// and change time. `touch -r` and copying can set the mtime back, never the ctime; a file
+/// replaced in place gets a new ctime, one renamed over it a new inode.
+pub(crate) fn file_identity(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(format!("{}:{}:{}:{}.{:09}:{}.{:09}", m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -253,15 +320,15 @@ impl<'a> Prober<'a> {
         let keys: Vec<Option<String>> = paths.iter().map(|p| cache_key(p, &machine)).collect();
         let cached: Vec<Option<ProbeOutcome>> = keys.iter().map(|k| k.as_ref().and_then(|k| self.cache.entries.get(k)).cloned()).collect();
         let iso = self.iso;
-        let fresh: Vec<Option<ProbeOutcome>> = std::thread::scope(|s| {
+        let fresh: Vec<Option<(ProbeOutcome, bool)>> = std::thread::scope(|s| {
             let handles: Vec<_> = paths
                 .iter()
                 .zip(&cached)
-                .map(|(p, c)| c.is_none().then(|| s.spawn(move || isolated(iso, p))))
+                .map(|(p, c)| c.is_none().then(|| s.spawn(move || probe_in_child(iso, p))))
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.map(|h| h.join().unwrap_or_else(|_| ProbeOutcome::Crashed { reason: "probe thread panicked".into() })))
+                .map(|h| h.map(|h| h.join().unwrap_or_else(|_| (ProbeOutcome::Crashed { reason: "probe thread panicked".into() }, false))))
                 .collect()
         });
         let mut out = Vec::with_capacity(paths.len());
@@ -271,9 +338,9 @@ impl<'a> Prober<'a> {
                     self.hits += 1;
                     out.push((o, true));
                 }
-                (None, Some(o)) => {
+                (None, Some((o, settled))) => {
                     self.misses += 1;
-                    if let Some(k) = key.filter(|_| cacheable(&o)) {
+                    if let Some(k) = key.filter(|_| settled && cacheable(&o)) {
                         self.cache.entries.insert(k, o.clone());
                         self.dirty = true;
                     }
@@ -307,7 +374,7 @@ mod tests {
         let stale = ProbeOutcome::Rejected { kind: "abi-version".into(), reason: "built for plugin ABI 1.0.0, host expects 2.0.0".into() };
         assert!(!cacheable(&failed));
         assert!(cacheable(&stale) && cacheable(&ProbeOutcome::Crashed { reason: "x".into() }));
-        assert!(machine_key().contains("|cuda:") && machine_key().contains(";libs:"), "{}", machine_key());
+        assert!(machine_key().contains("|cuda:[") && machine_key().contains(";libs:"), "{}", machine_key());
     }
 
     #[test]
@@ -337,5 +404,43 @@ mod tests {
         let b = cache_key(&f, &machine_key()).unwrap();
         assert_ne!(a, b, "a rewritten plugin must be probed again");
         assert!(a.contains(env!("CARGO_PKG_VERSION")));
+
+        // Another file of the same size renamed over it, its mtime set back: still new.
+        let other = dir.path().join("other.so");
+        std::fs::write(&other, b"THREE").unwrap();
+        let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
+        std::fs::File::options().write(true).open(&other).unwrap().set_modified(mtime).unwrap();
+        std::fs::rename(&other, &f).unwrap();
+        let c = cache_key(&f, &machine_key()).unwrap();
+        let m = std::fs::metadata(&f).unwrap();
+        assert_eq!((m.len(), m.modified().unwrap()), (5, mtime));
+        assert_ne!(b, c, "a file swapped in under the same size and mtime must be probed again");
+    }
+
+    /// A child that outlives the timeout: a slow plugin (a cold disk, a busy machine) is
+    /// reported this time and asked again next time, not refused for good.
+    #[test]
+    fn a_timed_out_probe_is_not_cached() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("slow-llama");
+        std::fs::write(&exe, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let plugin = dir.path().join("libllama_backend_slow.so");
+        std::fs::write(&plugin, b"\x7fELF").unwrap();
+        let cache = dir.path().join("probes.json");
+        let iso = Isolation { exe, timeout: Duration::from_millis(200), cache: Some(cache.clone()) };
+        let mut prober = Prober::new(&iso);
+        let out = prober.probe_all(std::slice::from_ref(&plugin));
+        assert_eq!(out, vec![(ProbeOutcome::Crashed { reason: "probe timed out after 0 s".into() }, false)]);
+        drop(prober);
+        assert!(load_cache(&cache).entries.is_empty(), "a timed-out probe was cached");
+    }
+
+    #[test]
+    fn a_candidate_never_reads_as_the_driver_query() {
+        assert_eq!(child_path_arg(Path::new(CUDA_DRIVER_ARG)), Path::new("./--cuda-driver"));
+        assert_eq!(child_path_arg(Path::new("/b/libx.so")), Path::new("/b/libx.so"));
+        assert_eq!(child_path_arg(Path::new("b/libx.so")), Path::new("b/libx.so"));
     }
 }

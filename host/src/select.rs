@@ -200,7 +200,7 @@ impl Backends {
                         c.rejection = Some("probe-crashed".into());
                     }
                     ProbeOutcome::Probed { name, accelerator, version, llama_build, usable: probed_usable, score, reason, devices } => {
-                        let host_reason = KNOWN.iter().find(|a| a.as_str() == accelerator).and_then(|a| hardware::accelerator_unavailable(*a));
+                        let host_reason = KNOWN.iter().find(|a| a.as_str() == accelerator).and_then(|a| hardware::accelerator_unavailable(*a, opts.isolation.as_ref()));
                         let ok = probed_usable && host_reason.is_none();
                         c.name = name;
                         c.verdict = if ok { Verdict::Usable } else { Verdict::Unusable };
@@ -229,12 +229,12 @@ impl Backends {
             if !present {
                 let mut reason = String::new();
                 let mut devices = Vec::new();
-                if let Some(hw) = hardware::accelerator_unavailable(acc) {
+                if let Some(hw) = hardware::accelerator_unavailable(acc, opts.isolation.as_ref()) {
                     reason.push_str(&hw);
                     reason.push_str("; ");
                 } else if acc == Accelerator::Cuda {
                     // The driver works: say what it offers, so the missing plugin is the answer.
-                    if let Ok(d) = hardware::cuda_driver() {
+                    if let Ok(d) = hardware::cuda_driver_via(opts.isolation.as_ref()) {
                         reason.push_str(&format!("NVIDIA driver {} with {} device(s); ", hardware::cuda_version_string(d.version), d.devices.len()));
                         devices = d
                             .devices
