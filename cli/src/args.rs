@@ -216,12 +216,11 @@ impl ModelArgs {
     /// GPU. `fallback`: the CPU was chosen because no GPU backend was usable, so GPU device
     /// names (meaningless to it) are dropped rather than refused.
     pub fn model_params(&self, gpu: bool, fallback: bool) -> llama_host::ModelParams {
-        use llama_host::abi::{ROption, RString, RVec};
         let devices = match &self.device {
-            Some(Devices::Named(_)) if !gpu && fallback => ROption::RNone,
-            Some(Devices::Named(names)) => ROption::RSome(names.iter().map(|n| RString::from(n.as_str())).collect::<RVec<_>>()),
-            Some(Devices::None) => ROption::RSome(RVec::new()),
-            None => ROption::RNone,
+            Some(Devices::Named(_)) if !gpu && fallback => None,
+            Some(Devices::Named(names)) => Some(names.clone()),
+            Some(Devices::None) => Some(Vec::new()),
+            None => None,
         };
         llama_host::ModelParams {
             n_gpu_layers: self.gpu_layers.n_gpu_layers(gpu),
@@ -553,14 +552,14 @@ mod tests {
         assert_eq!(m.device, Some(Devices::Named(vec!["CUDA0".into(), "CUDA1".into()])));
         let p = m.model_params(true, true);
         assert_eq!((p.n_gpu_layers, p.split_mode, p.main_gpu), (20, llama_host::SplitMode::Row, 1));
-        assert_eq!(p.devices.as_ref().map(|d| d.iter().map(|n| n.to_string()).collect::<Vec<_>>()).into_option(), Some(vec!["CUDA0".into(), "CUDA1".into()]));
+        assert_eq!(p.devices, Some(vec!["CUDA0".to_string(), "CUDA1".to_string()]));
         assert_eq!(m.gpu_flags(), vec!["--gpu-layers", "--device", "--main-gpu"]);
         // On a CPU fallback the GPU names are dropped (a warning says so); named, they go on
         // to the backend, which refuses them.
         assert!(m.model_params(false, true).devices.is_none());
         assert!(m.model_params(false, false).devices.is_some());
         let none = model(&["--device", "none", "--split-mode", "none"]).unwrap();
-        assert_eq!(none.model_params(true, true).devices.into_option().map(|d| d.len()), Some(0));
+        assert_eq!(none.model_params(true, true).devices.map(|d| d.len()), Some(0));
         assert_eq!(none.model_params(true, true).split_mode, llama_host::SplitMode::None);
         assert!(none.gpu_flags().is_empty());
         let defaults = model(&[]).unwrap().model_params(true, true);

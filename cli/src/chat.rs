@@ -11,10 +11,11 @@ use std::path::Path;
 use llama_host::chat::{ChatTemplate, Conversation};
 use llama_host::{FinishReason, Model, Session};
 
-use crate::args::{ChatArgs, Cli};
-use crate::config::Config;
+use crate::load::{load_model, select_backend};
+use crate::opts::{ChatOpts, Global};
+use crate::output::{stats_line, stream_to_stdout};
 use crate::signals::Interrupts;
-use crate::{generate_options, load_model, models, select_backend, session_params, stats_line, stream_to_stdout, CliError};
+use crate::CliError;
 
 const HELP: &str = "commands: /reset (forget the conversation), /save FILE, /load FILE, /exit (or Ctrl-D); Ctrl-C stops a reply";
 
@@ -22,7 +23,7 @@ fn template(model: &Model, choice: Option<&str>) -> Result<ChatTemplate, CliErro
     match choice {
         None => Ok(ChatTemplate::for_model(model)?),
         Some(name) if Path::new(name).is_file() => {
-            let text = std::fs::read_to_string(name).map_err(|source| CliError::ReadFile { path: name.to_string(), source })?;
+            let text = std::fs::read_to_string(name).map_err(|source| CliError::ArgFile { flag: "--chat-template", path: name.into(), source })?;
             let base = ChatTemplate::for_model(model)?;
             Ok(ChatTemplate::compile(text, base.bos_token().to_string(), base.eos_token().to_string(), name.to_string())?)
         }
@@ -51,16 +52,13 @@ fn read_line(stdin: &mut std::io::StdinLock<'static>, interactive: bool) -> Line
     }
 }
 
-pub fn run(cli: &Cli, a: &ChatArgs, cfg: &Config, ints: &Interrupts) -> Result<(), CliError> {
-    let path = models::resolve(&a.model, cfg)?;
-    let opts = generate_options(&a.sampling, false)?;
-    let params = session_params(&a.ctx)?;
-    params.validate()?;
-    let backend = select_backend(cli, &a.model)?;
-    let model = load_model(&backend, &path, &a.model, params.n_ctx)?;
+pub fn run(g: &Global, a: &ChatOpts, ints: &Interrupts) -> Result<(), CliError> {
+    let (opts, params) = (&a.gen.generate, &a.gen.session);
+    let backend = select_backend(g, &a.load)?;
+    let model = load_model(&backend, &a.load, params.size.n_ctx)?;
     let tmpl = template(&model, a.chat_template.as_deref())?;
     tracing::info!(template = %tmpl.source, "chat template");
-    let mut session = model.session(&params)?;
+    let mut session = model.session(params)?;
     let mut conv = Conversation::new(a.system.as_deref());
 
     let interactive = std::io::stdin().is_terminal();
@@ -104,7 +102,7 @@ pub fn run(cli: &Cli, a: &ChatArgs, cfg: &Config, ints: &Interrupts) -> Result<(
             continue;
         }
         conv.push("user", line);
-        match reply(&mut session, &tmpl, &conv, &opts, ints) {
+        match reply(&mut session, &tmpl, &conv, opts, ints) {
             Ok((text, stats)) => {
                 // A cancelled reply stays in the history as far as it got.
                 conv.push("assistant", text);
@@ -114,7 +112,7 @@ pub fn run(cli: &Cli, a: &ChatArgs, cfg: &Config, ints: &Interrupts) -> Result<(
             }
             Err(e) => {
                 conv.messages.pop();
-                crate::print_error(&e);
+                crate::error::print_error(&e);
             }
         }
     }

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 
 use llama_host::gguf;
 
-use crate::args::{ListArgs, ModelArgs};
+use crate::args::ModelArgs;
 use crate::config::Config;
+use crate::opts::ListOpts;
 use crate::CliError;
 
 /// File name of the default model installed by scripts/fetch-model.
@@ -105,7 +106,7 @@ fn describe(name: String, path: PathBuf) -> Entry {
     }
 }
 
-pub fn list(a: &ListArgs, cfg: &Config) -> Result<(), CliError> {
+pub fn list(a: &ListOpts, cfg: &Config) -> Result<(), CliError> {
     let named: Vec<Entry> = cfg.models.iter().map(|(n, p)| describe(n.clone(), p.clone())).collect();
     let mut files = Vec::new();
     for dir in dirs(cfg) {

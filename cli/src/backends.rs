@@ -1,0 +1,100 @@
+//! `llama backends`: the selection report (what was found, what is used and why), the
+//! layer-fit estimate for a model with `-m`, and `install`.
+
+use std::path::Path;
+
+use llama_host::{BackendChoice, Backends};
+
+use crate::args::BackendsAction;
+use crate::opts::{BackendsOpts, Global};
+use crate::CliError;
+
+pub fn run(g: &Global, a: &BackendsOpts) -> Result<(), CliError> {
+    if let Some(BackendsAction::Install { file, dir }) = &a.action {
+        let dir = match dir {
+            Some(d) => d.clone(),
+            None => llama_host::user_backends_dir().ok_or(llama_host::InstallError::NoUserDir)?,
+        };
+        let (dest, [name, version, build]) = llama_host::install_backend(file, &dir, g.discovery().isolation.as_ref())?;
+        println!("installed {name} backend {version} ({build}) to {}", dest.display());
+        return Ok(());
+    }
+    let mut backends = Backends::discover(&g.discovery());
+    // Selecting initialises the winner, so the report shows what `llama run` would use.
+    let selected = backends.select(BackendChoice::Auto);
+    let model = match &a.model {
+        Some(path) => Some(model_fit(path, a.ctx_size, backends.report())?),
+        None => None,
+    };
+    if a.json {
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            #[serde(flatten)]
+            report: &'a llama_host::SelectionReport,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            model: Option<ModelFit>,
+        }
+        println!("{}", serde_json::to_string_pretty(&Out { report: backends.report(), model }).expect("the report serializes"));
+    } else {
+        print!("{}", backends.report());
+        if let Some(m) = model {
+            print!("{m}");
+        }
+    }
+    // Nothing usable: the report above says why; the exit code says so to scripts (4).
+    selected?;
+    Ok(())
+}
+
+/// `llama backends -m MODEL`: the model's memory needs and the layers each GPU backend could take.
+#[derive(serde::Serialize)]
+struct ModelFit {
+    path: std::path::PathBuf,
+    footprint: llama_host::fit::ModelFootprint,
+    gpus: Vec<llama_host::fit::BackendFit>,
+}
+
+fn model_fit(path: &Path, n_ctx: u32, report: &llama_host::SelectionReport) -> Result<ModelFit, CliError> {
+    let file = llama_host::gguf::read(path).map_err(|e| CliError::Load(llama_host::LoadError::Invalid(e)))?;
+    let footprint = llama_host::fit::ModelFootprint::of(&file, n_ctx).map_err(|e| CliError::InvalidArg { field: "model", reason: e.to_string() })?;
+    let gpus = llama_host::fit::for_report(report, &footprint);
+    Ok(ModelFit { path: path.to_path_buf(), footprint, gpus })
+}
+
+impl std::fmt::Display for ModelFit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use llama_host::report::gib;
+        let m = &self.footprint;
+        let all = m.n_layer + 1;
+        writeln!(f, "model {}:", self.path.display())?;
+        writeln!(
+            f,
+            "  {} layers + output head: {:.2} GiB on a GPU with every layer offloaded (weights {:.2} GiB, KV cache {:.2} GiB at {} tokens, an upper bound); {:.2} GiB of embeddings stay in host memory",
+            m.n_layer,
+            gib(m.offloaded_bytes(all)),
+            gib(m.offloaded_bytes(all).saturating_sub(u64::from(m.n_layer).saturating_mul(m.kv_bytes_per_layer))),
+            gib(u64::from(m.n_layer).saturating_mul(m.kv_bytes_per_layer)),
+            m.n_ctx,
+            gib(m.host_bytes)
+        )?;
+        if self.gpus.is_empty() {
+            writeln!(f, "  no GPU device found: every layer runs on the CPU")?;
+        }
+        for g in &self.gpus {
+            let memory = if g.from_free_memory { "free" } else { "total (the driver's figure; the plugin reports free)" };
+            let flag = if g.fit.layers == g.fit.all { "all".to_string() } else { g.fit.layers.to_string() };
+            writeln!(
+                f,
+                "  {} ({}): {} of {} layers fit (--gpu-layers {flag}); {:.2} GiB available = {memory} memory of {} device(s) less a {:.0} GiB margin each",
+                g.backend,
+                g.verdict,
+                g.fit.layers,
+                g.fit.all,
+                gib(g.fit.available_bytes),
+                g.devices,
+                gib(llama_host::fit::GPU_MARGIN)
+            )?;
+        }
+        Ok(())
+    }
+}

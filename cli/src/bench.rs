@@ -1,0 +1,124 @@
+//! `llama bench`: llama-bench's pp/tg tests, then concurrency and prefix reuse through
+//! the engine (llama_serve::bench does the measuring; this prints it).
+
+
+use llama_host::{ContextSize, LoadedBackend, Model, ModelParams};
+use llama_serve::bench::{self, BenchParams, BenchResult};
+
+use crate::load::{load_with_params, model_params, select_backend};
+use crate::opts::{BenchOpts, Global};
+use crate::CliError;
+
+pub fn run(g: &Global, o: &BenchOpts) -> Result<(), CliError> {
+    let (a, path) = (&o.args, &o.load.path);
+    let backend = select_backend(g, &o.load)?;
+    // The context the auto GPU-layer estimate reserves KV cache for. The parameters are
+    // resolved once: the batch-invariant model below must get the same offload as this one
+    // (a second estimate would see the GPU memory this one took).
+    let n_ctx = a.n_prompt.saturating_add(a.n_gen).max(4096);
+    let params = model_params(&backend, &o.load, n_ctx);
+    let model = load_with_params(&backend, path, &params)?;
+    let t = o.threads;
+    let p = BenchParams {
+        n_prompt: a.n_prompt,
+        n_gen: a.n_gen,
+        reps: a.reps,
+        size: ContextSize { n_ctx: 0, n_batch: a.batch_size, n_ubatch: a.ubatch_size, n_threads: t, n_threads_batch: t },
+    };
+    let r = bench::run(&model, &p)?;
+    let model = if a.batch_invariant {
+        // Batch-invariant engines need the weights in their plain layout.
+        Model::load(&backend, path, &ModelParams { repack: false, ..params })?
+    } else {
+        model
+    };
+    let model = std::sync::Arc::new(model);
+    let cp = bench::ConcurrentParams {
+        streams: a.concurrency.iter().copied().filter(|&n| n > 0).collect(),
+        n_gen: a.concurrent_tokens,
+        size: p.size,
+        batch_invariant: a.batch_invariant,
+    };
+    let concurrent = bench::concurrent(&model, &cp)?;
+    let prefix = if a.no_prefix_test { None } else { Some(bench::prefix_reuse(&model, &cp, 1000)?) };
+    if a.json {
+        println!("{}", bench_json(&model, &backend, &p, &r, &concurrent, prefix.as_ref(), a.batch_invariant));
+    } else {
+        println!("| model | size | backend | threads | test | t/s |");
+        println!("| --- | ---: | --- | ---: | ---: | ---: |");
+        let size = format!("{:.2} MiB", model.info().size_bytes as f64 / (1u64 << 20) as f64);
+        for (name, t) in [("pp", &r.pp), ("tg", &r.tg)] {
+            if let Some(t) = t {
+                println!(
+                    "| {} | {size} | {} | {} | {name}{} | {:.2} ± {:.2} |",
+                    model.info().description,
+                    backend.name(),
+                    p.size.n_threads,
+                    t.tokens,
+                    t.tokens_per_s,
+                    t.stddev
+                );
+            }
+        }
+        if !concurrent.is_empty() {
+            println!();
+            println!("| streams | aggregate t/s (batched) | t/s one at a time | batched / one at a time | vs 1 stream |");
+            println!("| ---: | ---: | ---: | ---: | ---: |");
+            let base = concurrent[0].tokens_per_s;
+            for c in &concurrent {
+                println!(
+                    "| {} | {:.2} | {:.2} | {:.2}x | {:.2}x |",
+                    c.streams,
+                    c.tokens_per_s,
+                    c.sequential_tokens_per_s,
+                    c.tokens_per_s / c.sequential_tokens_per_s,
+                    c.tokens_per_s / base
+                );
+            }
+        }
+        if let Some(pr) = &prefix {
+            println!();
+            println!(
+                "time to first token, {}-token prompt sharing {} tokens with the previous one: {:.1} ms with prefix reuse, {:.1} ms without ({:.3}x)",
+                pr.prompt_tokens,
+                pr.cached_tokens,
+                pr.ttft_with_reuse_ms,
+                pr.ttft_without_reuse_ms,
+                pr.ttft_with_reuse_ms / pr.ttft_without_reuse_ms
+            );
+        }
+    }
+    Ok(())
+}
+
+fn bench_json(
+    model: &Model,
+    backend: &LoadedBackend,
+    p: &BenchParams,
+    r: &BenchResult,
+    concurrent: &[bench::ConcurrentResult],
+    prefix: Option<&bench::PrefixReuse>,
+    concurrent_invariant: bool,
+) -> String {
+    let v = serde_json::json!({
+        "model": model.path(),
+        "model_description": model.info().description.as_str(),
+        "backend": backend.name(),
+        "threads": p.size.n_threads,
+        "n_prompt": p.n_prompt,
+        "n_gen": p.n_gen,
+        "n_batch": p.size.n_batch,
+        "n_ubatch": p.size.n_ubatch,
+        "repetitions": p.reps,
+        "pp_tokens_per_s": r.pp.as_ref().map(|t| t.tokens_per_s),
+        "pp_stddev": r.pp.as_ref().map(|t| t.stddev),
+        "tg_tokens_per_s": r.tg.as_ref().map(|t| t.tokens_per_s),
+        "tg_stddev": r.tg.as_ref().map(|t| t.stddev),
+        "pp": r.pp,
+        "tg": r.tg,
+        "concurrent": concurrent,
+        "batch_invariant": concurrent_invariant,
+        "prefix_reuse": prefix,
+    });
+    serde_json::to_string_pretty(&v).expect("bench results serialize")
+}

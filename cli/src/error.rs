@@ -1,0 +1,80 @@
+//! The command's error type and its exit codes (README.md's table). Every failure a
+//! command can meet is a variant here; nothing else decides an exit code.
+
+use std::path::PathBuf;
+
+use llama_serve::bench;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("no model given: pass a model (name or -m FILE), set LLAMA_MODEL or default-model in the config; the default model is not installed at {path} (scripts/fetch-model installs it)")]
+    NoModel { path: String },
+    #[error("unknown model '{name}': not a file, not a name in the config's [models], not in the models directory {dirs}")]
+    UnknownModel { name: String, dirs: String },
+    #[error("invalid {field}: {reason}")]
+    InvalidArg { field: &'static str, reason: String },
+    /// A file named by a flag (`--api-key-file`, ...) cannot be read: a bad argument.
+    #[error("cannot read {} ({flag})", path.display())]
+    ArgFile { flag: &'static str, path: PathBuf, #[source] source: std::io::Error },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Select(#[from] llama_host::SelectError),
+    #[error(transparent)]
+    Load(#[from] llama_host::LoadError),
+    #[error(transparent)]
+    ModelName(#[from] llama_host::ModelNameError),
+    #[error(transparent)]
+    Session(#[from] llama_host::SessionError),
+    #[error(transparent)]
+    Generate(#[from] llama_host::GenerateError),
+    #[error(transparent)]
+    Chat(#[from] llama_host::chat::ChatError),
+    #[error(transparent)]
+    Install(#[from] llama_host::InstallError),
+    #[error(transparent)]
+    Bench(#[from] bench::BenchError),
+    #[error(transparent)]
+    Engine(#[from] llama_serve::engine::StartError),
+    #[error("cannot write the output")]
+    Output(#[source] std::io::Error),
+    /// Ctrl-C: not an error to print, exit 130 like a shell.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl CliError {
+    /// Exit codes: 2 bad arguments/config, 3 model file refused, 4 no usable backend,
+    /// 130 interrupted, 1 anything else. Documented in README.md.
+    pub fn exit_code(&self) -> u8 {
+        use llama_host::{GenerateError, SessionError};
+        use llama_serve::engine::StartError;
+        match self {
+            CliError::InvalidArg { .. }
+            | CliError::ArgFile { .. }
+            | CliError::Config(_)
+            | CliError::Session(SessionError::InvalidParam { .. })
+            | CliError::Load(llama_host::LoadError::InvalidParam { .. })
+            | CliError::Engine(StartError::InvalidConfig { .. } | StartError::Session(SessionError::InvalidParam { .. }))
+            | CliError::Generate(GenerateError::InvalidParam { .. } | GenerateError::PromptTooLong { .. } | GenerateError::EmptyPrompt) => 2,
+            CliError::NoModel { .. } | CliError::UnknownModel { .. } | CliError::Load(_) | CliError::ModelName(_) => 3,
+            CliError::Select(_) | CliError::Install(_) => 4,
+            CliError::Interrupted => 130,
+            _ => 1,
+        }
+    }
+}
+
+/// The error and each cause not already part of its message.
+pub fn print_error(e: &CliError) {
+    let top = e.to_string();
+    eprintln!("error: {top}");
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let msg = s.to_string();
+        if !top.contains(&msg) {
+            eprintln!("  caused by: {msg}");
+        }
+        source = s.source();
+    }
+}

@@ -1,0 +1,333 @@
+//! Option resolution: the parsed flags (`args.rs`), the environment and the config file
+//! (`config.rs`) resolved once, in one place, into [`Options`], the value every command
+//! reads. Commands never look at clap's matches, the config or `std::env` themselves, so
+//! precedence (flag > environment > config > built-in default) lives here alone.
+//! Resolution checks values but never touches a backend or loads a model.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use llama_host::{BackendChoice, ContextSize, DiscoveryOptions, GenerateOptions, LogitBias, SamplingParams, SessionParams};
+
+use crate::args::{self, BackendsAction, Cli, Command, ContextArgs, LogFormat, ModelArgs, SamplingArgs};
+use crate::config::{self, Config};
+use crate::models;
+use crate::CliError;
+
+/// Everything a command needs, resolved.
+pub struct Options {
+    pub global: Global,
+    pub config: Config,
+    pub command: CommandOpts,
+}
+
+/// Settings every command shares.
+#[derive(Debug, Clone)]
+pub struct Global {
+    pub verbose: u8,
+    pub log_format: LogFormat,
+    pub backend_dirs: Vec<PathBuf>,
+    /// How long a backend's probe may take in its child process (`LLAMA_PROBE_TIMEOUT`).
+    pub probe_timeout: Duration,
+    /// `LLAMA_TRACE_FILE`: where to write spans in Chrome's trace format.
+    pub trace_file: Option<PathBuf>,
+}
+
+impl Global {
+    /// Where to look for backends. Each candidate is probed in a child process (this
+    /// binary, re-executed), so a plugin that crashes or hangs is reported instead of
+    /// taking us down.
+    pub fn discovery(&self) -> DiscoveryOptions {
+        DiscoveryOptions {
+            backend_dirs: self.backend_dirs.clone(),
+            isolation: llama_host::probe::Isolation::current_exe(self.probe_timeout),
+            ..DiscoveryOptions::from_env()
+        }
+    }
+}
+
+/// Which model, on which backend, offloaded how.
+#[derive(Debug, Clone)]
+pub struct LoadOpts {
+    pub path: PathBuf,
+    pub backend: BackendChoice,
+    /// The offload flags (`--gpu-layers`, `--device`, `--split-mode`, `--main-gpu`).
+    pub offload: ModelArgs,
+}
+
+/// A session's sizes and the generation options.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub session: SessionParams,
+    pub generate: GenerateOptions,
+}
+
+pub enum CommandOpts {
+    Run(RunOpts),
+    Chat(ChatOpts),
+    List(ListOpts),
+    Backends(BackendsOpts),
+    Bench(BenchOpts),
+    Serve(ServeOpts),
+}
+
+pub struct RunOpts {
+    pub load: LoadOpts,
+    pub gen: Generation,
+    pub prompt: String,
+    pub chat: bool,
+    pub system: Option<String>,
+    pub no_stats: bool,
+}
+
+pub struct ChatOpts {
+    pub load: LoadOpts,
+    pub gen: Generation,
+    pub system: Option<String>,
+    /// `--chat-template`: a built-in name or a file.
+    pub chat_template: Option<String>,
+    pub no_stats: bool,
+}
+
+pub struct ListOpts {
+    pub json: bool,
+}
+
+pub struct BackendsOpts {
+    pub json: bool,
+    /// `-m MODEL`, resolved to a path.
+    pub model: Option<PathBuf>,
+    pub ctx_size: u32,
+    pub action: Option<BackendsAction>,
+}
+
+pub struct BenchOpts {
+    pub load: LoadOpts,
+    pub args: args::BenchArgs,
+    pub threads: i32,
+}
+
+#[derive(Clone)]
+pub struct ServeOpts {
+    pub load: LoadOpts,
+    pub args: args::ServeArgs,
+    pub threads: i32,
+    /// The API key, from `--api-key`, `LLAMA_API_KEY` or `--api-key-file`; never empty.
+    pub api_key: Option<String>,
+    pub header_timeout: Duration,
+}
+
+impl Options {
+    /// Resolves the parsed command line against the environment and the config file.
+    pub fn resolve(cli: &Cli, matches: &clap::ArgMatches) -> Result<Options, CliError> {
+        let global = Global {
+            verbose: cli.verbose,
+            log_format: cli.log_format,
+            backend_dirs: cli.backend_dirs.clone(),
+            probe_timeout: probe_timeout(),
+            trace_file: std::env::var_os("LLAMA_TRACE_FILE").filter(|f| !f.is_empty()).map(PathBuf::from),
+        };
+        let cfg = config::load(config::locate(cli.config.as_deref()).as_deref())?;
+        let sub = matches.subcommand().map(|(_, m)| m).expect("a subcommand is required");
+        let command = match &cli.command {
+            Command::Run(a) => {
+                let mut a = a.clone();
+                cfg.apply(sub, &mut a.model, &mut a.ctx, &mut a.sampling);
+                cfg.text_default(sub, "system", &mut a.system);
+                let load = load_opts(&a.model, &cfg)?;
+                let generate = generate_options(&a.sampling, !a.chat)?;
+                let session = session_params(&a.ctx)?;
+                session.validate()?;
+                CommandOpts::Run(RunOpts {
+                    load,
+                    gen: Generation { session, generate },
+                    prompt: a.prompt,
+                    chat: a.chat,
+                    system: a.system,
+                    no_stats: a.no_stats,
+                })
+            }
+            Command::Chat(a) => {
+                let mut a = a.clone();
+                cfg.apply(sub, &mut a.model, &mut a.ctx, &mut a.sampling);
+                cfg.text_default(sub, "system", &mut a.system);
+                cfg.text_default(sub, "chat_template", &mut a.chat_template);
+                let load = load_opts(&a.model, &cfg)?;
+                let generate = generate_options(&a.sampling, false)?;
+                let session = session_params(&a.ctx)?;
+                session.validate()?;
+                CommandOpts::Chat(ChatOpts {
+                    load,
+                    gen: Generation { session, generate },
+                    system: a.system,
+                    chat_template: a.chat_template,
+                    no_stats: a.no_stats,
+                })
+            }
+            Command::List(a) => CommandOpts::List(ListOpts { json: a.json }),
+            Command::Backends(a) => CommandOpts::Backends(BackendsOpts {
+                json: a.json,
+                // Only the report needs no model; an install needs none either.
+                model: match (&a.action, &a.model) {
+                    (None, Some(name)) => Some(models::resolve_name(name, &cfg)?),
+                    _ => None,
+                },
+                ctx_size: a.ctx_size,
+                action: a.action.clone(),
+            }),
+            Command::Bench(a) => {
+                let mut a = a.clone();
+                cfg.apply_model(sub, &mut a.model);
+                let load = load_opts(&a.model, &cfg)?;
+                let threads = threads("threads", a.threads)?;
+                CommandOpts::Bench(BenchOpts { load, args: a, threads })
+            }
+            Command::Serve(a) => {
+                let mut a = a.clone();
+                cfg.apply_model(sub, &mut a.model);
+                let load = load_opts(&a.model, &cfg)?;
+                let api_key = api_key(sub, &a)?;
+                let threads = threads("threads", a.threads)?;
+                let header_timeout = header_timeout(a.header_timeout)?;
+                CommandOpts::Serve(ServeOpts { load, args: a, threads, api_key, header_timeout })
+            }
+        };
+        Ok(Options { global, config: cfg, command })
+    }
+}
+
+fn load_opts(m: &ModelArgs, cfg: &Config) -> Result<LoadOpts, CliError> {
+    Ok(LoadOpts { path: models::resolve(m, cfg)?, backend: m.backend.parse().unwrap_or(BackendChoice::Auto), offload: m.clone() })
+}
+
+/// How long a backend's probe may take in its child process: 10 s, or
+/// `LLAMA_PROBE_TIMEOUT` seconds.
+fn probe_timeout() -> Duration {
+    let secs = std::env::var("LLAMA_PROBE_TIMEOUT").ok().and_then(|v| v.parse::<f64>().ok()).filter(|s| *s > 0.0).unwrap_or(10.0);
+    Duration::from_secs_f64(secs)
+}
+
+/// The most seconds `--header-timeout` takes: an hour is already far past any client that
+/// is still sending headers, and a bound keeps the server's deadline arithmetic in range.
+pub const MAX_HEADER_TIMEOUT_S: u64 = 3600;
+
+fn header_timeout(secs: u64) -> Result<Duration, CliError> {
+    if !(1..=MAX_HEADER_TIMEOUT_S).contains(&secs) {
+        return Err(CliError::InvalidArg {
+            field: "--header-timeout",
+            reason: format!("{secs} is outside 1..={MAX_HEADER_TIMEOUT_S} seconds"),
+        });
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+/// The API key: `--api-key` or `LLAMA_API_KEY`, else `--api-key-file`. An empty key is an
+/// error naming where it came from, never "no authentication".
+fn api_key(m: &clap::ArgMatches, a: &args::ServeArgs) -> Result<Option<String>, CliError> {
+    if let Some(k) = &a.api_key {
+        if k.trim().is_empty() {
+            let from = match m.value_source("api_key") {
+                Some(clap::parser::ValueSource::EnvVariable) => "LLAMA_API_KEY is set but empty",
+                _ => "--api-key is empty",
+            };
+            return Err(CliError::InvalidArg { field: "api key", reason: format!("{from}: give a key, or leave it unset to serve without one") });
+        }
+        return Ok(Some(k.clone()));
+    }
+    let Some(f) = &a.api_key_file else { return Ok(None) };
+    let text = std::fs::read_to_string(f).map_err(|source| CliError::ArgFile { flag: "--api-key-file", path: f.clone(), source })?;
+    let key = text.trim();
+    if key.is_empty() {
+        return Err(CliError::InvalidArg {
+            field: "--api-key-file",
+            reason: format!("{} holds no key (it is empty or only whitespace)", f.display()),
+        });
+    }
+    Ok(Some(key.to_string()))
+}
+
+pub fn threads(field: &'static str, t: Option<i32>) -> Result<i32, CliError> {
+    match t {
+        None => Ok(llama_host::default_threads()),
+        Some(t) if t >= 1 => Ok(t),
+        Some(t) => Err(CliError::InvalidArg { field, reason: format!("{t} is below 1") }),
+    }
+}
+
+pub fn session_params(c: &ContextArgs) -> Result<SessionParams, CliError> {
+    let t = threads("threads", c.threads)?;
+    Ok(SessionParams {
+        size: ContextSize {
+            n_ctx: c.ctx_size,
+            n_batch: c.batch_size,
+            n_ubatch: c.ubatch_size,
+            n_threads: t,
+            n_threads_batch: threads("threads-batch", c.threads_batch.or(Some(t)))?,
+        },
+        cache_tokens: c.cache_tokens.unwrap_or(u32::MAX),
+    })
+}
+
+/// llama.cpp's `--logit-bias` syntax: `TOKEN(+|-)BIAS`, BIAS a number or `inf`.
+fn parse_logit_bias(s: &str) -> Result<LogitBias, CliError> {
+    let bad = || CliError::InvalidArg { field: "logit-bias", reason: format!("'{s}' is not TOKEN(+|-)BIAS, e.g. 15043+1 or 15043-inf") };
+    let split = s.char_indices().skip(1).find(|(_, c)| *c == '+' || *c == '-').map(|(i, _)| i).ok_or_else(bad)?;
+    let token: i32 = s[..split].parse().map_err(|_| bad())?;
+    let bias: f32 = s[split..].parse().map_err(|_| bad())?;
+    Ok(LogitBias { token, bias })
+}
+
+pub fn generate_options(s: &SamplingArgs, add_special: bool) -> Result<GenerateOptions, CliError> {
+    let seed = match s.seed {
+        -1 => SamplingParams::default().seed,
+        v => u32::try_from(v)
+            .ok()
+            .filter(|&v| v != u32::MAX)
+            .ok_or_else(|| CliError::InvalidArg { field: "seed", reason: format!("{v} is outside 0..4294967294 (or -1 for random)") })?,
+    };
+    let sampling = SamplingParams {
+        temperature: s.temp,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        repeat_penalty: s.repeat_penalty,
+        repeat_last_n: s.repeat_last_n,
+        frequency_penalty: s.frequency_penalty,
+        presence_penalty: s.presence_penalty,
+        seed,
+        logit_bias: s.logit_bias.iter().map(|b| parse_logit_bias(b)).collect::<Result<Vec<_>, _>>()?,
+    };
+    // Checked here too, so a bad value fails before the model loads and names the flag.
+    sampling.validate().map_err(|e| CliError::InvalidArg { field: flag_name(e.field), reason: e.reason })?;
+    Ok(GenerateOptions { max_tokens: u32::try_from(s.n_predict).ok(), sampling, add_special, stop: s.stop.clone() })
+}
+
+/// The command-line flag for a sampling field.
+fn flag_name(field: &str) -> &'static str {
+    match field {
+        "temperature" => "--temp",
+        "top_k" => "--top-k",
+        "top_p" => "--top-p",
+        "min_p" => "--min-p",
+        "repeat_penalty" => "--repeat-penalty",
+        "repeat_last_n" => "--repeat-last-n",
+        "frequency_penalty" => "--frequency-penalty",
+        "presence_penalty" => "--presence-penalty",
+        "logit_bias" => "--logit-bias",
+        _ => "sampling parameter",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_timeout_is_bounded() {
+        assert_eq!(header_timeout(10).unwrap(), Duration::from_secs(10));
+        for bad in [0, MAX_HEADER_TIMEOUT_S + 1, u64::MAX] {
+            let e = header_timeout(bad).unwrap_err().to_string();
+            assert!(e.contains("--header-timeout") && e.contains(&bad.to_string()), "{e}");
+        }
+    }
+}

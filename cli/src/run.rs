@@ -1,0 +1,40 @@
+//! `llama run`: one prompt (or one chat turn with `--chat`), streamed to stdout, and a
+//! statistics line on stderr.
+
+use std::io::Write;
+
+use llama_host::chat::{ChatTemplate, Conversation};
+
+use crate::load::{load_model, select_backend};
+use crate::opts::{Global, RunOpts};
+use crate::output::{stats_line, stream_to_stdout};
+use crate::signals::Interrupts;
+use crate::CliError;
+
+pub fn run(g: &Global, a: &RunOpts, ints: &Interrupts) -> Result<(), CliError> {
+    let backend = select_backend(g, &a.load)?;
+    let model = load_model(&backend, &a.load, a.gen.session.size.n_ctx)?;
+    let mut session = model.session(&a.gen.session)?;
+    let prompt = if a.chat {
+        let mut conv = Conversation::new(a.system.as_deref());
+        conv.push("user", a.prompt.as_str());
+        ChatTemplate::for_model(&model)?.render(&conv.messages, true)?
+    } else {
+        a.prompt.clone()
+    };
+    let mut stream = session.stream(&prompt, &a.gen.generate)?;
+    ints.watch(stream.canceller());
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let result = stream_to_stdout(&mut stream, &mut out);
+    let interrupted = ints.clear();
+    result?;
+    let _ = writeln!(out);
+    if !a.no_stats {
+        eprintln!("{}", stats_line(stream.stats(), backend.name()));
+    }
+    if interrupted {
+        return Err(CliError::Interrupted);
+    }
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! `llama serve`: bind first, load the model on a thread while /health already answers,
+//! then serve the OpenAI-compatible API (llama_serve::http) until Ctrl-C or SIGTERM.
+//! Every value it reads was resolved and checked in `opts.rs` (the API key is never empty,
+//! the header timeout is bounded).
+
+use std::path::Path;
+
+use llama_host::ContextSize;
+
+use crate::args;
+use crate::error::print_error;
+use crate::load::{load_model, select_backend};
+use crate::opts::{Global, ServeOpts};
+use crate::CliError;
+
+pub fn run(g: &Global, o: &ServeOpts) -> Result<(), CliError> {
+    use llama_serve::http::{AppState, ServerConfig};
+    let (a, path) = (&o.args, o.load.path.clone());
+    let api_key = o.api_key.clone();
+    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "llama".into());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(a.http_threads as usize)
+        .enable_all()
+        .build()
+        .map_err(CliError::Output)?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", a.host, a.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|e| CliError::InvalidArg { field: "host/port", reason: format!("cannot bind {addr}: {e}") })?;
+        let bound = llama_serve::http::bound(&listener);
+        let loopback = bound.is_some_and(|b| b.ip().is_loopback());
+        if !loopback && api_key.is_none() {
+            tracing::warn!("listening on {addr} without an API key: anyone who can reach it can use it");
+        }
+        let state = std::sync::Arc::new(AppState::new(ServerConfig {
+            model_name: name,
+            api_key,
+            max_body_bytes: a.max_body,
+            header_timeout: o.header_timeout,
+            loopback_hosts_only: loopback,
+            cors_origins: a.cors_origins.clone(),
+            ..ServerConfig::default()
+        }));
+        if let Some(b) = bound {
+            eprintln!("llama: listening on http://{b} (model '{}'; /health answers 503 until it is loaded)", state.config.model_name);
+        }
+        // Load on a plain thread while the server already answers /health.
+        // The loader returns the error that must end the server (default --on-load-error
+        // exit) and signals the shutdown future, so the server stops and the error is returned.
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<()>();
+        let loader = {
+            let (g, o, state) = (g.clone(), o.clone(), state.clone());
+            std::thread::spawn(move || match start_engine(&g, &o) {
+                Ok((ready, backend)) => {
+                    eprintln!("llama: serving {backend}: ready");
+                    state.set_ready(ready);
+                    Ok(())
+                }
+                Err(e) if o.args.on_load_error == args::OnLoadError::Serve => {
+                    print_error(&e);
+                    eprintln!("llama: the model failed to load; serving /health 503 until stopped (--on-load-error serve)");
+                    state.set_failed(public_reason(&e, &o.load.path));
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = failed_tx.send(());
+                    Err(e)
+                }
+            })
+        };
+        let shutdown = async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+                Ok(()) = failed_rx => {}
+            }
+        };
+        llama_serve::http::serve(listener, state, shutdown).await.map_err(CliError::Output)?;
+        // A stop during loading waits for the load to finish: llama.cpp's load cannot be
+        // interrupted, and exiting under it would tear its memory down mid-use.
+        match loader.join() {
+            Ok(Err(e)) => Err(e),
+            _ => Ok(()),
+        }
+    })?;
+    eprintln!("llama: server stopped");
+    Ok(())
+}
+
+/// Selects the backend, loads the model and starts its engine.
+fn start_engine(g: &Global, o: &ServeOpts) -> Result<(llama_serve::http::Ready, String), CliError> {
+    use llama_serve::engine::{Engine, EngineConfig};
+    let a = &o.args;
+    let backend = select_backend(g, &o.load)?;
+    let model = std::sync::Arc::new(load_model(&backend, &o.load, a.ctx_size)?);
+    let template = llama_host::chat::ChatTemplate::for_model(&model).ok();
+    let engine = Engine::start(
+        model,
+        EngineConfig {
+            slots: a.parallel,
+            queue: a.queue,
+            size: ContextSize { n_ctx: a.ctx_size, n_batch: a.batch_size, n_ubatch: a.ubatch_size, n_threads: o.threads, n_threads_batch: o.threads },
+            max_new_tokens: a.max_tokens,
+            ..EngineConfig::default()
+        },
+    )?;
+    Ok((llama_serve::http::Ready { engine: std::sync::Arc::new(engine), template }, backend.name().to_string()))
+}
+
+/// What a load failure may tell HTTP clients: what was wrong with the file, never where it
+/// is or whether some path exists.
+fn public_reason(e: &CliError, path: &Path) -> String {
+    use llama_host::LoadError;
+    match e {
+        CliError::Load(LoadError::Invalid(g)) => g.reason(),
+        CliError::Load(LoadError::Rejected { source, .. }) => {
+            let msg = source.to_string();
+            let p = path.display().to_string();
+            if p.is_empty() { msg } else { msg.replace(&p, "<model>") }
+        }
+        CliError::Load(_) => "the model file cannot be read".into(),
+        CliError::Select(_) => "no usable backend".into(),
+        _ => "the engine could not start".into(),
+    }
+}
