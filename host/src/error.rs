@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use llama_plugin_api::BackendError;
+use crate::types::BackendError;
 
 /// No backend could be selected.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +50,7 @@ pub enum SessionError {
 /// Splits a backend's parameter error (field, reason) from its other errors.
 fn invalid_param(e: BackendError) -> Result<(String, String), BackendError> {
     match e {
-        BackendError::InvalidParam { field, reason } => Ok((field.into_string(), reason.into_string())),
+        BackendError::InvalidParam { field, reason } => Ok((field, reason)),
         other => Err(other),
     }
 }

@@ -57,7 +57,7 @@ fn uint(f: &GgufFile, key: &str) -> Option<u64> {
 /// since the estimate must not fall short).
 fn per_layer_max(f: &GgufFile, key: &str) -> Option<u64> {
     match f.get(key)? {
-        MetaValue::Array { values, .. } => values.iter().filter_map(MetaValue::as_u64).max(),
+        MetaValue::Array { values, .. } => values.iter().filter_map(|v| v.as_u64()).max(),
         v => v.as_u64(),
     }
 }
@@ -131,7 +131,7 @@ impl ModelFootprint {
 /// `--gpu-layers auto` on a GPU backend: every layer when the model fits the devices' free
 /// memory, else as many as fit (llama.cpp's `n_gpu_layers`; -1 is all). `None` when the
 /// devices report no free memory, so there is nothing to estimate against.
-pub fn auto_gpu_layers(model: &ModelFootprint, devices: &[&llama_plugin_api::DeviceInfo]) -> Option<(i32, LayerFit)> {
+pub fn auto_gpu_layers(model: &ModelFootprint, devices: &[&crate::DeviceInfo]) -> Option<(i32, LayerFit)> {
     let free: u64 = devices.iter().map(|d| d.memory_free).sum();
     if free == 0 {
         return None;
@@ -228,9 +228,8 @@ mod tests {
 
     #[test]
     fn auto_offloads_what_fits() {
-        use llama_plugin_api::abi_stable::std_types::RString;
         let m = ModelFootprint::of(&model(false), 4096).unwrap();
-        let gpu = |free: u64| llama_plugin_api::DeviceInfo { name: RString::from("CUDA0"), description: RString::new(), memory_total: 80 << 30, memory_free: free };
+        let gpu = |free: u64| crate::DeviceInfo { name: "CUDA0".into(), description: String::new(), memory_total: 80 << 30, memory_free: free };
         let (big, small) = (gpu(80 << 30), gpu(GPU_MARGIN + 50_004_096 + 3 * (100_000_000 + 4_194_304)));
         assert_eq!(auto_gpu_layers(&m, &[&big]).map(|f| f.0), Some(-1));
         assert_eq!(auto_gpu_layers(&m, &[&small]).map(|f| f.0), Some(4), "the head and 3 layers");

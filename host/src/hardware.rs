@@ -305,8 +305,8 @@ pub fn metal_platform_for(os: &str) -> Result<(), String> {
 
 /// The host-side reason an accelerator cannot be used here, before any plugin is loaded
 /// (the NVIDIA driver asked through `isolation`, see [`cuda_driver_via`]).
-pub fn accelerator_unavailable(acc: llama_plugin_api::Accelerator, isolation: Option<&Isolation>) -> Option<String> {
-    use llama_plugin_api::Accelerator;
+pub fn accelerator_unavailable(acc: crate::types::Accelerator, isolation: Option<&Isolation>) -> Option<String> {
+    use crate::types::Accelerator;
     match acc {
         Accelerator::Cpu => None,
         Accelerator::Cuda => cuda_driver_via(isolation).err(),

@@ -16,18 +16,17 @@
 //!
 //! This crate never links llama.cpp: only backends do.
 
-pub mod bench;
 pub mod fit;
 pub mod chat;
+mod boundary;
 mod cpu_note;
+mod ops;
+mod types;
 pub mod discovery;
-pub mod engine;
 pub use llama_gguf as gguf;
 mod error;
 pub mod hardware;
-pub mod metrics;
 pub mod probe;
-pub mod server;
 mod logging;
 mod model;
 mod plugin;
@@ -36,19 +35,18 @@ mod select;
 mod session;
 mod stop;
 mod text;
+pub use text::TextOutput;
 mod utf8;
 
 pub use error::{Error, GenerateError, LoadError, SelectError, SessionError};
-pub use llama_plugin_api::{Accelerator, BackendError, DeviceInfo, LogitBias, ModelInfo, ModelParams, SamplingParams, SplitMode};
+pub use ops::{AbortHandle, ContextOps, ModelOps};
+pub use types::{
+    Accelerator, BackendError, BackendInfo, BatchToken, ContextParams, ContextSize, DeviceInfo, LogitBias, ModelInfo, ModelParams, ParamError,
+    SampleRequest, Sampled, SamplingParams, SplitMode, SEED_RANDOM,
+};
 pub use model::{default_threads, Model, SessionParams};
 pub use session::{Canceller, FinishReason, GenerateOptions, GenerationStats, Session, Stream};
 pub use plugin::{install_backend, InstallError};
 pub use report::{CandidateReport, SelectionReport, Verdict};
 pub use select::{BackendChoice, Backends, DiscoveryOptions, LoadedBackend};
 pub use discovery::{default_models_dir, find_model_in, user_backends_dir, ModelNameError};
-
-/// The FFI-safe standard types some parameter structs ([`ModelParams`], [`SamplingParams`])
-/// are made of, for callers that build them field by field.
-pub mod abi {
-    pub use llama_plugin_api::abi_stable::std_types::{ROption, RString, RVec};
-}

@@ -7,20 +7,19 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use abi_stable::std_types::RStr;
-use llama_plugin_api::{BackendError, ContextBox, ContextParams, ModelBox, ModelInfo, ModelParams};
-
 use crate::error::{GenerateError, LoadError, SessionError};
+use crate::ops::{ContextOps, ModelOps};
 use crate::select::LoadedBackend;
 use crate::session::Session;
+use crate::types::{BackendError, ContextParams, ContextSize, ModelInfo, ModelParams};
 
-/// A model loaded through a backend.
+/// A model loaded through a backend (or, in tests, any [`ModelOps`]).
 pub struct Model {
     // Field order: the model goes before the backend that implements it.
-    raw: ModelBox,
+    raw: Box<dyn ModelOps>,
     info: ModelInfo,
     path: PathBuf,
-    backend: LoadedBackend,
+    backend: Option<LoadedBackend>,
 }
 
 fn check_file(path: &Path) -> Result<(), LoadError> {
@@ -51,7 +50,10 @@ impl Model {
     /// Loads a GGUF file through `backend`.
     #[tracing::instrument(skip_all, fields(path = %path.as_ref().display(), backend = backend.name()))]
     pub fn load(backend: &LoadedBackend, path: impl AsRef<Path>, params: &ModelParams) -> Result<Model, LoadError> {
-        let path = path.as_ref();
+        Self::load_inner(backend, path.as_ref(), params, None)
+    }
+
+    fn load_inner(backend: &LoadedBackend, path: &Path, params: &ModelParams, progress: Option<llama_plugin_api::ProgressSink>) -> Result<Model, LoadError> {
         check_file(path)?;
         let path_str = path.to_str().ok_or_else(|| LoadError::Io {
             path: path.to_path_buf(),
@@ -59,17 +61,25 @@ impl Model {
         })?;
         let raw = backend
             .raw()
-            .load_model(RStr::from_str(path_str), params.clone())
+            .load_model(abi_stable::std_types::RStr::from_str(path_str), crate::boundary::model_params(params, progress))
             .into_result()
-            .map_err(|source| match source {
+            .map_err(|source| match crate::boundary::error(source) {
                 // A load parameter the backend refused (an unknown device, a GPU index out of
                 // range) is the caller's mistake, not the file's.
-                BackendError::InvalidParam { field, reason } => LoadError::InvalidParam { field: field.into_string(), reason: reason.into_string() },
+                BackendError::InvalidParam { field, reason } => LoadError::InvalidParam { field, reason },
                 source => LoadError::Rejected { path: path.to_path_buf(), source },
             })?;
+        let raw: Box<dyn ModelOps> = Box::new(crate::boundary::PluginModel(raw));
         let info = raw.info();
         tracing::info!(model = %info.description, params = info.n_params, "model loaded");
-        Ok(Model { raw, info, path: path.to_path_buf(), backend: backend.clone() })
+        Ok(Model { raw, info, path: path.to_path_buf(), backend: Some(backend.clone()) })
+    }
+
+    /// A model implemented by `ops` rather than a backend plugin: the seam tests use to
+    /// run sessions and the engine over a fake.
+    pub fn from_ops(ops: Box<dyn ModelOps>, path: impl Into<PathBuf>) -> Model {
+        let info = ops.info();
+        Model { raw: ops, info, path: path.into(), backend: None }
     }
 
     /// Like [`Model::load`], reporting load progress (0.0 to 1.0) to `on_progress` on this
@@ -86,12 +96,8 @@ impl Model {
             // A panic must not unwind into llama.cpp's C++ frames.
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(progress)));
         }
-        let mut params = params.clone();
-        params.progress = abi_stable::std_types::ROption::RSome(llama_plugin_api::ProgressSink {
-            report: trampoline::<F>,
-            user: &mut on_progress as *mut F as *mut std::ffi::c_void,
-        });
-        Model::load(backend, path, &params)
+        let sink = llama_plugin_api::ProgressSink { report: trampoline::<F>, user: &mut on_progress as *mut F as *mut std::ffi::c_void };
+        Self::load_inner(backend, path.as_ref(), params, Some(sink))
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -102,27 +108,31 @@ impl Model {
         &self.path
     }
 
-    pub fn backend(&self) -> &LoadedBackend {
-        &self.backend
+    /// The backend it was loaded through (`None` for a model made with [`Model::from_ops`]).
+    pub fn backend(&self) -> Option<&LoadedBackend> {
+        self.backend.as_ref()
     }
 
     /// Text to tokens, the way prompts are tokenized (special tokens parsed).
     pub fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<i32>, GenerateError> {
-        Ok(self.raw.tokenize(RStr::from_str(text), add_special, true).into_result()?.into_vec())
+        Ok(self.raw.tokenize(text, add_special, true)?)
     }
 
     /// The raw bytes of one token; `special` renders control tokens as their text.
     pub fn token_bytes(&self, token: i32, special: bool) -> Result<Vec<u8>, GenerateError> {
-        Ok(self.raw.token_bytes(token, special).into_result()?.into_vec())
+        Ok(self.raw.token_bytes(token, special)?)
     }
 
     /// A GGUF metadata value as a string.
     pub fn meta(&self, key: &str) -> Option<String> {
-        self.raw.meta(RStr::from_str(key)).into_option().map(|s| s.into_string())
+        self.raw.meta(key)
     }
 
-    pub(crate) fn new_context(&self, params: ContextParams) -> Result<ContextBox, SessionError> {
-        Ok(self.raw.new_context(params).into_result()?)
+    /// A new inference context: the engine's (several sequences) or a benchmark's. Sessions
+    /// make theirs with [`Model::session`].
+    pub fn new_context(&self, params: &ContextParams) -> Result<Box<dyn ContextOps>, SessionError> {
+        params.size.validate()?;
+        Ok(self.raw.new_context(params)?)
     }
 
     /// A new session with its own context (KV cache).
@@ -134,11 +144,7 @@ impl Model {
 /// Sizes and threads of a session; defaults follow llama.cpp's tools.
 #[derive(Debug, Clone)]
 pub struct SessionParams {
-    pub n_ctx: u32,
-    pub n_batch: u32,
-    pub n_ubatch: u32,
-    pub n_threads: i32,
-    pub n_threads_batch: i32,
+    pub size: ContextSize,
     /// Most tokens kept in the KV cache between generations for prefix reuse (multi-turn
     /// chat); 0 turns the prompt cache off. Bounded by the context length anyway.
     pub cache_tokens: u32,
@@ -151,43 +157,17 @@ pub fn default_threads() -> i32 {
 
 impl Default for SessionParams {
     fn default() -> Self {
-        let t = default_threads();
-        SessionParams { n_ctx: 4096, n_batch: 2048, n_ubatch: 512, n_threads: t, n_threads_batch: t, cache_tokens: u32::MAX }
+        SessionParams { size: ContextSize::default(), cache_tokens: u32::MAX }
     }
 }
 
 impl SessionParams {
     /// Checks the values a backend would refuse less clearly.
     pub fn validate(&self) -> Result<(), SessionError> {
-        let bad = |field: &str, reason: String| Err(SessionError::InvalidParam { field: field.into(), reason });
-        if self.n_ctx == 0 {
-            return bad("context length (-c)", "must be at least 1".into());
-        }
-        if self.n_batch == 0 {
-            return bad("batch size (-b)", "must be at least 1".into());
-        }
-        if self.n_ubatch == 0 {
-            return bad("micro-batch size (-ub)", "must be at least 1".into());
-        }
-        if self.n_threads < 1 {
-            return bad("threads (-t)", format!("{} is below 1", self.n_threads));
-        }
-        if self.n_threads_batch < 1 {
-            return bad("batch threads (-tb)", format!("{} is below 1", self.n_threads_batch));
-        }
-        Ok(())
+        self.size.validate()
     }
 
     pub(crate) fn to_context_params(&self) -> ContextParams {
-        ContextParams {
-            n_ctx: self.n_ctx,
-            n_batch: self.n_batch,
-            n_ubatch: self.n_ubatch,
-            n_threads: self.n_threads,
-            n_threads_batch: self.n_threads_batch,
-            n_seq_max: 1,
-            kv_unified: false,
-        }
+        ContextParams { size: self.size, n_seq_max: 1, kv_unified: false }
     }
 }
-

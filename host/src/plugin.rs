@@ -51,8 +51,8 @@ impl PluginError {
 
 /// A backend library that passed every check, with what it said about itself.
 pub(crate) struct Plugin {
-    pub info: BackendInfo,
-    pub probe: ProbeReport,
+    pub(crate) info: BackendInfo,
+    pub(crate) probe: ProbeReport,
 }
 
 /// dlopen's message starts with the path; the report already shows it.

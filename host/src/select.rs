@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use llama_plugin_api::{Accelerator, BackendBox, BackendInfo, ProbeReport, ABI_VERSION};
+use llama_plugin_api::{BackendBox, ABI_VERSION};
+
+use crate::types::{Accelerator, BackendInfo, DeviceInfo};
 
 use crate::discovery::{self, SearchDir};
 use crate::error::SelectError;
@@ -80,7 +82,8 @@ pub struct LoadedBackend {
 struct BackendInner {
     backend: BackendBox,
     info: BackendInfo,
-    probe: ProbeReport,
+    /// The devices its probe reported (maybe from the probe cache).
+    devices: Vec<DeviceInfo>,
     path: PathBuf,
     /// The library's root module (libraries are never unloaded, so it stays valid).
     module: llama_plugin_api::BackendModRef,
@@ -93,8 +96,9 @@ impl LoadedBackend {
     pub fn info(&self) -> &BackendInfo {
         &self.inner.info
     }
-    pub fn probe(&self) -> &ProbeReport {
-        &self.inner.probe
+    /// The devices its probe reported when it was selected (maybe from the probe cache).
+    pub fn devices(&self) -> &[DeviceInfo] {
+        &self.inner.devices
     }
     pub fn path(&self) -> &Path {
         &self.inner.path
@@ -105,8 +109,8 @@ impl LoadedBackend {
 
     /// The backend's devices as they are now: its probe run again in this process (the
     /// report's figures may come from the probe cache, and free GPU memory changes).
-    pub fn devices_now(&self) -> Vec<llama_plugin_api::DeviceInfo> {
-        (self.inner.module.probe())().devices.into_iter().collect()
+    pub fn devices_now(&self) -> Vec<DeviceInfo> {
+        (self.inner.module.probe())().devices.iter().map(crate::boundary::device).collect()
     }
 }
 
@@ -243,7 +247,19 @@ impl Backends {
                             .collect();
                     }
                 }
-                reason.push_str(&format!("no {name} backend plugin found"));
+                if acc == Accelerator::Cpu {
+                    // Nothing runs without it (a `llama` binary copied alone, say): say where
+                    // plugins are looked for and how to put one there.
+                    let searched: Vec<String> = report.search_dirs.iter().map(|d| d.dir.display().to_string()).collect();
+                    let user = report.search_dirs.iter().find(|d| d.origin == discovery::Origin::User).map_or_else(|| "the per-user backends directory".to_string(), |d| d.dir.display().to_string());
+                    let file = format!("{}llama_backend_cpu.{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_EXTENSION);
+                    reason.push_str(&format!(
+                        "no cpu backend plugin found (searched {}); install llama with its plugins (scripts/install in the source tree), or copy {file} beside the llama binary or into {user}",
+                        searched.join(", ")
+                    ));
+                } else {
+                    reason.push_str(&format!("no {name} backend plugin found"));
+                }
                 report.candidates.push(CandidateReport {
                     name: name.to_string(),
                     path: None,
@@ -292,22 +308,13 @@ impl Backends {
                     let c = &mut self.report.candidates[row];
                     c.verdict = Verdict::Selected;
                     tracing::info!(backend = %c.name, path = ?c.path, "backend selected");
-                    let probe = ProbeReport {
-                        usable: true,
-                        score: c.score.unwrap_or(0),
-                        reason: c.reason.as_str().into(),
-                        devices: c
-                            .devices
-                            .iter()
-                            .map(|d| llama_plugin_api::DeviceInfo {
-                                name: d.name.as_str().into(),
-                                description: d.description.as_str().into(),
-                                memory_total: d.memory_total,
-                                memory_free: d.memory_free,
-                            })
-                            .collect(),
-                    };
-                    return Ok(LoadedBackend { inner: Arc::new(BackendInner { backend, info, probe, path, module }) });
+                    let devices = c
+                        .devices
+                        .iter()
+                        .map(|d| DeviceInfo { name: d.name.clone(), description: d.description.clone(), memory_total: d.memory_total, memory_free: d.memory_free })
+                        .collect();
+                    let info = crate::boundary::backend_info(&info);
+                    return Ok(LoadedBackend { inner: Arc::new(BackendInner { backend, info, devices, path, module }) });
                 }
                 Err(reason) => {
                     self.usable.remove(i);

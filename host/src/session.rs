@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use abi_stable::std_types::RSlice;
-use llama_plugin_api::{AbortBox, BackendError, ContextBox, Sampled, SamplingParams};
+use crate::ops::{AbortHandle, ContextOps};
+use crate::types::{BackendError, Sampled, SamplingParams};
 
 use crate::error::{GenerateError, SessionError};
 use crate::text::TextOutput;
@@ -92,7 +92,7 @@ fn rate(n: usize, t: Duration) -> f64 {
 #[derive(Clone)]
 pub struct Canceller {
     flag: Arc<AtomicBool>,
-    abort: Arc<AbortBox>,
+    abort: Arc<dyn AbortHandle>,
 }
 
 impl Canceller {
@@ -107,8 +107,8 @@ impl Canceller {
 /// One conversation with a model: a context, its KV cache and what the cache holds.
 pub struct Session<'m> {
     model: &'m Model,
-    ctx: ContextBox,
-    abort: Arc<AbortBox>,
+    ctx: Box<dyn ContextOps>,
+    abort: Arc<dyn AbortHandle>,
     cancel: Arc<AtomicBool>,
     /// The tokens in the KV cache, in order. Invariant: `cached.len() == ctx.n_past()`
     /// whenever no generation is running.
@@ -119,8 +119,8 @@ pub struct Session<'m> {
 impl<'m> Session<'m> {
     pub(crate) fn new(model: &'m Model, params: &SessionParams) -> Result<Session<'m>, SessionError> {
         params.validate()?;
-        let ctx = model.new_context(params.to_context_params())?;
-        let abort = Arc::new(ctx.abort_handle());
+        let ctx = model.new_context(&params.to_context_params())?;
+        let abort: Arc<dyn AbortHandle> = Arc::from(ctx.abort_handle());
         Ok(Session { model, ctx, abort, cancel: Arc::new(AtomicBool::new(false)), cached: Vec::new(), cache_tokens: params.cache_tokens })
     }
 
@@ -169,7 +169,7 @@ impl<'m> Session<'m> {
         if tokens.len() > n_ctx as usize {
             return Err(GenerateError::PromptTooLong { tokens: tokens.len(), n_ctx });
         }
-        self.ctx.set_sampling(opts.sampling.clone()).into_result()?;
+        self.ctx.set_sampling(&opts.sampling)?;
         // A cancel aimed at an earlier generation must not stop this one.
         self.cancel.store(false, Ordering::SeqCst);
         self.ctx.reset_abort();
@@ -208,7 +208,7 @@ impl<'m> Session<'m> {
         let mut retried = false;
         loop {
             let before = self.ctx.n_past() as usize;
-            let result = self.ctx.decode_sample(RSlice::from_slice(tokens)).into_result();
+            let result = self.ctx.decode_sample(tokens);
             // Some micro-batches may have landed before a failure.
             let landed = (self.ctx.n_past() as usize).saturating_sub(before).min(tokens.len());
             self.cached.extend_from_slice(&tokens[..landed]);
@@ -315,9 +315,9 @@ impl Stream<'_, '_> {
                 self.stats.cached_tokens = reused;
                 self.stats.decoded_prompt_tokens = tokens.len() - reused;
                 // The whole prompt is history for the repetition penalties, as in llama.cpp.
-                self.session.ctx.accept(RSlice::from_slice(&tokens));
+                self.session.ctx.accept(&tokens);
                 if self.max_tokens == Some(0) {
-                    let r = self.session.ctx.decode(RSlice::from_slice(&tokens[reused..]), false).into_result();
+                    let r = self.session.ctx.decode(&tokens[reused..], false);
                     self.stats.prompt_time = t.elapsed();
                     let held = (self.session.ctx.n_past() as usize).min(tokens.len());
                     self.session.cached = tokens[..held].to_vec();

@@ -5,7 +5,7 @@
 use crate::stop::StopMatcher;
 use crate::utf8::Utf8Stream;
 
-pub(crate) struct TextOutput {
+pub struct TextOutput {
     utf8: Utf8Stream,
     stop: StopMatcher,
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, OnceLock};
 
-use llama_host::{BackendChoice, Backends, DiscoveryOptions, Model, ModelParams, SessionParams};
+use llama_host::{BackendChoice, Backends, ContextSize, DiscoveryOptions, Model, ModelParams, SessionParams};
 
 /// `target/release` (or whichever profile directory the test binary runs from).
 pub fn target_dir() -> PathBuf {
@@ -125,5 +125,5 @@ pub fn rss_kib() -> u64 {
 
 /// Session parameters for tests: 2 threads, the given context.
 pub fn session_params(n_ctx: u32) -> SessionParams {
-    SessionParams { n_ctx, n_threads: 2, n_threads_batch: 2, ..SessionParams::default() }
+    SessionParams { size: ContextSize { n_ctx, n_threads: 2, n_threads_batch: 2, ..ContextSize::default() }, ..SessionParams::default() }
 }

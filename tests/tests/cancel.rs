@@ -46,7 +46,8 @@ fn cancel_mid_generation_stops_within_a_step_and_leaks_no_kv() {
 #[test]
 fn cancel_mid_prompt_interrupts_the_prompt() {
     let m = model();
-    let mut s = m.session(&llama_host::SessionParams { n_batch: 256, n_ubatch: 64, ..session_params(4096) }).unwrap();
+    let p = session_params(4096);
+    let mut s = m.session(&llama_host::SessionParams { size: llama_host::ContextSize { n_batch: 256, n_ubatch: 64, ..p.size }, ..p }).unwrap();
     let long = "The quick brown fox jumps over the lazy dog. ".repeat(300); // ~3000 tokens
     let mut stream = s.stream(&long, &greedy(8)).unwrap();
     let canceller = stream.canceller();

@@ -33,9 +33,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_stream::StreamExt;
 
-use crate::chat::{ChatTemplate, Message};
+use llama_host::chat::{ChatTemplate, Message};
+use llama_host::{GenerateOptions, SamplingParams};
+
 use crate::engine::{Engine, Event, Finish, RequestStats, SubmitError};
-use crate::{GenerateOptions, SamplingParams};
 
 type Body = BoxBody<Bytes, Infallible>;
 

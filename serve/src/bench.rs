@@ -5,20 +5,17 @@
 
 use std::time::Instant;
 
-use abi_stable::std_types::RSlice;
-use llama_plugin_api::ContextParams;
+use llama_host::{BackendError, ContextParams, ContextSize, Model, SessionError};
 
-use crate::error::SessionError;
-use crate::Model;
+use crate::engine::{Engine, EngineConfig, StartError};
 
 #[derive(Debug, Clone)]
 pub struct BenchParams {
     pub n_prompt: u32,
     pub n_gen: u32,
     pub reps: u32,
-    pub n_threads: i32,
-    pub n_batch: u32,
-    pub n_ubatch: u32,
+    /// Threads and batch sizes; `n_ctx` is set per test (as llama-bench does).
+    pub size: ContextSize,
 }
 
 /// Mean and standard deviation of tokens/s over the repetitions.
@@ -41,7 +38,9 @@ pub enum BenchError {
     #[error(transparent)]
     Session(#[from] SessionError),
     #[error("decode failed during the benchmark: {0}")]
-    Decode(#[from] llama_plugin_api::BackendError),
+    Decode(#[from] BackendError),
+    #[error(transparent)]
+    Engine(#[from] StartError),
     #[error("invalid {field}: {reason}")]
     InvalidParam { field: &'static str, reason: String },
 }
@@ -73,46 +72,38 @@ pub fn run(model: &Model, p: &BenchParams) -> Result<BenchResult, BenchError> {
     let n_vocab = model.info().n_vocab;
     let bos = model.info().bos;
     let mut rng = Lcg(42);
-    let ctx_params = |n_ctx: u32| ContextParams {
-        n_ctx,
-        n_batch: p.n_batch,
-        n_ubatch: p.n_ubatch,
-        n_threads: p.n_threads,
-        n_threads_batch: p.n_threads,
-        n_seq_max: 1,
-        kv_unified: false,
-    };
+    let ctx_params = |n_ctx: u32| ContextParams { size: ContextSize { n_ctx, ..p.size }, n_seq_max: 1, kv_unified: false };
     let mut result = BenchResult { pp: None, tg: None };
 
     if p.n_prompt > 0 {
-        let mut ctx = model.new_context(ctx_params(p.n_prompt))?;
+        let mut ctx = model.new_context(&ctx_params(p.n_prompt))?;
         let mut prompt: Vec<i32> = (0..p.n_prompt).map(|_| rng.next(n_vocab)).collect();
         if bos >= 0 {
             prompt[0] = bos;
         }
         // Warm-up, as llama-bench does: first-touch costs are not measured.
-        ctx.decode(RSlice::from_slice(&prompt), true).into_result()?;
+        ctx.decode(&prompt, true)?;
         let mut samples = Vec::new();
         for _ in 0..p.reps {
             ctx.clear();
             let t = Instant::now();
-            ctx.decode(RSlice::from_slice(&prompt), true).into_result()?;
+            ctx.decode(&prompt, true)?;
             samples.push(p.n_prompt as f64 / t.elapsed().as_secs_f64());
         }
         result.pp = Some(summarize(p.n_prompt, samples));
     }
 
     if p.n_gen > 0 {
-        let mut ctx = model.new_context(ctx_params(p.n_gen))?;
+        let mut ctx = model.new_context(&ctx_params(p.n_gen))?;
         let first = if bos >= 0 { bos } else { rng.next(n_vocab) };
-        ctx.decode(RSlice::from_slice(&[first]), true).into_result()?;
+        ctx.decode(&[first], true)?;
         let mut samples = Vec::new();
         for _ in 0..p.reps {
             ctx.clear();
             let mut token = first;
             let t = Instant::now();
             for _ in 0..p.n_gen {
-                ctx.decode(RSlice::from_slice(&[token]), true).into_result()?;
+                ctx.decode(&[token], true)?;
                 token = rng.next(n_vocab);
             }
             samples.push(p.n_gen as f64 / t.elapsed().as_secs_f64());
@@ -165,9 +156,8 @@ pub struct ConcurrentParams {
     pub streams: Vec<u32>,
     /// New tokens per stream.
     pub n_gen: u32,
-    pub n_threads: i32,
-    pub n_batch: u32,
-    pub n_ubatch: u32,
+    /// Threads and batch sizes; `n_ctx` is sized per engine.
+    pub size: ContextSize,
     /// Engines in batch-invariant mode (the model must be loaded without repacking).
     pub batch_invariant: bool,
 }
@@ -183,27 +173,24 @@ const TOPICS: [&str; 8] = [
     "Tell a long tale about a clever fox.",
 ];
 
-fn engine_for(model: &std::sync::Arc<Model>, slots: u32, p: &ConcurrentParams, prefix_cache: bool) -> Result<crate::engine::Engine, BenchError> {
-    let config = crate::engine::EngineConfig {
+fn engine_for(model: &std::sync::Arc<Model>, slots: u32, p: &ConcurrentParams, prefix_cache: bool) -> Result<Engine, BenchError> {
+    let per_slot = 256u32.saturating_add(p.n_gen).next_multiple_of(256).max(512);
+    let config = EngineConfig {
         slots,
         queue: 64,
-        n_ctx: slots * (256 + p.n_gen).next_multiple_of(256).max(512),
-        n_batch: p.n_batch,
-        n_ubatch: p.n_ubatch,
-        n_threads: p.n_threads,
-        n_threads_batch: p.n_threads,
+        size: ContextSize { n_ctx: slots.saturating_mul(per_slot), ..p.size },
         stream_capacity: 64,
         prefix_cache,
         batch_invariant: p.batch_invariant,
-        ..crate::engine::EngineConfig::default()
+        ..EngineConfig::default()
     };
-    Ok(crate::engine::Engine::start(model.clone(), config)?)
+    Ok(Engine::start(model.clone(), config)?)
 }
 
-fn run_requests(engine: &crate::engine::Engine, prompts: &[&str], n_gen: u32, all_at_once: bool) -> Result<(usize, f64), BenchError> {
-    let opts = crate::GenerateOptions {
+fn run_requests(engine: &Engine, prompts: &[&str], n_gen: u32, all_at_once: bool) -> Result<(usize, f64), BenchError> {
+    let opts = llama_host::GenerateOptions {
         max_tokens: Some(n_gen),
-        sampling: llama_plugin_api::SamplingParams { temperature: 0.0, ..Default::default() },
+        sampling: llama_host::SamplingParams { temperature: 0.0, ..Default::default() },
         ..Default::default()
     };
     let submit = |p: &str| {
@@ -264,7 +251,7 @@ pub fn prefix_reuse(model: &std::sync::Arc<Model>, p: &ConcurrentParams, prefix_
     let mut stats = None;
     for (k, cache) in [true, false].into_iter().enumerate() {
         let engine = engine_for(model, 1, &ConcurrentParams { n_gen: 1024, ..p.clone() }, cache)?;
-        let opts = crate::GenerateOptions { max_tokens: Some(1), ..Default::default() };
+        let opts = llama_host::GenerateOptions { max_tokens: Some(1), ..Default::default() };
         let ask = |q: &str| {
             engine
                 .submit(crate::engine::Request { prompt: format!("{prefix}{q}"), opts: opts.clone(), deadline: None })

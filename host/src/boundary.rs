@@ -1,0 +1,194 @@
+//! The one place where the plugin ABI's FFI-safe types (abi_stable's `RString`, `RVec`,
+//! `ROption`, the `*_TO` trait objects) meet the library's plain types: conversions both
+//! ways, and the plugin's model and context wrapped as [`ModelOps`]/[`ContextOps`].
+
+use abi_stable::std_types::{ROption, RSlice, RStr, RString, RVec};
+use llama_plugin_api as api;
+
+use crate::ops::{AbortHandle, ContextOps, ModelOps};
+use crate::types::*;
+
+pub(crate) fn accelerator(a: api::Accelerator) -> Accelerator {
+    match a {
+        api::Accelerator::Cpu => Accelerator::Cpu,
+        api::Accelerator::Cuda => Accelerator::Cuda,
+        api::Accelerator::Metal => Accelerator::Metal,
+    }
+}
+
+pub(crate) fn split_mode(m: SplitMode) -> api::SplitMode {
+    match m {
+        SplitMode::None => api::SplitMode::None,
+        SplitMode::Layer => api::SplitMode::Layer,
+        SplitMode::Row => api::SplitMode::Row,
+        SplitMode::Tensor => api::SplitMode::Tensor,
+    }
+}
+
+pub(crate) fn model_params(p: &ModelParams, progress: Option<api::ProgressSink>) -> api::ModelParams {
+    api::ModelParams {
+        n_gpu_layers: p.n_gpu_layers,
+        split_mode: split_mode(p.split_mode),
+        main_gpu: p.main_gpu,
+        devices: match &p.devices {
+            None => ROption::RNone,
+            Some(names) => ROption::RSome(names.iter().map(|n| RString::from(n.as_str())).collect()),
+        },
+        use_mmap: p.use_mmap,
+        repack: p.repack,
+        progress: progress.into(),
+    }
+}
+
+pub(crate) fn sampling(p: &SamplingParams) -> api::SamplingParams {
+    api::SamplingParams {
+        temperature: p.temperature,
+        top_k: p.top_k,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        repeat_penalty: p.repeat_penalty,
+        repeat_last_n: p.repeat_last_n,
+        frequency_penalty: p.frequency_penalty,
+        presence_penalty: p.presence_penalty,
+        seed: p.seed,
+        logit_bias: p.logit_bias.iter().map(|b| api::LogitBias { token: b.token, bias: b.bias }).collect(),
+    }
+}
+
+pub(crate) fn device(d: &api::DeviceInfo) -> DeviceInfo {
+    DeviceInfo { name: d.name.to_string(), description: d.description.to_string(), memory_total: d.memory_total, memory_free: d.memory_free }
+}
+
+pub(crate) fn backend_info(i: &api::BackendInfo) -> BackendInfo {
+    BackendInfo { name: i.name.to_string(), accelerator: accelerator(i.accelerator), version: i.version.to_string(), llama_build: i.llama_build.to_string() }
+}
+
+fn model_info(i: &api::ModelInfo) -> ModelInfo {
+    ModelInfo {
+        description: i.description.to_string(),
+        n_params: i.n_params,
+        size_bytes: i.size_bytes,
+        n_vocab: i.n_vocab,
+        n_ctx_train: i.n_ctx_train,
+        bos: i.bos,
+    }
+}
+
+pub(crate) fn error(e: api::BackendError) -> BackendError {
+    use api::BackendError as E;
+    match e {
+        E::ModelLoad { reason } => BackendError::ModelLoad { reason: reason.into() },
+        E::ContextCreate { reason } => BackendError::ContextCreate { reason: reason.into() },
+        E::InvalidParam { field, reason } => BackendError::InvalidParam { field: field.into(), reason: reason.into() },
+        E::Tokenize { reason } => BackendError::Tokenize { reason: reason.into() },
+        E::InvalidToken { token } => BackendError::InvalidToken { token },
+        E::ContextFull { n_ctx, needed } => BackendError::ContextFull { n_ctx, needed },
+        E::NoKvSlot => BackendError::NoKvSlot,
+        E::Decode { code } => BackendError::Decode { code },
+        E::Aborted => BackendError::Aborted,
+        E::Unavailable { reason } => BackendError::Unavailable { reason: reason.into() },
+        E::Panic { message } => BackendError::Panic { message: message.into() },
+    }
+}
+
+fn result<T>(r: abi_stable::std_types::RResult<T, api::BackendError>) -> Result<T, BackendError> {
+    r.into_result().map_err(error)
+}
+
+fn sampled(s: api::Sampled) -> Sampled {
+    Sampled { token: s.token, is_eog: s.is_eog }
+}
+
+/// A plugin's model as [`ModelOps`].
+pub(crate) struct PluginModel(pub api::ModelBox);
+
+impl ModelOps for PluginModel {
+    fn info(&self) -> ModelInfo {
+        model_info(&self.0.info())
+    }
+    fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<i32>, BackendError> {
+        result(self.0.tokenize(RStr::from_str(text), add_special, parse_special)).map(RVec::into_vec)
+    }
+    fn token_bytes(&self, token: i32, special: bool) -> Result<Vec<u8>, BackendError> {
+        result(self.0.token_bytes(token, special)).map(RVec::into_vec)
+    }
+    fn meta(&self, key: &str) -> Option<String> {
+        self.0.meta(RStr::from_str(key)).into_option().map(RString::into_string)
+    }
+    fn new_context(&self, p: &ContextParams) -> Result<Box<dyn ContextOps>, BackendError> {
+        let params = api::ContextParams {
+            n_ctx: p.size.n_ctx,
+            n_batch: p.size.n_batch,
+            n_ubatch: p.size.n_ubatch,
+            n_threads: p.size.n_threads,
+            n_threads_batch: p.size.n_threads_batch,
+            n_seq_max: p.n_seq_max,
+            kv_unified: p.kv_unified,
+        };
+        Ok(Box::new(PluginContext(result(self.0.new_context(params))?)))
+    }
+}
+
+struct PluginAbort(api::AbortBox);
+
+impl AbortHandle for PluginAbort {
+    fn abort(&self) {
+        self.0.abort()
+    }
+}
+
+/// A plugin's context as [`ContextOps`].
+struct PluginContext(api::ContextBox);
+
+impl ContextOps for PluginContext {
+    fn n_ctx(&self) -> u32 {
+        self.0.n_ctx()
+    }
+    fn n_past(&self) -> u32 {
+        self.0.n_past()
+    }
+    fn clear(&mut self) {
+        self.0.clear()
+    }
+    fn truncate(&mut self, n_keep: u32) -> bool {
+        self.0.truncate(n_keep)
+    }
+    fn accept(&mut self, tokens: &[i32]) {
+        self.0.accept(RSlice::from_slice(tokens))
+    }
+    fn abort_handle(&self) -> Box<dyn AbortHandle> {
+        Box::new(PluginAbort(self.0.abort_handle()))
+    }
+    fn reset_abort(&mut self) {
+        self.0.reset_abort()
+    }
+    fn n_seq_max(&self) -> u32 {
+        self.0.n_seq_max()
+    }
+    fn set_seq_sampling(&mut self, seq: i32, params: &SamplingParams, history: &[i32]) -> Result<(), BackendError> {
+        result(self.0.set_seq_sampling(seq, sampling(params), RSlice::from_slice(history)))
+    }
+    fn step(&mut self, batch: &[BatchToken], samples: &[SampleRequest]) -> Result<Vec<Sampled>, BackendError> {
+        let batch: Vec<api::BatchToken> = batch.iter().map(|t| api::BatchToken { token: t.token, pos: t.pos, seq: t.seq, logits: t.logits }).collect();
+        let samples: Vec<api::SampleRequest> = samples.iter().map(|s| api::SampleRequest { seq: s.seq, index: s.index }).collect();
+        result(self.0.step(RSlice::from_slice(&batch), RSlice::from_slice(&samples))).map(|v| v.into_iter().map(sampled).collect())
+    }
+    fn seq_remove(&mut self, seq: i32, p0: i32, p1: i32) -> bool {
+        self.0.seq_remove(seq, p0, p1)
+    }
+    fn seq_pos_max(&self, seq: i32) -> i32 {
+        self.0.seq_pos_max(seq)
+    }
+    fn seq_can_continue(&self, seq: i32, pos: i32) -> bool {
+        self.0.seq_can_continue(seq, pos)
+    }
+    fn set_sampling(&mut self, params: &SamplingParams) -> Result<(), BackendError> {
+        result(self.0.set_sampling(sampling(params)))
+    }
+    fn decode(&mut self, tokens: &[i32], logits_last: bool) -> Result<(), BackendError> {
+        result(self.0.decode(RSlice::from_slice(tokens), logits_last))
+    }
+    fn decode_sample(&mut self, tokens: &[i32]) -> Result<Sampled, BackendError> {
+        result(self.0.decode_sample(RSlice::from_slice(tokens))).map(sampled)
+    }
+}

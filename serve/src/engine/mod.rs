@@ -1,0 +1,261 @@
+//! The engine: one thread per loaded model serving many concurrent requests on one
+//! llama.cpp context with several sequences (slots).
+//!
+//! Requests arrive over a bounded channel; admission is bounded (`slots + queue`): past
+//! it, `submit` fails at once with [`SubmitError::Overloaded`]. Each step the engine builds
+//! one batch from the next token of every running sequence plus chunks of waiting prompts
+//! (continuous batching, see [`plan_batch`]), decodes once, samples per sequence, and hands
+//! text to each request over its own bounded channel. A request whose consumer is not
+//! reading is paused (left out of batches), never buffered without bound. A request that is
+//! cancelled (handle dropped or `cancel`), or past its deadline, frees its slot and KV cells
+//! at the next step, also while still queued (then it never runs). A finished request leaves
+//! its tokens in its slot: a later request with a shared prefix, given that slot, decodes
+//! only the rest.
+
+
+mod handle;
+mod plan;
+mod worker;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Sender};
+use llama_host::{ContextParams, ContextSize, GenerateOptions, Model};
+
+pub use handle::{Event, EventStream, Finish, Handle, RequestStats};
+pub use plan::{plan_batch, plan_invariant, Part, SlotState};
+pub use worker::KvUsage;
+
+use crate::metrics::{Metrics, Outcome};
+use handle::CancelOnDrop;
+use worker::{Job, Msg, Worker};
+
+/// Sizes and limits of an engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Sequences decoded together (parallel requests).
+    pub slots: u32,
+    /// Requests that may wait for a slot; more are refused with `Overloaded`.
+    pub queue: usize,
+    /// The context: `n_ctx` is the KV cache size in tokens, split evenly between the slots.
+    pub size: ContextSize,
+    /// Longest prompt accepted (tokens); also bounded by a slot's share of the context.
+    pub max_prompt_tokens: Option<u32>,
+    /// Most new tokens any request may ask for.
+    pub max_new_tokens: Option<u32>,
+    /// Text pieces buffered per request before its sequence pauses.
+    pub stream_capacity: usize,
+    /// Reuse a finished request's KV cells for a later prompt with the same prefix.
+    pub prefix_cache: bool,
+    /// Batch-invariant mode: a request's tokens are computed with the same kernels
+    /// whatever else is in the batch, so greedy output does not depend on concurrency.
+    /// Costs some throughput; needs a model loaded with `ModelParams::repack` off.
+    /// See docs/ARCHITECTURE.md ("Batch shape and exact outputs").
+    pub batch_invariant: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            slots: 4,
+            queue: 16,
+            size: ContextSize { n_ctx: 8192, ..ContextSize::default() },
+            max_prompt_tokens: None,
+            max_new_tokens: None,
+            stream_capacity: 16,
+            prefix_cache: true,
+            batch_invariant: false,
+        }
+    }
+}
+
+/// Most slots an engine runs: far beyond what one context decodes usefully, and small
+/// enough that every count derived from it stays small.
+pub const MAX_SLOTS: u32 = 256;
+/// Most requests that may wait for a slot.
+pub const MAX_QUEUE: usize = 65_536;
+
+impl EngineConfig {
+    /// Checks every size, so nothing derived from them can overflow or allocate wildly.
+    pub fn validate(&self) -> Result<(), StartError> {
+        let bad = |field: &'static str, reason: String| Err(StartError::InvalidConfig { field, reason });
+        if !(1..=MAX_SLOTS).contains(&self.slots) {
+            return bad("parallel", format!("{} is outside 1..={MAX_SLOTS}", self.slots));
+        }
+        if self.queue > MAX_QUEUE {
+            return bad("queue", format!("{} is above {MAX_QUEUE}", self.queue));
+        }
+        if self.stream_capacity == 0 || self.stream_capacity > 4096 {
+            return bad("stream capacity", format!("{} is outside 1..=4096", self.stream_capacity));
+        }
+        if self.size.n_ctx < self.slots + self.batch_invariant as u32 {
+            return bad("ctx-size", format!("{} tokens cannot be shared by {} slots", self.size.n_ctx, self.slots));
+        }
+        if self.batch_invariant && self.size.n_batch < 2 {
+            // A step is the padding token plus at least one real token.
+            return bad("batch-size", "batch-invariant mode needs a batch of at least 2".into());
+        }
+        self.size.validate()?;
+        Ok(())
+    }
+}
+
+/// Why an engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid {field}: {reason}")]
+    InvalidConfig { field: &'static str, reason: String },
+    #[error(transparent)]
+    Session(#[from] llama_host::SessionError),
+    #[error("cannot start the engine thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// One request to the engine.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: String,
+    pub opts: GenerateOptions,
+    /// Give up (outcome `Timeout`) if not finished by then, queued or running.
+    pub deadline: Option<Instant>,
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("overloaded: {waiting} requests in flight (limit {limit}); retry later")]
+    Overloaded { waiting: usize, limit: usize },
+    #[error("the prompt has {tokens} tokens; the limit is {limit}")]
+    PromptTooLong { tokens: usize, limit: usize },
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("invalid {field}: {reason}")]
+    InvalidParam { field: String, reason: String },
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+
+/// A running engine. Dropping it stops the thread after the requests in flight end.
+pub struct Engine {
+    tx: Sender<Msg>,
+    in_flight: Arc<AtomicUsize>,
+    limit: usize,
+    next_id: AtomicUsize,
+    model: Arc<Model>,
+    config: EngineConfig,
+    metrics: Arc<Metrics>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Tokens each slot may hold.
+    slot_ctx: u32,
+}
+
+impl Engine {
+    /// Creates the context and starts the engine thread.
+    pub fn start(model: Arc<Model>, config: EngineConfig) -> Result<Engine, StartError> {
+        config.validate()?;
+        let slots = config.slots;
+        // Batch-invariant mode keeps one more sequence for its padding token.
+        let n_seq = slots + config.batch_invariant as u32;
+        let params = ContextParams {
+            size: config.size,
+            n_seq_max: n_seq,
+            // One micro-batch per step whichever slots are active (with split buffers
+            // llama.cpp splits a batch by runs of consecutive sequence ids). The engine
+            // keeps each slot within `n_ctx / slots`.
+            kv_unified: true,
+        };
+        let ctx = model.new_context(&params)?;
+        let slot_ctx = ctx.n_ctx() / n_seq;
+        let metrics = Arc::new(Metrics::default());
+        metrics.kv_capacity.store(i64::from(slot_ctx) * i64::from(slots), Ordering::Relaxed);
+        // Both bounded by `validate`, so this cannot overflow.
+        let limit = slots as usize + config.queue;
+        let (tx, rx) = bounded(limit);
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let worker = Worker::new(model.clone(), ctx, &config, rx, in_flight.clone(), metrics.clone(), slot_ctx);
+        let thread = std::thread::Builder::new().name("llama-engine".into()).spawn(move || worker.run()).map_err(StartError::Thread)?;
+        Ok(Engine { tx, in_flight, limit, next_id: AtomicUsize::new(1), model, config, metrics, thread: Some(thread), slot_ctx })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Tokens one request may hold (prompt + generated).
+    pub fn slot_context(&self) -> u32 {
+        self.slot_ctx
+    }
+
+    /// Requests admitted and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// KV usage as llama.cpp reports it, checked against the engine's own accounting.
+    pub fn kv_usage(&self) -> Option<KvUsage> {
+        let (tx, rx) = bounded(1);
+        self.tx.send(Msg::Inspect(tx)).ok()?;
+        rx.recv_timeout(Duration::from_secs(30)).ok()
+    }
+
+    /// Admits a request, or refuses it at once.
+    pub fn submit(&self, req: Request) -> Result<Handle, SubmitError> {
+        req.opts.sampling.validate().map_err(|e| SubmitError::InvalidParam { field: e.field.into(), reason: e.reason })?;
+        let tokens = self
+            .model
+            .tokenize(&req.prompt, req.opts.add_special)
+            .map_err(|e| SubmitError::InvalidParam { field: "prompt".into(), reason: e.to_string() })?;
+        if tokens.is_empty() {
+            return Err(SubmitError::EmptyPrompt);
+        }
+        let limit = (self.slot_ctx as usize).min(self.config.max_prompt_tokens.map_or(usize::MAX, |m| m as usize));
+        // A prompt must leave room for at least one generated token.
+        if tokens.len() >= limit {
+            return Err(SubmitError::PromptTooLong { tokens: tokens.len(), limit: limit.saturating_sub(1) });
+        }
+        let mut opts = req.opts;
+        if let Some(cap) = self.config.max_new_tokens {
+            opts.max_tokens = Some(opts.max_tokens.map_or(cap, |m| m.min(cap)));
+        }
+        // Admission: a counter, so the answer is immediate and exact.
+        let admitted = self.in_flight.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < self.limit).then_some(n + 1));
+        if let Err(n) = admitted {
+            self.metrics.count(Outcome::Rejected);
+            return Err(SubmitError::Overloaded { waiting: n, limit: self.limit });
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u64;
+        let (tx, rx) = flume::bounded(self.config.stream_capacity.max(1));
+        let cancel = Arc::new(AtomicBool::new(false));
+        let span = tracing::info_span!("request", id, prompt_tokens = tokens.len());
+        span.in_scope(|| tracing::debug!("admitted"));
+        let job = Job { span, id, tokens, opts, deadline: req.deadline, submitted: Instant::now(), tx, cancel: cancel.clone() };
+        self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(Msg::Job(Box::new(job))).is_err() {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            return Err(SubmitError::Stopped);
+        }
+        Ok(Handle { id, rx, cancel: CancelOnDrop(cancel) })
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Msg::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+

@@ -1,0 +1,510 @@
+//! The engine thread: owns the context, admits queued requests into slots, plans and runs
+//! one batched decode step at a time, and hands each request its text.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use flume::TrySendError;
+use llama_host::{BatchToken, ContextOps, GenerateOptions, Model, SampleRequest, TextOutput};
+
+use super::handle::{Event, Finish, RequestStats};
+use super::plan::{plan_batch, plan_invariant, Part, SlotState};
+use crate::metrics::{Metrics, Outcome};
+
+pub(super) struct Job {
+    /// `request{id}`: every log line about this request is inside it.
+    pub(super) span: tracing::Span,
+    pub(super) id: u64,
+    pub(super) tokens: Vec<i32>,
+    pub(super) opts: GenerateOptions,
+    pub(super) deadline: Option<Instant>,
+    pub(super) submitted: Instant,
+    pub(super) tx: flume::Sender<Event>,
+    pub(super) cancel: Arc<AtomicBool>,
+}
+
+pub(super) enum Msg {
+    Job(Box<Job>),
+    /// Report KV usage as llama.cpp sees it and as the engine accounts for it.
+    Inspect(Sender<KvUsage>),
+    Shutdown,
+}
+
+/// KV cache usage, read on the engine thread between steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvUsage {
+    /// Positions llama.cpp holds, summed over the sequences.
+    pub backend_tokens: usize,
+    /// Tokens the engine's slots account for (prefix cache + running requests).
+    pub accounted_tokens: usize,
+    pub active: usize,
+    pub waiting: usize,
+}
+
+
+struct Active {
+    job: Job,
+    /// Prompt tokens decoded so far (including reused ones).
+    prompt_done: usize,
+    cached: usize,
+    generated: usize,
+    last: Option<i32>,
+    /// A text piece the consumer has not taken yet (its channel was full).
+    pending: Option<Event>,
+    text: TextOutput,
+    started: Instant,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+    order: u64,
+}
+
+pub(super) struct Slot {
+    seq: i32,
+    /// Tokens this slot's sequence holds in the KV cache.
+    cached: Vec<i32>,
+    active: Option<Active>,
+}
+
+impl Slot {
+    fn new(seq: i32) -> Slot {
+        Slot { seq, cached: Vec::new(), active: None }
+    }
+
+    fn state(&self) -> SlotState {
+        match &self.active {
+            None => SlotState::Idle,
+            Some(a) if a.prompt_done < a.job.tokens.len() => SlotState::Prefill { remaining: a.job.tokens.len() - a.prompt_done },
+            Some(a) => SlotState::Generate { ready: a.pending.is_none() },
+        }
+    }
+}
+
+pub(super) struct Worker {
+    model: Arc<Model>,
+    ctx: Box<dyn ContextOps>,
+    slots: Vec<Slot>,
+    waiting: VecDeque<Job>,
+    rx: Receiver<Msg>,
+    in_flight: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+    n_batch: u32,
+    slot_ctx: u32,
+    prefix_cache: bool,
+    /// Final events of finished requests whose consumer has not made room yet.
+    draining: Vec<(flume::Sender<Event>, VecDeque<Event>)>,
+    /// Batch-invariant mode: (padding sequence, padding token).
+    pad: Option<(i32, i32)>,
+}
+
+fn common_prefix(a: &[i32], b: &[i32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+impl Worker {
+    pub(super) fn new(
+        model: Arc<Model>,
+        ctx: Box<dyn ContextOps>,
+        config: &super::EngineConfig,
+        rx: Receiver<Msg>,
+        in_flight: Arc<AtomicUsize>,
+        metrics: Arc<Metrics>,
+        slot_ctx: u32,
+    ) -> Worker {
+        let slots = config.slots;
+        Worker {
+            pad: config.batch_invariant.then(|| (slots as i32, model.info().bos.max(0))),
+            model,
+            ctx,
+            slots: (0..slots).map(|i| Slot::new(i as i32)).collect(),
+            waiting: VecDeque::new(),
+            rx,
+            in_flight,
+            metrics,
+            n_batch: config.size.n_batch.min(config.size.n_ctx).max(1),
+            slot_ctx,
+            prefix_cache: config.prefix_cache,
+            draining: Vec::new(),
+        }
+    }
+
+    pub(super) fn run(mut self) {
+        let mut order_counter = 0u64;
+        let mut shutting_down = false;
+        loop {
+            // 1. Take new requests; block only when there is nothing to do.
+            let busy = self.slots.iter().any(|s| s.active.is_some()) || !self.waiting.is_empty();
+            if !busy && shutting_down {
+                return;
+            }
+            if !busy && !self.draining.is_empty() {
+                // Only final events wait for slow consumers: poll for them and for new work.
+                if let Ok(m) = self.rx.recv_timeout(Duration::from_millis(5)) {
+                    self.handle(m, &mut shutting_down);
+                }
+                self.flush_draining();
+                continue;
+            }
+            let first = if busy {
+                match self.rx.try_recv() {
+                    Ok(m) => Some(m),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => {
+                        shutting_down = true;
+                        None
+                    }
+                }
+            } else {
+                match self.rx.recv() {
+                    Ok(m) => Some(m),
+                    Err(_) => return,
+                }
+            };
+            let mut msgs: Vec<Msg> = first.into_iter().collect();
+            while let Ok(m) = self.rx.try_recv() {
+                msgs.push(m);
+            }
+            for m in msgs {
+                self.handle(m, &mut shutting_down);
+            }
+
+            // 2. Drop what was cancelled or timed out; deliver pending text.
+            self.expire();
+
+            // 3. Give free slots to waiting requests, oldest first.
+            while let Some(free) = self.pick_slot() {
+                let Some(job) = self.waiting.pop_front() else { break };
+                order_counter += 1;
+                self.assign(free, job, order_counter);
+            }
+
+            // 4. One batched decode step.
+            let states: Vec<SlotState> = self.slots.iter().map(Slot::state).collect();
+            let mut order: Vec<usize> = (0..self.slots.len()).filter(|&i| self.slots[i].active.is_some()).collect();
+            order.sort_by_key(|&i| self.slots[i].active.as_ref().map_or(0, |a| a.order));
+            let plan = match self.pad {
+                None => plan_batch(&states, &order, self.n_batch as usize),
+                Some(_) => plan_invariant(&states, &order, self.n_batch as usize - 1),
+            };
+            if plan.is_empty() {
+                if self.slots.iter().any(|s| s.active.is_some()) {
+                    // Everyone is paused on a slow consumer: wait a little, or for a new request.
+                    if let Ok(m) = self.rx.recv_timeout(Duration::from_millis(2)) {
+                        self.handle(m, &mut shutting_down);
+                    }
+                }
+                continue;
+            }
+            self.step(&plan);
+        }
+    }
+
+    /// The KV-tokens gauge: what the slots hold (prefix caches and running requests).
+    fn publish_kv(&self) {
+        let kv: usize = self.slots.iter().map(|s| s.cached.len()).sum();
+        self.metrics.kv_tokens.store(kv as i64, Ordering::Relaxed);
+    }
+
+    fn handle(&mut self, m: Msg, shutting_down: &mut bool) {
+        match m {
+            Msg::Job(job) => self.waiting.push_back(*job),
+            Msg::Shutdown => *shutting_down = true,
+            Msg::Inspect(reply) => {
+                let backend_tokens = self.slots.iter().map(|s| (self.ctx.seq_pos_max(s.seq) + 1).max(0) as usize).sum();
+                let accounted_tokens = self.slots.iter().map(|s| s.cached.len()).sum();
+                let active = self.slots.iter().filter(|s| s.active.is_some()).count();
+                let _ = reply.try_send(KvUsage { backend_tokens, accounted_tokens, active, waiting: self.waiting.len() });
+            }
+        }
+    }
+
+    /// A free slot, preferring the one whose cache shares the longest prefix with the next
+    /// waiting prompt.
+    fn pick_slot(&self) -> Option<usize> {
+        let next = self.waiting.front()?;
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.active.is_none())
+            .max_by_key(|(i, s)| (if self.prefix_cache { common_prefix(&s.cached, &next.tokens) } else { 0 }, usize::MAX - i))
+            .map(|(i, _)| i)
+    }
+
+    fn assign(&mut self, i: usize, job: Job, order: u64) {
+        self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.active_sequences.fetch_add(1, Ordering::Relaxed);
+        let wait = job.submitted.elapsed();
+        self.metrics.queue_wait.observe(wait.as_secs_f64());
+        self.metrics.prompt_tokens.fetch_add(job.tokens.len() as u64, Ordering::Relaxed);
+        let slot = &mut self.slots[i];
+        let seq = slot.seq;
+        // Reuse the shared prefix (at least one prompt token is decoded, for logits).
+        let mut keep = if self.prefix_cache { common_prefix(&slot.cached, &job.tokens).min(job.tokens.len() - 1) } else { 0 };
+        if !(self.ctx.seq_remove(seq, keep as i32, -1) && self.ctx.seq_can_continue(seq, keep as i32)) {
+            self.ctx.seq_remove(seq, 0, -1);
+            keep = 0;
+        }
+        slot.cached.truncate(keep);
+        self.metrics.cached_prompt_tokens.fetch_add(keep as u64, Ordering::Relaxed);
+        let sampler = self.ctx.set_seq_sampling(seq, &job.opts.sampling, &job.tokens);
+        job.span.in_scope(|| tracing::info!(slot = i, queue_wait_ms = wait.as_secs_f64() * 1e3, cached = keep, "prefill"));
+        let text = TextOutput::new(&job.opts.stop);
+        slot.active = Some(Active {
+            job,
+            prompt_done: keep,
+            cached: keep,
+            generated: 0,
+            last: None,
+            pending: None,
+            text,
+            started: Instant::now(),
+            first_token: None,
+            last_token: None,
+            order,
+        });
+        if let Err(e) = sampler {
+            self.finish(i, Finish::Error, Some(e.to_string()));
+        }
+    }
+
+    fn flush_draining(&mut self) {
+        self.draining.retain_mut(|(tx, events)| {
+            while let Some(ev) = events.pop_front() {
+                match tx.try_send(ev) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(ev)) => {
+                        events.push_front(ev);
+                        return true;
+                    }
+                    Err(TrySendError::Disconnected(_)) => return false,
+                }
+            }
+            false
+        });
+    }
+
+    /// Finishes cancelled, timed-out and disconnected requests; flushes pending text.
+    fn expire(&mut self) {
+        self.flush_draining();
+        let now = Instant::now();
+        let metrics = self.metrics.clone();
+        let in_flight = self.in_flight.clone();
+        self.waiting.retain(|job| {
+            let timed_out = job.deadline.is_some_and(|d| now >= d);
+            if job.cancel.load(Ordering::SeqCst) || timed_out {
+                let finish = if timed_out { Finish::Timeout } else { Finish::Cancelled };
+                // Accounting before the Done, as in `finish`.
+                metrics.count(if timed_out { Outcome::Timeout } else { Outcome::Cancelled });
+                metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                let _ = job.tx.try_send(Event::Done(RequestStats {
+                    id: job.id,
+                    prompt_tokens: job.tokens.len(),
+                    cached_tokens: 0,
+                    generated_tokens: 0,
+                    queue_wait: job.submitted.elapsed(),
+                    time_to_first_token: None,
+                    total: job.submitted.elapsed(),
+                    finish,
+                    error: None,
+                }));
+                job.span.in_scope(|| tracing::info!(?finish, "ended while queued"));
+                false
+            } else {
+                true
+            }
+        });
+        for i in 0..self.slots.len() {
+            let Some(a) = self.slots[i].active.as_mut() else { continue };
+            if let Some(ev) = a.pending.take() {
+                match a.job.tx.try_send(ev) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(ev)) => a.pending = Some(ev),
+                    Err(TrySendError::Disconnected(_)) => a.job.cancel.store(true, Ordering::SeqCst),
+                }
+            }
+            let timed_out = a.job.deadline.is_some_and(|d| now >= d);
+            if timed_out {
+                self.finish(i, Finish::Timeout, None);
+            } else if a.job.cancel.load(Ordering::SeqCst) {
+                self.finish(i, Finish::Cancelled, None);
+            }
+        }
+    }
+
+    fn step(&mut self, plan: &[(usize, Part)]) {
+        let mut batch = Vec::new();
+        let mut samples = Vec::new();
+        for &(i, part) in plan {
+            let slot = &self.slots[i];
+            let a = slot.active.as_ref().expect("planned slots are active");
+            match part {
+                Part::Token => {
+                    let pos = (a.job.tokens.len() + a.generated - 1) as i32;
+                    batch.push(BatchToken { token: a.last.expect("a generating slot has a token"), pos, seq: slot.seq, logits: true });
+                    samples.push(SampleRequest { seq: slot.seq, index: batch.len() as i32 - 1 });
+                }
+                Part::Prompt(n) => {
+                    let start = a.prompt_done;
+                    let end = start + n;
+                    for (k, &t) in a.job.tokens[start..end].iter().enumerate() {
+                        let last = end == a.job.tokens.len() && start + k + 1 == end;
+                        batch.push(BatchToken { token: t, pos: (start + k) as i32, seq: slot.seq, logits: last });
+                    }
+                    if end == a.job.tokens.len() {
+                        samples.push(SampleRequest { seq: slot.seq, index: batch.len() as i32 - 1 });
+                    }
+                }
+            }
+        }
+        if let Some((seq, token)) = self.pad {
+            // Last in the batch, so its KV cell is the newest and is freed right after.
+            batch.push(BatchToken { token, pos: 0, seq, logits: true });
+        }
+        let t = Instant::now();
+        let result = self.ctx.step(&batch, &samples);
+        if let Some((seq, _)) = self.pad {
+            self.ctx.seq_remove(seq, 0, -1);
+        }
+        self.metrics.busy_us.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.metrics.decode_steps.fetch_add(1, Ordering::Relaxed);
+        let sampled = match result {
+            Ok(s) => s,
+            Err(e) => {
+                // A failed step fails the requests in it; the others carry on.
+                let msg = e.to_string();
+                tracing::warn!(error = %msg, "decode step failed");
+                for &(i, _) in plan {
+                    self.finish(i, Finish::Error, Some(msg.clone()));
+                }
+                return;
+            }
+        };
+        // Account for what landed in each slot's cache.
+        for &(i, part) in plan {
+            let slot = &mut self.slots[i];
+            let a = slot.active.as_mut().expect("planned slots are active");
+            match part {
+                Part::Token => slot.cached.push(a.last.expect("token")),
+                Part::Prompt(n) => {
+                    slot.cached.extend_from_slice(&a.job.tokens[a.prompt_done..a.prompt_done + n]);
+                    a.prompt_done += n;
+                }
+            }
+        }
+        let mut k = 0;
+        for &(i, _) in plan {
+            let wants_sample = {
+                let a = self.slots[i].active.as_ref().expect("active");
+                a.prompt_done == a.job.tokens.len()
+            };
+            if !wants_sample {
+                continue;
+            }
+            let s = sampled[k];
+            k += 1;
+            self.accept(i, s);
+        }
+        self.publish_kv();
+    }
+
+    /// Handles one sampled token of slot `i`.
+    fn accept(&mut self, i: usize, s: llama_host::Sampled) {
+        let now = Instant::now();
+        let slot_ctx = self.slot_ctx as usize;
+        let a = self.slots[i].active.as_mut().expect("active");
+        if a.first_token.is_none() {
+            a.first_token = Some(now);
+            let ttft = now.duration_since(a.job.submitted).as_secs_f64();
+            self.metrics.time_to_first_token.observe(ttft);
+            a.job.span.in_scope(|| tracing::debug!(ttft_ms = ttft * 1e3, "decode"));
+        } else if let Some(prev) = a.last_token {
+            self.metrics.inter_token_latency.observe(now.duration_since(prev).as_secs_f64());
+        }
+        a.last_token = Some(now);
+        if s.is_eog {
+            let rest = a.text.flush();
+            self.emit(i, rest);
+            self.finish(i, Finish::Stop, None);
+            return;
+        }
+        a.generated += 1;
+        a.last = Some(s.token);
+        self.metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        let bytes = self.model.token_bytes(s.token, false).unwrap_or_default();
+        let (text, stopped) = a.text.push(&bytes);
+        if stopped {
+            self.emit(i, text);
+            self.finish(i, Finish::Stop, None);
+            return;
+        }
+        let at_limit = a.job.opts.max_tokens.is_some_and(|m| a.generated >= m as usize);
+        let full = a.job.tokens.len() + a.generated >= slot_ctx;
+        if at_limit || full {
+            let tail = a.text.flush();
+            self.emit(i, text + &tail);
+            self.finish(i, Finish::Length, None);
+            return;
+        }
+        self.emit(i, text);
+    }
+
+    /// Hands text to the consumer, or parks it (pausing the sequence) if it is not reading.
+    fn emit(&mut self, i: usize, text: String) {
+        if text.is_empty() {
+            return;
+        }
+        let a = self.slots[i].active.as_mut().expect("active");
+        match a.job.tx.try_send(Event::Text(text)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(ev)) => a.pending = Some(ev),
+            Err(TrySendError::Disconnected(_)) => a.job.cancel.store(true, Ordering::SeqCst),
+        }
+    }
+
+    /// Ends slot `i`'s request, frees the slot, and for cancelled, timed-out or failed
+    /// requests also its KV cells.
+    fn finish(&mut self, i: usize, finish: Finish, error: Option<String>) {
+        let slot = &mut self.slots[i];
+        let Some(mut a) = slot.active.take() else { return };
+        if matches!(finish, Finish::Cancelled | Finish::Timeout | Finish::Error) || !self.prefix_cache {
+            self.ctx.seq_remove(slot.seq, 0, -1);
+            slot.cached.clear();
+        }
+        let stats = RequestStats {
+            id: a.job.id,
+            prompt_tokens: a.job.tokens.len(),
+            cached_tokens: a.cached,
+            generated_tokens: a.generated,
+            queue_wait: a.started.duration_since(a.job.submitted),
+            time_to_first_token: a.first_token.map(|t| t.duration_since(a.job.submitted)),
+            total: a.job.submitted.elapsed(),
+            finish,
+            error,
+        };
+        a.job.span.in_scope(|| {
+            tracing::info!(?finish, generated = stats.generated_tokens, total_ms = stats.total.as_secs_f64() * 1e3, "finished")
+        });
+        // Accounting first: a consumer that has read its Done may submit again at once and
+        // must find the admission slot free.
+        self.metrics.count(match finish {
+            Finish::Stop => Outcome::Stop,
+            Finish::Length => Outcome::Length,
+            Finish::Cancelled => Outcome::Cancelled,
+            Finish::Timeout => Outcome::Timeout,
+            Finish::Error => Outcome::Error,
+        });
+        self.metrics.active_sequences.fetch_sub(1, Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.publish_kv();
+        // The final text and Done go out as the consumer makes room, without holding up
+        // the others; a consumer that is gone is dropped.
+        let mut rest: VecDeque<Event> = a.pending.take().into_iter().collect();
+        rest.push_back(Event::Done(stats));
+        self.draining.push((a.job.tx.clone(), rest));
+        self.flush_draining();
+    }
+}
+
