@@ -8,12 +8,44 @@ use std::time::{Duration, Instant};
 use llama_tests::{llama_cmd, model_path};
 use serde_json::{json, Value};
 
+/// A hang guard, not a timing claim: the longest any wait here may take before a broken build
+/// fails instead of hanging forever. Tests assert outcomes (status codes, counters in /metrics,
+/// the order of events), never how long something took; timings on 2 shared cores vary by
+/// ±15 % and more.
+const HANG_GUARD: Duration = Duration::from_secs(120);
+
+/// Polls `cond` every 20 ms until it holds; panics naming `what` after [`HANG_GUARD`].
+fn wait_for<T>(what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
+    let t = Instant::now();
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(t.elapsed() < HANG_GUARD, "{what}: still not the case after the hang guard ({HANG_GUARD:?})");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 struct Server {
     child: Child,
     base: String,
-    /// One server at a time: the latency checks (a freed slot within 1 s, a header
-    /// timeout) measure the server, not a 2-core machine shared with another test's server.
+    /// One server at a time: two servers with a model each on 2 cores would only slow each
+    /// other down (and the soak's memory and descriptor figures are the server's alone).
     _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+/// One read of /metrics, so several values can be compared as of the same moment.
+struct Metrics(String);
+
+impl Metrics {
+    fn get(&self, name: &str) -> f64 {
+        self.0
+            .lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{}", self.0))
+    }
 }
 
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -23,19 +55,15 @@ impl Server {
     fn start(extra: &[&str]) -> Server {
         let model = model_path();
         let s = Server::start_with(model.to_str().unwrap(), extra);
-        let t = Instant::now();
-        loop {
-            match ureq::get(&s.url("/health")).call() {
-                Ok(r) if r.status() == 200 => break,
-                Err(ureq::Error::Status(503, r)) => {
-                    let v: Value = r.into_json().unwrap();
-                    assert_eq!(v["error"]["code"], "loading", "{v}");
-                }
-                other => panic!("/health: {other:?}"),
+        wait_for("the model becomes ready", || match ureq::get(&s.url("/health")).call() {
+            Ok(r) if r.status() == 200 => Some(()),
+            Err(ureq::Error::Status(503, r)) => {
+                let v: Value = r.into_json().unwrap();
+                assert_eq!(v["error"]["code"], "loading", "{v}");
+                None
             }
-            assert!(t.elapsed() < Duration::from_secs(120), "the model never became ready");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            other => panic!("/health: {other:?}"),
+        });
         s
     }
 
@@ -73,9 +101,12 @@ impl Server {
         }
     }
 
+    fn metrics(&self) -> Metrics {
+        Metrics(ureq::get(&self.url("/metrics")).call().unwrap().into_string().unwrap())
+    }
+
     fn metric(&self, name: &str) -> f64 {
-        let text = ureq::get(&self.url("/metrics")).call().unwrap().into_string().unwrap();
-        text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' ')).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        self.metrics().get(name)
     }
 }
 
@@ -175,9 +206,12 @@ fn six_streams_against_two_slots_and_two_queued() {
     assert!(ok.iter().all(|r| r.2.last().map(String::as_str) == Some("[DONE]")));
 }
 
+/// The slot comes back because the server noticed the hang-up, not because the request ran
+/// out of tokens: it ends `cancelled` with far fewer than its 2,000 tokens generated, and with
+/// no queue at all the next request is admitted and served.
 #[test]
 fn a_client_that_drops_mid_stream_frees_its_slot() {
-    let s = Server::start(&["--parallel", "1", "--queue", "1"]);
+    let s = Server::start(&["--parallel", "1", "--queue", "0"]);
     let r = ureq::post(&s.url("/v1/completions")).send_json(json!({"prompt": "Tell me a long story.", "max_tokens": 2000, "stream": true})).unwrap();
     let mut reader = BufReader::new(r.into_reader());
     let mut line = String::new();
@@ -185,13 +219,15 @@ fn a_client_that_drops_mid_stream_frees_its_slot() {
     assert!(line.starts_with("data: "));
     assert_eq!(s.metric("llama_active_sequences"), 1.0);
     drop(reader);
-    let dropped = Instant::now();
-    while s.metric("llama_active_sequences") != 0.0 {
-        assert!(dropped.elapsed() < Duration::from_secs(1), "the slot is still busy 1 s after the client left");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    eprintln!("slot free {:?} after the client dropped", dropped.elapsed());
-    assert_eq!(s.metric("llama_requests_total{outcome=\"cancelled\"}"), 1.0);
+    let m = wait_for("the slot is freed after the client dropped", || Some(s.metrics()).filter(|m| m.get("llama_active_sequences") == 0.0));
+    let generated = m.get("llama_generated_tokens_total");
+    eprintln!("slot freed after {generated} generated tokens");
+    assert_eq!(m.get("llama_requests_total{outcome=\"cancelled\"}"), 1.0, "the request was not cancelled");
+    assert_eq!(m.get("llama_requests_total{outcome=\"length\"}") + m.get("llama_requests_total{outcome=\"stop\"}"), 0.0, "the request ran to its end");
+    assert!(generated < 2000.0, "{generated} tokens generated for a client that left");
+    // --queue 0: a busy slot would answer 503.
+    let (code, v) = s.post("/v1/completions", &json!({"prompt": "Hello", "max_tokens": 2}));
+    assert_eq!(code, 200, "{v}");
 }
 
 #[test]
@@ -223,34 +259,64 @@ fn bad_input_gets_the_right_4xx_and_the_server_keeps_serving() {
     assert_eq!(code, 200, "{v}");
 }
 
+/// A client sends its request head a byte every half second, far slower than the 2 s
+/// header timeout allows. Asserted: the server closes the connection before the head is
+/// complete (bytes sent < request length), never answers it with a 200, and serves another
+/// client while the slow one is still connected.
 #[test]
 fn a_slow_header_sender_is_cut_off_while_others_are_served() {
+    const REQUEST: &[u8] = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: aaaaaaaaaaaaaaaa\r\n\r\n";
     let s = Server::start(&["--header-timeout", "2"]);
     let addr = s.addr();
-    let slow = std::thread::spawn(move || {
-        let mut c = TcpStream::connect(addr).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        let start = Instant::now();
-        for b in b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: aaaaaaaaaaaaaaaa\r\n\r\n" {
-            if c.write_all(&[*b]).is_err() {
-                break;
+    let cut_off = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let slow = std::thread::spawn({
+        let cut_off = cut_off.clone();
+        move || {
+            let mut c = TcpStream::connect(addr).unwrap();
+            let mut reply = Vec::new();
+            let mut sent = 0;
+            for b in REQUEST {
+                if c.write_all(&[*b]).is_err() {
+                    break;
+                }
+                sent += 1;
+                if sent == 1 {
+                    started_tx.send(()).unwrap();
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                // Has the server closed the connection (or answered) meanwhile?
+                c.set_nonblocking(true).unwrap();
+                let mut buf = [0u8; 512];
+                let closed = match c.read(&mut buf) {
+                    Ok(0) => true,
+                    Ok(n) => {
+                        reply.extend_from_slice(&buf[..n]);
+                        true
+                    }
+                    Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+                };
+                c.set_nonblocking(false).unwrap();
+                if closed {
+                    break;
+                }
             }
-            std::thread::sleep(Duration::from_secs(1));
-            if start.elapsed() > Duration::from_secs(8) {
-                break;
-            }
+            cut_off.store(true, std::sync::atomic::Ordering::SeqCst);
+            c.set_read_timeout(Some(HANG_GUARD)).unwrap();
+            let _ = c.read_to_end(&mut reply);
+            (sent, String::from_utf8_lossy(&reply).into_owned())
         }
-        let mut rest = Vec::new();
-        let _ = c.read_to_end(&mut rest);
-        (start.elapsed(), String::from_utf8_lossy(&rest).into_owned())
     });
-    std::thread::sleep(Duration::from_millis(500));
+    started.recv_timeout(HANG_GUARD).expect("the slow client connected");
+    // Served while the slow client is still connected: it holds no worker the others need.
+    assert_eq!(ureq::get(&s.url("/health")).call().unwrap().status(), 200);
+    assert!(!cut_off.load(std::sync::atomic::Ordering::SeqCst), "the slow client was cut off before another client was served");
     let (code, _) = s.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
-    assert_eq!(code, 200, "another client was not served meanwhile");
-    let (took, reply) = slow.join().unwrap();
-    eprintln!("slow client cut off after {took:?}: {reply:?}");
-    assert!(!reply.contains("\"ok\""), "the slow client was served: {reply}");
-    assert!(took < Duration::from_secs(8), "not cut off: {took:?}");
+    assert_eq!(code, 200, "another client was not served");
+    let (sent, reply) = slow.join().unwrap();
+    eprintln!("slow client cut off after {sent} of {} bytes: {reply:?}", REQUEST.len());
+    assert!(sent < REQUEST.len(), "the slow client sent its whole request head without being cut off: {reply:?}");
+    assert!(!reply.starts_with("HTTP/1.1 200") && !reply.contains("\"ok\""), "the slow client was served: {reply}");
 }
 
 #[test]
@@ -292,7 +358,7 @@ fn the_official_openai_python_client_works() {
 fn a_queued_client_that_drops_never_starts() {
     let s = Server::start(&["--parallel", "1", "--queue", "2"]);
     // A holds the only slot for a while.
-    let a = ureq::post(&s.url("/v1/completions")).send_json(json!({"prompt": "Tell me a long story.", "max_tokens": 150, "stream": true})).unwrap();
+    let a = ureq::post(&s.url("/v1/completions")).send_json(json!({"prompt": "Tell me a long story.", "max_tokens": 300, "stream": true})).unwrap();
     let mut a = BufReader::new(a.into_reader());
     let mut line = String::new();
     a.read_line(&mut line).unwrap();
@@ -302,18 +368,14 @@ fn a_queued_client_that_drops_never_starts() {
     let mut b = TcpStream::connect(&addr).unwrap();
     let body = json!({"prompt": "This request must never run.", "max_tokens": 50, "stream": true}).to_string();
     write!(b, "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
-    let t = Instant::now();
-    while s.metric("llama_queue_depth") != 1.0 {
-        assert!(t.elapsed() < Duration::from_secs(10), "B was never queued");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for("B is queued", || (s.metric("llama_queue_depth") == 1.0).then_some(()));
     drop(b);
-    let t = Instant::now();
-    while s.metric("llama_queue_depth") != 0.0 {
-        assert!(t.elapsed() < Duration::from_secs(1), "B is still queued 1 s after hanging up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    eprintln!("queued client removed {:?} after hanging up", t.elapsed());
+    // B leaves the queue while A still holds the slot: the server noticed the hang-up itself,
+    // it did not merely find it when B's turn came (then A would have ended first).
+    let m = wait_for("B leaves the queue", || Some(s.metrics()).filter(|m| m.get("llama_queue_depth") == 0.0));
+    assert_eq!(m.get("llama_active_sequences"), 1.0, "A no longer holds the slot when B leaves the queue");
+    assert_eq!(m.get("llama_requests_total{outcome=\"length\"}") + m.get("llama_requests_total{outcome=\"stop\"}"), 0.0, "A ended before B left the queue");
+    assert_eq!(m.get("llama_requests_total{outcome=\"cancelled\"}"), 1.0, "B was not counted as cancelled");
     // Let A finish: B's prompt was never decoded, and B counts as cancelled.
     let _ = a.read_to_end(&mut Vec::new());
     assert_eq!(s.metric("llama_prompt_tokens_total"), prompt_tokens_before, "B's prompt was processed");
@@ -323,7 +385,7 @@ fn a_queued_client_that_drops_never_starts() {
 /// One raw HTTP/1.1 request; returns the status line and headers, and the body.
 fn raw(addr: &str, request: &str) -> (String, String) {
     let mut c = TcpStream::connect(addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.set_read_timeout(Some(HANG_GUARD)).unwrap();
     c.write_all(request.as_bytes()).unwrap();
     let mut out = String::new();
     let _ = c.read_to_string(&mut out);
@@ -399,30 +461,21 @@ fn a_bad_model_exits_at_once_or_serves_503_with_the_reason() {
     eprintln!("exited after {:?}", t.elapsed());
 
     // --on-load-error serve: stays up, /health 503 with the reason and no path.
-    let s = Server::start_with(bad.to_str().unwrap(), &["--on-load-error", "serve"]);
-    let t = Instant::now();
-    let v = loop {
-        match ureq::get(&s.url("/health")).call() {
-            Err(ureq::Error::Status(503, r)) => {
-                let v: Value = r.into_json().unwrap();
-                if v["error"]["code"] == "model_load_failed" {
-                    break v;
-                }
-            }
-            other => panic!("/health: {other:?}"),
-        }
-        assert!(t.elapsed() < Duration::from_secs(30), "never reported the failure");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let mut s = Server::start_with(bad.to_str().unwrap(), &["--on-load-error", "serve"]);
+    let v = wait_for("/health reports the failed load", || match ureq::get(&s.url("/health")).call() {
+        Err(ureq::Error::Status(503, r)) => Some(r.into_json::<Value>().unwrap()).filter(|v| v["error"]["code"] == "model_load_failed"),
+        other => panic!("/health: {other:?}"),
+    });
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(msg.contains("gemma3.block_count"), "{msg}");
     assert!(!msg.contains("secret-dir") && !msg.contains('/'), "a path leaked: {msg}");
     let (code, v) = s.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 1}));
     assert_eq!(code, 503, "{v}");
     assert!(!v.to_string().contains("secret-dir"), "{v}");
-    // Still up a while later: no crash loop.
+    // Still the same process, still answering 503, after a further request: no crash loop.
     std::thread::sleep(Duration::from_millis(500));
     assert!(ureq::get(&s.url("/health")).call().is_err_and(|e| matches!(e, ureq::Error::Status(503, _))));
+    assert!(s.child.try_wait().unwrap().is_none(), "the server exited");
 }
 
 /// The server process's resident memory (KiB) and open file descriptors.
@@ -442,8 +495,10 @@ enum Ended {
     HungUp,
 }
 
-fn soak_request(base: &str, agent: &ureq::Agent, addr: &str, n: u64) -> Result<Ended, String> {
-    // A small xorshift per request: reproducible and different for each.
+/// What soak request `n` does: (kind, max_tokens, prompt). Kind 0 hangs up mid-stream, 1..=5
+/// stream, 6..=9 do not; 5 and 9 are chat. A small xorshift per request: reproducible and
+/// different for each.
+fn soak_plan(n: u64) -> (u64, u64, &'static str) {
     let mut x = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut rnd = |m: u64| {
         x ^= x << 13;
@@ -454,13 +509,29 @@ fn soak_request(base: &str, agent: &ureq::Agent, addr: &str, n: u64) -> Result<E
     let kind = rnd(10);
     let max_tokens = 1 + rnd(24);
     let prompt = ["Hello", "Tell me about rivers.", "Write a haiku about snow.", "List three colours.", "Why is the sky blue?"][rnd(5) as usize];
+    (kind, max_tokens, prompt)
+}
+
+/// The outcomes request `n` may end with, by its plan: a 503 is always one of them.
+fn soak_outcome_fits_plan(n: u64, ended: Ended) -> bool {
+    let (kind, _, _) = soak_plan(n);
+    match ended {
+        Ended::Overloaded => true,
+        Ended::HungUp => kind == 0,
+        Ended::Streamed => (1..6).contains(&kind),
+        Ended::Completed => kind >= 6,
+    }
+}
+
+fn soak_request(base: &str, agent: &ureq::Agent, addr: &str, n: u64) -> Result<Ended, String> {
+    let (kind, max_tokens, prompt) = soak_plan(n);
     if kind == 0 {
         // A client that hangs up mid-stream.
         let mut c = TcpStream::connect(addr).map_err(|e| e.to_string())?;
         let body = json!({"prompt": prompt, "max_tokens": 200, "stream": true}).to_string();
         write!(c, "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).map_err(|e| e.to_string())?;
         let mut buf = [0u8; 256];
-        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        c.set_read_timeout(Some(HANG_GUARD)).unwrap();
         let got = c.read(&mut buf).map_err(|e| e.to_string())?;
         let head = String::from_utf8_lossy(&buf[..got]).to_string();
         if head.starts_with("HTTP/1.1 503") {
@@ -509,8 +580,10 @@ fn soak_request(base: &str, agent: &ureq::Agent, addr: &str, n: u64) -> Result<E
 
 /// 1,000 mixed requests over HTTP: streaming and not, completions and chat, random lengths,
 /// a tenth hanging up mid-stream, and more clients than slots plus queue so some are turned
-/// away. Every request must end in a definite outcome; memory and file descriptors after the
-/// run must be within 10% of their values after the first 100 requests.
+/// away (a client retries a 503 four times, then takes it as the outcome). Every request must
+/// end in a definite outcome, the one it planned or a 503; every hang-up must be counted as
+/// cancelled; memory and file descriptors after the run must be within 10% of their values
+/// after the first 100 requests.
 #[test]
 fn http_soak_of_a_thousand_mixed_requests() {
     let s = Server::start(&["--parallel", "4", "--queue", "4", "-c", "4096"]);
@@ -520,13 +593,13 @@ fn http_soak_of_a_thousand_mixed_requests() {
     // Two more clients than slots plus queue: some are turned away.
     let clients = 10;
     let rejections = std::sync::atomic::AtomicU64::new(0);
-    let run = |from: u64, to: u64| -> Vec<Result<Ended, String>> {
+    let run = |from: u64, to: u64| -> Vec<(u64, Result<Ended, String>)> {
         let next = std::sync::atomic::AtomicU64::new(from);
         let results = std::sync::Mutex::new(Vec::new());
         std::thread::scope(|sc| {
             for _ in 0..clients {
                 sc.spawn(|| {
-                    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(120)).build();
+                    let agent = ureq::AgentBuilder::new().timeout(HANG_GUARD).build();
                     loop {
                         let n = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         if n >= to {
@@ -542,7 +615,7 @@ fn http_soak_of_a_thousand_mixed_requests() {
                             std::thread::sleep(Duration::from_millis(50 * (attempt + 1) + n % 50));
                             r = soak_request(&base, &agent, &addr, n);
                         }
-                        results.lock().unwrap().push(r);
+                        results.lock().unwrap().push((n, r));
                     }
                 });
             }
@@ -550,11 +623,10 @@ fn http_soak_of_a_thousand_mixed_requests() {
         results.into_inner().unwrap()
     };
     let settle = |s: &Server| {
-        let t = Instant::now();
-        while s.metric("llama_active_sequences") != 0.0 || s.metric("llama_queue_depth") != 0.0 {
-            assert!(t.elapsed() < Duration::from_secs(10), "requests still running after the clients finished");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for("every request has left its slot and the queue", || {
+            let m = s.metrics();
+            (m.get("llama_active_sequences") == 0.0 && m.get("llama_queue_depth") == 0.0).then_some(())
+        });
         // Let the server notice the clients' closed connections before counting descriptors.
         std::thread::sleep(Duration::from_millis(300));
     };
@@ -566,11 +638,14 @@ fn http_soak_of_a_thousand_mixed_requests() {
     settle(&s);
     let (rss_end, fds_end) = rss_and_fds(pid);
     let took = t.elapsed();
-    let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    let failures: Vec<String> = results.iter().filter_map(|(n, r)| r.as_ref().err().map(|e| format!("request {n}: {e}"))).collect();
     let mut counts = std::collections::BTreeMap::new();
-    for r in results.iter().flatten() {
-        *counts.entry(*r).or_insert(0) += 1;
+    for (_, r) in &results {
+        if let Ok(ended) = r {
+            *counts.entry(*ended).or_insert(0) += 1;
+        }
     }
+    let off_plan: Vec<String> = results.iter().filter_map(|(n, r)| r.as_ref().ok().filter(|&&e| !soak_outcome_fits_plan(*n, e)).map(|e| format!("request {n}: {e:?}"))).collect();
     eprintln!(
         "soak: {} requests in {took:?}: {counts:?}, {} failed, {} 503s retried; RSS {rss_100} KiB after 100 -> {rss_end} KiB ({:.3}x); fds {fds_100} -> {fds_end}",
         results.len(),
@@ -586,8 +661,13 @@ fn http_soak_of_a_thousand_mixed_requests() {
     assert_eq!(s.metric("llama_requests_total{outcome=\"error\"}"), 0.0);
     assert_eq!(results.len(), 1000);
     assert!(failures.is_empty(), "{} requests had no definite outcome: {:?}", failures.len(), &failures[..failures.len().min(5)]);
-    // A tenth are hang-ups, minus those still refused after their retries.
-    assert!(counts.get(&Ended::HungUp).is_some_and(|&n| n >= 40), "too few hang-ups: {counts:?}");
+    // How many get through depends on the machine's speed against the clients' back-off, so
+    // that is not asserted; what each request did is: its planned outcome, or a 503.
+    assert!(off_plan.is_empty(), "requests ended otherwise than planned: {off_plan:?}");
+    let hung_up = counts.get(&Ended::HungUp).copied().unwrap_or(0);
+    assert!(hung_up > 0 && counts.get(&Ended::Streamed).is_some_and(|&n| n > 0) && counts.get(&Ended::Completed).is_some_and(|&n| n > 0), "a kind of request never got through: {counts:?}");
+    // Every client that hung up mid-stream was noticed: its request ended cancelled.
+    assert_eq!(s.metric("llama_requests_total{outcome=\"cancelled\"}"), hung_up as f64, "hang-ups not counted as cancelled");
     assert!(rejections.load(std::sync::atomic::Ordering::Relaxed) > 0 || counts.contains_key(&Ended::Overloaded), "the queue limit was never reached");
     assert!(rss_end as f64 <= rss_100 as f64 * 1.10, "resident memory grew: {rss_100} -> {rss_end} KiB");
     assert!((fds_end as f64) <= fds_100 as f64 * 1.10, "file descriptors grew: {fds_100} -> {fds_end}");
