@@ -73,7 +73,8 @@ pub struct ServeArgs {
     /// Total KV cache in tokens, shared by the --parallel slots.
     #[arg(short = 'c', long = "ctx-size", default_value_t = 8192)]
     pub ctx_size: u32,
-    #[arg(short = 't', long = "threads", allow_hyphen_values = true)]
+    /// Threads for decoding (default: the config's `threads`, else one per hardware thread).
+    #[arg(short = 't', long = "threads", allow_hyphen_values = true, env = "LLAMA_THREADS")]
     pub threads: Option<i32>,
     #[arg(short = 'b', long = "batch-size", default_value_t = 2048)]
     pub batch_size: u32,
@@ -344,9 +345,11 @@ pub struct SamplingArgs {
     #[arg(long = "frequency-penalty", default_value_t = 0.0, allow_hyphen_values = true, env = "LLAMA_FREQUENCY_PENALTY")]
     pub frequency_penalty: f32,
     /// Stop before this string (repeatable); it never appears in the output.
+    /// [env: LLAMA_STOP=, a comma-separated list or a JSON array of strings]
     #[arg(long = "stop", value_name = "STR")]
     pub stop: Vec<String>,
-    /// Token bias, llama.cpp's syntax: TOKEN_ID(+|-)BIAS, e.g. `15043+1` or `15043-inf`.
+    /// Token bias, llama.cpp's syntax: TOKEN_ID(+|-)BIAS, e.g. `15043+1` or `15043-inf`
+    /// (repeatable). [env: LLAMA_LOGIT_BIAS=, a comma-separated list or a JSON array]
     #[arg(short = 'l', long = "logit-bias", value_name = "TOKEN(+|-)BIAS", allow_hyphen_values = true)]
     pub logit_bias: Vec<String>,
 }
@@ -356,14 +359,21 @@ pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// The prompt.
-    #[arg(short = 'p', long = "prompt")]
-    pub prompt: String,
+    #[arg(short = 'p', long = "prompt", required_unless_present = "file")]
+    pub prompt: Option<String>,
+    /// Read the prompt from this file (as llama.cpp's `-f`).
+    #[arg(short = 'f', long = "file", value_name = "FILE", conflicts_with = "prompt")]
+    pub file: Option<PathBuf>,
     /// Send the prompt through the model's chat template as one user turn.
     #[arg(long)]
     pub chat: bool,
     /// System prompt (with --chat).
     #[arg(long = "system", visible_alias = "sys", env = "LLAMA_SYSTEM")]
     pub system: Option<String>,
+    /// Chat template (with --chat): a built-in name (gemma, chatml) or a Jinja file;
+    /// default: the model's.
+    #[arg(long = "chat-template", value_name = "NAME|FILE", env = "LLAMA_CHAT_TEMPLATE")]
+    pub chat_template: Option<String>,
     #[command(flatten)]
     pub ctx: ContextArgs,
     #[command(flatten)]
@@ -381,7 +391,7 @@ pub struct ChatArgs {
     #[arg(long = "system", visible_alias = "sys", env = "LLAMA_SYSTEM")]
     pub system: Option<String>,
     /// Chat template: a built-in name (gemma, chatml) or a Jinja file; default: the model's.
-    #[arg(long = "chat-template", value_name = "NAME|FILE")]
+    #[arg(long = "chat-template", value_name = "NAME|FILE", env = "LLAMA_CHAT_TEMPLATE")]
     pub chat_template: Option<String>,
     #[command(flatten)]
     pub ctx: ContextArgs,
@@ -437,8 +447,8 @@ pub struct BenchArgs {
     /// Generated tokens for the tg test (0 skips it).
     #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
     pub n_gen: u32,
-    /// Threads (default: one per hardware thread).
-    #[arg(short = 't', long = "threads", allow_hyphen_values = true)]
+    /// Threads (default: the config's `threads`, else one per hardware thread).
+    #[arg(short = 't', long = "threads", allow_hyphen_values = true, env = "LLAMA_THREADS")]
     pub threads: Option<i32>,
     /// Repetitions of each test.
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
@@ -465,8 +475,17 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-/// llama.cpp spells some flags as multi-letter short options (`-ub 512`, `-tb 4`);
-/// clap does not, so they are rewritten to their long names first.
+/// llama.cpp's `--logit-bias` syntax: `TOKEN(+|-)BIAS`, BIAS a number or `inf`.
+pub fn parse_logit_bias(s: &str) -> Result<llama_host::LogitBias, String> {
+    let bad = || format!("'{s}' is not TOKEN(+|-)BIAS, e.g. 15043+1 or 15043-inf");
+    let split = s.char_indices().skip(1).find(|(_, c)| *c == '+' || *c == '-').map(|(i, _)| i).ok_or_else(bad)?;
+    let token: i32 = s[..split].parse().map_err(|_| bad())?;
+    let bias: f32 = s[split..].parse().map_err(|_| bad())?;
+    Ok(llama_host::LogitBias { token, bias })
+}
+
+/// llama.cpp spells some flags as multi-letter short options (`-ub 512`, `-tb 4`,
+/// `-np 4`); clap does not, so they are rewritten to their long names first.
 pub fn normalize_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
     args.into_iter()
         .map(|a| match a.to_str() {
@@ -476,6 +495,7 @@ pub fn normalize_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec
             Some("-sm") => "--split-mode".into(),
             Some("-mg") => "--main-gpu".into(),
             Some("-dev") => "--device".into(),
+            Some("-np") => "--parallel".into(),
             _ => a,
         })
         .collect()
@@ -566,6 +586,19 @@ mod tests {
         assert_eq!((defaults.split_mode, defaults.main_gpu, defaults.devices.is_none()), (llama_host::SplitMode::Layer, 0, true));
         for bad in [&["--split-mode", "diagonal"][..], &["--main-gpu", "-1"], &["--device", "CUDA0,,CUDA1"], &["--device", ""]] {
             assert!(model(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn llama_cpp_s_np_and_f_parse() {
+        let cli = Cli::parse_from(normalize_args(["llama", "serve", "-m", "x.gguf", "-np", "2"].iter().map(Into::into)));
+        let Command::Serve(s) = cli.command else { panic!("not serve") };
+        assert_eq!(s.parallel, 2);
+        let cli = Cli::parse_from(normalize_args(["llama", "run", "-m", "x.gguf", "-f", "prompt.txt"].iter().map(Into::into)));
+        let Command::Run(r) = cli.command else { panic!("not run") };
+        assert_eq!((r.file, r.prompt), (Some(PathBuf::from("prompt.txt")), None));
+        for bad in [&["llama", "run", "-m", "x.gguf"][..], &["llama", "run", "-p", "x", "-f", "y"]] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} was accepted");
         }
     }
 

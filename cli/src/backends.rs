@@ -16,7 +16,7 @@ pub fn run(g: &Global, a: &BackendsOpts) -> Result<(), CliError> {
             None => llama_host::user_backends_dir().ok_or(llama_host::InstallError::NoUserDir)?,
         };
         let (dest, [name, version, build]) = llama_host::install_backend(file, &dir, g.discovery().isolation.as_ref())?;
-        println!("installed {name} backend {version} ({build}) to {}", dest.display());
+        outln!("installed {name} backend {version} ({build}) to {}", dest.display())?;
         return Ok(());
     }
     let mut backends = Backends::discover(&g.discovery());
@@ -34,11 +34,11 @@ pub fn run(g: &Global, a: &BackendsOpts) -> Result<(), CliError> {
             #[serde(skip_serializing_if = "Option::is_none")]
             model: Option<ModelFit>,
         }
-        println!("{}", serde_json::to_string_pretty(&Out { report: backends.report(), model }).expect("the report serializes"));
+        outln!("{}", serde_json::to_string_pretty(&Out { report: backends.report(), model }).expect("the report serializes"))?;
     } else {
-        print!("{}", backends.report());
+        out!("{}", backends.report())?;
         if let Some(m) = model {
-            print!("{m}");
+            out!("{m}")?;
         }
     }
     // Nothing usable: the report above says why; the exit code says so to scripts (4).

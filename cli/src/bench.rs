@@ -42,14 +42,14 @@ pub fn run(g: &Global, o: &BenchOpts) -> Result<(), CliError> {
     let concurrent = bench::concurrent(&model, &cp)?;
     let prefix = if a.no_prefix_test { None } else { Some(bench::prefix_reuse(&model, &cp, 1000)?) };
     if a.json {
-        println!("{}", bench_json(&model, &backend, &p, &r, &concurrent, prefix.as_ref(), a.batch_invariant));
+        outln!("{}", bench_json(&model, &backend, &p, &r, &concurrent, prefix.as_ref(), a.batch_invariant))?;
     } else {
-        println!("| model | size | backend | threads | test | t/s |");
-        println!("| --- | ---: | --- | ---: | ---: | ---: |");
+        outln!("| model | size | backend | threads | test | t/s |")?;
+        outln!("| --- | ---: | --- | ---: | ---: | ---: |")?;
         let size = format!("{:.2} MiB", model.info().size_bytes as f64 / (1u64 << 20) as f64);
         for (name, t) in [("pp", &r.pp), ("tg", &r.tg)] {
             if let Some(t) = t {
-                println!(
+                outln!(
                     "| {} | {size} | {} | {} | {name}{} | {:.2} ± {:.2} |",
                     model.info().description,
                     backend.name(),
@@ -57,35 +57,35 @@ pub fn run(g: &Global, o: &BenchOpts) -> Result<(), CliError> {
                     t.tokens,
                     t.tokens_per_s,
                     t.stddev
-                );
+                )?;
             }
         }
         if !concurrent.is_empty() {
-            println!();
-            println!("| streams | aggregate t/s (batched) | t/s one at a time | batched / one at a time | vs 1 stream |");
-            println!("| ---: | ---: | ---: | ---: | ---: |");
+            outln!()?;
+            outln!("| streams | aggregate t/s (batched) | t/s one at a time | batched / one at a time | vs 1 stream |")?;
+            outln!("| ---: | ---: | ---: | ---: | ---: |")?;
             let base = concurrent[0].tokens_per_s;
             for c in &concurrent {
-                println!(
+                outln!(
                     "| {} | {:.2} | {:.2} | {:.2}x | {:.2}x |",
                     c.streams,
                     c.tokens_per_s,
                     c.sequential_tokens_per_s,
                     c.tokens_per_s / c.sequential_tokens_per_s,
                     c.tokens_per_s / base
-                );
+                )?;
             }
         }
         if let Some(pr) = &prefix {
-            println!();
-            println!(
+            outln!()?;
+            outln!(
                 "time to first token, {}-token prompt sharing {} tokens with the previous one: {:.1} ms with prefix reuse, {:.1} ms without ({:.3}x)",
                 pr.prompt_tokens,
                 pr.cached_tokens,
                 pr.ttft_with_reuse_ms,
                 pr.ttft_without_reuse_ms,
                 pr.ttft_with_reuse_ms / pr.ttft_without_reuse_ms
-            );
+            )?;
         }
     }
     Ok(())

@@ -19,16 +19,24 @@ use crate::CliError;
 
 const HELP: &str = "commands: /reset (forget the conversation), /save FILE, /load FILE, /exit (or Ctrl-D); Ctrl-C stops a reply";
 
-fn template(model: &Model, choice: Option<&str>) -> Result<ChatTemplate, CliError> {
-    match choice {
-        None => Ok(ChatTemplate::for_model(model)?),
-        Some(name) if Path::new(name).is_file() => {
-            let text = std::fs::read_to_string(name).map_err(|source| CliError::ArgFile { flag: "--chat-template", path: name.into(), source })?;
-            let base = ChatTemplate::for_model(model)?;
-            Ok(ChatTemplate::compile(text, base.bos_token().to_string(), base.eos_token().to_string(), name.to_string())?)
+/// The chat template: `choice` (`--chat-template`: a built-in name or a file), else the
+/// model's own, else the built-in one for its architecture. A model template that does not
+/// compile is a warning and the built-in one is used; a template the user named must
+/// render a first turn here, so a broken one is a bad argument (exit 2) before the chat
+/// starts, not an error at every turn.
+pub fn template(model: &Model, choice: Option<&str>, system: Option<&str>) -> Result<ChatTemplate, CliError> {
+    let Some(name) = choice else {
+        let (tmpl, problem) = ChatTemplate::for_model_or_builtin(model)?;
+        if let Some(e) = problem {
+            tracing::warn!("{e}; using the {} template instead (--chat-template NAME|FILE chooses another)", tmpl.source);
         }
-        Some(name) => Ok(ChatTemplate::builtin(model, name)?),
-    }
+        return Ok(tmpl);
+    };
+    let tmpl = ChatTemplate::named(model, name).map_err(CliError::ChatTemplate)?;
+    let mut first = Conversation::new(system);
+    first.push("user", "Hello");
+    tmpl.render(&first.messages, true).map_err(CliError::ChatTemplate)?;
+    Ok(tmpl)
 }
 
 enum Line {
@@ -42,8 +50,7 @@ enum Line {
 /// reply into input.)
 fn read_line(stdin: &mut std::io::StdinLock<'static>, interactive: bool) -> Line {
     if interactive {
-        eprint!("> ");
-        let _ = std::io::stderr().flush();
+        err!("> ");
     }
     let mut l = String::new();
     match stdin.read_line(&mut l) {
@@ -56,16 +63,16 @@ pub fn run(g: &Global, a: &ChatOpts, ints: &Interrupts) -> Result<(), CliError> 
     let (opts, params) = (&a.gen.generate, &a.gen.session);
     let backend = select_backend(g, &a.load)?;
     let model = load_model(&backend, &a.load, params.size.n_ctx)?;
-    let tmpl = template(&model, a.chat_template.as_deref())?;
+    let tmpl = template(&model, a.chat_template.as_deref(), a.system.as_deref())?;
     tracing::info!(template = %tmpl.source, "chat template");
     let mut session = model.session(params)?;
     let mut conv = Conversation::new(a.system.as_deref());
 
     let interactive = std::io::stdin().is_terminal();
     if interactive {
-        eprintln!("{} — {HELP}", model.info().description);
+        errln!("{} — {HELP}", model.info().description);
         // Ctrl-C at the prompt does not leave the chat.
-        ints.on_idle(|| eprint!("\n(Ctrl-D or /exit leaves the chat)\n> "));
+        ints.on_idle(|| err!("\n(Ctrl-D or /exit leaves the chat)\n> "));
     }
     let mut stdin = std::io::stdin().lock();
     loop {
@@ -84,30 +91,34 @@ pub fn run(g: &Global, a: &ChatOpts, ints: &Interrupts) -> Result<(), CliError> 
                 "reset" => {
                     conv.reset();
                     session.reset();
-                    eprintln!("(conversation reset)");
+                    errln!("(conversation reset)");
                 }
                 "save" if !arg.is_empty() => match save(&conv, Path::new(arg)) {
-                    Ok(()) => eprintln!("(saved {} messages to {arg})", conv.messages.len()),
-                    Err(e) => eprintln!("error: cannot save to {arg}: {e}"),
+                    Ok(()) => errln!("(saved {} messages to {arg})", conv.messages.len()),
+                    Err(e) => errln!("error: cannot save to {arg}: {e}"),
                 },
                 "load" if !arg.is_empty() => match load(Path::new(arg)) {
                     Ok(c) => {
                         conv = c;
-                        eprintln!("(loaded {} messages from {arg})", conv.messages.len());
+                        errln!("(loaded {} messages from {arg})", conv.messages.len());
                     }
-                    Err(e) => eprintln!("error: cannot load {arg}: {e}"),
+                    Err(e) => errln!("error: cannot load {arg}: {e}"),
                 },
-                _ => eprintln!("{HELP}"),
+                _ => errln!("{HELP}"),
             }
             continue;
         }
         conv.push("user", line);
         match reply(&mut session, &tmpl, &conv, opts, ints) {
-            Ok((text, stats)) => {
+            Ok((text, stats, closed)) => {
                 // A cancelled reply stays in the history as far as it got.
                 conv.push("assistant", text);
                 if !a.no_stats {
-                    eprintln!("{}", stats_line(&stats, backend.name()));
+                    errln!("{}", stats_line(&stats, backend.name()));
+                }
+                // Nobody reads the replies any more (`llama chat | head`): a normal end.
+                if closed {
+                    break;
                 }
             }
             Err(e) => {
@@ -119,28 +130,26 @@ pub fn run(g: &Global, a: &ChatOpts, ints: &Interrupts) -> Result<(), CliError> 
     Ok(())
 }
 
+/// One reply, streamed to stdout: its text, statistics, and whether stdout was closed.
 fn reply(
     session: &mut Session<'_>,
     tmpl: &ChatTemplate,
     conv: &Conversation,
     opts: &llama_host::GenerateOptions,
     ints: &Interrupts,
-) -> Result<(String, llama_host::GenerationStats), CliError> {
+) -> Result<(String, llama_host::GenerationStats, bool), CliError> {
     let prompt = tmpl.render(&conv.messages, true)?;
     let mut stream = session.stream(&prompt, opts)?;
     ints.watch(stream.canceller());
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let text = stream_to_stdout(&mut stream, &mut out);
+    let streamed = stream_to_stdout(&mut stream, &mut out);
     ints.clear();
-    let text = text?;
+    let streamed = streamed?;
     let stats = stream.stats().clone();
-    if stats.finish == Some(FinishReason::Cancelled) {
-        let _ = write!(out, " [stopped]");
-    }
-    let _ = writeln!(out);
-    let _ = out.flush();
-    Ok((text.trim().to_string(), stats))
+    let end = if stats.finish == Some(FinishReason::Cancelled) { " [stopped]\n" } else { "\n" };
+    let closed = streamed.closed || out.write_all(end.as_bytes()).and_then(|_| out.flush()).is_err();
+    Ok((streamed.text.trim().to_string(), stats, closed))
 }
 
 fn save(conv: &Conversation, path: &Path) -> std::io::Result<()> {

@@ -70,6 +70,13 @@ fn gpu_index<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
 fn non_negative_i32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {
     range(d, |v: &i32| *v >= 0, "an integer >= 0")
 }
+fn logit_biases<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    for b in &v {
+        crate::args::parse_logit_bias(b).map_err(serde::de::Error::custom)?;
+    }
+    Ok(Some(v))
+}
 
 /// Defaults for flags, under their long names.
 #[derive(Debug, Default, Deserialize)]
@@ -108,6 +115,9 @@ pub struct Defaults {
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub stop: Option<Vec<String>>,
+    /// `["15043+1", "15044-inf"]`, the flag's syntax.
+    #[serde(default, deserialize_with = "logit_biases")]
+    pub logit_bias: Option<Vec<String>>,
     pub system: Option<String>,
     pub chat_template: Option<String>,
 }
@@ -174,6 +184,14 @@ impl Config {
         let d = &self.defaults;
         fill!(m, d, ctx, ctx_size, threads, threads_batch, batch_size, ubatch_size, cache_tokens);
         fill!(m, d, s, n_predict, seed, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, stop);
+        fill!(m, d, s, logit_bias);
+    }
+
+    /// Fills `threads` (`bench`, `serve`: their only session-size flag the config sets).
+    pub fn apply_threads(&self, m: &ArgMatches, threads: &mut Option<i32>) {
+        if unset(m, "threads") && threads.is_none() {
+            *threads = self.defaults.threads;
+        }
     }
 
     /// Fills the model and offload arguments (`backend`, `gpu-layers`, `device`,
@@ -183,7 +201,8 @@ impl Config {
         fill!(m, d, model, backend, gpu_layers, device, split_mode, main_gpu);
     }
 
-    /// A string default (`system`, `chat_template`) when the flag was not given.
+    /// A string default (`system`, `chat_template`) when neither the flag nor its variable
+    /// was given.
     pub fn text_default(&self, m: &ArgMatches, id: &str, current: &mut Option<String>) {
         let v = match id {
             "system" => &self.defaults.system,
@@ -251,6 +270,9 @@ mod tests {
         assert!(e.contains("line 2") && e.contains("ctx-size"), "{e}");
         let e = parse_err("[defaults]\nthreads = 0\n");
         assert!(e.contains("line 2") && e.contains("threads"), "{e}");
+        let e = parse_err("[defaults]\nlogit-bias = [\"15043+1\", \"x\"]\n");
+        assert!(e.contains("line 2") && e.contains("logit-bias") && e.contains("TOKEN(+|-)BIAS"), "{e}");
+        assert_eq!(parse_ok("[defaults]\nlogit-bias = [\"15043-inf\"]\n").defaults.logit_bias, Some(vec!["15043-inf".to_string()]));
     }
 
     fn run_args(argv: &[&str], cfg: &Config) -> crate::args::RunArgs {

@@ -9,10 +9,17 @@ use llama_serve::bench;
 pub enum CliError {
     #[error("no model given: pass a model (name or -m FILE), set LLAMA_MODEL or default-model in the config; the default model is not installed at {path} (scripts/fetch-model installs it)")]
     NoModel { path: String },
-    #[error("unknown model '{name}': not a file, not a name in the config's [models], not in the models directory {dirs}")]
+    #[error("unknown model '{name}': not a file, not a name in the config's [models], not in the models directory {dirs} (`llama list` shows the models there)")]
     UnknownModel { name: String, dirs: String },
     #[error("invalid {field}: {reason}")]
     InvalidArg { field: &'static str, reason: String },
+    /// An environment variable the command reads holds something it cannot use.
+    #[error("invalid {var}='{value}': {reason}")]
+    InvalidEnv { var: &'static str, value: String, reason: String },
+    /// The template `--chat-template` names cannot be used (missing, does not compile, or
+    /// does not render a first turn): a bad argument.
+    #[error("--chat-template: {0}")]
+    ChatTemplate(#[source] llama_host::chat::ChatError),
     /// A file named by a flag (`--api-key-file`, ...) cannot be read: a bad argument.
     #[error("cannot read {} ({flag})", path.display())]
     ArgFile { flag: &'static str, path: PathBuf, #[source] source: std::io::Error },
@@ -51,6 +58,8 @@ impl CliError {
         use llama_serve::engine::StartError;
         match self {
             CliError::InvalidArg { .. }
+            | CliError::InvalidEnv { .. }
+            | CliError::ChatTemplate(_)
             | CliError::ArgFile { .. }
             | CliError::Config(_)
             | CliError::Session(SessionError::InvalidParam { .. })
@@ -65,15 +74,26 @@ impl CliError {
     }
 }
 
-/// The error and each cause not already part of its message.
+impl CliError {
+    /// Whether this is the reader of our output going away (`llama run | head`): a normal
+    /// end, exit 0, nothing to print.
+    pub fn is_closed_output(&self) -> bool {
+        matches!(self, CliError::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
+    }
+}
+
+/// The error and each cause not already part of its message. A closed stderr loses it
+/// (there is nowhere left to say it); the exit code still tells.
 pub fn print_error(e: &CliError) {
+    use std::io::Write;
     let top = e.to_string();
-    eprintln!("error: {top}");
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "error: {top}");
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         let msg = s.to_string();
         if !top.contains(&msg) {
-            eprintln!("  caused by: {msg}");
+            let _ = writeln!(err, "  caused by: {msg}");
         }
         source = s.source();
     }

@@ -15,7 +15,7 @@ pub fn select_backend(g: &Global, l: &LoadOpts) -> Result<LoadedBackend, CliErro
     let choice = l.backend.clone();
     let selected = backends.select(choice.clone());
     if g.verbose > 0 {
-        eprint!("{}", backends.report());
+        err!("{}", backends.report());
     }
     let selected = selected?;
     // GPU offload asked for, but the backend in use is the CPU: say why, once, and go on.

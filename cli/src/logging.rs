@@ -9,8 +9,10 @@ use tracing_subscriber::EnvFilter;
 use crate::args::LogFormat;
 use crate::opts::Global;
 
-/// Installs the subscriber. The returned guard flushes the trace file when dropped.
-pub fn init(g: &Global) -> Option<tracing_chrome::FlushGuard> {
+/// Installs the subscriber; spans also go to `trace` (`LLAMA_TRACE_FILE`, opened by the
+/// option resolution, so a path that cannot be created is a typed error there, never a
+/// panic here). The returned guard flushes the trace file when dropped.
+pub fn init(g: &Global, trace: Option<std::fs::File>) -> Option<tracing_chrome::FlushGuard> {
     // llama.cpp's own log (target llama_cpp) is off unless asked for: load errors reach
     // the user through typed errors, not through its log.
     let default = match g.verbose {
@@ -24,9 +26,9 @@ pub fn init(g: &Global) -> Option<tracing_chrome::FlushGuard> {
         LogFormat::Json => fmt.json().boxed(),
         LogFormat::Text => fmt.with_target(g.verbose > 0).boxed(),
     };
-    let (chrome, guard) = match &g.trace_file {
+    let (chrome, guard) = match trace {
         Some(file) => {
-            let (layer, guard) = tracing_chrome::ChromeLayerBuilder::new().file(file).include_args(true).build();
+            let (layer, guard) = tracing_chrome::ChromeLayerBuilder::new().writer(file).include_args(true).build();
             // Spans and the runtime's own events; llama.cpp's log lines would drown them.
             (Some(layer.with_filter(EnvFilter::new("debug,llama_cpp=off"))), Some(guard))
         }

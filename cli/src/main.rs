@@ -2,6 +2,9 @@
 //! them once with the environment and the config file (`opts.rs`), set up logging and
 //! Ctrl-C, run one command module, map its error to an exit code (`error.rs`).
 
+// First: its print macros (`outln!`, `errln!`, ...) are used by the modules below.
+#[macro_use]
+mod output;
 mod args;
 mod backends;
 mod bench;
@@ -12,7 +15,6 @@ mod load;
 mod logging;
 mod models;
 mod opts;
-mod output;
 mod progress;
 mod run;
 mod serve;
@@ -58,8 +60,8 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     let code = match Options::resolve(&cli, &matches) {
-        Ok(options) => {
-            let trace_guard = logging::init(&options.global);
+        Ok(mut options) => {
+            let trace_guard = logging::init(&options.global, options.trace.take());
             let code = dispatch(&options);
             drop(trace_guard);
             code
@@ -69,6 +71,8 @@ fn main() -> ExitCode {
     match code {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError::Interrupted) => ExitCode::from(130),
+        // `llama ... | head`: the reader has what it wanted.
+        Err(e) if e.is_closed_output() => ExitCode::SUCCESS,
         Err(e) => {
             error::print_error(&e);
             ExitCode::from(e.exit_code())

@@ -1,7 +1,7 @@
 //! Which model file a command means, and `llama list`.
 //!
 //! A model is given as a path, a name from the config's `[models]`, or a file name in a
-//! models directory (with or without `.gguf`). Without one: `$LLAMA_MODEL`, the config's
+//! models directory (with or without `.gguf`, or any unique prefix of it). Without one: `$LLAMA_MODEL`, the config's
 //! `default-model`, then the default model that scripts/fetch-model installs.
 
 use std::path::{Path, PathBuf};
@@ -58,15 +58,14 @@ pub(crate) fn resolve_name(name: &str, cfg: &Config) -> Result<PathBuf, CliError
     }
     // A bare name (no directory part) may be a file in a models directory; the lookup
     // refuses anything that would leave the directory (see `find_model_in`).
+    // By file name, stem or unique prefix (`gemma` finds `gemma-3-270m-q4_k_m.gguf`).
     if as_path.components().count() == 1 {
-        for dir in dirs(cfg) {
-            match llama_host::find_model_in(&dir, name) {
-                Ok(Some(p)) => return Ok(p),
-                Ok(None) => {}
-                Err(e @ llama_host::ModelNameError::Escapes { .. }) => return Err(e.into()),
-                // Not a plain name (".hidden"): it can only be a path, handled below.
-                Err(llama_host::ModelNameError::NotAName { .. }) => break,
-            }
+        match llama_host::find_model(&dirs(cfg), name) {
+            Ok(Some(p)) => return Ok(p),
+            Ok(None) => {}
+            // Not a plain name (".hidden"): it can only be a path, handled below.
+            Err(llama_host::ModelNameError::NotAName { .. }) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     // Something that looks like a path goes to the loader, which says precisely what is
@@ -121,7 +120,7 @@ pub fn list(a: &ListOpts, cfg: &Config) -> Result<(), CliError> {
     }
     if a.json {
         let v = serde_json::json!({ "named": named, "files": files, "models_dirs": dirs(cfg) });
-        println!("{}", serde_json::to_string_pretty(&v).expect("serializes"));
+        outln!("{}", serde_json::to_string_pretty(&v).expect("serializes"))?;
         return Ok(());
     }
     let row = |e: &Entry| {
@@ -139,19 +138,19 @@ pub fn list(a: &ListOpts, cfg: &Config) -> Result<(), CliError> {
         }
     };
     if !named.is_empty() {
-        println!("named models (config):");
+        outln!("named models (config):")?;
         for e in &named {
-            println!("  {}", row(e));
+            outln!("  {}", row(e))?;
         }
     }
     for dir in dirs(cfg) {
-        println!("models in {}:", dir.display());
+        outln!("models in {}:", dir.display())?;
         let here: Vec<&Entry> = files.iter().filter(|e| e.path.parent() == Some(dir.as_path())).collect();
         if here.is_empty() {
-            println!("  (none)");
+            outln!("  (none)")?;
         }
         for e in here {
-            println!("  {}", row(e));
+            outln!("  {}", row(e))?;
         }
     }
     Ok(())

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use llama_host::{BackendChoice, ContextSize, DiscoveryOptions, GenerateOptions, LogitBias, SamplingParams, SessionParams};
+use llama_host::{BackendChoice, ContextSize, DiscoveryOptions, GenerateOptions, SamplingParams, SessionParams};
 
 use crate::args::{self, BackendsAction, Cli, Command, ContextArgs, LogFormat, ModelArgs, SamplingArgs};
 use crate::config::{self, Config};
@@ -19,6 +19,9 @@ pub struct Options {
     pub global: Global,
     pub config: Config,
     pub command: CommandOpts,
+    /// `LLAMA_TRACE_FILE` (where spans go in Chrome's trace format), created here so a
+    /// bad path is an error naming the variable; handed to the logging set-up.
+    pub trace: Option<std::fs::File>,
 }
 
 /// Settings every command shares.
@@ -29,8 +32,6 @@ pub struct Global {
     pub backend_dirs: Vec<PathBuf>,
     /// How long a backend's probe may take in its child process (`LLAMA_PROBE_TIMEOUT`).
     pub probe_timeout: Duration,
-    /// `LLAMA_TRACE_FILE`: where to write spans in Chrome's trace format.
-    pub trace_file: Option<PathBuf>,
 }
 
 impl Global {
@@ -74,9 +75,12 @@ pub enum CommandOpts {
 pub struct RunOpts {
     pub load: LoadOpts,
     pub gen: Generation,
+    /// `-p`, or the text of `-f FILE`.
     pub prompt: String,
     pub chat: bool,
     pub system: Option<String>,
+    /// `--chat-template` (with `--chat`): a built-in name or a file.
+    pub chat_template: Option<String>,
     pub no_stats: bool,
 }
 
@@ -120,35 +124,52 @@ pub struct ServeOpts {
 impl Options {
     /// Resolves the parsed command line against the environment and the config file.
     pub fn resolve(cli: &Cli, matches: &clap::ArgMatches) -> Result<Options, CliError> {
+        let trace_file = std::env::var_os("LLAMA_TRACE_FILE").filter(|f| !f.is_empty()).map(PathBuf::from);
+        let trace = match &trace_file {
+            Some(p) => Some(std::fs::File::create(p).map_err(|e| CliError::InvalidEnv {
+                var: "LLAMA_TRACE_FILE",
+                value: p.display().to_string(),
+                reason: format!("cannot create the trace file: {e}"),
+            })?),
+            None => None,
+        };
         let global = Global {
             verbose: cli.verbose,
             log_format: cli.log_format,
             backend_dirs: cli.backend_dirs.clone(),
-            probe_timeout: probe_timeout(),
-            trace_file: std::env::var_os("LLAMA_TRACE_FILE").filter(|f| !f.is_empty()).map(PathBuf::from),
+            probe_timeout: probe_timeout()?,
         };
         let cfg = config::load(config::locate(cli.config.as_deref()).as_deref())?;
         let sub = matches.subcommand().map(|(_, m)| m).expect("a subcommand is required");
         let command = match &cli.command {
             Command::Run(a) => {
                 let mut a = a.clone();
+                sampling_from_env(sub, &mut a.sampling)?;
                 cfg.apply(sub, &mut a.model, &mut a.ctx, &mut a.sampling);
                 cfg.text_default(sub, "system", &mut a.system);
+                cfg.text_default(sub, "chat_template", &mut a.chat_template);
                 let load = load_opts(&a.model, &cfg)?;
+                let prompt = match (a.prompt, &a.file) {
+                    (Some(p), _) => p,
+                    (None, Some(f)) => std::fs::read_to_string(f).map_err(|source| CliError::ArgFile { flag: "--file", path: f.clone(), source })?,
+                    (None, None) => unreachable!("clap requires -p or -f"),
+                };
                 let generate = generate_options(&a.sampling, !a.chat)?;
                 let session = session_params(&a.ctx)?;
                 session.validate()?;
                 CommandOpts::Run(RunOpts {
                     load,
                     gen: Generation { session, generate },
-                    prompt: a.prompt,
+                    prompt,
                     chat: a.chat,
                     system: a.system,
+                    chat_template: a.chat_template,
                     no_stats: a.no_stats,
                 })
             }
             Command::Chat(a) => {
                 let mut a = a.clone();
+                sampling_from_env(sub, &mut a.sampling)?;
                 cfg.apply(sub, &mut a.model, &mut a.ctx, &mut a.sampling);
                 cfg.text_default(sub, "system", &mut a.system);
                 cfg.text_default(sub, "chat_template", &mut a.chat_template);
@@ -178,6 +199,7 @@ impl Options {
             Command::Bench(a) => {
                 let mut a = a.clone();
                 cfg.apply_model(sub, &mut a.model);
+                cfg.apply_threads(sub, &mut a.threads);
                 let load = load_opts(&a.model, &cfg)?;
                 let threads = threads("threads", a.threads)?;
                 CommandOpts::Bench(BenchOpts { load, args: a, threads })
@@ -185,6 +207,7 @@ impl Options {
             Command::Serve(a) => {
                 let mut a = a.clone();
                 cfg.apply_model(sub, &mut a.model);
+                cfg.apply_threads(sub, &mut a.threads);
                 let load = load_opts(&a.model, &cfg)?;
                 let api_key = api_key(sub, &a)?;
                 let threads = threads("threads", a.threads)?;
@@ -192,7 +215,7 @@ impl Options {
                 CommandOpts::Serve(ServeOpts { load, args: a, threads, api_key, header_timeout })
             }
         };
-        Ok(Options { global, config: cfg, command })
+        Ok(Options { global, config: cfg, command, trace })
     }
 }
 
@@ -200,11 +223,61 @@ fn load_opts(m: &ModelArgs, cfg: &Config) -> Result<LoadOpts, CliError> {
     Ok(LoadOpts { path: models::resolve(m, cfg)?, backend: m.backend.parse().unwrap_or(BackendChoice::Auto), offload: m.clone() })
 }
 
+/// The longest `LLAMA_PROBE_TIMEOUT`: far past any probe that is not hung.
+pub const MAX_PROBE_TIMEOUT_S: f64 = 3600.0;
+
 /// How long a backend's probe may take in its child process: 10 s, or
-/// `LLAMA_PROBE_TIMEOUT` seconds.
-fn probe_timeout() -> Duration {
-    let secs = std::env::var("LLAMA_PROBE_TIMEOUT").ok().and_then(|v| v.parse::<f64>().ok()).filter(|s| *s > 0.0).unwrap_or(10.0);
-    Duration::from_secs_f64(secs)
+/// `LLAMA_PROBE_TIMEOUT` seconds (a number above 0, at most an hour).
+fn probe_timeout() -> Result<Duration, CliError> {
+    let Some(value) = std::env::var_os("LLAMA_PROBE_TIMEOUT").filter(|v| !v.is_empty()) else { return Ok(Duration::from_secs(10)) };
+    let value = value.to_string_lossy().into_owned();
+    value
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| *s > 0.0 && *s <= MAX_PROBE_TIMEOUT_S)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .ok_or_else(|| CliError::InvalidEnv {
+            var: "LLAMA_PROBE_TIMEOUT",
+            value,
+            reason: format!("expected seconds, a number above 0 and at most {MAX_PROBE_TIMEOUT_S}"),
+        })
+}
+
+/// The list-valued generation variables, `LLAMA_STOP` and `LLAMA_LOGIT_BIAS`, where the
+/// flag was not given (clap's `env` cannot split a list without also splitting the flag's
+/// values). The config fills what is still unset after this.
+fn sampling_from_env(m: &clap::ArgMatches, s: &mut SamplingArgs) -> Result<(), CliError> {
+    if let Some(stop) = env_list(m, "stop", "LLAMA_STOP")? {
+        s.stop = stop;
+    }
+    if let Some(biases) = env_list(m, "logit_bias", "LLAMA_LOGIT_BIAS")? {
+        for b in &biases {
+            args::parse_logit_bias(b).map_err(|reason| CliError::InvalidEnv { var: "LLAMA_LOGIT_BIAS", value: b.clone(), reason })?;
+        }
+        s.logit_bias = biases;
+    }
+    Ok(())
+}
+
+/// A list from the environment variable `var` when flag `id` was not given on the command
+/// line: a JSON array of strings when it starts with `[` (for entries with commas or
+/// escapes, `["\n\n", "a,b"]`), else comma-separated entries.
+fn env_list(m: &clap::ArgMatches, id: &str, var: &'static str) -> Result<Option<Vec<String>>, CliError> {
+    if m.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+        return Ok(None);
+    }
+    let Some(value) = std::env::var_os(var).filter(|v| !v.is_empty()) else { return Ok(None) };
+    let value = value.into_string().map_err(|v| CliError::InvalidEnv { var, value: v.to_string_lossy().into_owned(), reason: "not UTF-8".into() })?;
+    Ok(Some(parse_list(&value).map_err(|reason| CliError::InvalidEnv { var, value: value.clone(), reason })?))
+}
+
+/// `a,b` or `["a", "b"]`.
+fn parse_list(value: &str) -> Result<Vec<String>, String> {
+    if value.trim_start().starts_with('[') {
+        return serde_json::from_str::<Vec<String>>(value).map_err(|e| format!("not a JSON array of strings: {e}"));
+    }
+    Ok(value.split(',').map(str::to_string).collect())
 }
 
 /// The most seconds `--header-timeout` takes: an hour is already far past any client that
@@ -268,15 +341,6 @@ pub fn session_params(c: &ContextArgs) -> Result<SessionParams, CliError> {
     })
 }
 
-/// llama.cpp's `--logit-bias` syntax: `TOKEN(+|-)BIAS`, BIAS a number or `inf`.
-fn parse_logit_bias(s: &str) -> Result<LogitBias, CliError> {
-    let bad = || CliError::InvalidArg { field: "logit-bias", reason: format!("'{s}' is not TOKEN(+|-)BIAS, e.g. 15043+1 or 15043-inf") };
-    let split = s.char_indices().skip(1).find(|(_, c)| *c == '+' || *c == '-').map(|(i, _)| i).ok_or_else(bad)?;
-    let token: i32 = s[..split].parse().map_err(|_| bad())?;
-    let bias: f32 = s[split..].parse().map_err(|_| bad())?;
-    Ok(LogitBias { token, bias })
-}
-
 pub fn generate_options(s: &SamplingArgs, add_special: bool) -> Result<GenerateOptions, CliError> {
     let seed = match s.seed {
         -1 => SamplingParams::default().seed,
@@ -295,7 +359,11 @@ pub fn generate_options(s: &SamplingArgs, add_special: bool) -> Result<GenerateO
         frequency_penalty: s.frequency_penalty,
         presence_penalty: s.presence_penalty,
         seed,
-        logit_bias: s.logit_bias.iter().map(|b| parse_logit_bias(b)).collect::<Result<Vec<_>, _>>()?,
+        logit_bias: s
+            .logit_bias
+            .iter()
+            .map(|b| args::parse_logit_bias(b).map_err(|reason| CliError::InvalidArg { field: "logit-bias", reason }))
+            .collect::<Result<Vec<_>, _>>()?,
     };
     // Checked here too, so a bad value fails before the model loads and names the flag.
     sampling.validate().map_err(|e| CliError::InvalidArg { field: flag_name(e.field), reason: e.reason })?;
@@ -321,6 +389,37 @@ fn flag_name(field: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn list_variables_split_on_commas_or_parse_as_json() {
+        assert_eq!(parse_list("a,b").unwrap(), vec!["a", "b"]);
+        assert_eq!(parse_list("one").unwrap(), vec!["one"]);
+        assert_eq!(parse_list(r#"["\n\n", "a,b"]"#).unwrap(), vec!["\n\n", "a,b"]);
+        assert!(parse_list("[1, 2]").unwrap_err().contains("JSON array of strings"));
+    }
+
+    /// `serve` and `bench` take `threads` from the config (and `LLAMA_THREADS`, through clap).
+    #[test]
+    fn serve_and_bench_take_threads_from_the_config() {
+        use clap::{CommandFactory, FromArgMatches};
+        let cfg = std::env::temp_dir().join(format!("llama-opts-test-{}.toml", std::process::id()));
+        std::fs::write(&cfg, "[defaults]\nthreads = 1\n").unwrap();
+        let threads = |argv: &[&str]| {
+            let mut v = vec!["llama", "--config", cfg.to_str().unwrap()];
+            v.extend_from_slice(argv);
+            let m = Cli::command().get_matches_from(v);
+            let cli = Cli::from_arg_matches(&m).unwrap();
+            match Options::resolve(&cli, &m).ok().unwrap().command {
+                CommandOpts::Serve(o) => o.threads,
+                CommandOpts::Bench(o) => o.threads,
+                _ => unreachable!(),
+            }
+        };
+        assert_eq!(threads(&["serve", "-m", "x.gguf"]), 1);
+        assert_eq!(threads(&["bench", "-m", "x.gguf"]), 1);
+        assert_eq!(threads(&["serve", "-m", "x.gguf", "-t", "3"]), 3, "the flag beats the config");
+        let _ = std::fs::remove_file(&cfg);
+    }
 
     #[test]
     fn header_timeout_is_bounded() {

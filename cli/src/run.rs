@@ -1,9 +1,7 @@
 //! `llama run`: one prompt (or one chat turn with `--chat`), streamed to stdout, and a
 //! statistics line on stderr.
 
-use std::io::Write;
-
-use llama_host::chat::{ChatTemplate, Conversation};
+use llama_host::chat::Conversation;
 
 use crate::load::{load_model, select_backend};
 use crate::opts::{Global, RunOpts};
@@ -18,7 +16,8 @@ pub fn run(g: &Global, a: &RunOpts, ints: &Interrupts) -> Result<(), CliError> {
     let prompt = if a.chat {
         let mut conv = Conversation::new(a.system.as_deref());
         conv.push("user", a.prompt.as_str());
-        ChatTemplate::for_model(&model)?.render(&conv.messages, true)?
+        let tmpl = crate::chat::template(&model, a.chat_template.as_deref(), a.system.as_deref())?;
+        tmpl.render(&conv.messages, true)?
     } else {
         a.prompt.clone()
     };
@@ -28,10 +27,14 @@ pub fn run(g: &Global, a: &RunOpts, ints: &Interrupts) -> Result<(), CliError> {
     let mut out = stdout.lock();
     let result = stream_to_stdout(&mut stream, &mut out);
     let interrupted = ints.clear();
-    result?;
-    let _ = writeln!(out);
+    let streamed = result?;
+    if !streamed.closed {
+        use std::io::Write;
+        // The reader may leave between the last piece and this newline: still a normal end.
+        let _ = writeln!(out);
+    }
     if !a.no_stats {
-        eprintln!("{}", stats_line(stream.stats(), backend.name()));
+        errln!("{}", stats_line(stream.stats(), backend.name()));
     }
     if interrupted {
         return Err(CliError::Interrupted);

@@ -61,6 +61,8 @@ pub enum ModelNameError {
     NotAName { name: String },
     #[error("'{name}' leads outside the models directory")]
     Escapes { name: String },
+    #[error("'{name}' could be any of {}: give more of the name", candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    Ambiguous { name: String, candidates: Vec<PathBuf> },
 }
 
 /// The file a model *name* means in `dir` (`name` or `name.gguf`), if one exists. A name is
@@ -88,6 +90,36 @@ pub fn find_model_in(dir: &Path, name: &str) -> Result<Option<PathBuf>, ModelNam
         return Ok(Some(candidate));
     }
     Ok(None)
+}
+
+/// The model file a *name* means in the models directories `dirs`, searched in order: the
+/// file `name` or `name.gguf` (its stem) in the first directory that has one, else the one
+/// `.gguf` file across all of them whose name starts with `name` (`gemma` finds
+/// `gemma-3-270m-q4_k_m.gguf`). Several such files are [`ModelNameError::Ambiguous`],
+/// listing them; the rules of [`find_model_in`] hold for every candidate.
+pub fn find_model(dirs: &[PathBuf], name: &str) -> Result<Option<PathBuf>, ModelNameError> {
+    for dir in dirs {
+        if let Some(p) = find_model_in(dir, name)? {
+            return Ok(Some(p));
+        }
+    }
+    let mut candidates = Vec::new();
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        let mut here: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|f| f.starts_with(name) && f.ends_with(".gguf") && !f.starts_with('.'))
+            .filter_map(|f| find_model_in(dir, &f).transpose())
+            .collect::<Result<_, _>>()?;
+        here.sort();
+        candidates.extend(here);
+    }
+    match candidates.len() {
+        0 => Ok(None),
+        1 => Ok(candidates.pop()),
+        _ => Err(ModelNameError::Ambiguous { name: name.to_string(), candidates }),
+    }
 }
 
 fn user_data_dir() -> Option<PathBuf> {
@@ -175,6 +207,32 @@ mod tests {
         }
         // A symlink inside the directory that points outside it.
         assert!(matches!(find_model_in(&models, "link"), Err(ModelNameError::Escapes { .. })));
+    }
+
+    #[test]
+    fn model_names_match_by_stem_then_by_unique_prefix() {
+        let root = tempfile::tempdir().unwrap();
+        let (a, b) = (root.path().join("a"), root.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::write(a.join("gemma-3-270m-q4_k_m.gguf"), b"GGUF").unwrap();
+        std::fs::write(b.join("llama-3.2-1b.gguf"), b"GGUF").unwrap();
+        std::fs::write(b.join("llama-3.2-3b.gguf"), b"GGUF").unwrap();
+        std::fs::write(b.join("notes.txt"), b"x").unwrap();
+        let dirs = vec![a.clone(), b.clone()];
+        assert_eq!(find_model(&dirs, "gemma-3-270m-q4_k_m").unwrap(), Some(a.join("gemma-3-270m-q4_k_m.gguf")));
+        assert_eq!(find_model(&dirs, "gemma").unwrap(), Some(a.join("gemma-3-270m-q4_k_m.gguf")));
+        assert_eq!(find_model(&dirs, "llama-3.2-3").unwrap(), Some(b.join("llama-3.2-3b.gguf")));
+        assert_eq!(find_model(&dirs, "notes").unwrap(), None, "only .gguf files match a prefix");
+        assert_eq!(find_model(&dirs, "mistral").unwrap(), None);
+        match find_model(&dirs, "llama") {
+            Err(ModelNameError::Ambiguous { candidates, .. }) => assert_eq!(candidates, vec![b.join("llama-3.2-1b.gguf"), b.join("llama-3.2-3b.gguf")]),
+            other => panic!("{other:?}"),
+        }
+        // An exact stem wins over longer names that share it.
+        std::fs::write(b.join("llama.gguf"), b"GGUF").unwrap();
+        assert_eq!(find_model(&dirs, "llama").unwrap(), Some(b.join("llama.gguf")));
+        assert!(matches!(find_model(&dirs, "../a/gemma"), Err(ModelNameError::NotAName { .. })));
     }
 
     #[test]

@@ -49,4 +49,4 @@ pub use session::{Canceller, FinishReason, GenerateOptions, GenerationStats, Ses
 pub use plugin::{install_backend, InstallError};
 pub use report::{CandidateReport, SelectionReport, Verdict};
 pub use select::{BackendChoice, Backends, DiscoveryOptions, LoadedBackend};
-pub use discovery::{default_models_dir, find_model_in, user_backends_dir, ModelNameError};
+pub use discovery::{default_models_dir, find_model, find_model_in, user_backends_dir, ModelNameError};
