@@ -198,37 +198,22 @@ impl From<SplitModeArg> for llama_host::SplitMode {
 }
 
 impl ModelArgs {
-    /// The offload flags that ask for a GPU explicitly, by name (empty when none do).
-    pub fn gpu_flags(&self) -> Vec<&'static str> {
-        let mut flags = Vec::new();
-        if self.gpu_layers.wants_gpu() {
-            flags.push("--gpu-layers");
-        }
-        if matches!(self.device, Some(Devices::Named(_))) {
-            flags.push("--device");
-        }
-        if self.main_gpu != 0 {
-            flags.push("--main-gpu");
-        }
-        flags
-    }
-
-    /// llama.cpp's model parameters for a backend that does (`gpu`) or does not compute on a
-    /// GPU. `fallback`: the CPU was chosen because no GPU backend was usable, so GPU device
-    /// names (meaningless to it) are dropped rather than refused.
-    pub fn model_params(&self, gpu: bool, fallback: bool) -> llama_host::ModelParams {
-        let devices = match &self.device {
-            Some(Devices::Named(_)) if !gpu && fallback => None,
-            Some(Devices::Named(names)) => Some(names.clone()),
-            Some(Devices::None) => Some(Vec::new()),
-            None => None,
-        };
-        llama_host::ModelParams {
-            n_gpu_layers: self.gpu_layers.n_gpu_layers(gpu),
+    /// The offload flags as the host's offload decision takes them (`llama_host::offload`).
+    pub fn offload(&self) -> llama_host::offload::OffloadRequest {
+        use llama_host::offload;
+        llama_host::offload::OffloadRequest {
+            gpu_layers: match self.gpu_layers {
+                GpuLayers::Auto => offload::GpuLayers::Auto,
+                GpuLayers::All => offload::GpuLayers::All,
+                GpuLayers::Count(n) => offload::GpuLayers::Count(n),
+            },
+            devices: match &self.device {
+                None => offload::Devices::Every,
+                Some(Devices::None) => offload::Devices::None,
+                Some(Devices::Named(names)) => offload::Devices::Named(names.clone()),
+            },
             split_mode: self.split_mode.into(),
-            main_gpu: self.main_gpu as i32,
-            devices,
-            ..llama_host::ModelParams::default()
+            main_gpu: self.main_gpu,
         }
     }
 }
@@ -260,29 +245,6 @@ impl TryFrom<toml::Value> for GpuLayers {
             toml::Value::String(s) => s.parse(),
             toml::Value::Integer(n) if n >= 0 && n <= u32::MAX as i64 => Ok(GpuLayers::Count(n as u32)),
             other => Err(format!("{other} is out of range: expected a layer count >= 0, \"auto\" or \"all\"")),
-        }
-    }
-}
-
-impl GpuLayers {
-    /// Whether this asks for GPU offload explicitly.
-    pub fn wants_gpu(self) -> bool {
-        matches!(self, GpuLayers::All | GpuLayers::Count(1..))
-    }
-
-    /// llama.cpp's `n_gpu_layers` on a backend that is (`true`) or is not a GPU: negative
-    /// means all layers.
-    pub fn n_gpu_layers(self, gpu: bool) -> i32 {
-        match self {
-            GpuLayers::Auto => {
-                if gpu {
-                    -1
-                } else {
-                    0
-                }
-            }
-            GpuLayers::All => -1,
-            GpuLayers::Count(n) => n.min(i32::MAX as u32) as i32,
         }
     }
 }
@@ -519,11 +481,6 @@ mod tests {
         let e = parse("-3").unwrap_err().to_string();
         assert!(e.contains("--gpu-layers") && e.contains("not a layer count"), "{e}");
         assert!(parse("lots").is_err());
-        assert_eq!(GpuLayers::Auto.n_gpu_layers(false), 0);
-        assert_eq!(GpuLayers::Auto.n_gpu_layers(true), -1);
-        assert_eq!(GpuLayers::Count(7).n_gpu_layers(false), 7);
-        assert!(GpuLayers::Count(1).wants_gpu() && GpuLayers::All.wants_gpu());
-        assert!(!GpuLayers::Count(0).wants_gpu() && !GpuLayers::Auto.wants_gpu());
     }
 
     #[test]
@@ -559,7 +516,8 @@ mod tests {
     }
 
     #[test]
-    fn offload_flags_parse_and_reach_the_model_params() {
+    fn offload_flags_parse_and_reach_the_offload_request() {
+        use llama_host::offload::{Devices as D, GpuLayers as L, OffloadRequest};
         let model = |args: &[&str]| {
             let mut v = vec!["llama", "run", "-p", "x"];
             v.extend_from_slice(args);
@@ -570,20 +528,12 @@ mod tests {
         };
         let m = model(&["-dev", "CUDA0,CUDA1", "-sm", "row", "-mg", "1", "-ngl", "20"]).unwrap();
         assert_eq!(m.device, Some(Devices::Named(vec!["CUDA0".into(), "CUDA1".into()])));
-        let p = m.model_params(true, true);
-        assert_eq!((p.n_gpu_layers, p.split_mode, p.main_gpu), (20, llama_host::SplitMode::Row, 1));
-        assert_eq!(p.devices, Some(vec!["CUDA0".to_string(), "CUDA1".to_string()]));
-        assert_eq!(m.gpu_flags(), vec!["--gpu-layers", "--device", "--main-gpu"]);
-        // On a CPU fallback the GPU names are dropped (a warning says so); named, they go on
-        // to the backend, which refuses them.
-        assert!(m.model_params(false, true).devices.is_none());
-        assert!(m.model_params(false, false).devices.is_some());
-        let none = model(&["--device", "none", "--split-mode", "none"]).unwrap();
-        assert_eq!(none.model_params(true, true).devices.map(|d| d.len()), Some(0));
-        assert_eq!(none.model_params(true, true).split_mode, llama_host::SplitMode::None);
-        assert!(none.gpu_flags().is_empty());
-        let defaults = model(&[]).unwrap().model_params(true, true);
-        assert_eq!((defaults.split_mode, defaults.main_gpu, defaults.devices.is_none()), (llama_host::SplitMode::Layer, 0, true));
+        let r = m.offload();
+        assert_eq!((r.gpu_layers, r.split_mode, r.main_gpu), (L::Count(20), llama_host::SplitMode::Row, 1));
+        assert_eq!(r.devices, D::Named(vec!["CUDA0".to_string(), "CUDA1".to_string()]));
+        let none = model(&["--device", "none", "--split-mode", "none"]).unwrap().offload();
+        assert_eq!((none.devices, none.split_mode), (D::None, llama_host::SplitMode::None));
+        assert_eq!(model(&[]).unwrap().offload(), OffloadRequest::default());
         for bad in [&["--split-mode", "diagonal"][..], &["--main-gpu", "-1"], &["--device", "CUDA0,,CUDA1"], &["--device", ""]] {
             assert!(model(bad).is_err(), "{bad:?} was accepted");
         }

@@ -5,19 +5,19 @@
 use llama_host::{ContextSize, LoadedBackend, Model, ModelParams};
 use llama_serve::bench::{self, BenchParams, BenchResult};
 
-use crate::load::{load_with_params, model_params, select_backend};
+use crate::load::{load_with_params, prepare, select_backend};
 use crate::opts::{BenchOpts, Global};
 use crate::CliError;
 
 pub fn run(g: &Global, o: &BenchOpts) -> Result<(), CliError> {
-    let (a, path) = (&o.args, &o.load.path);
+    let a = &o.args;
     let backend = select_backend(g, &o.load)?;
     // The context the auto GPU-layer estimate reserves KV cache for. The parameters are
     // resolved once: the batch-invariant model below must get the same offload as this one
     // (a second estimate would see the GPU memory this one took).
     let n_ctx = a.n_prompt.saturating_add(a.n_gen).max(4096);
-    let params = model_params(&backend, &o.load, n_ctx);
-    let model = load_with_params(&backend, path, &params)?;
+    let (file, params) = prepare(&backend, &o.load, n_ctx)?;
+    let model = load_with_params(&backend, &file, &params)?;
     let t = o.threads;
     let p = BenchParams {
         n_prompt: a.n_prompt,
@@ -28,7 +28,7 @@ pub fn run(g: &Global, o: &BenchOpts) -> Result<(), CliError> {
     let r = bench::run(&model, &p)?;
     let model = if a.batch_invariant {
         // Batch-invariant engines need the weights in their plain layout.
-        Model::load(&backend, path, &ModelParams { repack: false, ..params })?
+        Model::load_file(&backend, &file, &ModelParams { repack: false, ..params })?
     } else {
         model
     };

@@ -10,6 +10,7 @@ use std::time::Duration;
 use llama_host::{BackendChoice, ContextSize, DiscoveryOptions, GenerateOptions, SamplingParams, SessionParams};
 
 use crate::args::{self, BackendsAction, Cli, Command, ContextArgs, LogFormat, ModelArgs, SamplingArgs};
+use llama_host::offload::OffloadRequest;
 use crate::config::{self, Config};
 use crate::models;
 use crate::CliError;
@@ -52,8 +53,9 @@ impl Global {
 pub struct LoadOpts {
     pub path: PathBuf,
     pub backend: BackendChoice,
-    /// The offload flags (`--gpu-layers`, `--device`, `--split-mode`, `--main-gpu`).
-    pub offload: ModelArgs,
+    /// The offload flags (`--gpu-layers`, `--device`, `--split-mode`, `--main-gpu`), for the
+    /// host's offload decision (`llama_host::offload`).
+    pub offload: OffloadRequest,
 }
 
 /// A session's sizes and the generation options.
@@ -220,7 +222,7 @@ impl Options {
 }
 
 fn load_opts(m: &ModelArgs, cfg: &Config) -> Result<LoadOpts, CliError> {
-    Ok(LoadOpts { path: models::resolve(m, cfg)?, backend: m.backend.parse().unwrap_or(BackendChoice::Auto), offload: m.clone() })
+    Ok(LoadOpts { path: models::resolve(m, cfg)?, backend: m.backend.parse().unwrap_or(BackendChoice::Auto), offload: m.offload() })
 }
 
 /// The longest `LLAMA_PROBE_TIMEOUT`: far past any probe that is not hung.

@@ -17,6 +17,7 @@
 //! This crate never links llama.cpp: only backends do.
 
 pub mod fit;
+pub mod offload;
 pub mod chat;
 mod boundary;
 mod cpu_note;
@@ -44,7 +45,7 @@ pub use types::{
     Accelerator, BackendError, BackendInfo, BatchToken, ContextParams, ContextSize, DeviceInfo, LogitBias, ModelInfo, ModelParams, ParamError,
     SampleRequest, Sampled, SamplingParams, SplitMode, SEED_RANDOM,
 };
-pub use model::{default_threads, Model, SessionParams};
+pub use model::{default_threads, Model, ModelFile, SessionParams};
 pub use session::{Canceller, FinishReason, GenerateOptions, GenerationStats, Session, Stream};
 pub use plugin::{install_backend, InstallError};
 pub use report::{CandidateReport, SelectionReport, Verdict};

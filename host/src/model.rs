@@ -2,7 +2,9 @@
 //! Checks the file before the backend sees the path: the cheap things first (it exists, is a
 //! file, starts with "GGUF"), so the common mistakes get precise errors, then the GGUF
 //! validator (crate `llama-gguf`) over the header and tensor table, because llama.cpp aborts
-//! the process on some malformed files instead of returning an error.
+//! the process on some malformed files instead of returning an error. That happens once per
+//! load: [`ModelFile::open`] checks and validates, and the same `ModelFile` serves the
+//! offload decision (`offload.rs`, the layer fit) and [`Model::load_file`].
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -22,7 +24,40 @@ pub struct Model {
     backend: Option<LoadedBackend>,
 }
 
-fn check_file(path: &Path) -> Result<(), LoadError> {
+/// A model file checked and validated, not loaded: its header and tensor table, read once
+/// for everything that needs them before the load (the GPU layer fit, `llama backends -m`)
+/// and then handed to [`Model::load_file`], which does not read them again.
+#[derive(Debug, Clone)]
+pub struct ModelFile {
+    path: PathBuf,
+    gguf: llama_gguf::GgufFile,
+}
+
+impl ModelFile {
+    /// Checks `path` (exists, a non-empty file starting with `GGUF`) and runs the GGUF
+    /// validator over it. The errors are [`Model::load`]'s.
+    #[tracing::instrument(skip_all, fields(path = %path.as_ref().display()))]
+    pub fn open(path: impl AsRef<Path>) -> Result<ModelFile, LoadError> {
+        let path = path.as_ref();
+        Ok(ModelFile { path: path.to_path_buf(), gguf: check_file(path)? })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The validated header, key/values and tensor table.
+    pub fn gguf(&self) -> &llama_gguf::GgufFile {
+        &self.gguf
+    }
+
+    /// The model's memory needs per layer with a KV cache of `n_ctx` tokens (`fit.rs`).
+    pub fn footprint(&self, n_ctx: u32) -> Result<crate::fit::ModelFootprint, crate::fit::FitError> {
+        crate::fit::ModelFootprint::of(&self.gguf, n_ctx)
+    }
+}
+
+fn check_file(path: &Path) -> Result<llama_gguf::GgufFile, LoadError> {
     let meta = std::fs::metadata(path).map_err(|source| match source.kind() {
         std::io::ErrorKind::NotFound => LoadError::NotFound { path: path.to_path_buf() },
         _ => LoadError::Io { path: path.to_path_buf(), source },
@@ -43,18 +78,25 @@ fn check_file(path: &Path) -> Result<(), LoadError> {
     let started = std::time::Instant::now();
     let file = llama_gguf::validate(path).map_err(LoadError::Invalid)?;
     tracing::debug!(tensors = file.tensors.len(), elapsed_us = started.elapsed().as_micros() as u64, "model file validated");
-    Ok(())
+    Ok(file)
 }
 
 impl Model {
-    /// Loads a GGUF file through `backend`.
+    /// Loads a GGUF file through `backend`: [`ModelFile::open`], then [`Model::load_file`].
     #[tracing::instrument(skip_all, fields(path = %path.as_ref().display(), backend = backend.name()))]
     pub fn load(backend: &LoadedBackend, path: impl AsRef<Path>, params: &ModelParams) -> Result<Model, LoadError> {
-        Self::load_inner(backend, path.as_ref(), params, None)
+        Self::load_inner(backend, &ModelFile::open(path)?, params, None)
     }
 
-    fn load_inner(backend: &LoadedBackend, path: &Path, params: &ModelParams, progress: Option<llama_plugin_api::ProgressSink>) -> Result<Model, LoadError> {
-        check_file(path)?;
+    /// Loads a file [`ModelFile::open`] already checked and validated (it is not read again
+    /// before the backend opens it).
+    #[tracing::instrument(skip_all, fields(path = %file.path().display(), backend = backend.name()))]
+    pub fn load_file(backend: &LoadedBackend, file: &ModelFile, params: &ModelParams) -> Result<Model, LoadError> {
+        Self::load_inner(backend, file, params, None)
+    }
+
+    fn load_inner(backend: &LoadedBackend, file: &ModelFile, params: &ModelParams, progress: Option<llama_plugin_api::ProgressSink>) -> Result<Model, LoadError> {
+        let path = file.path();
         let path_str = path.to_str().ok_or_else(|| LoadError::Io {
             path: path.to_path_buf(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path is not valid UTF-8"),
@@ -88,6 +130,17 @@ impl Model {
         backend: &LoadedBackend,
         path: impl AsRef<Path>,
         params: &ModelParams,
+        on_progress: F,
+    ) -> Result<Model, LoadError> {
+        Self::load_file_with_progress(backend, &ModelFile::open(path)?, params, on_progress)
+    }
+
+    /// Like [`Model::load_file`], reporting load progress (0.0 to 1.0) to `on_progress` on
+    /// this thread while the weights load.
+    pub fn load_file_with_progress<F: FnMut(f32)>(
+        backend: &LoadedBackend,
+        file: &ModelFile,
+        params: &ModelParams,
         mut on_progress: F,
     ) -> Result<Model, LoadError> {
         extern "C" fn trampoline<F: FnMut(f32)>(user: *mut std::ffi::c_void, progress: f32) {
@@ -97,7 +150,7 @@ impl Model {
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(progress)));
         }
         let sink = llama_plugin_api::ProgressSink { report: trampoline::<F>, user: &mut on_progress as *mut F as *mut std::ffi::c_void };
-        Self::load_inner(backend, path.as_ref(), params, Some(sink))
+        Self::load_inner(backend, file, params, Some(sink))
     }
 
     pub fn info(&self) -> &ModelInfo {
