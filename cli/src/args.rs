@@ -99,9 +99,23 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub http_threads: u32,
     /// Allow cross-origin (CORS) requests from this origin, e.g. `http://localhost:3000`, or
-    /// `*` for any (repeatable). Default: none.
+    /// `*` for any (repeatable). Default: none (pages on other origins are refused).
     #[arg(long = "cors-origin", value_name = "ORIGIN")]
     pub cors_origins: Vec<String>,
+    /// Seconds a client has to send its request body once its headers are in (408 after).
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub body_timeout: u64,
+    /// Seconds a streaming client may leave its text unread before its request is
+    /// cancelled and its slot freed.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub stall_timeout: u64,
+    /// Seconds shutdown (Ctrl-C, SIGTERM) gives open requests before cancelling them.
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub drain_timeout: u64,
+    /// Longest prompt in bytes, checked before tokenizing (default: 16 bytes per token a
+    /// slot holds, at least 64 KiB).
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..=(1 << 30)))]
+    pub max_prompt_bytes: Option<u64>,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

@@ -43,6 +43,9 @@ pub enum CliError {
     Bench(#[from] bench::BenchError),
     #[error(transparent)]
     Engine(#[from] llama_serve::engine::StartError),
+    /// A panic while loading the model in `llama serve`: a bug, reported as a failure.
+    #[error("loading the model failed unexpectedly: {message}")]
+    LoaderPanicked { message: String },
     #[error("cannot write the output")]
     Output(#[source] std::io::Error),
     /// Ctrl-C: not an error to print, exit 130 like a shell.

@@ -4,6 +4,7 @@
 //! the header timeout is bounded).
 
 use std::path::Path;
+use std::time::Duration;
 
 use llama_host::ContextSize;
 
@@ -16,6 +17,8 @@ use crate::CliError;
 pub fn run(g: &Global, o: &ServeOpts) -> Result<(), CliError> {
     use llama_serve::http::{AppState, ServerConfig};
     let (a, path) = (&o.args, o.load.path.clone());
+    // Every engine size is checked before anything binds or loads (--queue 2^62, say).
+    engine_config(o).validate()?;
     let api_key = o.api_key.clone();
     let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "llama".into());
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -38,6 +41,8 @@ pub fn run(g: &Global, o: &ServeOpts) -> Result<(), CliError> {
             api_key,
             max_body_bytes: a.max_body,
             header_timeout: o.header_timeout,
+            body_timeout: Duration::from_secs(a.body_timeout),
+            drain_timeout: Duration::from_secs(a.drain_timeout),
             loopback_hosts_only: loopback,
             cors_origins: a.cors_origins.clone(),
             ..ServerConfig::default()
@@ -51,7 +56,9 @@ pub fn run(g: &Global, o: &ServeOpts) -> Result<(), CliError> {
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<()>();
         let loader = {
             let (g, o, state) = (g.clone(), o.clone(), state.clone());
-            std::thread::spawn(move || match start_engine(&g, &o) {
+            // A panic while loading is a failure like any other: caught here, it ends the
+            // server (or is served as the failure), never a server stuck at "loading".
+            std::thread::spawn(move || match catch_panic(|| start_engine(&g, &o)) {
                 Ok((ready, backend)) => {
                     eprintln!("llama: serving {backend}: ready");
                     state.set_ready(ready);
@@ -81,31 +88,55 @@ pub fn run(g: &Global, o: &ServeOpts) -> Result<(), CliError> {
         // A stop during loading waits for the load to finish: llama.cpp's load cannot be
         // interrupted, and exiting under it would tear its memory down mid-use.
         match loader.join() {
-            Ok(Err(e)) => Err(e),
-            _ => Ok(()),
+            Ok(result) => result,
+            Err(_) => Err(CliError::LoaderPanicked { message: "the loader thread ended without a result".into() }),
         }
     })?;
     eprintln!("llama: server stopped");
     Ok(())
 }
 
+/// `f`'s result, or its panic as an error (with the panic's message).
+fn catch_panic<T>(f: impl FnOnce() -> Result<T, CliError>) -> Result<T, CliError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let message = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+        Err(CliError::LoaderPanicked { message })
+    })
+}
+
+/// The engine's sizes and limits, from the flags.
+fn engine_config(o: &ServeOpts) -> llama_serve::engine::EngineConfig {
+    let a = &o.args;
+    llama_serve::engine::EngineConfig {
+        slots: a.parallel,
+        queue: a.queue,
+        size: ContextSize { n_ctx: a.ctx_size, n_batch: a.batch_size, n_ubatch: a.ubatch_size, n_threads: o.threads, n_threads_batch: o.threads },
+        max_new_tokens: a.max_tokens,
+        max_prompt_bytes: a.max_prompt_bytes.map(|b| b as usize),
+        stall_timeout: Duration::from_secs(a.stall_timeout),
+        ..llama_serve::engine::EngineConfig::default()
+    }
+}
+
 /// Selects the backend, loads the model and starts its engine.
 fn start_engine(g: &Global, o: &ServeOpts) -> Result<(llama_serve::http::Ready, String), CliError> {
-    use llama_serve::engine::{Engine, EngineConfig};
+    use llama_serve::engine::Engine;
     let a = &o.args;
     let backend = select_backend(g, &o.load)?;
     let model = std::sync::Arc::new(load_model(&backend, &o.load, a.ctx_size)?);
-    let template = llama_host::chat::ChatTemplate::for_model(&model).ok();
-    let engine = Engine::start(
-        model,
-        EngineConfig {
-            slots: a.parallel,
-            queue: a.queue,
-            size: ContextSize { n_ctx: a.ctx_size, n_batch: a.batch_size, n_ubatch: a.ubatch_size, n_threads: o.threads, n_threads_batch: o.threads },
-            max_new_tokens: a.max_tokens,
-            ..EngineConfig::default()
-        },
-    )?;
+    // A template that does not compile is said once, not dropped without a word.
+    let template = match llama_host::chat::ChatTemplate::for_model_or_builtin(&model) {
+        Ok((t, None)) => Some(t),
+        Ok((t, Some(e))) => {
+            tracing::warn!("{e}; using the {} template", t.source);
+            Some(t)
+        }
+        Err(e) => {
+            tracing::warn!("{e}; /v1/chat/completions is unavailable");
+            None
+        }
+    };
+    let engine = Engine::start(model, engine_config(o))?;
     Ok((llama_serve::http::Ready { engine: std::sync::Arc::new(engine), template }, backend.name().to_string()))
 }
 

@@ -16,6 +16,7 @@
 //!
 //! This crate never links llama.cpp: only backends do.
 
+pub mod fake;
 pub mod fit;
 pub mod offload;
 pub mod chat;

@@ -404,3 +404,51 @@ impl Drop for Stream<'_, '_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Session rules over the fake model (no plugin, no model file).
+    use std::sync::atomic::Ordering;
+
+    use crate::fake::FakeModel;
+    use crate::{FinishReason, GenerateOptions, SessionParams};
+
+    fn greedy(max_tokens: Option<u32>) -> GenerateOptions {
+        GenerateOptions { max_tokens, sampling: crate::SamplingParams { temperature: 0.0, ..Default::default() }, ..Default::default() }
+    }
+
+    #[test]
+    fn a_second_turn_decodes_only_what_the_cache_lacks() {
+        let (model, fake) = FakeModel::new("ok").into_model();
+        let mut s = model.session(&SessionParams::default()).unwrap();
+        let first = s.generate("hello", &greedy(None), |_| std::ops::ControlFlow::Continue(())).unwrap();
+        assert_eq!((first.cached_tokens, first.generated_tokens, first.finish), (0, 2, Some(FinishReason::Stop)));
+        let before = fake.decoded_tokens.load(Ordering::SeqCst);
+        // "hello" + "ok" is cached; the new prompt shares "hellook".
+        let second = s.generate("hellook, and more", &greedy(Some(1)), |_| std::ops::ControlFlow::Continue(())).unwrap();
+        assert_eq!(second.cached_tokens, 7);
+        assert_eq!(fake.decoded_tokens.load(Ordering::SeqCst) - before, "hellook, and more".len() - 7);
+    }
+
+    #[test]
+    fn max_tokens_zero_generates_nothing() {
+        let (model, _) = FakeModel::new("never").into_model();
+        let mut s = model.session(&SessionParams::default()).unwrap();
+        let mut text = String::new();
+        let stats = s.generate("prompt", &greedy(Some(0)), |t| {
+            text.push_str(t);
+            std::ops::ControlFlow::Continue(())
+        });
+        let stats = stats.unwrap();
+        assert_eq!((text.as_str(), stats.generated_tokens, stats.finish), ("", 0, Some(FinishReason::Length)));
+    }
+
+    #[test]
+    fn a_backend_error_ends_the_stream_with_the_error() {
+        let (model, fake) = FakeModel::new("abc").into_model();
+        fake.fail_token_bytes.store(true, Ordering::SeqCst);
+        let mut s = model.session(&SessionParams::default()).unwrap();
+        let err = s.generate("x", &greedy(None), |_| std::ops::ControlFlow::Continue(())).unwrap_err();
+        assert!(err.to_string().contains("not in the vocabulary"), "{err}");
+    }
+}

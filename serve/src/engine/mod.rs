@@ -43,6 +43,12 @@ pub struct EngineConfig {
     pub size: ContextSize,
     /// Longest prompt accepted (tokens); also bounded by a slot's share of the context.
     pub max_prompt_tokens: Option<u32>,
+    /// Longest prompt accepted in bytes, checked before tokenizing (see
+    /// [`Engine::max_prompt_bytes`] for the default).
+    pub max_prompt_bytes: Option<usize>,
+    /// A request whose consumer takes no text for this long (its sequence paused on a full
+    /// channel) is cancelled and its slot freed.
+    pub stall_timeout: Duration,
     /// Most new tokens any request may ask for.
     pub max_new_tokens: Option<u32>,
     /// Text pieces buffered per request before its sequence pauses.
@@ -63,6 +69,8 @@ impl Default for EngineConfig {
             queue: 16,
             size: ContextSize { n_ctx: 8192, ..ContextSize::default() },
             max_prompt_tokens: None,
+            max_prompt_bytes: None,
+            stall_timeout: Duration::from_secs(30),
             max_new_tokens: None,
             stream_capacity: 16,
             prefix_cache: true,
@@ -92,6 +100,9 @@ impl EngineConfig {
         }
         if self.size.n_ctx < self.slots + self.batch_invariant as u32 {
             return bad("ctx-size", format!("{} tokens cannot be shared by {} slots", self.size.n_ctx, self.slots));
+        }
+        if self.stall_timeout.is_zero() || self.stall_timeout > Duration::from_secs(86_400) {
+            return bad("stall-timeout", format!("{:?} is outside 1 ms..=1 day", self.stall_timeout));
         }
         if self.batch_invariant && self.size.n_batch < 2 {
             // A step is the padding token plus at least one real token.
@@ -129,6 +140,8 @@ pub enum SubmitError {
     Overloaded { waiting: usize, limit: usize },
     #[error("the prompt has {tokens} tokens; the limit is {limit}")]
     PromptTooLong { tokens: usize, limit: usize },
+    #[error("the prompt is {bytes} bytes; the limit is {limit}")]
+    PromptTooLarge { bytes: usize, limit: usize },
     #[error("the prompt is empty")]
     EmptyPrompt,
     #[error("invalid {field}: {reason}")]
@@ -138,8 +151,14 @@ pub enum SubmitError {
 }
 
 
-/// A running engine. Dropping it stops the thread after the requests in flight end.
+/// A running engine. Dropping it cancels what is still running and stops the thread.
 pub struct Engine {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What the engine and its reservations share: enough to admit and submit a request.
+struct Shared {
     tx: Sender<Msg>,
     in_flight: Arc<AtomicUsize>,
     limit: usize,
@@ -147,10 +166,13 @@ pub struct Engine {
     model: Arc<Model>,
     config: EngineConfig,
     metrics: Arc<Metrics>,
-    thread: Option<std::thread::JoinHandle<()>>,
     /// Tokens each slot may hold.
     slot_ctx: u32,
+    /// Set by `shutdown`: new requests are refused.
+    stopped: AtomicBool,
 }
+
+
 
 impl Engine {
     /// Creates the context and starts the engine thread.
@@ -177,85 +199,146 @@ impl Engine {
         let in_flight = Arc::new(AtomicUsize::new(0));
         let worker = Worker::new(model.clone(), ctx, &config, rx, in_flight.clone(), metrics.clone(), slot_ctx);
         let thread = std::thread::Builder::new().name("llama-engine".into()).spawn(move || worker.run()).map_err(StartError::Thread)?;
-        Ok(Engine { tx, in_flight, limit, next_id: AtomicUsize::new(1), model, config, metrics, thread: Some(thread), slot_ctx })
+        let shared = Shared { tx, in_flight, limit, next_id: AtomicUsize::new(1), model, config, metrics, slot_ctx, stopped: AtomicBool::new(false) };
+        Ok(Engine { shared: Arc::new(shared), thread: Some(thread) })
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
+        &self.shared.metrics
     }
 
     pub fn config(&self) -> &EngineConfig {
-        &self.config
+        &self.shared.config
     }
 
     pub fn model(&self) -> &Arc<Model> {
-        &self.model
+        &self.shared.model
     }
 
     /// Tokens one request may hold (prompt + generated).
     pub fn slot_context(&self) -> u32 {
-        self.slot_ctx
+        self.shared.slot_ctx
     }
 
     /// Requests admitted and not yet finished.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::SeqCst)
+        self.shared.in_flight.load(Ordering::SeqCst)
     }
 
     /// KV usage as llama.cpp reports it, checked against the engine's own accounting.
     pub fn kv_usage(&self) -> Option<KvUsage> {
         let (tx, rx) = bounded(1);
-        self.tx.send(Msg::Inspect(tx)).ok()?;
+        self.shared.tx.send(Msg::Inspect(tx)).ok()?;
         rx.recv_timeout(Duration::from_secs(30)).ok()
     }
 
-    /// Admits a request, or refuses it at once.
+    /// Admits a request, or refuses it at once. Tokenizes on the calling thread: an async
+    /// caller runs this off its runtime's workers (see [`Engine::reserve`]).
     pub fn submit(&self, req: Request) -> Result<Handle, SubmitError> {
-        req.opts.sampling.validate().map_err(|e| SubmitError::InvalidParam { field: e.field.into(), reason: e.reason })?;
-        let tokens = self
-            .model
-            .tokenize(&req.prompt, req.opts.add_special)
-            .map_err(|e| SubmitError::InvalidParam { field: "prompt".into(), reason: e.to_string() })?;
+        self.reserve()?.submit(req)
+    }
+
+    /// Admission first: takes one of the `slots + queue` places, or refuses at once with
+    /// `Overloaded`, before any work is spent on the request. The place is the
+    /// [`Reservation`]'s until it is submitted (then the request's) or dropped.
+    pub fn reserve(&self) -> Result<Reservation, SubmitError> {
+        if self.shared.stopped.load(Ordering::SeqCst) {
+            return Err(SubmitError::Stopped);
+        }
+        // A counter, so the answer is immediate and exact.
+        let admitted = self.shared.in_flight.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < self.shared.limit).then_some(n + 1));
+        if let Err(n) = admitted {
+            self.shared.metrics.count(Outcome::Rejected);
+            return Err(SubmitError::Overloaded { waiting: n, limit: self.shared.limit });
+        }
+        Ok(Reservation { engine: self.shared.clone(), armed: true })
+    }
+
+    /// The longest prompt accepted, in bytes: `max_prompt_bytes`, else 16 bytes per token a
+    /// slot holds (at least 64 KiB). Checked before tokenizing, whose cost grows with the
+    /// text (special-token text especially), not with the tokens it makes.
+    pub fn max_prompt_bytes(&self) -> usize {
+        self.shared.max_prompt_bytes()
+    }
+
+    /// Stops the engine: cancels every queued, running and paused request (each gets its
+    /// `Done`, `Cancelled`), refuses new ones, and ends the thread. Also done on drop.
+    pub fn shutdown(&self) {
+        self.shared.stopped.store(true, Ordering::SeqCst);
+        let _ = self.shared.tx.send(Msg::Shutdown);
+    }
+}
+
+impl Shared {
+    fn max_prompt_bytes(&self) -> usize {
+        self.config.max_prompt_bytes.unwrap_or_else(|| (self.slot_ctx as usize).saturating_mul(16).max(64 << 10))
+    }
+}
+
+/// An admitted place for one request (see [`Engine::reserve`]); dropping it unsubmitted
+/// gives the place back. Owned, so it can move to a blocking thread.
+pub struct Reservation {
+    engine: Arc<Shared>,
+    armed: bool,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.armed {
+            self.engine.in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Reservation {
+    /// Checks and tokenizes the request and hands it to the engine thread. Blocking (it
+    /// tokenizes): keep it off async workers.
+    pub fn submit(mut self, req: Request) -> Result<Handle, SubmitError> {
+        let e = self.engine.clone();
+        let limit = e.max_prompt_bytes();
+        if req.prompt.len() > limit {
+            return Err(SubmitError::PromptTooLarge { bytes: req.prompt.len(), limit });
+        }
+        req.opts.sampling.validate().map_err(|err| SubmitError::InvalidParam { field: err.field.into(), reason: err.reason })?;
+        let tokens = e.model.tokenize(&req.prompt, req.opts.add_special).map_err(|err| SubmitError::InvalidParam { field: "prompt".into(), reason: err.to_string() })?;
         if tokens.is_empty() {
             return Err(SubmitError::EmptyPrompt);
         }
-        let limit = (self.slot_ctx as usize).min(self.config.max_prompt_tokens.map_or(usize::MAX, |m| m as usize));
+        let limit = (e.slot_ctx as usize).min(e.config.max_prompt_tokens.map_or(usize::MAX, |m| m as usize));
         // A prompt must leave room for at least one generated token.
         if tokens.len() >= limit {
             return Err(SubmitError::PromptTooLong { tokens: tokens.len(), limit: limit.saturating_sub(1) });
         }
         let mut opts = req.opts;
-        if let Some(cap) = self.config.max_new_tokens {
+        if let Some(cap) = e.config.max_new_tokens {
             opts.max_tokens = Some(opts.max_tokens.map_or(cap, |m| m.min(cap)));
         }
-        // Admission: a counter, so the answer is immediate and exact.
-        let admitted = self.in_flight.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < self.limit).then_some(n + 1));
-        if let Err(n) = admitted {
-            self.metrics.count(Outcome::Rejected);
-            return Err(SubmitError::Overloaded { waiting: n, limit: self.limit });
-        }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u64;
-        let (tx, rx) = flume::bounded(self.config.stream_capacity.max(1));
+        let id = e.next_id.fetch_add(1, Ordering::Relaxed) as u64;
+        let (tx, rx) = flume::bounded(e.config.stream_capacity);
         let cancel = Arc::new(AtomicBool::new(false));
         let span = tracing::info_span!("request", id, prompt_tokens = tokens.len());
         span.in_scope(|| tracing::debug!("admitted"));
         let job = Job { span, id, tokens, opts, deadline: req.deadline, submitted: Instant::now(), tx, cancel: cancel.clone() };
-        self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Msg::Job(Box::new(job))).is_err() {
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        e.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
+        if e.tx.send(Msg::Job(Box::new(job))).is_err() {
+            e.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
             return Err(SubmitError::Stopped);
         }
+        // The engine thread owns the place now and gives it back when the request ends.
+        self.armed = false;
         Ok(Handle { id, rx, cancel: CancelOnDrop(cancel) })
     }
 }
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        let _ = self.tx.send(Msg::Shutdown);
+        self.shutdown();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
+
+#[cfg(test)]
+mod tests;

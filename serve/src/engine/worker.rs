@@ -54,6 +54,8 @@ struct Active {
     last: Option<i32>,
     /// A text piece the consumer has not taken yet (its channel was full).
     pending: Option<Event>,
+    /// Since when `pending` has waited: past the stall timeout the request is dropped.
+    paused_since: Option<Instant>,
     text: TextOutput,
     started: Instant,
     first_token: Option<Instant>,
@@ -94,7 +96,9 @@ pub(super) struct Worker {
     slot_ctx: u32,
     prefix_cache: bool,
     /// Final events of finished requests whose consumer has not made room yet.
-    draining: Vec<(flume::Sender<Event>, VecDeque<Event>)>,
+    draining: Vec<(flume::Sender<Event>, VecDeque<Event>, Instant)>,
+    /// How long a consumer may leave its text untaken before its request is dropped.
+    stall_timeout: Duration,
     /// Batch-invariant mode: (padding sequence, padding token).
     pad: Option<(i32, i32)>,
 }
@@ -127,6 +131,7 @@ impl Worker {
             slot_ctx,
             prefix_cache: config.prefix_cache,
             draining: Vec::new(),
+            stall_timeout: config.stall_timeout,
         }
     }
 
@@ -135,10 +140,11 @@ impl Worker {
         let mut shutting_down = false;
         loop {
             // 1. Take new requests; block only when there is nothing to do.
-            let busy = self.slots.iter().any(|s| s.active.is_some()) || !self.waiting.is_empty();
-            if !busy && shutting_down {
+            if shutting_down {
+                self.cancel_everything();
                 return;
             }
+            let busy = self.slots.iter().any(|s| s.active.is_some()) || !self.waiting.is_empty();
             if !busy && !self.draining.is_empty() {
                 // Only final events wait for slow consumers: poll for them and for new work.
                 if let Ok(m) = self.rx.recv_timeout(Duration::from_millis(5)) {
@@ -169,6 +175,9 @@ impl Worker {
             for m in msgs {
                 self.handle(m, &mut shutting_down);
             }
+            if shutting_down {
+                continue;
+            }
 
             // 2. Drop what was cancelled or timed out; deliver pending text.
             self.expire();
@@ -189,6 +198,13 @@ impl Worker {
                 Some(_) => plan_invariant(&states, &order, self.n_batch as usize - 1),
             };
             if plan.is_empty() {
+                // A slot that could run but was planned nothing would spin here forever (a
+                // zero budget, say): fail it rather than loop.
+                let stuck: Vec<usize> =
+                    (0..states.len()).filter(|&i| matches!(states[i], SlotState::Prefill { .. } | SlotState::Generate { ready: true })).collect();
+                for i in stuck {
+                    self.finish(i, Finish::Error, Some("the engine could not schedule this request (batch size too small)".into()));
+                }
                 if self.slots.iter().any(|s| s.active.is_some()) {
                     // Everyone is paused on a slow consumer: wait a little, or for a new request.
                     if let Ok(m) = self.rx.recv_timeout(Duration::from_millis(2)) {
@@ -199,6 +215,20 @@ impl Worker {
             }
             self.step(&plan);
         }
+    }
+
+    /// Shutdown: every queued and running request ends `Cancelled` (paused ones too), and
+    /// what can be delivered of their final events is, without waiting for anyone.
+    fn cancel_everything(&mut self) {
+        for job in &self.waiting {
+            job.cancel.store(true, Ordering::SeqCst);
+        }
+        // Ends the queued ones (each gets its Done) and delivers pending text.
+        self.expire();
+        for i in 0..self.slots.len() {
+            self.finish(i, Finish::Cancelled, None);
+        }
+        self.flush_draining();
     }
 
     /// The KV-tokens gauge: what the slots hold (prefix caches and running requests).
@@ -258,6 +288,7 @@ impl Worker {
             generated: 0,
             last: None,
             pending: None,
+            paused_since: None,
             text,
             started: Instant::now(),
             first_token: None,
@@ -266,11 +297,21 @@ impl Worker {
         });
         if let Err(e) = sampler {
             self.finish(i, Finish::Error, Some(e.to_string()));
+        } else if self.slots[i].active.as_ref().is_some_and(|a| a.job.opts.max_tokens == Some(0)) {
+            // Nothing to generate: the request ends here, as `max_tokens` says, rather than
+            // after the one token a decode step would sample.
+            self.finish(i, Finish::Length, None);
         }
     }
 
     fn flush_draining(&mut self) {
-        self.draining.retain_mut(|(tx, events)| {
+        let stall = self.stall_timeout;
+        self.draining.retain_mut(|(tx, events, since)| {
+            if since.elapsed() >= stall {
+                // A consumer that never took its final events: drop them (its channel
+                // disconnects, which it reads as the end).
+                return false;
+            }
             while let Some(ev) = events.pop_front() {
                 match tx.try_send(ev) {
                     Ok(()) => {}
@@ -320,15 +361,19 @@ impl Worker {
             let Some(a) = self.slots[i].active.as_mut() else { continue };
             if let Some(ev) = a.pending.take() {
                 match a.job.tx.try_send(ev) {
-                    Ok(()) => {}
+                    Ok(()) => a.paused_since = None,
                     Err(TrySendError::Full(ev)) => a.pending = Some(ev),
                     Err(TrySendError::Disconnected(_)) => a.job.cancel.store(true, Ordering::SeqCst),
                 }
             }
             let timed_out = a.job.deadline.is_some_and(|d| now >= d);
+            let stalled = a.paused_since.is_some_and(|t| now.duration_since(t) >= self.stall_timeout);
             if timed_out {
                 self.finish(i, Finish::Timeout, None);
             } else if a.job.cancel.load(Ordering::SeqCst) {
+                self.finish(i, Finish::Cancelled, None);
+            } else if stalled {
+                a.job.span.in_scope(|| tracing::warn!(stall_timeout_s = self.stall_timeout.as_secs_f64(), "the consumer took no text for the stall timeout: cancelled"));
                 self.finish(i, Finish::Cancelled, None);
             }
         }
@@ -394,6 +439,20 @@ impl Worker {
                 }
             }
         }
+        let wanted = plan
+            .iter()
+            .filter(|(i, _)| self.slots[*i].active.as_ref().is_some_and(|a| a.prompt_done == a.job.tokens.len()))
+            .count();
+        if sampled.len() != wanted {
+            // A backend that breaks the step's contract fails the step's requests, not the
+            // engine thread.
+            let msg = format!("the backend returned {} sampled tokens for {wanted} requests", sampled.len());
+            tracing::error!(error = %msg, "decode step failed");
+            for &(i, _) in plan {
+                self.finish(i, Finish::Error, Some(msg.clone()));
+            }
+            return;
+        }
         let mut k = 0;
         for &(i, _) in plan {
             let wants_sample = {
@@ -433,7 +492,14 @@ impl Worker {
         a.generated += 1;
         a.last = Some(s.token);
         self.metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
-        let bytes = self.model.token_bytes(s.token, false).unwrap_or_default();
+        let bytes = match self.model.token_bytes(s.token, false) {
+            Ok(b) => b,
+            Err(e) => {
+                self.finish(i, Finish::Error, Some(e.to_string()));
+                return;
+            }
+        };
+        let a = self.slots[i].active.as_mut().expect("active");
         let (text, stopped) = a.text.push(&bytes);
         if stopped {
             self.emit(i, text);
@@ -459,7 +525,10 @@ impl Worker {
         let a = self.slots[i].active.as_mut().expect("active");
         match a.job.tx.try_send(Event::Text(text)) {
             Ok(()) => {}
-            Err(TrySendError::Full(ev)) => a.pending = Some(ev),
+            Err(TrySendError::Full(ev)) => {
+                a.pending = Some(ev);
+                a.paused_since.get_or_insert_with(Instant::now);
+            }
             Err(TrySendError::Disconnected(_)) => a.job.cancel.store(true, Ordering::SeqCst),
         }
     }
@@ -503,7 +572,7 @@ impl Worker {
         // the others; a consumer that is gone is dropped.
         let mut rest: VecDeque<Event> = a.pending.take().into_iter().collect();
         rest.push_back(Event::Done(stats));
-        self.draining.push((a.job.tx.clone(), rest));
+        self.draining.push((a.job.tx.clone(), rest, Instant::now()));
         self.flush_draining();
     }
 }

@@ -1,42 +1,42 @@
-//! `llama serve`: an OpenAI-compatible HTTP endpoint on hyper, over the engine.
+//! `llama serve`'s HTTP layer on hyper, shared by every API dialect: connections and their
+//! bounds, the routing table, the checks no dialect can bypass (Host, Origin, API key), and
+//! the error shape. One module per dialect translates its requests into engine requests and
+//! back (`openai.rs` now).
 //!
-//! Routes: POST /v1/completions, POST /v1/chat/completions (both with SSE streaming),
-//! GET /v1/models, GET /health, GET /metrics (Prometheus text), POST /tokenize,
-//! POST /detokenize. Errors are OpenAI error objects. Bounded everywhere: body size,
-//! header read time, connections; an engine queue that is full answers 503 with
-//! Retry-After. A client that disconnects mid-stream cancels its request (the engine frees
-//! its slot at the next step). The engine wakes each response's task directly (the event
-//! channel has an async receiver), so no thread waits on the engine.
+//! Bounded everywhere: connections, header read time, body size and body read time, prompt
+//! bytes (checked before tokenizing), and the blocking work (template rendering and
+//! tokenizing run on a bounded set of blocking threads, never on the async workers, and
+//! only after the request was admitted). An engine that is full answers 503 with
+//! Retry-After. A client that disconnects cancels its request.
 //!
 //! The server listens before the model is loaded: /health answers 503 `loading` until the
 //! engine is ready, and, when loading failed and the server was told to stay up, 503 with
 //! the reason (never a path). On a loopback bind a request whose Host header is not a
-//! loopback name is refused (DNS rebinding); cross-origin access (CORS) is off unless
-//! origins are allowed explicitly.
+//! loopback name is refused (DNS rebinding), and a request from a web page on another
+//! origin is refused unless that origin is allowed (browsers send `Origin` on cross-origin
+//! requests; curl and SDKs send none).
+
+mod openai;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
-use hyper::body::{Bytes, Frame, Incoming};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
 use hyper::header::{
     HeaderValue, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_MAX_AGE, AUTHORIZATION,
-    CONTENT_TYPE, HOST, ORIGIN, RETRY_AFTER, VARY,
+    CONNECTION, CONTENT_TYPE, HOST, ORIGIN, RETRY_AFTER, VARY,
 };
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde::Deserialize;
-use serde_json::{json, Value};
-use tokio_stream::StreamExt;
+use llama_host::chat::ChatTemplate;
+use serde::Serialize;
 
-use llama_host::chat::{ChatTemplate, Message};
-use llama_host::{GenerateOptions, SamplingParams};
-
-use crate::engine::{Engine, Event, Finish, RequestStats, SubmitError};
+use crate::engine::{Engine, SubmitError};
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -45,19 +45,23 @@ type Body = BoxBody<Bytes, Infallible>;
 pub struct ServerConfig {
     /// The name clients use in `model` (and /v1/models lists).
     pub model_name: String,
-    /// Required as `Authorization: Bearer KEY` on every route but /health.
+    /// Required as `Authorization: Bearer KEY` on every route but /health. Never empty.
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
     /// A client must finish sending its request headers within this time.
     pub header_timeout: Duration,
+    /// ... and its request body within this time after them.
+    pub body_timeout: Duration,
     pub max_connections: usize,
-    /// How long shutdown waits for open streams.
+    /// How long shutdown waits for open requests before cancelling them.
     pub drain_timeout: Duration,
     /// Refuse requests whose Host header is not a loopback name or address (set on a
     /// loopback bind: a web page that rebinds its own DNS name to 127.0.0.1 then gets 403).
     pub loopback_hosts_only: bool,
-    /// Origins allowed cross-origin access (`*` for any). Empty: no CORS headers at all.
+    /// Origins allowed cross-origin access (`*` for any). Empty: only same-origin pages.
     pub cors_origins: Vec<String>,
+    /// Template renderings and tokenizations running at once (each on a blocking thread).
+    pub blocking_tasks: usize,
 }
 
 impl Default for ServerConfig {
@@ -67,10 +71,12 @@ impl Default for ServerConfig {
             api_key: None,
             max_body_bytes: 1 << 20,
             header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
             max_connections: 256,
             drain_timeout: Duration::from_secs(10),
             loopback_hosts_only: true,
             cors_origins: Vec::new(),
+            blocking_tasks: 2,
         }
     }
 }
@@ -81,6 +87,9 @@ pub struct AppState {
     pub config: ServerConfig,
     ready: OnceLock<Ready>,
     failed: OnceLock<String>,
+    /// Permits for blocking work (rendering, tokenizing): a bound on threads and CPU that
+    /// no number of requests can raise.
+    blocking: Arc<tokio::sync::Semaphore>,
 }
 
 /// A loaded model's engine, and its chat template when it has one.
@@ -91,7 +100,8 @@ pub struct Ready {
 
 impl AppState {
     pub fn new(config: ServerConfig) -> AppState {
-        AppState { config, ready: OnceLock::new(), failed: OnceLock::new() }
+        let blocking = Arc::new(tokio::sync::Semaphore::new(config.blocking_tasks.max(1)));
+        AppState { config, ready: OnceLock::new(), failed: OnceLock::new(), blocking }
     }
 
     /// Loading finished: the model routes open.
@@ -105,26 +115,29 @@ impl AppState {
         let _ = self.failed.set(reason);
     }
 
+    /// Stops the engine: every queued, running or paused request is cancelled (its stream
+    /// ends), and new ones get 503.
+    pub fn shutdown(&self) {
+        if let Some(r) = self.ready.get() {
+            r.engine.shutdown();
+        }
+    }
+
     /// The engine, or the 503 that says why there is none.
-    #[allow(clippy::result_large_err)] // built once per request, returned at once
-    fn ready(&self) -> Result<&Ready, Response<Body>> {
+    fn ready(&self) -> Result<&Ready, ApiError> {
         if let Some(r) = self.ready.get() {
             return Ok(r);
         }
         Err(match self.failed.get() {
-            Some(reason) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable_error", format!("the model failed to load: {reason}"), None, Some("model_load_failed")),
-            None => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable_error", "loading model", None, Some("loading")),
+            Some(reason) => ApiError::unavailable(format!("the model failed to load: {reason}"), "model_load_failed"),
+            None => ApiError::unavailable("loading model", "loading"),
         })
     }
 }
 
-/// Serves until `shutdown` completes, then stops accepting and gives open connections
-/// `drain_timeout` to finish.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: Arc<AppState>,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> std::io::Result<()> {
+/// Serves until `shutdown` completes; then stops accepting, gives open requests
+/// `drain_timeout` to finish, cancels what is left (paused streams included) and returns.
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>, shutdown: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
     let slots = Arc::new(tokio::sync::Semaphore::new(state.config.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -160,35 +173,182 @@ pub async fn serve(
         }
     }
     tracing::info!("shutting down: no new connections, draining open ones");
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(state.config.drain_timeout) => tracing::warn!("drain deadline passed; closing"),
+    let drained = tokio::select! {
+        _ = graceful.shutdown() => true,
+        _ = tokio::time::sleep(state.config.drain_timeout) => false,
+    };
+    if !drained {
+        tracing::warn!("drain deadline passed: cancelling the requests still open");
     }
+    // Whatever is still running or paused ends now; the engine thread stops.
+    state.shutdown();
     Ok(())
 }
 
-fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+/// The address to print: what the listener really bound (port 0 picks a free port).
+pub fn bound(listener: &tokio::net::TcpListener) -> Option<SocketAddr> {
+    listener.local_addr().ok()
 }
 
-fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(Full::new(body.into()).boxed());
-    *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap_or(HeaderValue::from_static("text/plain")));
-    r
+/// Every route, its method and its handler, in one place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Health,
+    Metrics,
+    Models,
+    Completions,
+    ChatCompletions,
+    Tokenize,
+    Detokenize,
 }
 
-fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
-    full(status, "application/json", v.to_string())
+const ROUTES: &[(&str, &str, Route)] = &[
+    ("GET", "/health", Route::Health),
+    ("GET", "/metrics", Route::Metrics),
+    ("GET", "/v1/models", Route::Models),
+    ("POST", "/v1/completions", Route::Completions),
+    ("POST", "/v1/chat/completions", Route::ChatCompletions),
+    ("POST", "/tokenize", Route::Tokenize),
+    ("POST", "/detokenize", Route::Detokenize),
+];
+
+/// The route for a method and path: 404 for an unknown path, 405 for a known path with
+/// another method.
+fn route_of(method: &Method, path: &str) -> Result<Route, ApiError> {
+    let mut known = false;
+    for (m, p, r) in ROUTES {
+        if *p == path {
+            known = true;
+            if method.as_str() == *m {
+                return Ok(*r);
+            }
+        }
+    }
+    Err(if known {
+        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method not allowed")
+    } else {
+        // The path is the client's own text: keep what is echoed short.
+        ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("no route {}", clip(path, 64)))
+    })
 }
 
-/// An OpenAI error object. Messages never carry paths or internals.
-fn error(status: StatusCode, kind: &str, message: impl Into<String>, param: Option<&str>, code: Option<&str>) -> Response<Body> {
-    json_response(status, &json!({"error": {"message": message.into(), "type": kind, "param": param, "code": code}}))
+async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
+    if state.config.loopback_hosts_only && !is_loopback_host(&host) {
+        return Ok(ApiError::forbidden("this server only answers requests addressed to localhost", "host_not_allowed").into_response());
+    }
+    let origin = match check_origin(&state.config, &req, &host) {
+        Ok(o) => o,
+        Err(e) => return Ok(e.into_response()),
+    };
+    if req.method() == Method::OPTIONS {
+        // A CORS preflight: answered only for allowed origins.
+        let Some(origin) = origin else {
+            return Ok(ApiError::forbidden("cross-origin requests are not allowed", "cors_not_allowed").into_response());
+        };
+        let mut r = full(StatusCode::NO_CONTENT, "text/plain", Bytes::new());
+        let h = r.headers_mut();
+        h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.insert(ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+        h.insert(ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("authorization, content-type"));
+        h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+        h.insert(VARY, HeaderValue::from_static("origin"));
+        return Ok(r);
+    }
+    let mut resp = match dispatch(state, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    if let Some(origin) = origin {
+        resp.headers_mut().insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        resp.headers_mut().insert(VARY, HeaderValue::from_static("origin"));
+    }
+    Ok(resp)
 }
 
-fn bad_request(message: impl Into<String>, param: Option<&str>) -> Response<Body> {
-    error(StatusCode::BAD_REQUEST, "invalid_request_error", message, param, None)
+async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let route = route_of(req.method(), req.uri().path())?;
+    if route == Route::Health {
+        state.ready()?;
+        return Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})));
+    }
+    check_key(&state.config, &req)?;
+    match route {
+        Route::Health => unreachable!("answered above"),
+        Route::Models => Ok(openai::models(&state)),
+        Route::Metrics => Ok(full(StatusCode::OK, "text/plain; version=0.0.4", state.ready()?.engine.metrics().render_prometheus())),
+        Route::Completions => openai::completions(state.clone(), read_json(&state, req).await?, false).await,
+        Route::ChatCompletions => openai::completions(state.clone(), read_json(&state, req).await?, true).await,
+        Route::Tokenize => openai::tokenize(state.clone(), read_json(&state, req).await?).await,
+        Route::Detokenize => openai::detokenize(state.clone(), read_json(&state, req).await?).await,
+    }
+}
+
+/// Runs `work` on a blocking thread, at most `blocking_tasks` at once: template rendering
+/// and tokenizing cost time that grows with the input, and must never hold an async worker
+/// (which would stall every other connection, /health included).
+async fn blocking<T: Send + 'static>(state: &AppState, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    let permit = state.blocking.clone().acquire_owned().await.map_err(|_| ApiError::unavailable("the server is shutting down", "shutting_down"))?;
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        work()
+    })
+    .await
+    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the request's work failed"))
+}
+
+/// The body as JSON of type `T`: at most `max_body_bytes`, received within `body_timeout`.
+async fn read_json<T: serde::de::DeserializeOwned>(state: &AppState, req: Request<Incoming>) -> Result<T, ApiError> {
+    let limit = state.config.max_body_bytes;
+    let timeout = state.config.body_timeout;
+    let bytes = match tokio::time::timeout(timeout, Limited::new(req.into_body(), limit).collect()).await {
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                format!("the request body did not arrive within {} s", timeout.as_secs_f64()),
+            )
+            .closing())
+        }
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", format!("request body over {limit} bytes")).closing())
+        }
+        Ok(Err(_)) => return Err(ApiError::bad_request("could not read the request body", None)),
+    };
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid request: {}", clip(&e.to_string(), 200)), None))
+}
+
+fn check_key(config: &ServerConfig, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let Some(key) = &config.api_key else { return Ok(()) };
+    let given = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    if constant_time_eq(given.as_bytes(), key.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid or missing API key").code("invalid_api_key"))
+    }
+}
+
+/// The Origin rule. No Origin (curl, SDKs): fine. An Origin on the allow-list: fine, and
+/// echoed for CORS. The server's own origin (a page it serves, same host and port): fine.
+/// Any other Origin (`null` included) is a page elsewhere making the browser talk to us:
+/// refused, whatever the content type, since a "simple" cross-origin POST needs no preflight.
+fn check_origin(config: &ServerConfig, req: &Request<Incoming>, host: &str) -> Result<Option<HeaderValue>, ApiError> {
+    let Some(origin) = req.headers().get(ORIGIN) else { return Ok(None) };
+    let o = origin.to_str().unwrap_or("");
+    if config.cors_origins.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(o)) {
+        return Ok(Some(origin.clone()));
+    }
+    if is_same_origin(o, host) {
+        return Ok(None);
+    }
+    Err(ApiError::forbidden("requests from other web origins are not allowed (see --cors-origin)", "origin_not_allowed"))
+}
+
+/// `origin` is `http(s)://` followed by exactly the Host the request was sent to.
+fn is_same_origin(origin: &str, host: &str) -> bool {
+    let rest = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
+    !host.is_empty() && rest.is_some_and(|r| r.eq_ignore_ascii_case(host))
 }
 
 /// Compares without an early exit, so timing does not reveal how much of a key matched.
@@ -216,349 +376,116 @@ fn is_loopback_host(host: &str) -> bool {
     name == "localhost" || name.ends_with(".localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// The allowed origin to echo back, if the request's Origin is on the allow-list.
-fn allowed_origin(config: &ServerConfig, req: &Request<Incoming>) -> Option<HeaderValue> {
-    let origin = req.headers().get(ORIGIN)?;
-    let o = origin.to_str().ok()?;
-    config.cors_origins.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(o)).then(|| origin.clone())
-}
-
-async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    if state.config.loopback_hosts_only {
-        let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-        if !is_loopback_host(host) {
-            return Ok(error(StatusCode::FORBIDDEN, "invalid_request_error", "this server only answers requests addressed to localhost", None, Some("host_not_allowed")));
-        }
+/// At most `max` bytes of `s` (on a character boundary), with an ellipsis when cut.
+fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
     }
-    let origin = allowed_origin(&state.config, &req);
-    if req.method() == Method::OPTIONS {
-        // A CORS preflight: answered only for allowed origins.
-        let Some(origin) = origin else {
-            return Ok(error(StatusCode::FORBIDDEN, "invalid_request_error", "cross-origin requests are not allowed", None, Some("cors_not_allowed")));
-        };
-        let mut r = full(StatusCode::NO_CONTENT, "text/plain", Bytes::new());
-        let h = r.headers_mut();
-        h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-        h.insert(ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
-        h.insert(ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("authorization, content-type"));
-        h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
-        h.insert(VARY, HeaderValue::from_static("origin"));
-        return Ok(r);
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
     }
-    let mut resp = route(state, req).await;
-    if let Some(origin) = origin {
-        resp.headers_mut().insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-        resp.headers_mut().insert(VARY, HeaderValue::from_static("origin"));
-    }
-    Ok(resp)
+    format!("{}…", &s[..end])
 }
 
-async fn route(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
-    let path = req.uri().path().to_string();
-    if path == "/health" {
-        return match state.ready() {
-            Ok(_) => json_response(StatusCode::OK, &json!({"status": "ok"})),
-            Err(resp) => resp,
-        };
-    }
-    if let Some(key) = &state.config.api_key {
-        let given = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
-            return error(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid or missing API key", None, Some("invalid_api_key"));
-        }
-    }
-    let method = req.method().clone();
-    let known = matches!(path.as_str(), "/v1/models" | "/metrics" | "/v1/completions" | "/v1/chat/completions" | "/tokenize" | "/detokenize");
-    if !known {
-        return error(StatusCode::NOT_FOUND, "invalid_request_error", format!("no route {path}"), None, None);
-    }
-    let ready = match state.ready() {
-        Ok(_) if path == "/v1/models" => None,
-        Ok(r) => Some(r),
-        Err(resp) => return resp,
-    };
-    match (method, path.as_str(), ready) {
-        (Method::GET, "/v1/models", _) => json_response(
-            StatusCode::OK,
-            &json!({"object": "list", "data": [{"id": state.config.model_name, "object": "model", "created": 0, "owned_by": "llama"}]}),
-        ),
-        (Method::GET, "/metrics", Some(r)) => full(StatusCode::OK, "text/plain; version=0.0.4", r.engine.metrics().render_prometheus()),
-        (Method::POST, "/v1/completions" | "/v1/chat/completions" | "/tokenize" | "/detokenize", Some(r)) => {
-            let body = match read_json(&state, req).await {
-                Ok(v) => v,
-                Err(resp) => return resp,
-            };
-            match path.as_str() {
-                "/v1/completions" => completion(&state, r, body, false).await,
-                "/v1/chat/completions" => completion(&state, r, body, true).await,
-                "/tokenize" => tokenize(r, body),
-                _ => detokenize(r, body),
-            }
-        }
-        _ => error(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method not allowed", None, None),
-    }
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-async fn read_json(state: &AppState, req: Request<Incoming>) -> Result<Value, Response<Body>> {
-    let limit = state.config.max_body_bytes;
-    let bytes = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            return Err(error(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", format!("request body over {limit} bytes"), None, None))
-        }
-        Err(_) => return Err(bad_request("could not read the request body", None)),
-    };
-    serde_json::from_slice(&bytes).map_err(|e| bad_request(format!("malformed JSON: {e}"), None))
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<Part>),
-}
-
-#[derive(Deserialize)]
-struct Part {
-    #[serde(default)]
-    text: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct ChatMessage {
-    role: String,
-    content: Content,
-}
-
-#[derive(Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
-}
-
-/// The fields of both completion requests (OpenAI's, plus llama.cpp's extras).
-#[derive(Deserialize)]
-struct CompletionRequest {
-    model: Option<String>,
-    prompt: Option<String>,
-    messages: Option<Vec<ChatMessage>>,
-    max_tokens: Option<i64>,
-    max_completion_tokens: Option<i64>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    top_k: Option<i32>,
-    min_p: Option<f32>,
-    repeat_penalty: Option<f32>,
-    presence_penalty: Option<f32>,
-    frequency_penalty: Option<f32>,
-    seed: Option<i64>,
-    stop: Option<Stop>,
-    n: Option<u32>,
-    #[serde(default)]
-    stream: bool,
-    stream_options: Option<StreamOptions>,
-}
-
-async fn completion(state: &AppState, ready: &Ready, body: Value, chat: bool) -> Response<Body> {
-    let req: CompletionRequest = match serde_json::from_value(body) {
-        Ok(r) => r,
-        Err(e) => return bad_request(format!("invalid request: {e}"), None),
-    };
-    if let Some(m) = &req.model {
-        if m != &state.config.model_name {
-            return error(StatusCode::NOT_FOUND, "invalid_request_error", format!("the model '{m}' does not exist"), Some("model"), Some("model_not_found"));
-        }
-    }
-    if req.n.is_some_and(|n| n != 1) {
-        return bad_request("only n = 1 is supported", Some("n"));
-    }
-    let prompt = if chat {
-        let Some(messages) = req.messages else { return bad_request("'messages' is required", Some("messages")) };
-        let Some(tmpl) = &ready.template else { return bad_request("this model has no chat template", Some("messages")) };
-        let msgs: Vec<Message> = messages
-            .into_iter()
-            .map(|m| Message {
-                role: m.role,
-                content: match m.content {
-                    Content::Text(t) => t,
-                    Content::Parts(p) => p.into_iter().filter_map(|p| p.text).collect::<Vec<_>>().join(""),
-                },
-            })
-            .collect();
-        match tmpl.render(&msgs, true) {
-            Ok(p) => p,
-            Err(e) => return bad_request(e.to_string(), Some("messages")),
-        }
-    } else {
-        match req.prompt {
-            Some(p) => p,
-            None => return bad_request("'prompt' is required", Some("prompt")),
-        }
-    };
-    let max_tokens = match req.max_completion_tokens.or(req.max_tokens) {
-        None => None,
-        Some(n) if n >= 0 && n <= u32::MAX as i64 => Some(n as u32),
-        Some(n) => return bad_request(format!("max_tokens must be >= 0, got {n}"), Some("max_tokens")),
-    };
-    let d = SamplingParams::default();
-    let seed = match req.seed {
-        None | Some(-1) => d.seed,
-        Some(s) if (0..u32::MAX as i64).contains(&s) => s as u32,
-        Some(s) => return bad_request(format!("seed {s} is out of range"), Some("seed")),
-    };
-    let sampling = SamplingParams {
-        temperature: req.temperature.unwrap_or(d.temperature),
-        top_p: req.top_p.unwrap_or(d.top_p),
-        top_k: req.top_k.unwrap_or(d.top_k),
-        min_p: req.min_p.unwrap_or(d.min_p),
-        repeat_penalty: req.repeat_penalty.unwrap_or(d.repeat_penalty),
-        presence_penalty: req.presence_penalty.unwrap_or(d.presence_penalty),
-        frequency_penalty: req.frequency_penalty.unwrap_or(d.frequency_penalty),
-        seed,
-        ..d
-    };
-    let stop = match req.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) => v,
-    };
-    let opts = GenerateOptions { max_tokens, sampling, add_special: !chat, stop };
-    let handle = match ready.engine.submit(crate::engine::Request { prompt, opts, deadline: None }) {
-        Ok(h) => h,
-        Err(e) => return submit_error(e),
-    };
-    let id = format!("{}-{}", if chat { "chatcmpl" } else { "cmpl" }, handle.id());
-    let model = state.config.model_name.clone();
-    if req.stream {
-        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return stream_response(handle, id, model, chat, include_usage);
-    }
-    // If the client goes away, hyper drops this future and with it the handle, which
-    // cancels the request.
-    let (text, stats) = handle.collect_async().await;
-    if stats.finish == Finish::Error {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "generation failed", None, None);
-    }
-    let choice = if chat {
-        json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason(&stats)})
-    } else {
-        json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason(&stats)})
-    };
-    json_response(
-        StatusCode::OK,
-        &json!({
-            "id": id,
-            "object": if chat { "chat.completion" } else { "text_completion" },
-            "created": now_secs(),
-            "model": model,
-            "choices": [choice],
-            "usage": usage(&stats),
-        }),
-    )
-}
-
-fn finish_reason(s: &RequestStats) -> &'static str {
-    match s.finish {
-        Finish::Stop => "stop",
-        Finish::Length => "length",
-        Finish::Cancelled | Finish::Timeout | Finish::Error => "stop",
-    }
-}
-
-fn usage(s: &RequestStats) -> Value {
-    json!({"prompt_tokens": s.prompt_tokens, "completion_tokens": s.generated_tokens, "total_tokens": s.prompt_tokens + s.generated_tokens})
-}
-
-fn submit_error(e: SubmitError) -> Response<Body> {
-    match e {
-        SubmitError::Overloaded { .. } => {
-            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "server_overloaded", "the server is busy; retry later", None, Some("overloaded"));
-            r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
-            r
-        }
-        SubmitError::PromptTooLong { tokens, limit } => error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            format!("the prompt has {tokens} tokens; the limit is {limit}"),
-            Some("messages"),
-            Some("context_length_exceeded"),
-        ),
-        SubmitError::EmptyPrompt => bad_request("the prompt is empty", Some("prompt")),
-        SubmitError::InvalidParam { field, reason } => bad_request(format!("invalid {field}: {reason}"), Some(&field)),
-        SubmitError::Stopped => error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the server is shutting down", None, None),
-    }
-}
-
-/// Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`.
-///
-/// The body is the request's event stream itself, mapped to SSE frames: the engine thread
-/// wakes this connection's task directly. When the client goes away hyper drops the body,
-/// and with it the event stream, which cancels the request (also while it is queued).
-fn stream_response(handle: crate::engine::Handle, id: String, model: String, chat: bool, include_usage: bool) -> Response<Body> {
-    let created = now_secs();
-    let object = if chat { "chat.completion.chunk" } else { "text_completion" };
-    let chunk = move |delta: Value, finish: Value| -> Bytes {
-        let choice = if chat {
-            json!({"index": 0, "delta": delta, "finish_reason": finish})
-        } else {
-            json!({"index": 0, "text": delta.get("content").cloned().unwrap_or(json!("")), "logprobs": null, "finish_reason": finish})
-        };
-        let obj = json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]});
-        Bytes::from(format!("data: {obj}\n\n"))
-    };
-    let head = chat.then(|| chunk(json!({"role": "assistant", "content": ""}), Value::Null));
-    let events = handle.into_stream().map(move |ev| match ev {
-        Event::Text(t) => chunk(json!({"content": t}), Value::Null),
-        Event::Done(stats) => {
-            // The last chunk, the usage and the terminator go out as one frame.
-            let mut tail = chunk(json!({}), json!(finish_reason(&stats))).to_vec();
-            if include_usage {
-                let u = json!({"id": "usage", "object": object, "choices": [], "usage": usage(&stats)});
-                tail.extend_from_slice(format!("data: {u}\n\n").as_bytes());
-            }
-            tail.extend_from_slice(b"data: [DONE]\n\n");
-            Bytes::from(tail)
-        }
-    });
-    let frames = tokio_stream::iter(head).chain(events).map(|b| Ok::<_, Infallible>(Frame::data(b)));
-    let mut r = Response::new(BodyExt::boxed(StreamBody::new(frames)));
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    r.headers_mut().insert("cache-control", HeaderValue::from_static("no-cache"));
+fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 
-fn tokenize(ready: &Ready, body: Value) -> Response<Body> {
-    let Some(content) = body.get("content").and_then(Value::as_str) else { return bad_request("'content' (a string) is required", Some("content")) };
-    let add_special = body.get("add_special").and_then(Value::as_bool).unwrap_or(false);
-    match ready.engine.model().tokenize(content, add_special) {
-        Ok(t) => json_response(StatusCode::OK, &json!({"tokens": t})),
-        Err(e) => bad_request(e.to_string(), Some("content")),
+fn json_response(status: StatusCode, v: &impl Serialize) -> Response<Body> {
+    full(status, "application/json", serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec()))
+}
+
+/// An error as every dialect answers it today: OpenAI's error object. Messages never
+/// carry paths or internals, and quote client text only clipped.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    param: Option<String>,
+    code: Option<&'static str>,
+    retry_after: bool,
+    close: bool,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorObject<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorObject<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, kind, message: message.into(), param: None, code: None, retry_after: false, close: false }
+    }
+    fn bad_request(message: impl Into<String>, param: Option<&str>) -> ApiError {
+        ApiError { param: param.map(str::to_string), ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message) }
+    }
+    fn forbidden(message: &str, code: &'static str) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "invalid_request_error", message).code(code)
+    }
+    fn unavailable(message: impl Into<String>, code: &'static str) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable_error", message).code(code)
+    }
+    fn code(mut self, code: &'static str) -> ApiError {
+        self.code = Some(code);
+        self
+    }
+    /// The connection is closed after this answer (its request body was not read).
+    fn closing(mut self) -> ApiError {
+        self.close = true;
+        self
+    }
+
+    fn into_response(self) -> Response<Body> {
+        let body = ErrorBody { error: ErrorObject { message: &self.message, kind: self.kind, param: self.param.as_deref(), code: self.code } };
+        let mut r = json_response(self.status, &body);
+        if self.retry_after {
+            r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if self.close {
+            r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
     }
 }
 
-fn detokenize(ready: &Ready, body: Value) -> Response<Body> {
-    let Some(tokens) = body.get("tokens").and_then(Value::as_array) else { return bad_request("'tokens' (an array of integers) is required", Some("tokens")) };
-    let mut bytes = Vec::new();
-    for t in tokens {
-        let Some(id) = t.as_i64().and_then(|i| i32::try_from(i).ok()) else { return bad_request("tokens must be integers", Some("tokens")) };
-        match ready.engine.model().token_bytes(id, false) {
-            Ok(b) => bytes.extend(b),
-            Err(_) => return bad_request(format!("token {id} is not in the vocabulary"), Some("tokens")),
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> ApiError {
+        match e {
+            SubmitError::Overloaded { .. } => ApiError {
+                retry_after: true,
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_overloaded", "the server is busy; retry later").code("overloaded")
+            },
+            SubmitError::PromptTooLong { tokens, limit } => ApiError {
+                param: Some("messages".into()),
+                ..ApiError::bad_request(format!("the prompt has {tokens} tokens; the limit is {limit}"), None).code("context_length_exceeded")
+            },
+            SubmitError::PromptTooLarge { bytes, limit } => ApiError {
+                param: Some("prompt".into()),
+                ..ApiError::bad_request(format!("the prompt is {bytes} bytes; the limit is {limit}"), None).code("prompt_too_large")
+            },
+            SubmitError::EmptyPrompt => ApiError::bad_request("the prompt is empty", Some("prompt")),
+            SubmitError::InvalidParam { field, reason } => ApiError::bad_request(format!("invalid {field}: {}", clip(&reason, 200)), Some(&field)),
+            SubmitError::Stopped => ApiError::unavailable("the server is shutting down", "shutting_down"),
         }
     }
-    json_response(StatusCode::OK, &json!({"content": String::from_utf8_lossy(&bytes)}))
-}
-
-/// The address to print: what the listener really bound (port 0 picks a free port).
-pub fn bound(listener: &tokio::net::TcpListener) -> Option<SocketAddr> {
-    listener.local_addr().ok()
 }
 
 #[cfg(test)]
@@ -581,5 +508,25 @@ mod tests {
         assert!(!constant_time_eq(b"secret", b"secreT"));
         assert!(!constant_time_eq(b"secret", b"secret-longer"));
         assert!(!constant_time_eq(b"", b"x"));
+    }
+
+    #[test]
+    fn only_the_servers_own_origin_is_same_origin() {
+        assert!(is_same_origin("http://127.0.0.1:8080", "127.0.0.1:8080"));
+        assert!(is_same_origin("http://LOCALHOST:8080", "localhost:8080"));
+        for (o, h) in [("http://evil.example", "127.0.0.1:8080"), ("null", "127.0.0.1:8080"), ("http://127.0.0.1:9999", "127.0.0.1:8080"), ("http://127.0.0.1:8080", ""), ("file://", "x")] {
+            assert!(!is_same_origin(o, h), "{o} on {h}");
+        }
+    }
+
+    #[test]
+    fn the_routing_table_answers_404_and_405() {
+        assert_eq!(route_of(&Method::GET, "/health").unwrap(), Route::Health);
+        assert_eq!(route_of(&Method::POST, "/v1/chat/completions").unwrap(), Route::ChatCompletions);
+        assert_eq!(route_of(&Method::GET, "/v1/chat/completions").unwrap_err().status, StatusCode::METHOD_NOT_ALLOWED);
+        let long = format!("/{}", "x".repeat(10_000));
+        let e = route_of(&Method::GET, &long).unwrap_err();
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        assert!(e.message.len() < 100, "{}", e.message.len());
     }
 }

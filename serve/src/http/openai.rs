@@ -1,0 +1,404 @@
+//! The OpenAI dialect (plus llama-server's /tokenize and /detokenize): typed request and
+//! response structs, and their translation into engine requests and back.
+//!
+//! A completion is admitted by the engine first (503 at once when full), then its prompt is
+//! rendered and tokenized on a blocking thread, then its events are awaited here (streamed
+//! as server-sent events, or collected).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Bytes, Frame};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Response, StatusCode};
+use llama_host::chat::Message;
+use llama_host::{GenerateOptions, SamplingParams};
+use serde::{Deserialize, Serialize};
+use tokio_stream::StreamExt;
+
+use super::{blocking, clip, json_response, now_secs, ApiError, AppState, Body};
+use crate::engine::{Event, Finish, Handle, Request, RequestStats};
+
+/// Most stop strings a request may give, and their longest length in bytes.
+const MAX_STOPS: usize = 16;
+const MAX_STOP_BYTES: usize = 1024;
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: Content,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The fields of both completion requests (OpenAI's, plus llama.cpp's extras).
+#[derive(Deserialize)]
+pub(super) struct CompletionRequest {
+    model: Option<String>,
+    prompt: Option<String>,
+    messages: Option<Vec<ChatMessage>>,
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i32>,
+    min_p: Option<f32>,
+    repeat_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
+    n: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Serialize)]
+struct Usage {
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    total_tokens: usize,
+}
+
+impl Usage {
+    fn of(s: &RequestStats) -> Usage {
+        Usage { prompt_tokens: s.prompt_tokens, completion_tokens: s.generated_tokens, total_tokens: s.prompt_tokens + s.generated_tokens }
+    }
+}
+
+/// A completion (`text_completion`) or chat completion (`chat.completion`), whole or as
+/// one streamed chunk; `C` is the dialect's choice type.
+#[derive(Serialize)]
+struct Completion<C> {
+    id: String,
+    object: &'static str,
+    created: u64,
+    model: String,
+    choices: Vec<C>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+}
+
+#[derive(Serialize)]
+struct TextChoice {
+    index: u32,
+    text: String,
+    logprobs: Option<()>,
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct AssistantMessage {
+    role: &'static str,
+    content: String,
+}
+
+#[derive(Serialize)]
+struct ChatChoice {
+    index: u32,
+    message: AssistantMessage,
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize, Default)]
+struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ChunkChoice {
+    index: u32,
+    delta: Delta,
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct ModelList {
+    object: &'static str,
+    data: Vec<ModelEntry>,
+}
+
+#[derive(Serialize)]
+struct ModelEntry {
+    id: String,
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+}
+
+#[derive(Deserialize)]
+pub(super) struct TokenizeRequest {
+    content: String,
+    #[serde(default)]
+    add_special: bool,
+}
+
+#[derive(Serialize)]
+struct TokenizeResponse {
+    tokens: Vec<i32>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct DetokenizeRequest {
+    tokens: Vec<i64>,
+}
+
+#[derive(Serialize)]
+struct DetokenizeResponse {
+    content: String,
+}
+
+pub(super) fn models(state: &AppState) -> Response<Body> {
+    let entry = ModelEntry { id: state.config.model_name.clone(), object: "model", created: 0, owned_by: "llama" };
+    json_response(StatusCode::OK, &ModelList { object: "list", data: vec![entry] })
+}
+
+/// What a request asks for, checked: everything but the prompt.
+struct Checked {
+    opts: GenerateOptions,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn check(req: &CompletionRequest, chat: bool, model_name: &str) -> Result<Checked, ApiError> {
+    if let Some(m) = &req.model {
+        if m != model_name {
+            return Err(ApiError {
+                param: Some("model".into()),
+                ..ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("the model '{}' does not exist", clip(m, 64))).code("model_not_found")
+            });
+        }
+    }
+    if req.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad_request("only n = 1 is supported", Some("n")));
+    }
+    let max_tokens = match req.max_completion_tokens.or(req.max_tokens) {
+        None => None,
+        Some(n) if (0..=u32::MAX as i64).contains(&n) => Some(n as u32),
+        Some(n) => return Err(ApiError::bad_request(format!("max_tokens must be >= 0, got {n}"), Some("max_tokens"))),
+    };
+    let d = SamplingParams::default();
+    let seed = match req.seed {
+        None | Some(-1) => d.seed,
+        Some(s) if (0..u32::MAX as i64).contains(&s) => s as u32,
+        Some(s) => return Err(ApiError::bad_request(format!("seed {s} is out of range"), Some("seed"))),
+    };
+    let sampling = SamplingParams {
+        temperature: req.temperature.unwrap_or(d.temperature),
+        top_p: req.top_p.unwrap_or(d.top_p),
+        top_k: req.top_k.unwrap_or(d.top_k),
+        min_p: req.min_p.unwrap_or(d.min_p),
+        repeat_penalty: req.repeat_penalty.unwrap_or(d.repeat_penalty),
+        presence_penalty: req.presence_penalty.unwrap_or(d.presence_penalty),
+        frequency_penalty: req.frequency_penalty.unwrap_or(d.frequency_penalty),
+        seed,
+        ..d
+    };
+    let stop = match &req.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    if stop.len() > MAX_STOPS || stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::bad_request(format!("at most {MAX_STOPS} stop strings of at most {MAX_STOP_BYTES} bytes each"), Some("stop")));
+    }
+    Ok(Checked {
+        opts: GenerateOptions { max_tokens, sampling, add_special: !chat, stop },
+        stream: req.stream,
+        include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
+    })
+}
+
+/// The conversation as the template's messages (text parts joined).
+fn messages(req: CompletionRequest) -> Result<Vec<Message>, ApiError> {
+    let Some(messages) = req.messages else { return Err(ApiError::bad_request("'messages' is required", Some("messages"))) };
+    Ok(messages
+        .into_iter()
+        .map(|m| Message {
+            role: m.role,
+            content: match m.content {
+                Content::Text(t) => t,
+                Content::Parts(p) => p.into_iter().filter_map(|p| p.text).collect::<Vec<_>>().join(""),
+            },
+        })
+        .collect())
+}
+
+pub(super) async fn completions(state: Arc<AppState>, req: CompletionRequest, chat: bool) -> Result<Response<Body>, ApiError> {
+    let ready = state.ready()?;
+    let checked = check(&req, chat, &state.config.model_name)?;
+    if chat && ready.template.is_none() {
+        return Err(ApiError::bad_request("this model has no chat template", Some("messages")));
+    }
+    let input = if chat { Err(messages(req)?) } else { Ok(req.prompt.ok_or_else(|| ApiError::bad_request("'prompt' is required", Some("prompt")))?) };
+    // Admission before any work: a full server answers 503 at once.
+    let reservation = ready.engine.reserve()?;
+    let (opts, st) = (checked.opts, state.clone());
+    let handle = blocking(&state, move || -> Result<Handle, ApiError> {
+        let prompt = match input {
+            Ok(prompt) => prompt,
+            Err(msgs) => {
+                let template = st.ready().ok().and_then(|r| r.template.as_ref()).expect("checked above");
+                template.render(&msgs, true).map_err(|e| ApiError::bad_request(clip(&e.to_string(), 300), Some("messages")))?
+            }
+        };
+        Ok(reservation.submit(Request { prompt, opts, deadline: None })?)
+    })
+    .await??;
+    let id = format!("{}-{}", if chat { "chatcmpl" } else { "cmpl" }, handle.id());
+    let model = state.config.model_name.clone();
+    if checked.stream {
+        return Ok(stream_response(handle, id, model, chat, checked.include_usage));
+    }
+    // If the client goes away, hyper drops this future and with it the handle, which
+    // cancels the request.
+    let (text, stats) = handle.collect_async().await;
+    if stats.finish == Finish::Error {
+        return Err(generation_failed(&stats));
+    }
+    let finish_reason = Some(finish_reason(&stats));
+    let usage = Some(Usage::of(&stats));
+    Ok(if chat {
+        let choice = ChatChoice { index: 0, message: AssistantMessage { role: "assistant", content: text }, finish_reason };
+        json_response(StatusCode::OK, &Completion { id, object: "chat.completion", created: now_secs(), model, choices: vec![choice], usage })
+    } else {
+        let choice = TextChoice { index: 0, text, logprobs: None, finish_reason };
+        json_response(StatusCode::OK, &Completion { id, object: "text_completion", created: now_secs(), model, choices: vec![choice], usage })
+    })
+}
+
+/// A generation that failed after it was admitted: the reason, as a server error.
+fn generation_failed(stats: &RequestStats) -> ApiError {
+    let why = stats.error.as_deref().unwrap_or("unknown error");
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", format!("generation failed: {}", clip(why, 300))).code("generation_failed")
+}
+
+fn finish_reason(s: &RequestStats) -> &'static str {
+    match s.finish {
+        Finish::Length => "length",
+        Finish::Stop | Finish::Cancelled | Finish::Timeout | Finish::Error => "stop",
+    }
+}
+
+/// Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. A generation
+/// that fails mid-stream sends an `error` object (as llama-server does) before `[DONE]`,
+/// never a chunk that claims it stopped normally.
+///
+/// The body is the request's event stream itself, mapped to SSE frames: the engine thread
+/// wakes this connection's task directly. When the client goes away hyper drops the body,
+/// and with it the event stream, which cancels the request (also while it is queued).
+fn stream_response(handle: Handle, id: String, model: String, chat: bool, include_usage: bool) -> Response<Body> {
+    let created = now_secs();
+    let object = if chat { "chat.completion.chunk" } else { "text_completion" };
+    let sse = |v: &dyn erased::Json| -> Vec<u8> {
+        let mut out = b"data: ".to_vec();
+        out.extend_from_slice(&v.to_json());
+        out.extend_from_slice(b"\n\n");
+        out
+    };
+    let chunk = move |content: Option<String>, role: Option<&'static str>, finish: Option<&'static str>| -> Vec<u8> {
+        if chat {
+            let choice = ChunkChoice { index: 0, delta: Delta { role, content }, finish_reason: finish };
+            sse(&Completion { id: id.clone(), object, created, model: model.clone(), choices: vec![choice], usage: None })
+        } else {
+            let choice = TextChoice { index: 0, text: content.unwrap_or_default(), logprobs: None, finish_reason: finish };
+            sse(&Completion { id: id.clone(), object, created, model: model.clone(), choices: vec![choice], usage: None })
+        }
+    };
+    let head = chat.then(|| Bytes::from(chunk(Some(String::new()), Some("assistant"), None)));
+    let events = handle.into_stream().map(move |ev| match ev {
+        Event::Text(t) => Bytes::from(chunk(Some(t), None, None)),
+        Event::Done(stats) => {
+            // The last chunk (or the error), the usage and the terminator go out as one frame.
+            let mut tail = if stats.finish == Finish::Error {
+                let e = generation_failed(&stats);
+                sse(&serde_json::json!({"error": {"message": e.message, "type": e.kind, "code": e.code}}))
+            } else {
+                chunk(None, None, Some(finish_reason(&stats)))
+            };
+            if include_usage {
+                let usage: Completion<ChunkChoice> =
+                    Completion { id: "usage".into(), object, created, model: String::new(), choices: Vec::new(), usage: Some(Usage::of(&stats)) };
+                tail.extend_from_slice(&sse(&usage));
+            }
+            tail.extend_from_slice(b"data: [DONE]\n\n");
+            Bytes::from(tail)
+        }
+    });
+    let frames = tokio_stream::iter(head).chain(events).map(|b| Ok::<_, Infallible>(Frame::data(b)));
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(frames)));
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    r.headers_mut().insert("cache-control", HeaderValue::from_static("no-cache"));
+    r
+}
+
+/// Serializing any of the chunk shapes through one closure.
+mod erased {
+    pub trait Json {
+        fn to_json(&self) -> Vec<u8>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> Vec<u8> {
+            serde_json::to_vec(self).unwrap_or_else(|_| b"{}".to_vec())
+        }
+    }
+}
+
+pub(super) async fn tokenize(state: Arc<AppState>, req: TokenizeRequest) -> Result<Response<Body>, ApiError> {
+    let engine = state.ready()?.engine.clone();
+    let limit = engine.max_prompt_bytes();
+    if req.content.len() > limit {
+        return Err(ApiError::bad_request(format!("the content is {} bytes; the limit is {limit}", req.content.len()), Some("content")).code("prompt_too_large"));
+    }
+    let tokens = blocking(&state, move || engine.model().tokenize(&req.content, req.add_special)).await?;
+    match tokens {
+        Ok(tokens) => Ok(json_response(StatusCode::OK, &TokenizeResponse { tokens })),
+        Err(e) => Err(ApiError::bad_request(clip(&e.to_string(), 200), Some("content"))),
+    }
+}
+
+pub(super) async fn detokenize(state: Arc<AppState>, req: DetokenizeRequest) -> Result<Response<Body>, ApiError> {
+    let engine = state.ready()?.engine.clone();
+    let bytes = blocking(&state, move || -> Result<Vec<u8>, ApiError> {
+        let mut bytes = Vec::new();
+        for t in req.tokens {
+            let Ok(id) = i32::try_from(t) else { return Err(ApiError::bad_request(format!("token {t} is not in the vocabulary"), Some("tokens"))) };
+            match engine.model().token_bytes(id, false) {
+                Ok(b) => bytes.extend(b),
+                Err(_) => return Err(ApiError::bad_request(format!("token {id} is not in the vocabulary"), Some("tokens"))),
+            }
+        }
+        Ok(bytes)
+    })
+    .await??;
+    Ok(json_response(StatusCode::OK, &DetokenizeResponse { content: String::from_utf8_lossy(&bytes).into_owned() }))
+}
