@@ -2,6 +2,8 @@
 //! the model are. The tests need `cargo build --release --workspace` first (scripts/test
 //! does it), and the model (scripts/fetch-model); a missing model fails, never skips.
 
+pub mod server;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, OnceLock};
