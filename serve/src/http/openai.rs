@@ -402,3 +402,39 @@ pub(super) async fn detokenize(state: Arc<AppState>, req: DetokenizeRequest) -> 
     .await??;
     Ok(json_response(StatusCode::OK, &DetokenizeResponse { content: String::from_utf8_lossy(&bytes).into_owned() }))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use llama_host::fake::FakeModel;
+    use llama_host::ContextSize;
+
+    use super::*;
+    use crate::engine::{Engine, EngineConfig};
+
+    /// The whole SSE body of a request the fake backend fails (it returns too few tokens).
+    fn failed_stream(chat: bool) -> String {
+        let (model, fake) = FakeModel::new("hi").into_model();
+        fake.short_samples.store(1, Ordering::SeqCst);
+        let size = ContextSize { n_ctx: 512, n_batch: 64, n_ubatch: 64, n_threads: 1, n_threads_batch: 1 };
+        let engine = Engine::start(Arc::new(model), EngineConfig { slots: 1, queue: 0, size, ..EngineConfig::default() }).unwrap();
+        let opts = GenerateOptions { max_tokens: Some(4), ..GenerateOptions::default() };
+        let h = engine.submit(Request { prompt: "x".into(), opts, deadline: None }).unwrap();
+        let resp = stream_response(h, "id-1".into(), "m".into(), chat, true);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let body = rt.block_on(resp.into_body().collect()).unwrap().to_bytes();
+        String::from_utf8_lossy(&body).into_owned()
+    }
+
+    #[test]
+    fn a_failed_generation_streams_an_error_not_a_normal_stop() {
+        for chat in [true, false] {
+            let text = failed_stream(chat);
+            let error = text.lines().find(|l| l.contains("\"error\"")).unwrap_or_else(|| panic!("no error event in {text}"));
+            assert!(error.contains("generation failed") && error.contains("sampled tokens"), "{error}");
+            assert!(!text.contains("\"finish_reason\":\"stop\""), "{text}");
+            assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        }
+    }
+}
