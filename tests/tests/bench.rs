@@ -33,3 +33,39 @@ fn bench_table_names_the_tests() {
     let out = stdout(&o);
     assert!(out.contains("pp16") && out.contains("tg4"), "{out}");
 }
+
+/// Threads of this process right now (Linux /proc).
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
+}
+
+// Defect 13: after `llama bench`'s pp/tg rows, one stream of its concurrency rows ran at
+// about 0.58x its speed alone. The cause was the pp/tg phase's OpenMP pool, left alive on
+// the calling thread: with the engine's team there were more OpenMP threads than cores, so
+// libgomp slept at barriers instead of spinning. The measurement now runs on a thread that
+// ends with it, taking its pool along: no thread of it outlives the measurement.
+#[test]
+fn the_pp_tg_measurement_leaves_no_thread_pool_behind() {
+    use llama_serve::bench::{run, BenchParams};
+    let model = llama_tests::model();
+    let size = llama_host::ContextSize { n_ctx: 0, n_batch: 512, n_ubatch: 512, n_threads: 2, n_threads_batch: 2 };
+    // This test's own thread has decoded nothing yet: before the fix, the measurement left
+    // its pool on it (one more thread for good); the model is loaded (by `model()`) first.
+    // A finished pool's workers exit on their own shortly after: count once they have.
+    let settled = || {
+        let mut n = threads();
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let m = threads();
+            if m == n {
+                return n;
+            }
+            n = m;
+        }
+    };
+    let before = settled();
+    let r = run(model, &BenchParams { n_prompt: 16, n_gen: 4, reps: 1, size }).unwrap();
+    assert!(r.pp.is_some() && r.tg.is_some());
+    let after = llama_tests::server::wait_for("the measurement's threads are gone", || (threads() <= before).then_some(threads()));
+    assert!(after <= before, "{after} threads after, {before} before");
+}
