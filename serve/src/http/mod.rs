@@ -270,7 +270,7 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Result<Respon
     let route = route_of(req.method(), req.uri().path())?;
     if route == Route::Health {
         state.ready()?;
-        return Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})));
+        return Ok(json_response(StatusCode::OK, &Health { status: "ok" }));
     }
     check_key(&state.config, &req)?;
     match route {
@@ -417,6 +417,11 @@ pub(crate) struct ApiError {
 }
 
 #[derive(Serialize)]
+struct Health {
+    status: &'static str,
+}
+
+#[derive(Serialize)]
 struct ErrorBody<'a> {
     error: ErrorObject<'a>,
 }
@@ -453,9 +458,13 @@ impl ApiError {
         self
     }
 
+    /// The error object clients see (also as an SSE event).
+    fn body(&self) -> ErrorBody<'_> {
+        ErrorBody { error: ErrorObject { message: &self.message, kind: self.kind, param: self.param.as_deref(), code: self.code } }
+    }
+
     fn into_response(self) -> Response<Body> {
-        let body = ErrorBody { error: ErrorObject { message: &self.message, kind: self.kind, param: self.param.as_deref(), code: self.code } };
-        let mut r = json_response(self.status, &body);
+        let mut r = json_response(self.status, &self.body());
         if self.retry_after {
             r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -340,8 +340,7 @@ fn stream_response(handle: Handle, id: String, model: String, chat: bool, includ
         Event::Done(stats) => {
             // The last chunk (or the error), the usage and the terminator go out as one frame.
             let mut tail = if stats.finish == Finish::Error {
-                let e = generation_failed(&stats);
-                sse(&serde_json::json!({"error": {"message": e.message, "type": e.kind, "code": e.code}}))
+                sse(&generation_failed(&stats).body())
             } else {
                 chunk(None, None, Some(finish_reason(&stats)))
             };
