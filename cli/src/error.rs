@@ -68,6 +68,11 @@ impl CliError {
             | CliError::Session(SessionError::InvalidParam { .. })
             | CliError::Load(llama_host::LoadError::InvalidParam { .. })
             | CliError::Engine(StartError::InvalidConfig { .. } | StartError::Session(SessionError::InvalidParam { .. }))
+            | CliError::Bench(
+                llama_serve::bench::BenchError::InvalidParam { .. }
+                | llama_serve::bench::BenchError::Session(SessionError::InvalidParam { .. })
+                | llama_serve::bench::BenchError::Engine(StartError::InvalidConfig { .. }),
+            )
             | CliError::Generate(GenerateError::InvalidParam { .. } | GenerateError::PromptTooLong { .. } | GenerateError::EmptyPrompt) => 2,
             CliError::NoModel { .. } | CliError::UnknownModel { .. } | CliError::Load(_) | CliError::ModelName(_) => 3,
             CliError::Select(_) | CliError::Install(_) => 4,

@@ -69,3 +69,22 @@ fn the_pp_tg_measurement_leaves_no_thread_pool_behind() {
     let after = llama_tests::server::wait_for("the measurement's threads are gone", || (threads() <= before).then_some(threads()));
     assert!(after <= before, "{after} threads after, {before} before");
 }
+
+// Defect 12: with batch-invariant mode and `-b 1` the engine planned nothing and spun for
+// ever. A batch of one cannot hold the padding token and a real one: refused as a bad
+// argument before any engine starts.
+#[test]
+fn batch_invariant_with_a_batch_of_one_is_a_bad_argument_not_a_spin() {
+    let model = model_path();
+    let mut child = llama_tests::llama_cmd(&[
+        "bench", "-m", model.to_str().unwrap(), "-p", "0", "-n", "0", "-b", "1", "--batch-invariant", "--concurrency", "1", "--no-prefix-test",
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let status = llama_tests::server::wait_for("llama bench ends", || child.try_wait().unwrap());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(status.code(), Some(2), "{}", llama_tests::stderr(&out));
+    assert!(llama_tests::stderr(&out).contains("batch-size"), "{}", llama_tests::stderr(&out));
+}
