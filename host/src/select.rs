@@ -247,7 +247,18 @@ impl Backends {
                             .collect();
                     }
                 }
-                if acc == Accelerator::Cpu {
+                // A file named for this backend that was refused (built for CPU features this
+                // CPU lacks, say) is the answer: point at its row, not at installing one.
+                let prefix = format!("{}llama_backend_{name}", std::env::consts::DLL_PREFIX);
+                let refused: Vec<String> = report
+                    .candidates
+                    .iter()
+                    .filter(|c| c.verdict == Verdict::Rejected && c.path.as_ref().and_then(|p| p.file_name()).is_some_and(|f| f.to_string_lossy().starts_with(&prefix)))
+                    .map(|c| c.name.clone())
+                    .collect();
+                if !refused.is_empty() {
+                    reason.push_str(&format!("no usable {name} backend plugin: {} refused (see its row)", refused.join(", ")));
+                } else if acc == Accelerator::Cpu {
                     // Nothing runs without it (a `llama` binary copied alone, say): say where
                     // plugins are looked for and how to put one there.
                     let searched: Vec<String> = report.search_dirs.iter().map(|d| d.dir.display().to_string()).collect();

@@ -38,4 +38,7 @@ fn a_native_plugin_is_refused_on_an_older_cpu_naming_the_features() {
     // This test machine's native build uses AVX2 at least; Nehalem has none of it.
     assert!(row.split_whitespace().any(|w| w == "avx2"), "{row}");
     assert!(!row.split_whitespace().any(|w| w == "sse4.2"), "Nehalem has SSE4.2: {row}");
+    // The cpu row points at that refusal rather than at installing a plugin.
+    let cpu = report.lines().find(|l| l.starts_with("cpu ")).unwrap_or_else(|| panic!("no cpu row in\n{report}"));
+    assert!(cpu.contains("libllama_backend_cpu.so refused"), "{cpu}");
 }
