@@ -3,7 +3,6 @@
 //! Every value it reads was resolved and checked in `opts.rs` (the API key is never empty,
 //! the header timeout is bounded).
 
-use std::path::Path;
 use std::time::Duration;
 
 use llama_host::ContextSize;
@@ -42,6 +41,7 @@ pub fn run(g: &Global, o: &ServeOpts) -> Result<(), CliError> {
             max_body_bytes: a.max_body,
             header_timeout: o.header_timeout,
             body_timeout: Duration::from_secs(a.body_timeout),
+            write_timeout: Duration::from_secs(a.stall_timeout),
             drain_timeout: Duration::from_secs(a.drain_timeout),
             loopback_hosts_only: loopback,
             cors_origins: a.cors_origins.clone(),
@@ -67,7 +67,7 @@ pub fn run(g: &Global, o: &ServeOpts) -> Result<(), CliError> {
                 Err(e) if o.args.on_load_error == args::OnLoadError::Serve => {
                     print_error(&e);
                     eprintln!("llama: the model failed to load; serving /health 503 until stopped (--on-load-error serve)");
-                    state.set_failed(public_reason(&e, &o.load.path));
+                    state.set_failed(public_reason(&e));
                     Ok(())
                 }
                 Err(e) => {
@@ -142,15 +142,13 @@ fn start_engine(g: &Global, o: &ServeOpts) -> Result<(llama_serve::http::Ready, 
 
 /// What a load failure may tell HTTP clients: what was wrong with the file, never where it
 /// is or whether some path exists.
-fn public_reason(e: &CliError, path: &Path) -> String {
+fn public_reason(e: &CliError) -> String {
     use llama_host::LoadError;
     match e {
         CliError::Load(LoadError::Invalid(g)) => g.reason(),
-        CliError::Load(LoadError::Rejected { source, .. }) => {
-            let msg = source.to_string();
-            let p = path.display().to_string();
-            if p.is_empty() { msg } else { msg.replace(&p, "<model>") }
-        }
+        // llama.cpp's own words may name other files (split shards) or the machine: they stay
+        // in the server's log; /health needs no key.
+        CliError::Load(LoadError::Rejected { .. }) => "llama.cpp could not load the model (the server's log has its reason)".into(),
         CliError::Load(_) => "the model file cannot be read".into(),
         CliError::Select(_) => "no usable backend".into(),
         _ => "the engine could not start".into(),

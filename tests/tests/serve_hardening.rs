@@ -158,3 +158,23 @@ fn max_tokens_zero_generates_nothing() {
         assert_eq!(choice["finish_reason"], "length");
     }
 }
+
+// Review finding: hyper has no write timeout, so a client that sends requests and never
+// reads the answers kept its connection (and its place among the 256) for ever; 256 of them
+// locked everyone out, /health included. A response that makes no progress for
+// --stall-timeout now ends its connection.
+#[test]
+fn a_client_that_never_reads_its_answers_loses_its_connection() {
+    let s = Server::start(&["--stall-timeout", "1"]);
+    let mut c = TcpStream::connect(s.addr()).unwrap();
+    // Before the fix this write blocked until the hang guard: a timeout, not a reset.
+    c.set_write_timeout(Some(HANG_GUARD)).unwrap();
+    let burst = format!("GET /health HTTP/1.1\r\nHost: {}\r\n\r\n", s.addr()).repeat(2000);
+    let err = loop {
+        if let Err(e) = c.write_all(burst.as_bytes()) {
+            break e;
+        }
+    };
+    assert!(matches!(err.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe), "{err:?}");
+    assert_eq!(ureq::get(&s.url("/health")).call().unwrap().status(), 200);
+}

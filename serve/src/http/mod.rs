@@ -52,6 +52,9 @@ pub struct ServerConfig {
     pub header_timeout: Duration,
     /// ... and its request body within this time after them.
     pub body_timeout: Duration,
+    /// A response that makes no progress for this long (a client that stopped reading)
+    /// ends its connection, so no client keeps a connection slot by not reading.
+    pub write_timeout: Duration,
     pub max_connections: usize,
     /// How long shutdown waits for open requests before cancelling them.
     pub drain_timeout: Duration,
@@ -72,6 +75,7 @@ impl Default for ServerConfig {
             max_body_bytes: 1 << 20,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
             max_connections: 256,
             drain_timeout: Duration::from_secs(10),
             loopback_hosts_only: true,
@@ -160,7 +164,7 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>, shut
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(state.config.header_timeout)
-                    .serve_connection(TokioIo::new(stream), service_fn(move |req| handle(st.clone(), req)));
+                    .serve_connection(TokioIo::new(WriteDeadline::new(stream, state.config.write_timeout)), service_fn(move |req| handle(st.clone(), req)));
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
@@ -183,6 +187,71 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>, shut
     // Whatever is still running or paused ends now; the engine thread stops.
     state.shutdown();
     Ok(())
+}
+
+/// A connection whose writes must make progress: hyper has no write timeout, and a client
+/// that stops reading (a streamed answer, or pipelined requests it never reads the answers
+/// to) would otherwise hold its connection and its place among `max_connections` for ever.
+/// A write that stays pending for `limit` fails with `TimedOut`, which ends the connection
+/// (and, through the dropped body, cancels its request).
+struct WriteDeadline<S> {
+    inner: S,
+    limit: Duration,
+    /// Armed while a write or flush is pending; disarmed by any progress.
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteDeadline<S> {
+    fn new(inner: S, limit: Duration) -> Self {
+        WriteDeadline { inner, limit, timer: None }
+    }
+
+    /// A pending write: pending until the deadline, then the error.
+    fn pending<T>(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<T>> {
+        let limit = self.limit;
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match std::future::Future::poll(timer.as_mut(), cx) {
+            std::task::Poll::Ready(()) => {
+                tracing::debug!("a client took nothing of its answer for {limit:?}: closing its connection");
+                std::task::Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the client stopped reading")))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteDeadline<S> {
+    fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteDeadline<S> {
+    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_write(cx, buf) {
+            std::task::Poll::Pending => this.pending(cx),
+            ready => {
+                this.timer = None;
+                ready
+            }
+        }
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_flush(cx) {
+            std::task::Poll::Pending => this.pending(cx),
+            ready => {
+                this.timer = None;
+                ready
+            }
+        }
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// The address to print: what the listener really bound (port 0 picks a free port).
@@ -289,6 +358,21 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Result<Respon
 /// (which would stall every other connection, /health included).
 async fn blocking<T: Send + 'static>(state: &AppState, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
     let permit = state.blocking.clone().acquire_owned().await.map_err(|_| ApiError::unavailable("the server is shutting down", "shutting_down"))?;
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        work()
+    })
+    .await
+    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the request's work failed"))
+}
+
+/// Like [`blocking`] for work that has no admission of its own (/tokenize, /detokenize):
+/// when every blocking permit is taken it answers 503 at once rather than queueing in front
+/// of admitted completions.
+async fn blocking_or_busy<T: Send + 'static>(state: &AppState, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    let Ok(permit) = state.blocking.clone().try_acquire_owned() else {
+        return Err(ApiError { retry_after: true, ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_overloaded", "the server is busy; retry later").code("overloaded") });
+    };
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         work()

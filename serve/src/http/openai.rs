@@ -17,7 +17,7 @@ use llama_host::{GenerateOptions, SamplingParams};
 use serde::{Deserialize, Serialize};
 use tokio_stream::StreamExt;
 
-use super::{blocking, clip, json_response, now_secs, ApiError, AppState, Body};
+use super::{blocking, blocking_or_busy, clip, json_response, now_secs, ApiError, AppState, Body};
 use crate::engine::{Event, Finish, Handle, Request, RequestStats};
 
 /// Most stop strings a request may give, and their longest length in bytes.
@@ -282,8 +282,11 @@ pub(super) async fn completions(state: Arc<AppState>, req: CompletionRequest, ch
     // If the client goes away, hyper drops this future and with it the handle, which
     // cancels the request.
     let (text, stats) = handle.collect_async().await;
-    if stats.finish == Finish::Error {
-        return Err(generation_failed(&stats));
+    match stats.finish {
+        Finish::Error => return Err(generation_failed(&stats)),
+        // Cut short by the server (shutdown): not an answer to pass off as complete.
+        Finish::Cancelled | Finish::Timeout => return Err(ApiError::unavailable("the request was cancelled: the server is shutting down", "cancelled")),
+        Finish::Stop | Finish::Length => {}
     }
     let finish_reason = Some(finish_reason(&stats));
     let usage = Some(Usage::of(&stats));
@@ -335,14 +338,19 @@ fn stream_response(handle: Handle, id: String, model: String, chat: bool, includ
         }
     };
     let head = chat.then(|| Bytes::from(chunk(Some(String::new()), Some("assistant"), None)));
+    // Whether the request's end arrived; if its channel closes without one (the engine
+    // stopped), the stream still ends with an error and `[DONE]`, never silently.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = done.clone();
     let events = handle.into_stream().map(move |ev| match ev {
         Event::Text(t) => Bytes::from(chunk(Some(t), None, None)),
         Event::Done(stats) => {
+            seen.store(true, std::sync::atomic::Ordering::SeqCst);
             // The last chunk (or the error), the usage and the terminator go out as one frame.
-            let mut tail = if stats.finish == Finish::Error {
-                sse(&generation_failed(&stats).body())
-            } else {
-                chunk(None, None, Some(finish_reason(&stats)))
+            let mut tail = match stats.finish {
+                Finish::Error => sse(&generation_failed(&stats).body()),
+                Finish::Cancelled | Finish::Timeout => sse(&ApiError::unavailable("the request was cancelled: the server is shutting down", "cancelled").body()),
+                Finish::Stop | Finish::Length => chunk(None, None, Some(finish_reason(&stats))),
             };
             if include_usage {
                 let usage: Completion<ChunkChoice> =
@@ -353,6 +361,17 @@ fn stream_response(handle: Handle, id: String, model: String, chat: bool, includ
             Bytes::from(tail)
         }
     });
+    let end = tokio_stream::iter(std::iter::from_fn(move || {
+        // Runs only once the events are exhausted, and then once.
+        if done.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        let e = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the engine stopped before the request ended").code("generation_failed");
+        let mut tail = sse(&e.body());
+        tail.extend_from_slice(b"data: [DONE]\n\n");
+        Some(Bytes::from(tail))
+    }));
+    let events = events.chain(end);
     let frames = tokio_stream::iter(head).chain(events).map(|b| Ok::<_, Infallible>(Frame::data(b)));
     let mut r = Response::new(BodyExt::boxed(StreamBody::new(frames)));
     r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -378,7 +397,7 @@ pub(super) async fn tokenize(state: Arc<AppState>, req: TokenizeRequest) -> Resu
     if req.content.len() > limit {
         return Err(ApiError::bad_request(format!("the content is {} bytes; the limit is {limit}", req.content.len()), Some("content")).code("prompt_too_large"));
     }
-    let tokens = blocking(&state, move || engine.model().tokenize(&req.content, req.add_special)).await?;
+    let tokens = blocking_or_busy(&state, move || engine.model().tokenize(&req.content, req.add_special)).await?;
     match tokens {
         Ok(tokens) => Ok(json_response(StatusCode::OK, &TokenizeResponse { tokens })),
         Err(e) => Err(ApiError::bad_request(clip(&e.to_string(), 200), Some("content"))),
@@ -387,7 +406,12 @@ pub(super) async fn tokenize(state: Arc<AppState>, req: TokenizeRequest) -> Resu
 
 pub(super) async fn detokenize(state: Arc<AppState>, req: DetokenizeRequest) -> Result<Response<Body>, ApiError> {
     let engine = state.ready()?.engine.clone();
-    let bytes = blocking(&state, move || -> Result<Vec<u8>, ApiError> {
+    // As many tokens as one request may hold: the answer's size is bounded by it.
+    let limit = engine.slot_context() as usize;
+    if req.tokens.len() > limit {
+        return Err(ApiError::bad_request(format!("{} tokens; the limit is {limit}", req.tokens.len()), Some("tokens")));
+    }
+    let bytes = blocking_or_busy(&state, move || -> Result<Vec<u8>, ApiError> {
         let mut bytes = Vec::new();
         for t in req.tokens {
             let Ok(id) = i32::try_from(t) else { return Err(ApiError::bad_request(format!("token {t} is not in the vocabulary"), Some("tokens"))) };
@@ -435,5 +459,31 @@ mod tests {
             assert!(!text.contains("\"finish_reason\":\"stop\""), "{text}");
             assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
         }
+    }
+}
+
+#[cfg(test)]
+mod stream_end {
+    use llama_host::fake::FakeModel;
+    use llama_host::ContextSize;
+
+    use super::*;
+    use crate::engine::{Engine, EngineConfig};
+
+    // Review finding: a stream whose request never got its end (the engine stopped) ended
+    // with neither [DONE] nor an error, which SDKs read as a complete answer.
+    #[test]
+    fn a_stream_cut_off_by_shutdown_ends_with_an_error_and_done() {
+        let (model, _) = FakeModel::new("").into_model();
+        let size = ContextSize { n_ctx: 512, n_batch: 64, n_ubatch: 64, n_threads: 1, n_threads_batch: 1 };
+        let engine = Engine::start(Arc::new(model), EngineConfig { slots: 1, queue: 0, size, stream_capacity: 1, ..EngineConfig::default() }).unwrap();
+        let h = engine.submit(Request { prompt: "x".into(), opts: GenerateOptions::default(), deadline: None }).unwrap();
+        let resp = stream_response(h, "id-1".into(), "m".into(), true, false);
+        drop(engine);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let text = String::from_utf8_lossy(&rt.block_on(resp.into_body().collect()).unwrap().to_bytes()).into_owned();
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        assert!(text.contains("\"error\""), "{text}");
+        assert!(!text.contains("\"finish_reason\":\"stop\""), "{text}");
     }
 }
