@@ -261,6 +261,12 @@ impl Engine {
         self.shared.max_prompt_bytes()
     }
 
+    /// Whether the engine takes requests: not shut down, and its thread alive (a thread
+    /// that died would otherwise leave /health saying ok while every request fails).
+    pub fn is_running(&self) -> bool {
+        !self.shared.stopped.load(Ordering::SeqCst) && self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Stops the engine: cancels every queued, running and paused request (each gets its
     /// `Done`, `Cancelled`), refuses new ones, and ends the thread. Also done on drop.
     pub fn shutdown(&self) {

@@ -176,3 +176,12 @@ fn shutdown_ends_paused_requests_and_the_engine_thread() {
         assert!(n <= 2, "{n} events");
     }
 }
+
+#[test]
+fn a_shut_down_engine_says_so_and_refuses_requests() {
+    let (e, _) = start("x", config(1, 0));
+    assert!(e.is_running());
+    e.shutdown();
+    assert!(!e.is_running());
+    assert!(matches!(e.submit(request("y", None)), Err(SubmitError::Stopped)));
+}

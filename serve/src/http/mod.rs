@@ -151,7 +151,9 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>, shut
                 let (stream, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
+                        // Out of descriptors, say: retrying at once would only spin.
                         tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 };
@@ -176,6 +178,8 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>, shut
             _ = &mut shutdown => break,
         }
     }
+    // New connections are refused from now on, not left waiting until exit.
+    drop(listener);
     tracing::info!("shutting down: no new connections, draining open ones");
     let drained = tokio::select! {
         _ = graceful.shutdown() => true,
@@ -338,7 +342,9 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response
 async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let route = route_of(req.method(), req.uri().path())?;
     if route == Route::Health {
-        state.ready()?;
+        if !state.ready()?.engine.is_running() {
+            return Err(ApiError::unavailable("the engine has stopped", "engine_stopped"));
+        }
         return Ok(json_response(StatusCode::OK, &Health { status: "ok" }));
     }
     check_key(&state.config, &req)?;
@@ -530,7 +536,7 @@ impl ApiError {
         ApiError::new(StatusCode::FORBIDDEN, "invalid_request_error", message).code(code)
     }
     fn unavailable(message: impl Into<String>, code: &'static str) -> ApiError {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable_error", message).code(code)
+        ApiError { retry_after: true, ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable_error", message).code(code) }
     }
     fn code(mut self, code: &'static str) -> ApiError {
         self.code = Some(code);
