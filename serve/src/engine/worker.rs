@@ -44,7 +44,6 @@ pub struct KvUsage {
     pub waiting: usize,
 }
 
-
 struct Active {
     job: Job,
     /// Prompt tokens decoded so far (including reused ones).
@@ -63,7 +62,7 @@ struct Active {
     order: u64,
 }
 
-pub(super) struct Slot {
+struct Slot {
     seq: i32,
     /// Tokens this slot's sequence holds in the KV cache.
     cached: Vec<i32>,
@@ -382,6 +381,8 @@ impl Worker {
     fn step(&mut self, plan: &[(usize, Part)]) {
         let mut batch = Vec::new();
         let mut samples = Vec::new();
+        // The slot each sample request is for, in the same order as `samples`.
+        let mut sampled_slots = Vec::new();
         for &(i, part) in plan {
             let slot = &self.slots[i];
             let a = slot.active.as_ref().expect("planned slots are active");
@@ -390,6 +391,7 @@ impl Worker {
                     let pos = (a.job.tokens.len() + a.generated - 1) as i32;
                     batch.push(BatchToken { token: a.last.expect("a generating slot has a token"), pos, seq: slot.seq, logits: true });
                     samples.push(SampleRequest { seq: slot.seq, index: batch.len() as i32 - 1 });
+                    sampled_slots.push(i);
                 }
                 Part::Prompt(n) => {
                     let start = a.prompt_done;
@@ -400,6 +402,7 @@ impl Worker {
                     }
                     if end == a.job.tokens.len() {
                         samples.push(SampleRequest { seq: slot.seq, index: batch.len() as i32 - 1 });
+                        sampled_slots.push(i);
                     }
                 }
             }
@@ -416,16 +419,12 @@ impl Worker {
         self.metrics.busy_us.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
         self.metrics.decode_steps.fetch_add(1, Ordering::Relaxed);
         let sampled = match result {
-            Ok(s) => s,
-            Err(e) => {
-                // A failed step fails the requests in it; the others carry on.
-                let msg = e.to_string();
-                tracing::warn!(error = %msg, "decode step failed");
-                for &(i, _) in plan {
-                    self.finish(i, Finish::Error, Some(msg.clone()));
-                }
-                return;
-            }
+            Ok(s) if s.len() == samples.len() => s,
+            // A backend that breaks the step's contract fails the step's requests, not the
+            // engine thread.
+            Ok(s) => return self.fail_step(plan, format!("the backend returned {} sampled tokens for {} requests", s.len(), samples.len())),
+            // A failed step fails the requests in it; the others carry on.
+            Err(e) => return self.fail_step(plan, e.to_string()),
         };
         // Account for what landed in each slot's cache.
         for &(i, part) in plan {
@@ -439,34 +438,18 @@ impl Worker {
                 }
             }
         }
-        let wanted = plan
-            .iter()
-            .filter(|(i, _)| self.slots[*i].active.as_ref().is_some_and(|a| a.prompt_done == a.job.tokens.len()))
-            .count();
-        if sampled.len() != wanted {
-            // A backend that breaks the step's contract fails the step's requests, not the
-            // engine thread.
-            let msg = format!("the backend returned {} sampled tokens for {wanted} requests", sampled.len());
-            tracing::error!(error = %msg, "decode step failed");
-            for &(i, _) in plan {
-                self.finish(i, Finish::Error, Some(msg.clone()));
-            }
-            return;
-        }
-        let mut k = 0;
-        for &(i, _) in plan {
-            let wants_sample = {
-                let a = self.slots[i].active.as_ref().expect("active");
-                a.prompt_done == a.job.tokens.len()
-            };
-            if !wants_sample {
-                continue;
-            }
-            let s = sampled[k];
-            k += 1;
+        for (i, s) in sampled_slots.into_iter().zip(sampled) {
             self.accept(i, s);
         }
         self.publish_kv();
+    }
+
+    /// Ends every request of a failed step with `Finish::Error` and the reason.
+    fn fail_step(&mut self, plan: &[(usize, Part)], msg: String) {
+        tracing::warn!(error = %msg, "decode step failed");
+        for &(i, _) in plan {
+            self.finish(i, Finish::Error, Some(msg.clone()));
+        }
     }
 
     /// Handles one sampled token of slot `i`.

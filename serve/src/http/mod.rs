@@ -363,22 +363,20 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Result<Respon
 /// and tokenizing cost time that grows with the input, and must never hold an async worker
 /// (which would stall every other connection, /health included).
 async fn blocking<T: Send + 'static>(state: &AppState, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
-    let permit = state.blocking.clone().acquire_owned().await.map_err(|_| ApiError::unavailable("the server is shutting down", "shutting_down"))?;
-    tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        work()
-    })
-    .await
-    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the request's work failed"))
+    let permit = state.blocking.clone().acquire_owned().await.map_err(|_| ApiError::shutting_down())?;
+    run_blocking(permit, work).await
 }
 
 /// Like [`blocking`] for work that has no admission of its own (/tokenize, /detokenize):
 /// when every blocking permit is taken it answers 503 at once rather than queueing in front
 /// of admitted completions.
 async fn blocking_or_busy<T: Send + 'static>(state: &AppState, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
-    let Ok(permit) = state.blocking.clone().try_acquire_owned() else {
-        return Err(ApiError { retry_after: true, ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_overloaded", "the server is busy; retry later").code("overloaded") });
-    };
+    let permit = state.blocking.clone().try_acquire_owned().map_err(|_| ApiError::overloaded())?;
+    run_blocking(permit, work).await
+}
+
+/// `work` on a blocking thread, holding `permit` until it is done.
+async fn run_blocking<T: Send + 'static>(permit: tokio::sync::OwnedSemaphorePermit, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         work()
@@ -538,6 +536,17 @@ impl ApiError {
     fn unavailable(message: impl Into<String>, code: &'static str) -> ApiError {
         ApiError { retry_after: true, ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable_error", message).code(code) }
     }
+    /// 503 + Retry-After: no room now.
+    fn overloaded() -> ApiError {
+        ApiError { retry_after: true, ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_overloaded", "the server is busy; retry later").code("overloaded") }
+    }
+    fn shutting_down() -> ApiError {
+        ApiError::unavailable("the server is shutting down", "shutting_down")
+    }
+    /// A request the server cut short (shutdown): never passed off as a complete answer.
+    fn cancelled() -> ApiError {
+        ApiError::unavailable("the request was cancelled: the server is shutting down", "cancelled")
+    }
     fn code(mut self, code: &'static str) -> ApiError {
         self.code = Some(code);
         self
@@ -568,10 +577,7 @@ impl ApiError {
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> ApiError {
         match e {
-            SubmitError::Overloaded { .. } => ApiError {
-                retry_after: true,
-                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_overloaded", "the server is busy; retry later").code("overloaded")
-            },
+            SubmitError::Overloaded { .. } => ApiError::overloaded(),
             SubmitError::PromptTooLong { tokens, limit } => ApiError {
                 param: Some("messages".into()),
                 ..ApiError::bad_request(format!("the prompt has {tokens} tokens; the limit is {limit}"), None).code("context_length_exceeded")
@@ -582,7 +588,7 @@ impl From<SubmitError> for ApiError {
             },
             SubmitError::EmptyPrompt => ApiError::bad_request("the prompt is empty", Some("prompt")),
             SubmitError::InvalidParam { field, reason } => ApiError::bad_request(format!("invalid {field}: {}", clip(&reason, 200)), Some(&field)),
-            SubmitError::Stopped => ApiError::unavailable("the server is shutting down", "shutting_down"),
+            SubmitError::Stopped => ApiError::shutting_down(),
         }
     }
 }

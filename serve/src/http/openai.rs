@@ -285,7 +285,7 @@ pub(super) async fn completions(state: Arc<AppState>, req: CompletionRequest, ch
     match stats.finish {
         Finish::Error => return Err(generation_failed(&stats)),
         // Cut short by the server (shutdown): not an answer to pass off as complete.
-        Finish::Cancelled | Finish::Timeout => return Err(ApiError::unavailable("the request was cancelled: the server is shutting down", "cancelled")),
+        Finish::Cancelled | Finish::Timeout => return Err(ApiError::cancelled()),
         Finish::Stop | Finish::Length => {}
     }
     let finish_reason = Some(finish_reason(&stats));
@@ -349,7 +349,7 @@ fn stream_response(handle: Handle, id: String, model: String, chat: bool, includ
             // The last chunk (or the error), the usage and the terminator go out as one frame.
             let mut tail = match stats.finish {
                 Finish::Error => sse(&generation_failed(&stats).body()),
-                Finish::Cancelled | Finish::Timeout => sse(&ApiError::unavailable("the request was cancelled: the server is shutting down", "cancelled").body()),
+                Finish::Cancelled | Finish::Timeout => sse(&ApiError::cancelled().body()),
                 Finish::Stop | Finish::Length => chunk(None, None, Some(finish_reason(&stats))),
             };
             if include_usage {
@@ -430,24 +430,34 @@ pub(super) async fn detokenize(state: Arc<AppState>, req: DetokenizeRequest) -> 
 mod tests {
     use std::sync::atomic::Ordering;
 
-    use llama_host::fake::FakeModel;
+    use llama_host::fake::{FakeBehaviour, FakeModel};
     use llama_host::ContextSize;
 
     use super::*;
     use crate::engine::{Engine, EngineConfig};
 
+    fn engine(reply: &str, stream_capacity: usize) -> (Engine, Arc<FakeBehaviour>) {
+        let (model, fake) = FakeModel::new(reply).into_model();
+        let size = ContextSize { n_ctx: 512, n_batch: 64, n_ubatch: 64, n_threads: 1, n_threads_batch: 1 };
+        (Engine::start(Arc::new(model), EngineConfig { slots: 1, queue: 0, size, stream_capacity, ..EngineConfig::default() }).unwrap(), fake)
+    }
+
+    fn submit(engine: &Engine, opts: GenerateOptions) -> Handle {
+        engine.submit(Request { prompt: "x".into(), opts, deadline: None }).unwrap()
+    }
+
+    /// The whole body of a streamed response.
+    fn body(resp: Response<Body>) -> String {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        String::from_utf8_lossy(&rt.block_on(resp.into_body().collect()).unwrap().to_bytes()).into_owned()
+    }
+
     /// The whole SSE body of a request the fake backend fails (it returns too few tokens).
     fn failed_stream(chat: bool) -> String {
-        let (model, fake) = FakeModel::new("hi").into_model();
+        let (engine, fake) = engine("hi", 16);
         fake.short_samples.store(1, Ordering::SeqCst);
-        let size = ContextSize { n_ctx: 512, n_batch: 64, n_ubatch: 64, n_threads: 1, n_threads_batch: 1 };
-        let engine = Engine::start(Arc::new(model), EngineConfig { slots: 1, queue: 0, size, ..EngineConfig::default() }).unwrap();
-        let opts = GenerateOptions { max_tokens: Some(4), ..GenerateOptions::default() };
-        let h = engine.submit(Request { prompt: "x".into(), opts, deadline: None }).unwrap();
-        let resp = stream_response(h, "id-1".into(), "m".into(), chat, true);
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let body = rt.block_on(resp.into_body().collect()).unwrap().to_bytes();
-        String::from_utf8_lossy(&body).into_owned()
+        let h = submit(&engine, GenerateOptions { max_tokens: Some(4), ..GenerateOptions::default() });
+        body(stream_response(h, "id-1".into(), "m".into(), chat, true))
     }
 
     #[test]
@@ -460,28 +470,16 @@ mod tests {
             assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
         }
     }
-}
-
-#[cfg(test)]
-mod stream_end {
-    use llama_host::fake::FakeModel;
-    use llama_host::ContextSize;
-
-    use super::*;
-    use crate::engine::{Engine, EngineConfig};
 
     // Review finding: a stream whose request never got its end (the engine stopped) ended
     // with neither [DONE] nor an error, which SDKs read as a complete answer.
     #[test]
     fn a_stream_cut_off_by_shutdown_ends_with_an_error_and_done() {
-        let (model, _) = FakeModel::new("").into_model();
-        let size = ContextSize { n_ctx: 512, n_batch: 64, n_ubatch: 64, n_threads: 1, n_threads_batch: 1 };
-        let engine = Engine::start(Arc::new(model), EngineConfig { slots: 1, queue: 0, size, stream_capacity: 1, ..EngineConfig::default() }).unwrap();
-        let h = engine.submit(Request { prompt: "x".into(), opts: GenerateOptions::default(), deadline: None }).unwrap();
+        let (engine, _) = engine("", 1);
+        let h = submit(&engine, GenerateOptions::default());
         let resp = stream_response(h, "id-1".into(), "m".into(), true, false);
         drop(engine);
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let text = String::from_utf8_lossy(&rt.block_on(resp.into_body().collect()).unwrap().to_bytes()).into_owned();
+        let text = body(resp);
         assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
         assert!(text.contains("\"error\""), "{text}");
         assert!(!text.contains("\"finish_reason\":\"stop\""), "{text}");
