@@ -116,12 +116,69 @@ pub struct ServeArgs {
     /// slot holds, at least 64 KiB).
     #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..=(1 << 30)))]
     pub max_prompt_bytes: Option<u64>,
+    /// A directory whose GGUF files are served too, each under its file name without
+    /// `.gguf` (repeatable).
+    #[arg(long = "models-dir", value_name = "DIR")]
+    pub models_dirs: Vec<std::path::PathBuf>,
+    /// Most models loaded at once; past it the least recently used idle one is unloaded.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub models_max: u32,
+    /// Unload a model idle this many seconds (0: never). A request's `keep_alive` overrides it.
+    #[arg(long, value_name = "SECS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
+    pub idle_unload: u64,
+    /// Host memory kept free whatever is loaded, e.g. `1GiB`, `512MiB`.
+    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
+    pub memory_reserve: u64,
+    /// Most memory the loaded models may hold together (by their estimates), e.g. `3GiB`.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub memory_budget: Option<u64>,
+    /// Seconds a load waits for a busy model to become idle so it can be unloaded
+    /// (503 with Retry-After after that).
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub load_wait: u64,
+}
+
+/// A size in bytes: a number, optionally with a unit: `k`/`KiB`, `M`/`MiB`, `G`/`GiB`,
+/// `T`/`TiB` (powers of 1024; `KB`, `MB`, `GB` are powers of 1000).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        u => return Err(format!("unknown unit '{u}' (use B, KiB, MiB, GiB, TiB)")),
+    };
+    let n: f64 = num.trim().parse().map_err(|_| format!("'{s}' is not a size such as 3GiB or 512MiB"))?;
+    let bytes = n * scale as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes >= u64::MAX as f64 {
+        return Err(format!("'{s}' is out of range"));
+    }
+    Ok(bytes as u64)
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnLoadError {
     Exit,
     Serve,
+}
+
+impl From<GpuLayers> for llama_host::offload::GpuLayers {
+    fn from(l: GpuLayers) -> Self {
+        use llama_host::offload;
+        match l {
+            GpuLayers::Auto => offload::GpuLayers::Auto,
+            GpuLayers::All => offload::GpuLayers::All,
+            GpuLayers::Count(n) => offload::GpuLayers::Count(n),
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -131,8 +188,9 @@ pub struct ModelArgs {
     #[arg(value_name = "MODEL")]
     pub name: Option<String>,
     /// Same as the positional MODEL. Without either: $LLAMA_MODEL, then the config.
-    #[arg(short = 'm', long = "model", value_name = "FILE", conflicts_with = "name")]
-    pub model: Option<String>,
+    /// `llama serve` takes it more than once (one model each), and `NAME=FILE` names one.
+    #[arg(short = 'm', long = "model", value_name = "FILE", conflicts_with = "name", action = clap::ArgAction::Append)]
+    pub model: Vec<String>,
     /// Backend: auto, cpu, cuda or metal. A named backend that cannot run is an error.
     #[arg(long, default_value = "auto", value_name = "NAME", env = "LLAMA_BACKEND")]
     pub backend: String,
@@ -216,11 +274,7 @@ impl ModelArgs {
     pub fn offload(&self) -> llama_host::offload::OffloadRequest {
         use llama_host::offload;
         llama_host::offload::OffloadRequest {
-            gpu_layers: match self.gpu_layers {
-                GpuLayers::Auto => offload::GpuLayers::Auto,
-                GpuLayers::All => offload::GpuLayers::All,
-                GpuLayers::Count(n) => offload::GpuLayers::Count(n),
-            },
+            gpu_layers: self.gpu_layers.into(),
             devices: match &self.device {
                 None => offload::Devices::Every,
                 Some(Devices::None) => offload::Devices::None,
@@ -480,6 +534,19 @@ pub fn normalize_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("3GiB").unwrap(), 3 << 30);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1.5 GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        for bad in ["", "GiB", "3 parsecs", "-1GiB", "1e30TiB", "nan"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn gpu_layers_parse_and_validate() {

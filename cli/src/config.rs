@@ -7,6 +7,12 @@
 //! [models]                             # `llama run gemma` → this path
 //! gemma = "/data/models/gemma-3-270m-q4_k_m.gguf"
 //!
+//! [models.smol]                        # a model with its own settings (`llama serve`)
+//! path = "/data/models/smollm2-135m-instruct-q4_1.gguf"
+//! ctx-size = 4096
+//! parallel = 2
+//! temp = 0.2
+//!
 //! [defaults]                           # the long flag names
 //! temp = 0.7
 //! ctx-size = 8192
@@ -30,7 +36,7 @@ pub struct Config {
     pub models_dir: Option<PathBuf>,
     pub default_model: Option<String>,
     #[serde(default)]
-    pub models: BTreeMap<String, PathBuf>,
+    pub models: BTreeMap<String, ModelEntry>,
     #[serde(default)]
     pub defaults: Defaults,
     /// The file this came from, for messages.
@@ -76,6 +82,71 @@ fn logit_biases<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, 
         crate::args::parse_logit_bias(b).map_err(serde::de::Error::custom)?;
     }
     Ok(Some(v))
+}
+
+/// A named model: `NAME = "path"`, or a `[models.NAME]` table with its path and settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelEntry {
+    pub path: PathBuf,
+    pub settings: ModelSettings,
+}
+
+/// A model's own settings (`[models.NAME]`), used by `llama serve` for that model over the
+/// command line's values, as Ollama's Modelfile parameters or llama-server's presets.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ModelSettings {
+    #[serde(default, deserialize_with = "at_least_one_u32")]
+    pub ctx_size: Option<u32>,
+    #[serde(default, deserialize_with = "at_least_one_u32")]
+    pub parallel: Option<u32>,
+    pub queue: Option<usize>,
+    pub gpu_layers: Option<crate::args::GpuLayers>,
+    pub chat_template: Option<String>,
+    pub n_predict: Option<i32>,
+    pub seed: Option<i64>,
+    #[serde(default, deserialize_with = "non_negative")]
+    pub temp: Option<f32>,
+    #[serde(default, deserialize_with = "non_negative_i32")]
+    pub top_k: Option<i32>,
+    #[serde(default, deserialize_with = "probability")]
+    pub top_p: Option<f32>,
+    #[serde(default, deserialize_with = "probability")]
+    pub min_p: Option<f32>,
+    #[serde(default, deserialize_with = "positive")]
+    pub repeat_penalty: Option<f32>,
+    pub repeat_last_n: Option<i32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub stop: Option<Vec<String>>,
+}
+
+impl<'de> Deserialize<'de> for ModelEntry {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ModelEntry;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a model path, or a table with `path` and the model's settings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ModelEntry, E> {
+                Ok(ModelEntry { path: PathBuf::from(v), settings: ModelSettings::default() })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<ModelEntry, A::Error> {
+                use serde::de::Error;
+                let mut t = toml::Table::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                let path = match t.remove("path") {
+                    Some(toml::Value::String(p)) => PathBuf::from(p),
+                    Some(_) => return Err(A::Error::custom("`path` must be a string")),
+                    None => return Err(A::Error::missing_field("path")),
+                };
+                // The other keys are the settings, checked (names and ranges) by their type.
+                let settings = ModelSettings::deserialize(toml::Value::Table(t)).map_err(|e| A::Error::custom(e.message()))?;
+                Ok(ModelEntry { path, settings })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Defaults for flags, under their long names.
@@ -233,9 +304,25 @@ mod tests {
         let c = parse_ok(
             "models-dir = \"/m\"\ndefault-model = \"g\"\n[models]\ng = \"/m/g.gguf\"\n[defaults]\ntemp = 0.5\nctx-size = 512\nstop = [\"x\"]\n",
         );
-        assert_eq!(c.models["g"], PathBuf::from("/m/g.gguf"));
+        assert_eq!(c.models["g"].path, PathBuf::from("/m/g.gguf"));
         assert_eq!(c.defaults.temp, Some(0.5));
         assert_eq!(c.defaults.ctx_size, Some(512));
+    }
+
+    #[test]
+    fn a_model_table_holds_its_path_and_settings() {
+        let c = parse_ok("[models.s]\npath = \"/m/s.gguf\"\nctx-size = 2048\nparallel = 2\ntemp = 0.2\nchat-template = \"chatml\"\n[models]\ng = \"/m/g.gguf\"\n");
+        assert_eq!(c.models["s"].path, PathBuf::from("/m/s.gguf"));
+        assert_eq!(c.models["s"].settings.ctx_size, Some(2048));
+        assert_eq!(c.models["s"].settings.parallel, Some(2));
+        assert_eq!(c.models["s"].settings.temp, Some(0.2));
+        assert_eq!(c.models["g"].settings, ModelSettings::default());
+        let e = parse_err("[models.s]\npath = \"/m/s.gguf\"\nbogus = 1\n");
+        assert!(e.contains("bogus"), "{e}");
+        let e = parse_err("[models.s]\nctx-size = 1\n");
+        assert!(e.contains("path"), "{e}");
+        let e = parse_err("[models.s]\npath = \"/m\"\ntop-p = 7\n");
+        assert!(e.contains("out of range"), "{e}");
     }
 
     #[test]

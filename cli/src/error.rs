@@ -43,6 +43,9 @@ pub enum CliError {
     Bench(#[from] bench::BenchError),
     #[error(transparent)]
     Engine(#[from] llama_serve::engine::StartError),
+    /// `llama serve` could not preload its model (and kept no fuller error).
+    #[error(transparent)]
+    Registry(#[from] llama_serve::registry::AcquireError),
     /// A panic while loading the model in `llama serve`: a bug, reported as a failure.
     #[error("loading the model failed unexpectedly: {message}")]
     LoaderPanicked { message: String },
@@ -88,6 +91,21 @@ impl CliError {
     pub fn is_closed_output(&self) -> bool {
         matches!(self, CliError::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
     }
+}
+
+/// The error and each cause not already part of its message, on one line (for logs).
+pub fn describe(e: &CliError) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let msg = s.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// The error and each cause not already part of its message. A closed stderr loses it

@@ -8,6 +8,7 @@ mod output;
 mod args;
 mod backends;
 mod bench;
+mod catalogue;
 mod chat;
 mod config;
 mod error;

@@ -17,7 +17,7 @@ use crate::CliError;
 pub const DEFAULT_MODEL: &str = "gemma-3-270m-q4_k_m.gguf";
 
 /// The models directories: the config's, then the default one.
-fn dirs(cfg: &Config) -> Vec<PathBuf> {
+pub(crate) fn dirs(cfg: &Config) -> Vec<PathBuf> {
     let mut d: Vec<PathBuf> = cfg.models_dir.iter().cloned().collect();
     if let Some(def) = llama_host::default_models_dir() {
         if !d.contains(&def) {
@@ -28,10 +28,13 @@ fn dirs(cfg: &Config) -> Vec<PathBuf> {
 }
 
 pub fn resolve(args: &ModelArgs, cfg: &Config) -> Result<PathBuf, CliError> {
+    if args.model.len() > 1 {
+        return Err(CliError::InvalidArg { field: "--model", reason: format!("given {} times; only `llama serve` serves several models", args.model.len()) });
+    }
     let given = args
         .name
         .clone()
-        .or_else(|| args.model.clone())
+        .or_else(|| args.model.first().cloned())
         .or_else(|| std::env::var("LLAMA_MODEL").ok().filter(|s| !s.is_empty()))
         .or_else(|| cfg.default_model.clone());
     match given {
@@ -49,8 +52,8 @@ pub fn resolve(args: &ModelArgs, cfg: &Config) -> Result<PathBuf, CliError> {
 }
 
 pub(crate) fn resolve_name(name: &str, cfg: &Config) -> Result<PathBuf, CliError> {
-    if let Some(p) = cfg.models.get(name) {
-        return Ok(p.clone());
+    if let Some(m) = cfg.models.get(name) {
+        return Ok(m.path.clone());
     }
     let as_path = Path::new(name);
     if as_path.exists() {
@@ -106,7 +109,7 @@ fn describe(name: String, path: PathBuf) -> Entry {
 }
 
 pub fn list(a: &ListOpts, cfg: &Config) -> Result<(), CliError> {
-    let named: Vec<Entry> = cfg.models.iter().map(|(n, p)| describe(n.clone(), p.clone())).collect();
+    let named: Vec<Entry> = cfg.models.iter().map(|(n, m)| describe(n.clone(), m.path.clone())).collect();
     let mut files = Vec::new();
     for dir in dirs(cfg) {
         let Ok(rd) = std::fs::read_dir(&dir) else { continue };

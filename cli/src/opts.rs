@@ -115,7 +115,11 @@ pub struct BenchOpts {
 
 #[derive(Clone)]
 pub struct ServeOpts {
-    pub load: LoadOpts,
+    /// The models served, and the one preloaded.
+    pub catalogue: crate::catalogue::Catalogue,
+    pub backend: BackendChoice,
+    /// The offload flags, for every model without its own `gpu-layers`.
+    pub offload: OffloadRequest,
     pub args: args::ServeArgs,
     pub threads: i32,
     /// The API key, from `--api-key`, `LLAMA_API_KEY` or `--api-key-file`; never empty.
@@ -210,11 +214,13 @@ impl Options {
                 let mut a = a.clone();
                 cfg.apply_model(sub, &mut a.model);
                 cfg.apply_threads(sub, &mut a.threads);
-                let load = load_opts(&a.model, &cfg)?;
+                let catalogue = crate::catalogue::resolve(&a, &cfg)?;
+                let backend = a.model.backend.parse().unwrap_or(BackendChoice::Auto);
+                let offload = a.model.offload();
                 let api_key = api_key(sub, &a)?;
                 let threads = threads("threads", a.threads)?;
                 let header_timeout = header_timeout(a.header_timeout)?;
-                CommandOpts::Serve(ServeOpts { load, args: a, threads, api_key, header_timeout })
+                CommandOpts::Serve(ServeOpts { catalogue, backend, offload, args: a, threads, api_key, header_timeout })
             }
         };
         Ok(Options { global, config: cfg, command, trace })

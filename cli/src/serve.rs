@@ -1,25 +1,39 @@
-//! `llama serve`: bind first, load the model on a thread while /health already answers,
-//! then serve the OpenAI-compatible API (llama_serve::http) until Ctrl-C or SIGTERM.
+//! `llama serve`: bind first, then serve the catalogue's models (`catalogue.rs`) through a
+//! registry that loads them on demand (`llama_serve::registry`), preloading the default
+//! one on a thread while /health already answers, until Ctrl-C or SIGTERM.
 //! Every value it reads was resolved and checked in `opts.rs` (the API key is never empty,
-//! the header timeout is bounded).
+//! the header timeout is bounded); every model's settings are checked here before binding.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use llama_host::ContextSize;
+use llama_host::{BackendChoice, ContextSize, GenerateOptions, LoadedBackend, ModelFile, ModelParams, SamplingParams};
+use llama_serve::http::Ready;
+use llama_serve::metrics::Metrics;
+use llama_serve::registry::{LoadFailure, Loader, MemoryNeed, ModelFacts, ModelSpec, Registry, RegistryConfig};
 
 use crate::args;
+use crate::catalogue::ServedModel;
 use crate::error::print_error;
-use crate::load::{load_model, select_backend};
-use crate::opts::{Global, ServeOpts};
+use crate::load::{load_with_params, prepare, select_backend};
+use crate::opts::{Global, LoadOpts, ServeOpts};
 use crate::CliError;
 
 pub fn run(g: &Global, o: &ServeOpts) -> Result<(), CliError> {
     use llama_serve::http::{AppState, ServerConfig};
-    let (a, path) = (&o.args, o.load.path.clone());
-    // Every engine size is checked before anything binds or loads (--queue 2^62, say).
-    engine_config(o).validate()?;
+    let a = &o.args;
+    // Every model's sizes and defaults are checked before anything binds or loads
+    // (--queue 2^62, a `[models.x]` with top-p 7, say).
+    let mut specs = Vec::new();
+    for m in &o.catalogue.models {
+        engine_config(o, m).validate()?;
+        generation_defaults(m)?;
+        specs.push(ModelSpec { name: m.name.clone(), facts: facts(&m.path), admission: admission(o, m) });
+    }
+    let loader = ServeLoader::new(g.clone(), o.clone());
+    let registry = Registry::new(specs, o.catalogue.preload.as_deref(), Box::new(loader.clone()), registry_config(o));
     let api_key = o.api_key.clone();
-    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "llama".into());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(a.http_threads as usize)
         .enable_all()
@@ -35,44 +49,59 @@ pub fn run(g: &Global, o: &ServeOpts) -> Result<(), CliError> {
         if !loopback && api_key.is_none() {
             tracing::warn!("listening on {addr} without an API key: anyone who can reach it can use it");
         }
-        let state = std::sync::Arc::new(AppState::new(ServerConfig {
-            model_name: name,
-            api_key,
-            max_body_bytes: a.max_body,
-            header_timeout: o.header_timeout,
-            body_timeout: Duration::from_secs(a.body_timeout),
-            write_timeout: Duration::from_secs(a.stall_timeout),
-            drain_timeout: Duration::from_secs(a.drain_timeout),
-            loopback_hosts_only: loopback,
-            cors_origins: a.cors_origins.clone(),
-            ..ServerConfig::default()
-        }));
+        let state = Arc::new(AppState::new(
+            ServerConfig {
+                api_key,
+                max_body_bytes: a.max_body,
+                header_timeout: o.header_timeout,
+                body_timeout: Duration::from_secs(a.body_timeout),
+                write_timeout: Duration::from_secs(a.stall_timeout),
+                drain_timeout: Duration::from_secs(a.drain_timeout),
+                loopback_hosts_only: loopback,
+                cors_origins: a.cors_origins.clone(),
+                ..ServerConfig::default()
+            },
+            registry.clone(),
+        ));
         if let Some(b) = bound {
-            eprintln!("llama: listening on http://{b} (model '{}'; /health answers 503 until it is loaded)", state.config.model_name);
+            let names: Vec<&str> = o.catalogue.models.iter().map(|m| m.name.as_str()).collect();
+            let shown = if names.len() > 8 { format!("{}, ... ({} models)", names[..8].join(", "), names.len()) } else { names.join(", ") };
+            match &o.catalogue.preload {
+                Some(p) => eprintln!("llama: listening on http://{b} (models: {shown}; /health answers 503 until '{p}' is loaded)"),
+                None => eprintln!("llama: listening on http://{b} (models: {shown}; each is loaded on its first request)"),
+            }
         }
-        // Load on a plain thread while the server already answers /health.
-        // The loader returns the error that must end the server (default --on-load-error
-        // exit) and signals the shutdown future, so the server stops and the error is returned.
+        // Preload on a plain thread while the server already answers /health. The thread
+        // returns the error that must end the server (default --on-load-error exit) and
+        // signals the shutdown future, so the server stops and the error is returned.
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<()>();
-        let loader = {
-            let (g, o, state) = (g.clone(), o.clone(), state.clone());
-            // A panic while loading is a failure like any other: caught here, it ends the
-            // server (or is served as the failure), never a server stuck at "loading".
-            std::thread::spawn(move || match catch_panic(|| start_engine(&g, &o)) {
-                Ok((ready, backend)) => {
-                    eprintln!("llama: serving {backend}: ready");
-                    state.set_ready(ready);
-                    Ok(())
-                }
-                Err(e) if o.args.on_load_error == args::OnLoadError::Serve => {
-                    print_error(&e);
-                    eprintln!("llama: the model failed to load; serving /health 503 until stopped (--on-load-error serve)");
-                    state.set_failed(public_reason(&e));
-                    Ok(())
-                }
-                Err(e) => {
-                    let _ = failed_tx.send(());
-                    Err(e)
+        let preloader = {
+            let (o, state, registry, loader) = (o.clone(), state.clone(), registry.clone(), loader.clone());
+            std::thread::spawn(move || -> Result<(), CliError> {
+                let Some(name) = o.catalogue.preload.clone() else {
+                    state.set_ready();
+                    return Ok(());
+                };
+                match registry.acquire_blocking(Some(&name)) {
+                    Ok(lease) => {
+                        drop(lease);
+                        eprintln!("llama: serving '{name}' on {}: ready", loader.backend_name());
+                        state.set_ready();
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // The loader kept the full error (with paths) for this message and
+                        // the exit code; clients only ever see the public reason.
+                        let full = loader.take_failure(&name).unwrap_or(CliError::Registry(e.clone()));
+                        if o.args.on_load_error == args::OnLoadError::Serve {
+                            print_error(&full);
+                            eprintln!("llama: the model failed to load; serving /health 503 until stopped (--on-load-error serve)");
+                            state.set_failed(e.to_string().trim_start_matches("the model failed to load: ").to_string());
+                            return Ok(());
+                        }
+                        let _ = failed_tx.send(());
+                        Err(full)
+                    }
                 }
             })
         };
@@ -85,32 +114,57 @@ pub fn run(g: &Global, o: &ServeOpts) -> Result<(), CliError> {
             }
         };
         llama_serve::http::serve(listener, state, shutdown).await.map_err(CliError::Output)?;
-        // A stop during loading waits for the load to finish: llama.cpp's load cannot be
-        // interrupted, and exiting under it would tear its memory down mid-use.
-        match loader.join() {
+        // `serve` stopped the registry, which waited for any load under way (llama.cpp's
+        // load cannot be interrupted, and exiting under it would tear its memory down).
+        match preloader.join() {
             Ok(result) => result,
-            Err(_) => Err(CliError::LoaderPanicked { message: "the loader thread ended without a result".into() }),
+            Err(_) => Err(CliError::LoaderPanicked { message: "the preload thread ended without a result".into() }),
         }
     })?;
     eprintln!("llama: server stopped");
     Ok(())
 }
 
-/// `f`'s result, or its panic as an error (with the panic's message).
-fn catch_panic<T>(f: impl FnOnce() -> Result<T, CliError>) -> Result<T, CliError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
-        let message = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
-        Err(CliError::LoaderPanicked { message })
-    })
+/// What the catalogue shows of a model without loading it. A file that cannot be read is
+/// still listed (its load will say why).
+fn facts(path: &std::path::Path) -> ModelFacts {
+    let size_bytes = std::fs::metadata(path).ok().map(|m| m.len());
+    match llama_host::gguf::read(path) {
+        Ok(h) => ModelFacts { size_bytes, arch: h.architecture().map(str::to_string), quantization: h.quantization().map(str::to_string) },
+        Err(_) => ModelFacts { size_bytes, ..ModelFacts::default() },
+    }
 }
 
-/// The engine's sizes and limits, from the flags.
-fn engine_config(o: &ServeOpts) -> llama_serve::engine::EngineConfig {
+fn registry_config(o: &ServeOpts) -> RegistryConfig {
     let a = &o.args;
+    RegistryConfig {
+        models_max: a.models_max as usize,
+        idle_unload: (a.idle_unload > 0).then(|| Duration::from_secs(a.idle_unload)),
+        memory_reserve: a.memory_reserve,
+        memory_budget: a.memory_budget,
+        load_wait: Duration::from_secs(a.load_wait),
+    }
+}
+
+/// Requests that may wait for a model: its engine's `parallel + queue`.
+fn admission(o: &ServeOpts, m: &ServedModel) -> usize {
+    let c = engine_config(o, m);
+    (c.slots as usize).saturating_add(c.queue)
+}
+
+/// A model's engine sizes and limits: its `[models.NAME]` settings, else the flags.
+fn engine_config(o: &ServeOpts, m: &ServedModel) -> llama_serve::engine::EngineConfig {
+    let (a, s) = (&o.args, &m.settings);
     llama_serve::engine::EngineConfig {
-        slots: a.parallel,
-        queue: a.queue,
-        size: ContextSize { n_ctx: a.ctx_size, n_batch: a.batch_size, n_ubatch: a.ubatch_size, n_threads: o.threads, n_threads_batch: o.threads },
+        slots: s.parallel.unwrap_or(a.parallel),
+        queue: s.queue.unwrap_or(a.queue),
+        size: ContextSize {
+            n_ctx: s.ctx_size.unwrap_or(a.ctx_size),
+            n_batch: a.batch_size,
+            n_ubatch: a.ubatch_size,
+            n_threads: o.threads,
+            n_threads_batch: o.threads,
+        },
         max_new_tokens: a.max_tokens,
         max_prompt_bytes: a.max_prompt_bytes.map(|b| b as usize),
         stall_timeout: Duration::from_secs(a.stall_timeout),
@@ -118,26 +172,189 @@ fn engine_config(o: &ServeOpts) -> llama_serve::engine::EngineConfig {
     }
 }
 
-/// Selects the backend, loads the model and starts its engine.
-fn start_engine(g: &Global, o: &ServeOpts) -> Result<(llama_serve::http::Ready, String), CliError> {
-    use llama_serve::engine::Engine;
-    let a = &o.args;
-    let backend = select_backend(g, &o.load)?;
-    let model = std::sync::Arc::new(load_model(&backend, &o.load, a.ctx_size)?);
-    // A template that does not compile is said once, not dropped without a word.
-    let template = match llama_host::chat::ChatTemplate::for_model_or_builtin(&model) {
-        Ok((t, None)) => Some(t),
-        Ok((t, Some(e))) => {
-            tracing::warn!("{e}; using the {} template", t.source);
-            Some(t)
-        }
-        Err(e) => {
-            tracing::warn!("{e}; /v1/chat/completions is unavailable");
-            None
-        }
+/// What a request to this model leaves out: its settings' sampling values, stop strings
+/// and token limit, else the built-in defaults.
+fn generation_defaults(m: &ServedModel) -> Result<GenerateOptions, CliError> {
+    let (s, d) = (&m.settings, SamplingParams::default());
+    let seed = match s.seed {
+        None | Some(-1) => d.seed,
+        Some(v) => u32::try_from(v).ok().filter(|&v| v != u32::MAX).ok_or_else(|| bad_setting(m, "seed", format!("{v} is out of range")))?,
     };
-    let engine = Engine::start(model, engine_config(o))?;
-    Ok((llama_serve::http::Ready { engine: std::sync::Arc::new(engine), template }, backend.name().to_string()))
+    let sampling = SamplingParams {
+        temperature: s.temp.unwrap_or(d.temperature),
+        top_k: s.top_k.unwrap_or(d.top_k),
+        top_p: s.top_p.unwrap_or(d.top_p),
+        min_p: s.min_p.unwrap_or(d.min_p),
+        repeat_penalty: s.repeat_penalty.unwrap_or(d.repeat_penalty),
+        repeat_last_n: s.repeat_last_n.unwrap_or(d.repeat_last_n),
+        presence_penalty: s.presence_penalty.unwrap_or(d.presence_penalty),
+        frequency_penalty: s.frequency_penalty.unwrap_or(d.frequency_penalty),
+        seed,
+        ..d
+    };
+    sampling.validate().map_err(|e| bad_setting(m, e.field, e.reason))?;
+    let stop = s.stop.clone().unwrap_or_default();
+    Ok(GenerateOptions { max_tokens: s.n_predict.and_then(|n| u32::try_from(n).ok()), sampling, add_special: true, stop })
+}
+
+fn bad_setting(m: &ServedModel, key: &str, reason: String) -> CliError {
+    CliError::InvalidArg { field: "config", reason: format!("[models.{}] {key}: {reason}", m.name) }
+}
+
+/// Loads the catalogue's models for the registry: selects the backend once (at the first
+/// load), opens and validates each file once per load (the estimate's file is the one
+/// loaded), and keeps the full error of a failed load for the log and the preload's exit.
+#[derive(Clone)]
+struct ServeLoader(Arc<LoaderInner>);
+
+struct LoaderInner {
+    g: Global,
+    o: ServeOpts,
+    models: HashMap<String, ServedModel>,
+    backend: Mutex<Option<LoadedBackend>>,
+    /// The file `estimate` opened and its parameters, for the `load` that follows it (the
+    /// registry runs one load at a time: estimate, make room, load).
+    prepared: Mutex<Option<(String, ModelFile, ModelParams)>>,
+    failures: Mutex<HashMap<String, CliError>>,
+}
+
+impl ServeLoader {
+    fn new(g: Global, o: ServeOpts) -> ServeLoader {
+        let models = o.catalogue.models.iter().map(|m| (m.name.clone(), m.clone())).collect();
+        ServeLoader(Arc::new(LoaderInner {
+            g,
+            o,
+            models,
+            backend: Mutex::new(None),
+            prepared: Mutex::new(None),
+            failures: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    fn backend_name(&self) -> String {
+        self.0.backend.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|b| b.name().to_string()).unwrap_or_default()
+    }
+
+    /// The full error of `name`'s last failed load.
+    fn take_failure(&self, name: &str) -> Option<CliError> {
+        self.0.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(name)
+    }
+
+    fn model(&self, name: &str) -> Result<&ServedModel, CliError> {
+        self.0.models.get(name).ok_or_else(|| CliError::InvalidArg { field: "model", reason: format!("'{name}' is not in the catalogue") })
+    }
+
+    fn load_opts(&self, m: &ServedModel) -> LoadOpts {
+        let mut offload = self.0.o.offload.clone();
+        if let Some(l) = m.settings.gpu_layers {
+            offload.gpu_layers = l.into();
+        }
+        LoadOpts { path: m.path.clone(), backend: self.0.o.backend.clone(), offload }
+    }
+
+    /// The backend, selected at the first load and shared by every model after it.
+    fn with_backend<T>(&self, f: impl FnOnce(&LoadedBackend) -> Result<T, CliError>) -> Result<T, CliError> {
+        let mut b = self.0.backend.lock().unwrap_or_else(|p| p.into_inner());
+        if b.is_none() {
+            let any = self.0.models.values().next().map(|m| self.load_opts(m));
+            let l = any.unwrap_or_else(|| LoadOpts { path: Default::default(), backend: BackendChoice::Auto, offload: self.0.o.offload.clone() });
+            *b = Some(select_backend(&self.0.g, &l)?);
+        }
+        f(b.as_ref().expect("selected above"))
+    }
+
+    /// A failure as the registry reports it; the full error is logged and kept.
+    fn fail(&self, name: &str, e: CliError) -> LoadFailure {
+        let public = public_reason(&e);
+        let source: Arc<dyn std::error::Error + Send + Sync> = Arc::new(std::io::Error::other(crate::error::describe(&e)));
+        self.0.failures.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), e);
+        LoadFailure { public, source }
+    }
+
+    fn estimate_inner(&self, name: &str) -> Result<MemoryNeed, CliError> {
+        let m = self.model(name)?.clone();
+        let n_ctx = engine_config(&self.0.o, &m).size.n_ctx;
+        let l = self.load_opts(&m);
+        let (file, params, gpu) = self.with_backend(|b| {
+            let (file, params) = prepare(b, &l, n_ctx)?;
+            Ok((file, params, b.info().accelerator != llama_host::Accelerator::Cpu))
+        })?;
+        let need = memory_need(&file, &params, gpu, n_ctx);
+        *self.0.prepared.lock().unwrap_or_else(|p| p.into_inner()) = Some((name.to_string(), file, params));
+        Ok(need)
+    }
+
+    fn load_inner(&self, name: &str, metrics: Arc<Metrics>) -> Result<Ready, CliError> {
+        let m = self.model(name)?.clone();
+        let prepared = self.0.prepared.lock().unwrap_or_else(|p| p.into_inner()).take().filter(|(n, _, _)| n == name);
+        let (file, params) = match prepared {
+            Some((_, f, p)) => (f, p),
+            None => {
+                let n_ctx = engine_config(&self.0.o, &m).size.n_ctx;
+                let l = self.load_opts(&m);
+                self.with_backend(|b| prepare(b, &l, n_ctx))?
+            }
+        };
+        let model = Arc::new(self.with_backend(|b| load_with_params(b, &file, &params))?);
+        // A template that does not compile is said once, not dropped without a word.
+        let template = match &m.settings.chat_template {
+            Some(t) => Some(llama_host::chat::ChatTemplate::named(&model, t).map_err(|e| bad_setting(&m, "chat-template", e.to_string()))?),
+            None => match llama_host::chat::ChatTemplate::for_model_or_builtin(&model) {
+                Ok((t, None)) => Some(t),
+                Ok((t, Some(e))) => {
+                    tracing::warn!(model = %name, "{e}; using the {} template", t.source);
+                    Some(t)
+                }
+                Err(e) => {
+                    tracing::warn!(model = %name, "{e}; /v1/chat/completions is unavailable for it");
+                    None
+                }
+            },
+        };
+        let engine = llama_serve::engine::Engine::start_with_metrics(model, engine_config(&self.0.o, &m), metrics)?;
+        Ok(Ready { engine: Arc::new(engine), template, defaults: generation_defaults(&m)? })
+    }
+}
+
+impl Loader for ServeLoader {
+    fn estimate(&self, name: &str) -> Result<MemoryNeed, LoadFailure> {
+        self.estimate_inner(name).map_err(|e| self.fail(name, e))
+    }
+
+    fn load(&self, name: &str, metrics: Arc<Metrics>) -> Result<Ready, LoadFailure> {
+        self.load_inner(name, metrics).map_err(|e| self.fail(name, e))
+    }
+
+    fn device_free(&self) -> Option<u64> {
+        let b = self.0.backend.lock().unwrap_or_else(|p| p.into_inner());
+        let devices = b.as_ref()?.devices_now();
+        let free: u64 = devices.iter().map(|d| d.memory_free).sum();
+        (free > 0).then_some(free)
+    }
+}
+
+/// Bytes of compute buffers and runtime allowed for beside the weights and KV cache: a
+/// fixed part and a share of the weights (an estimate that errs high: it decides evictions,
+/// and falling short would risk an out-of-memory kill).
+const COMPUTE_FIXED: u64 = 64 << 20;
+
+/// What a load of `file` with `params` will hold: the weights (the whole file, mapped), the
+/// KV cache for `n_ctx` tokens, and compute buffers; on a GPU backend the offloaded layers
+/// and their KV cache are device memory, the rest host memory.
+fn memory_need(file: &ModelFile, params: &ModelParams, gpu: bool, n_ctx: u32) -> MemoryNeed {
+    let weights = std::fs::metadata(file.path()).map(|m| m.len()).unwrap_or(0);
+    let footprint = file.footprint(n_ctx).ok();
+    let kv = footprint.as_ref().map_or(0, |f| f.kv_bytes_per_layer.saturating_mul(u64::from(f.n_layer)));
+    let total = weights.saturating_add(kv).saturating_add(COMPUTE_FIXED).saturating_add(weights / 20);
+    let device = match (&footprint, gpu) {
+        (Some(f), true) => {
+            let all = f.n_layer + 1;
+            let n = if params.n_gpu_layers < 0 { all } else { (params.n_gpu_layers as u32).min(all) };
+            f.offloaded_bytes(n)
+        }
+        _ => 0,
+    };
+    MemoryNeed { host_bytes: total.saturating_sub(device), device_bytes: device }
 }
 
 /// What a load failure may tell HTTP clients: what was wrong with the file, never where it

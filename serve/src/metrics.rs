@@ -14,7 +14,7 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
+    pub(crate) fn new(bounds: &'static [f64]) -> Self {
         Histogram { bounds, counts: (0..bounds.len()).map(|_| AtomicU64::new(0)).collect(), sum_us: AtomicU64::new(0), count: AtomicU64::new(0) }
     }
 
@@ -30,19 +30,30 @@ impl Histogram {
         self.count.load(Ordering::Relaxed)
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
+    /// One histogram family, a series per model.
+    pub(crate) fn render_models(out: &mut String, name: &str, help: &str, models: &[(&str, &Histogram)]) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (b, c) in self.bounds.iter().zip(&self.counts) {
-            cumulative += c.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        for (model, h) in models {
+            let model = escape(model);
+            let mut cumulative = 0;
+            for (b, c) in h.bounds.iter().zip(&h.counts) {
+                cumulative += c.load(Ordering::Relaxed);
+                let _ = writeln!(out, "{name}_bucket{{model=\"{model}\",le=\"{b}\"}} {cumulative}");
+            }
+            let _ = writeln!(out, "{name}_bucket{{model=\"{model}\",le=\"+Inf\"}} {}", h.count());
+            let _ = writeln!(out, "{name}_sum{{model=\"{model}\"}} {}", h.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+            let _ = writeln!(out, "{name}_count{{model=\"{model}\"}} {}", h.count());
         }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count());
-        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count {}", self.count());
     }
 }
 
+/// A label value as Prometheus' text format needs it (model names come from file names).
+pub(crate) fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Seconds a model load may take, for `llama_model_load_seconds`.
+pub(crate) const LOAD_BOUNDS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
 const LATENCY_BOUNDS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 const ITL_BOUNDS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28];
 
@@ -119,35 +130,42 @@ impl Metrics {
         self.outcomes[o as usize].load(Ordering::Relaxed)
     }
 
-    /// The registry in Prometheus' text exposition format.
-    pub fn render_prometheus(&self) -> String {
+    /// The metrics of several models in Prometheus' text exposition format: each family's
+    /// HELP and TYPE once, a series per model with its `model` label.
+    pub fn render_models(models: &[(&str, &Metrics)]) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "# HELP llama_requests_total Requests by outcome.\n# TYPE llama_requests_total counter");
-        for o in Outcome::ALL {
-            let _ = writeln!(out, "llama_requests_total{{outcome=\"{}\"}} {}", o.label(), self.outcome(o));
+        for (model, m) in models {
+            for o in Outcome::ALL {
+                let _ = writeln!(out, "llama_requests_total{{model=\"{}\",outcome=\"{}\"}} {}", escape(model), o.label(), m.outcome(o));
+            }
         }
-        let gauge = |out: &mut String, name: &str, help: &str, v: i64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        type Read = fn(&Metrics) -> f64;
+        let families: [(&str, &str, &str, Read); 10] = [
+            ("llama_queue_depth", "gauge", "Requests waiting for a slot.", |m| m.queue_depth.load(Ordering::Relaxed) as f64),
+            ("llama_active_sequences", "gauge", "Requests holding a slot.", |m| m.active_sequences.load(Ordering::Relaxed) as f64),
+            ("llama_kv_tokens", "gauge", "Tokens held in the KV cache.", |m| m.kv_tokens.load(Ordering::Relaxed) as f64),
+            ("llama_kv_capacity_tokens", "gauge", "KV cache capacity in tokens.", |m| m.kv_capacity.load(Ordering::Relaxed) as f64),
+            ("llama_prompt_tokens_total", "counter", "Prompt tokens received.", |m| m.prompt_tokens.load(Ordering::Relaxed) as f64),
+            ("llama_prompt_tokens_cached_total", "counter", "Prompt tokens served from the KV cache.", |m| m.cached_prompt_tokens.load(Ordering::Relaxed) as f64),
+            ("llama_generated_tokens_total", "counter", "Tokens generated.", |m| m.generated_tokens.load(Ordering::Relaxed) as f64),
+            ("llama_decode_steps_total", "counter", "Batched decode steps.", |m| m.decode_steps.load(Ordering::Relaxed) as f64),
+            ("llama_busy_seconds_total", "counter", "Time spent decoding.", |m| m.busy_us.load(Ordering::Relaxed) as f64 / 1e6),
+            ("llama_requests_in_flight", "gauge", "Requests queued or running.", |m| (m.queue_depth.load(Ordering::Relaxed) + m.active_sequences.load(Ordering::Relaxed)) as f64),
+        ];
+        for (name, kind, help, read) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (model, m) in models {
+                let _ = writeln!(out, "{name}{{model=\"{}\"}} {}", escape(model), read(m));
+            }
+        }
+        let hist = |out: &mut String, name: &str, help: &str, pick: fn(&Metrics) -> &Histogram| {
+            let hs: Vec<(&str, &Histogram)> = models.iter().map(|(n, m)| (*n, pick(m))).collect();
+            Histogram::render_models(out, name, help, &hs);
         };
-        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-        };
-        gauge(&mut out, "llama_queue_depth", "Requests waiting for a slot.", self.queue_depth.load(Ordering::Relaxed));
-        gauge(&mut out, "llama_active_sequences", "Requests holding a slot.", self.active_sequences.load(Ordering::Relaxed));
-        gauge(&mut out, "llama_kv_tokens", "Tokens held in the KV cache.", self.kv_tokens.load(Ordering::Relaxed));
-        gauge(&mut out, "llama_kv_capacity_tokens", "KV cache capacity in tokens.", self.kv_capacity.load(Ordering::Relaxed));
-        counter(&mut out, "llama_prompt_tokens_total", "Prompt tokens received.", self.prompt_tokens.load(Ordering::Relaxed));
-        counter(&mut out, "llama_prompt_tokens_cached_total", "Prompt tokens served from the KV cache.", self.cached_prompt_tokens.load(Ordering::Relaxed));
-        counter(&mut out, "llama_generated_tokens_total", "Tokens generated.", self.generated_tokens.load(Ordering::Relaxed));
-        counter(&mut out, "llama_decode_steps_total", "Batched decode steps.", self.decode_steps.load(Ordering::Relaxed));
-        let _ = writeln!(
-            out,
-            "# HELP llama_busy_seconds_total Time spent decoding.\n# TYPE llama_busy_seconds_total counter\nllama_busy_seconds_total {}",
-            self.busy_us.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        self.time_to_first_token.render(&mut out, "llama_time_to_first_token_seconds", "Time from submission to the first token.");
-        self.inter_token_latency.render(&mut out, "llama_inter_token_latency_seconds", "Time between tokens of one request.");
-        self.queue_wait.render(&mut out, "llama_queue_wait_seconds", "Time a request waited for a slot.");
+        hist(&mut out, "llama_time_to_first_token_seconds", "Time from submission to the first token.", |m| &m.time_to_first_token);
+        hist(&mut out, "llama_inter_token_latency_seconds", "Time between tokens of one request.", |m| &m.inter_token_latency);
+        hist(&mut out, "llama_queue_wait_seconds", "Time a request waited for a slot.", |m| &m.queue_wait);
         out
     }
 }
@@ -163,11 +181,14 @@ mod tests {
         m.time_to_first_token.observe(0.2);
         m.time_to_first_token.observe(100.0);
         m.count(Outcome::Stop);
-        let text = m.render_prometheus();
-        assert!(text.contains("llama_time_to_first_token_seconds_bucket{le=\"0.005\"} 1"), "{text}");
-        assert!(text.contains("llama_time_to_first_token_seconds_bucket{le=\"0.25\"} 2"));
-        assert!(text.contains("llama_time_to_first_token_seconds_bucket{le=\"+Inf\"} 3"));
-        assert!(text.contains("llama_time_to_first_token_seconds_count 3"));
-        assert!(text.contains("llama_requests_total{outcome=\"stop\"} 1"));
+        let text = Metrics::render_models(&[("a", &m), ("b\"\n", &Metrics::default())]);
+        assert!(text.contains("llama_time_to_first_token_seconds_bucket{model=\"a\",le=\"0.005\"} 1"), "{text}");
+        assert!(text.contains("llama_time_to_first_token_seconds_bucket{model=\"a\",le=\"0.25\"} 2"));
+        assert!(text.contains("llama_time_to_first_token_seconds_bucket{model=\"a\",le=\"+Inf\"} 3"));
+        assert!(text.contains("llama_time_to_first_token_seconds_count{model=\"a\"} 3"));
+        assert!(text.contains("llama_requests_total{model=\"a\",outcome=\"stop\"} 1"));
+        // A name with a quote and a newline stays one well-formed label.
+        assert!(text.contains("llama_requests_total{model=\"b\\\"\\n\",outcome=\"stop\"} 0"), "{text}");
+        assert_eq!(text.matches("# TYPE llama_kv_tokens gauge").count(), 1);
     }
 }

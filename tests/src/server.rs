@@ -40,13 +40,28 @@ pub struct Server {
 pub struct Metrics(pub String);
 
 impl Metrics {
-    pub fn get(&self, name: &str) -> f64 {
-        self.0
-            .lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in\n{}", self.0))
+    /// The sum of the series `query` selects: `name` or `name{label="v",...}`; a series
+    /// matches when it has every label the query names (others, such as `model`, may differ),
+    /// so on a one-model server a query without `model` reads that model's value.
+    pub fn get(&self, query: &str) -> f64 {
+        let (name, want) = split_series(query);
+        let mut found = None;
+        for line in self.0.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else { continue };
+            let (n, labels) = split_series(series);
+            if n == name && want.iter().all(|w| labels.contains(w)) {
+                *found.get_or_insert(0.0) += value.parse::<f64>().unwrap_or_else(|_| panic!("bad value in {line}"));
+            }
+        }
+        found.unwrap_or_else(|| panic!("no {query} in\n{}", self.0))
+    }
+}
+
+/// `name{a="x",b="y"}` as its name and its `a="x"` label pairs.
+fn split_series(s: &str) -> (&str, Vec<&str>) {
+    match s.split_once('{') {
+        Some((name, rest)) => (name, rest.trim_end_matches('}').split(',').filter(|l| !l.is_empty()).collect()),
+        None => (s, Vec::new()),
     }
 }
 

@@ -177,6 +177,12 @@ struct Shared {
 impl Engine {
     /// Creates the context and starts the engine thread.
     pub fn start(model: Arc<Model>, config: EngineConfig) -> Result<Engine, StartError> {
+        Engine::start_with_metrics(model, config, Arc::new(Metrics::default()))
+    }
+
+    /// Like [`Engine::start`], recording into `metrics` (a model's metrics outlive its
+    /// engine: a server that unloads and reloads it keeps counting).
+    pub fn start_with_metrics(model: Arc<Model>, config: EngineConfig, metrics: Arc<Metrics>) -> Result<Engine, StartError> {
         config.validate()?;
         let slots = config.slots;
         // Batch-invariant mode keeps one more sequence for its padding token.
@@ -191,7 +197,6 @@ impl Engine {
         };
         let ctx = model.new_context(&params)?;
         let slot_ctx = ctx.n_ctx() / n_seq;
-        let metrics = Arc::new(Metrics::default());
         metrics.kv_capacity.store(i64::from(slot_ctx) * i64::from(slots), Ordering::Relaxed);
         // Both bounded by `validate`, so this cannot overflow.
         let limit = slots as usize + config.queue;

@@ -412,7 +412,9 @@ impl Worker {
             batch.push(BatchToken { token, pos: 0, seq, logits: true });
         }
         let t = Instant::now();
+        let turn = COMPUTE.enter();
         let result = self.ctx.step(&batch, &samples);
+        drop(turn);
         if let Some((seq, _)) = self.pad {
             self.ctx.seq_remove(seq, 0, -1);
         }
@@ -560,3 +562,38 @@ impl Worker {
     }
 }
 
+
+/// One decode step at a time in the process, taken in arrival order. Two loaded models
+/// decoding at once would each run llama.cpp's thread pool on the same cores, and its
+/// workers spin at their barriers, so both slow to a fraction of their speed; taking turns
+/// step by step keeps the cores' throughput whole and shares it fairly. Uncontended (one
+/// busy model) it costs two lock operations per step.
+static COMPUTE: Gate = Gate { tickets: std::sync::Mutex::new((0, 0)), turn: std::sync::Condvar::new() };
+
+/// A ticket lock: FIFO, so a model that steps again at once cannot starve another.
+struct Gate {
+    /// (next ticket to hand out, ticket now served)
+    tickets: std::sync::Mutex<(u64, u64)>,
+    turn: std::sync::Condvar,
+}
+
+struct Turn(&'static Gate);
+
+impl Gate {
+    fn enter(&'static self) -> Turn {
+        let mut g = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = g.0;
+        g.0 += 1;
+        while g.1 != mine {
+            g = self.turn.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        Turn(self)
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.0.tickets.lock().unwrap_or_else(|p| p.into_inner()).1 += 1;
+        self.0.turn.notify_all();
+    }
+}

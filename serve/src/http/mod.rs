@@ -9,13 +9,15 @@
 //! only after the request was admitted). An engine that is full answers 503 with
 //! Retry-After. A client that disconnects cancels its request.
 //!
-//! The server listens before the model is loaded: /health answers 503 `loading` until the
-//! engine is ready, and, when loading failed and the server was told to stay up, 503 with
-//! the reason (never a path). On a loopback bind a request whose Host header is not a
+//! The server serves the models of a [`Registry`]: a request names its model, which is
+//! loaded on demand (and evicted when idle and room is needed). The server listens before
+//! its default model is preloaded: /health answers 503 `loading` until then, and, when
+//! that load failed and the server was told to stay up, 503 with the reason (never a path). On a loopback bind a request whose Host header is not a
 //! loopback name is refused (DNS rebinding), and a request from a web page on another
 //! origin is refused unless that origin is allowed (browsers send `Origin` on cross-origin
 //! requests; curl and SDKs send none).
 
+mod admin;
 mod openai;
 
 use std::convert::Infallible;
@@ -34,17 +36,17 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use llama_host::chat::ChatTemplate;
+use llama_host::GenerateOptions;
 use serde::Serialize;
 
 use crate::engine::{Engine, SubmitError};
+use crate::registry::{AcquireError, Registry};
 
 type Body = BoxBody<Bytes, Infallible>;
 
 /// How the server listens and what it allows.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// The name clients use in `model` (and /v1/models lists).
-    pub model_name: String,
     /// Required as `Authorization: Bearer KEY` on every route but /health. Never empty.
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
@@ -70,7 +72,6 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            model_name: "llama".into(),
             api_key: None,
             max_body_bytes: 1 << 20,
             header_timeout: Duration::from_secs(10),
@@ -85,32 +86,35 @@ impl Default for ServerConfig {
     }
 }
 
-/// What the request handlers share. The server starts before the model is loaded: until
-/// [`AppState::set_ready`] the model routes answer 503.
+/// What the request handlers share. The server starts before its default model is
+/// preloaded: until [`AppState::set_ready`] the model routes answer 503.
 pub struct AppState {
     pub config: ServerConfig,
-    ready: OnceLock<Ready>,
+    pub registry: Arc<Registry>,
+    ready: OnceLock<()>,
     failed: OnceLock<String>,
     /// Permits for blocking work (rendering, tokenizing): a bound on threads and CPU that
     /// no number of requests can raise.
     blocking: Arc<tokio::sync::Semaphore>,
 }
 
-/// A loaded model's engine, and its chat template when it has one.
+/// A loaded model's engine, its chat template when it has one, and the generation
+/// defaults of its settings (what a request leaves out).
 pub struct Ready {
     pub engine: Arc<Engine>,
     pub template: Option<ChatTemplate>,
+    pub defaults: GenerateOptions,
 }
 
 impl AppState {
-    pub fn new(config: ServerConfig) -> AppState {
+    pub fn new(config: ServerConfig, registry: Arc<Registry>) -> AppState {
         let blocking = Arc::new(tokio::sync::Semaphore::new(config.blocking_tasks.max(1)));
-        AppState { config, ready: OnceLock::new(), failed: OnceLock::new(), blocking }
+        AppState { config, registry, ready: OnceLock::new(), failed: OnceLock::new(), blocking }
     }
 
-    /// Loading finished: the model routes open.
-    pub fn set_ready(&self, ready: Ready) {
-        let _ = self.ready.set(ready);
+    /// The preload finished (or there was none): the model routes open.
+    pub fn set_ready(&self) {
+        let _ = self.ready.set(());
     }
 
     /// Loading failed: /health and the model routes answer 503 with `reason`, which must
@@ -119,23 +123,21 @@ impl AppState {
         let _ = self.failed.set(reason);
     }
 
-    /// Stops the engine: every queued, running or paused request is cancelled (its stream
-    /// ends), and new ones get 503.
+    /// Stops every engine: every queued, running or paused request is cancelled (its
+    /// stream ends), new ones get 503, and a load under way is waited for. Blocking.
     pub fn shutdown(&self) {
-        if let Some(r) = self.ready.get() {
-            r.engine.shutdown();
-        }
+        self.registry.shutdown();
     }
 
-    /// The engine, or the 503 that says why there is none.
-    fn ready(&self) -> Result<&Ready, ApiError> {
-        if let Some(r) = self.ready.get() {
-            return Ok(r);
+    /// Ok once the preload is done, else the 503 that says why the server is not serving.
+    fn serving(&self) -> Result<(), ApiError> {
+        if let Some(reason) = self.failed.get() {
+            return Err(ApiError::unavailable(format!("the model failed to load: {reason}"), "model_load_failed"));
         }
-        Err(match self.failed.get() {
-            Some(reason) => ApiError::unavailable(format!("the model failed to load: {reason}"), "model_load_failed"),
-            None => ApiError::unavailable("loading model", "loading"),
-        })
+        if self.ready.get().is_none() {
+            return Err(ApiError::unavailable("loading model", "loading"));
+        }
+        Ok(())
     }
 }
 
@@ -188,8 +190,9 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>, shut
     if !drained {
         tracing::warn!("drain deadline passed: cancelling the requests still open");
     }
-    // Whatever is still running or paused ends now; the engine thread stops.
-    state.shutdown();
+    // Whatever is still running or paused ends now; the engine threads stop.
+    let st = state.clone();
+    let _ = tokio::task::spawn_blocking(move || st.shutdown()).await;
     Ok(())
 }
 
@@ -273,6 +276,8 @@ enum Route {
     ChatCompletions,
     Tokenize,
     Detokenize,
+    LoadModel,
+    UnloadModel,
 }
 
 const ROUTES: &[(&str, &str, Route)] = &[
@@ -283,6 +288,8 @@ const ROUTES: &[(&str, &str, Route)] = &[
     ("POST", "/v1/chat/completions", Route::ChatCompletions),
     ("POST", "/tokenize", Route::Tokenize),
     ("POST", "/detokenize", Route::Detokenize),
+    ("POST", "/models/load", Route::LoadModel),
+    ("POST", "/models/unload", Route::UnloadModel),
 ];
 
 /// The route for a method and path: 404 for an unknown path, 405 for a known path with
@@ -342,7 +349,8 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response
 async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let route = route_of(req.method(), req.uri().path())?;
     if route == Route::Health {
-        if !state.ready()?.engine.is_running() {
+        state.serving()?;
+        if !state.registry.engines_running() {
             return Err(ApiError::unavailable("the engine has stopped", "engine_stopped"));
         }
         return Ok(json_response(StatusCode::OK, &Health { status: "ok" }));
@@ -351,7 +359,9 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Result<Respon
     match route {
         Route::Health => unreachable!("answered above"),
         Route::Models => Ok(openai::models(&state)),
-        Route::Metrics => Ok(full(StatusCode::OK, "text/plain; version=0.0.4", state.ready()?.engine.metrics().render_prometheus())),
+        Route::Metrics => Ok(full(StatusCode::OK, "text/plain; version=0.0.4", state.registry.render_prometheus())),
+        Route::LoadModel => admin::load(state.clone(), read_json(&state, req).await?).await,
+        Route::UnloadModel => admin::unload(state.clone(), read_json(&state, req).await?).await,
         Route::Completions => openai::completions(state.clone(), read_json(&state, req).await?, false).await,
         Route::ChatCompletions => openai::completions(state.clone(), read_json(&state, req).await?, true).await,
         Route::Tokenize => openai::tokenize(state.clone(), read_json(&state, req).await?).await,
@@ -589,6 +599,37 @@ impl From<SubmitError> for ApiError {
             SubmitError::EmptyPrompt => ApiError::bad_request("the prompt is empty", Some("prompt")),
             SubmitError::InvalidParam { field, reason } => ApiError::bad_request(format!("invalid {field}: {}", clip(&reason, 200)), Some(&field)),
             SubmitError::Stopped => ApiError::shutting_down(),
+        }
+    }
+}
+
+impl From<AcquireError> for ApiError {
+    fn from(e: AcquireError) -> ApiError {
+        const MIB: f64 = (1u64 << 20) as f64;
+        match e {
+            AcquireError::UnknownModel(name) if name.is_empty() => ApiError::bad_request("no model was given and the server has no default model", Some("model")),
+            AcquireError::UnknownModel(name) => ApiError {
+                param: Some("model".into()),
+                ..ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("the model '{}' does not exist", clip(&name, 64))).code("model_not_found")
+            },
+            AcquireError::LoadFailed(reason) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", format!("the model failed to load: {}", clip(&reason, 300))).code("model_load_failed")
+            }
+            AcquireError::InsufficientMemory { needed, available, budget } => {
+                let budget = budget.map(|b| format!(", budget {:.0} MiB", b as f64 / MIB)).unwrap_or_default();
+                let message = format!(
+                    "not enough memory to load the model: it needs about {:.0} MiB, {:.0} MiB is available{budget} (needed {needed} bytes, available {available} bytes)",
+                    needed as f64 / MIB,
+                    available as f64 / MIB
+                );
+                ApiError { retry_after: true, ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "insufficient_memory", message).code("insufficient_memory") }
+            }
+            AcquireError::NoRoom => ApiError {
+                retry_after: true,
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_overloaded", "no room to load the model: every loaded model is busy; retry later").code("no_room")
+            },
+            AcquireError::Busy => ApiError::overloaded(),
+            AcquireError::ShuttingDown => ApiError::shutting_down(),
         }
     }
 }

@@ -19,6 +19,7 @@ use tokio_stream::StreamExt;
 
 use super::{blocking, blocking_or_busy, clip, json_response, now_secs, ApiError, AppState, Body};
 use crate::engine::{Event, Finish, Handle, Request, RequestStats};
+use crate::registry::{KeepAlive, ModelStatus};
 
 /// Most stop strings a request may give, and their longest length in bytes.
 const MAX_STOPS: usize = 16;
@@ -77,6 +78,47 @@ pub(super) struct CompletionRequest {
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
+    /// How long the model stays loaded once idle (Ollama's field): seconds, or a duration
+    /// such as `"5m"`; 0 unloads it once idle, -1 never.
+    keep_alive: Option<KeepAliveField>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum KeepAliveField {
+    Seconds(f64),
+    Text(String),
+}
+
+/// The longest keep-alive a request may set (beyond it: -1, never).
+const MAX_KEEP_ALIVE_S: f64 = 365.0 * 86_400.0;
+
+impl KeepAliveField {
+    pub(super) fn parse(&self) -> Result<KeepAlive, ApiError> {
+        let secs = match self {
+            KeepAliveField::Seconds(s) => Some(*s),
+            KeepAliveField::Text(t) => {
+                let t = t.trim();
+                let (num, unit) = t.find(|c: char| c.is_ascii_alphabetic()).map_or((t, "s"), |i| t.split_at(i));
+                let scale = match unit {
+                    "ms" => Some(0.001),
+                    "s" => Some(1.0),
+                    "m" => Some(60.0),
+                    "h" => Some(3600.0),
+                    _ => None,
+                };
+                num.trim().parse::<f64>().ok().zip(scale).map(|(n, k)| n * k)
+            }
+        };
+        match secs {
+            Some(s) if s < 0.0 && s.is_finite() => Ok(KeepAlive::Never),
+            Some(s) if (0.0..=MAX_KEEP_ALIVE_S).contains(&s) => Ok(KeepAlive::After(std::time::Duration::from_secs_f64(s))),
+            _ => Err(ApiError::bad_request(
+                format!("keep_alive must be seconds (-1 for never, at most {MAX_KEEP_ALIVE_S}) or a duration such as \"5m\""),
+                Some("keep_alive"),
+            )),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -147,16 +189,19 @@ struct ModelList {
     data: Vec<ModelEntry>,
 }
 
+/// A model as OpenAI lists it, plus its state in this server (see [`ModelStatus`]).
 #[derive(Serialize)]
 struct ModelEntry {
-    id: String,
     object: &'static str,
     created: u64,
     owned_by: &'static str,
+    #[serde(flatten)]
+    status: ModelStatus,
 }
 
 #[derive(Deserialize)]
 pub(super) struct TokenizeRequest {
+    model: Option<String>,
     content: String,
     #[serde(default)]
     add_special: bool,
@@ -169,6 +214,7 @@ struct TokenizeResponse {
 
 #[derive(Deserialize)]
 pub(super) struct DetokenizeRequest {
+    model: Option<String>,
     tokens: Vec<i64>,
 }
 
@@ -178,26 +224,22 @@ struct DetokenizeResponse {
 }
 
 pub(super) fn models(state: &AppState) -> Response<Body> {
-    let entry = ModelEntry { id: state.config.model_name.clone(), object: "model", created: 0, owned_by: "llama" };
-    json_response(StatusCode::OK, &ModelList { object: "list", data: vec![entry] })
+    let data = state.registry.list().into_iter().map(|status| ModelEntry { object: "model", created: 0, owned_by: "llama", status }).collect();
+    json_response(StatusCode::OK, &ModelList { object: "list", data })
 }
 
-/// What a request asks for, checked: everything but the prompt.
+/// What a request asks for, checked before any model is loaded for it: everything but
+/// the prompt. The model's own defaults fill what it leaves out ([`Checked::options`]).
 struct Checked {
-    opts: GenerateOptions,
+    max_tokens: Option<u32>,
+    seed: Option<u32>,
+    stop: Option<Vec<String>>,
     stream: bool,
     include_usage: bool,
+    keep_alive: Option<KeepAlive>,
 }
 
-fn check(req: &CompletionRequest, chat: bool, model_name: &str) -> Result<Checked, ApiError> {
-    if let Some(m) = &req.model {
-        if m != model_name {
-            return Err(ApiError {
-                param: Some("model".into()),
-                ..ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("the model '{}' does not exist", clip(m, 64))).code("model_not_found")
-            });
-        }
-    }
+fn check(req: &CompletionRequest) -> Result<Checked, ApiError> {
     if req.n.is_some_and(|n| n != 1) {
         return Err(ApiError::bad_request("only n = 1 is supported", Some("n")));
     }
@@ -206,41 +248,51 @@ fn check(req: &CompletionRequest, chat: bool, model_name: &str) -> Result<Checke
         Some(n) if (0..=u32::MAX as i64).contains(&n) => Some(n as u32),
         Some(n) => return Err(ApiError::bad_request(format!("max_tokens must be >= 0, got {n}"), Some("max_tokens"))),
     };
-    let d = SamplingParams::default();
     let seed = match req.seed {
-        None | Some(-1) => d.seed,
-        Some(s) if (0..u32::MAX as i64).contains(&s) => s as u32,
+        None | Some(-1) => None,
+        Some(s) if (0..u32::MAX as i64).contains(&s) => Some(s as u32),
         Some(s) => return Err(ApiError::bad_request(format!("seed {s} is out of range"), Some("seed"))),
     };
-    let sampling = SamplingParams {
-        temperature: req.temperature.unwrap_or(d.temperature),
-        top_p: req.top_p.unwrap_or(d.top_p),
-        top_k: req.top_k.unwrap_or(d.top_k),
-        min_p: req.min_p.unwrap_or(d.min_p),
-        repeat_penalty: req.repeat_penalty.unwrap_or(d.repeat_penalty),
-        presence_penalty: req.presence_penalty.unwrap_or(d.presence_penalty),
-        frequency_penalty: req.frequency_penalty.unwrap_or(d.frequency_penalty),
-        seed,
-        ..d
-    };
     let stop = match &req.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s.clone()],
-        Some(Stop::Many(v)) => v.clone(),
+        None => None,
+        Some(Stop::One(s)) => Some(vec![s.clone()]),
+        Some(Stop::Many(v)) => Some(v.clone()),
     };
-    if stop.len() > MAX_STOPS || stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+    if stop.as_ref().is_some_and(|stop| stop.len() > MAX_STOPS || stop.iter().any(|s| s.len() > MAX_STOP_BYTES)) {
         return Err(ApiError::bad_request(format!("at most {MAX_STOPS} stop strings of at most {MAX_STOP_BYTES} bytes each"), Some("stop")));
     }
     Ok(Checked {
-        opts: GenerateOptions { max_tokens, sampling, add_special: !chat, stop },
+        max_tokens,
+        seed,
+        stop,
         stream: req.stream,
         include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        keep_alive: req.keep_alive.as_ref().map(KeepAliveField::parse).transpose()?,
     })
 }
 
+impl Checked {
+    /// The generation options: the request's values, else the model's defaults.
+    fn options(&self, req: &CompletionRequest, d: &GenerateOptions, chat: bool) -> GenerateOptions {
+        let ds = &d.sampling;
+        let sampling = SamplingParams {
+            temperature: req.temperature.unwrap_or(ds.temperature),
+            top_p: req.top_p.unwrap_or(ds.top_p),
+            top_k: req.top_k.unwrap_or(ds.top_k),
+            min_p: req.min_p.unwrap_or(ds.min_p),
+            repeat_penalty: req.repeat_penalty.unwrap_or(ds.repeat_penalty),
+            presence_penalty: req.presence_penalty.unwrap_or(ds.presence_penalty),
+            frequency_penalty: req.frequency_penalty.unwrap_or(ds.frequency_penalty),
+            seed: self.seed.unwrap_or(ds.seed),
+            ..ds.clone()
+        };
+        GenerateOptions { max_tokens: self.max_tokens.or(d.max_tokens), sampling, add_special: !chat, stop: self.stop.clone().unwrap_or_else(|| d.stop.clone()) }
+    }
+}
+
 /// The conversation as the template's messages (text parts joined).
-fn messages(req: CompletionRequest) -> Result<Vec<Message>, ApiError> {
-    let Some(messages) = req.messages else { return Err(ApiError::bad_request("'messages' is required", Some("messages"))) };
+fn messages(req: &mut CompletionRequest) -> Result<Vec<Message>, ApiError> {
+    let Some(messages) = req.messages.take() else { return Err(ApiError::bad_request("'messages' is required", Some("messages"))) };
     Ok(messages
         .into_iter()
         .map(|m| Message {
@@ -253,21 +305,26 @@ fn messages(req: CompletionRequest) -> Result<Vec<Message>, ApiError> {
         .collect())
 }
 
-pub(super) async fn completions(state: Arc<AppState>, req: CompletionRequest, chat: bool) -> Result<Response<Body>, ApiError> {
-    let ready = state.ready()?;
-    let checked = check(&req, chat, &state.config.model_name)?;
+pub(super) async fn completions(state: Arc<AppState>, mut req: CompletionRequest, chat: bool) -> Result<Response<Body>, ApiError> {
+    state.serving()?;
+    // Everything that can be checked without the model is, before a model is loaded for it.
+    let checked = check(&req)?;
+    let model_name = req.model.take();
+    let input = if chat { Err(messages(&mut req)?) } else { Ok(req.prompt.take().ok_or_else(|| ApiError::bad_request("'prompt' is required", Some("prompt")))?) };
+    // The model stays loaded while the lease lives: to the end of the answer or stream.
+    let lease = state.registry.acquire(model_name.as_deref(), checked.keep_alive).await?;
+    let ready = lease.ready.clone();
     if chat && ready.template.is_none() {
         return Err(ApiError::bad_request("this model has no chat template", Some("messages")));
     }
-    let input = if chat { Err(messages(req)?) } else { Ok(req.prompt.ok_or_else(|| ApiError::bad_request("'prompt' is required", Some("prompt")))?) };
-    // Admission before any work: a full server answers 503 at once.
+    let opts = checked.options(&req, &ready.defaults, chat);
+    // Admission before any work: a full engine answers 503 at once.
     let reservation = ready.engine.reserve()?;
-    let (opts, st) = (checked.opts, state.clone());
     let handle = blocking(&state, move || -> Result<Handle, ApiError> {
         let prompt = match input {
             Ok(prompt) => prompt,
             Err(msgs) => {
-                let template = st.ready().ok().and_then(|r| r.template.as_ref()).expect("checked above");
+                let template = ready.template.as_ref().expect("checked above");
                 template.render(&msgs, true).map_err(|e| ApiError::bad_request(clip(&e.to_string(), 300), Some("messages")))?
             }
         };
@@ -275,9 +332,9 @@ pub(super) async fn completions(state: Arc<AppState>, req: CompletionRequest, ch
     })
     .await??;
     let id = format!("{}-{}", if chat { "chatcmpl" } else { "cmpl" }, handle.id());
-    let model = state.config.model_name.clone();
+    let model = lease.name().to_string();
     if checked.stream {
-        return Ok(stream_response(handle, id, model, chat, checked.include_usage));
+        return Ok(stream_response(handle, id, model, chat, checked.include_usage, lease));
     }
     // If the client goes away, hyper drops this future and with it the handle, which
     // cancels the request.
@@ -319,7 +376,9 @@ fn finish_reason(s: &RequestStats) -> &'static str {
 /// The body is the request's event stream itself, mapped to SSE frames: the engine thread
 /// wakes this connection's task directly. When the client goes away hyper drops the body,
 /// and with it the event stream, which cancels the request (also while it is queued).
-fn stream_response(handle: Handle, id: String, model: String, chat: bool, include_usage: bool) -> Response<Body> {
+///
+/// `lease` keeps the model loaded until the stream ends (or the client goes away).
+fn stream_response(handle: Handle, id: String, model: String, chat: bool, include_usage: bool, lease: impl Send + Sync + 'static) -> Response<Body> {
     let created = now_secs();
     let object = if chat { "chat.completion.chunk" } else { "text_completion" };
     let sse = |v: &dyn erased::Json| -> Vec<u8> {
@@ -343,7 +402,10 @@ fn stream_response(handle: Handle, id: String, model: String, chat: bool, includ
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let seen = done.clone();
     let events = handle.into_stream().map(move |ev| match ev {
-        Event::Text(t) => Bytes::from(chunk(Some(t), None, None)),
+        Event::Text(t) => {
+            let _holds = &lease;
+            Bytes::from(chunk(Some(t), None, None))
+        }
         Event::Done(stats) => {
             seen.store(true, std::sync::atomic::Ordering::SeqCst);
             // The last chunk (or the error), the usage and the terminator go out as one frame.
@@ -392,12 +454,15 @@ mod erased {
 }
 
 pub(super) async fn tokenize(state: Arc<AppState>, req: TokenizeRequest) -> Result<Response<Body>, ApiError> {
-    let engine = state.ready()?.engine.clone();
+    state.serving()?;
+    let lease = state.registry.acquire(req.model.as_deref(), None).await?;
+    let engine = lease.ready.engine.clone();
     let limit = engine.max_prompt_bytes();
     if req.content.len() > limit {
         return Err(ApiError::bad_request(format!("the content is {} bytes; the limit is {limit}", req.content.len()), Some("content")).code("prompt_too_large"));
     }
     let tokens = blocking_or_busy(&state, move || engine.model().tokenize(&req.content, req.add_special)).await?;
+    drop(lease);
     match tokens {
         Ok(tokens) => Ok(json_response(StatusCode::OK, &TokenizeResponse { tokens })),
         Err(e) => Err(ApiError::bad_request(clip(&e.to_string(), 200), Some("content"))),
@@ -405,7 +470,9 @@ pub(super) async fn tokenize(state: Arc<AppState>, req: TokenizeRequest) -> Resu
 }
 
 pub(super) async fn detokenize(state: Arc<AppState>, req: DetokenizeRequest) -> Result<Response<Body>, ApiError> {
-    let engine = state.ready()?.engine.clone();
+    state.serving()?;
+    let lease = state.registry.acquire(req.model.as_deref(), None).await?;
+    let engine = lease.ready.engine.clone();
     // As many tokens as one request may hold: the answer's size is bounded by it.
     let limit = engine.slot_context() as usize;
     if req.tokens.len() > limit {
@@ -423,6 +490,7 @@ pub(super) async fn detokenize(state: Arc<AppState>, req: DetokenizeRequest) -> 
         Ok(bytes)
     })
     .await??;
+    drop(lease);
     Ok(json_response(StatusCode::OK, &DetokenizeResponse { content: String::from_utf8_lossy(&bytes).into_owned() }))
 }
 
@@ -457,7 +525,7 @@ mod tests {
         let (engine, fake) = engine("hi", 16);
         fake.short_samples.store(1, Ordering::SeqCst);
         let h = submit(&engine, GenerateOptions { max_tokens: Some(4), ..GenerateOptions::default() });
-        body(stream_response(h, "id-1".into(), "m".into(), chat, true))
+        body(stream_response(h, "id-1".into(), "m".into(), chat, true, ()))
     }
 
     #[test]
@@ -477,7 +545,7 @@ mod tests {
     fn a_stream_cut_off_by_shutdown_ends_with_an_error_and_done() {
         let (engine, _) = engine("", 1);
         let h = submit(&engine, GenerateOptions::default());
-        let resp = stream_response(h, "id-1".into(), "m".into(), true, false);
+        let resp = stream_response(h, "id-1".into(), "m".into(), true, false, ());
         drop(engine);
         let text = body(resp);
         assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
