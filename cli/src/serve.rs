@@ -78,27 +78,39 @@ pub fn run(g: &Global, o: &ServeOpts) -> Result<(), CliError> {
         let preloader = {
             let (o, state, registry, loader) = (o.clone(), state.clone(), registry.clone(), loader.clone());
             std::thread::spawn(move || -> Result<(), CliError> {
-                let Some(name) = o.catalogue.preload.clone() else {
-                    state.set_ready();
-                    return Ok(());
-                };
-                match registry.acquire_blocking(Some(&name)) {
-                    Ok(lease) => {
-                        drop(lease);
-                        eprintln!("llama: serving '{name}' on {}: ready", loader.backend_name());
+                // The backend is chosen now, not at the first request: a machine with no
+                // usable backend is told at start, and what the server holds before any
+                // model is loaded includes it (so an unloaded model's memory can be told).
+                let selected = loader.with_backend(|_| Ok(())).map_err(|e| (public_reason(&e), e));
+                let preload = o.catalogue.preload.clone();
+                let outcome = selected.and_then(|()| match &preload {
+                    None => Ok(()),
+                    Some(name) => match registry.acquire_blocking(Some(name)) {
+                        Ok(lease) => {
+                            drop(lease);
+                            Ok(())
+                        }
+                        // The loader kept the full error (with paths) for this message and
+                        // the exit code; clients only ever see the public reason.
+                        Err(e) => Err((e.to_string().trim_start_matches("the model failed to load: ").to_string(), loader.take_failure(name).unwrap_or(CliError::Registry(e)))),
+                    },
+                });
+                match outcome {
+                    Ok(()) => {
+                        match &preload {
+                            Some(name) => eprintln!("llama: serving '{name}' on {}: ready", loader.backend_name()),
+                            None => eprintln!("llama: serving on {}: ready (models load on their first request)", loader.backend_name()),
+                        }
                         state.set_ready();
                         Ok(())
                     }
-                    Err(e) => {
-                        // The loader kept the full error (with paths) for this message and
-                        // the exit code; clients only ever see the public reason.
-                        let full = loader.take_failure(&name).unwrap_or(CliError::Registry(e.clone()));
-                        if o.args.on_load_error == args::OnLoadError::Serve {
-                            print_error(&full);
-                            eprintln!("llama: the model failed to load; serving /health 503 until stopped (--on-load-error serve)");
-                            state.set_failed(e.to_string().trim_start_matches("the model failed to load: ").to_string());
-                            return Ok(());
-                        }
+                    Err((reason, full)) if o.args.on_load_error == args::OnLoadError::Serve => {
+                        print_error(&full);
+                        eprintln!("llama: the model failed to load; serving /health 503 until stopped (--on-load-error serve)");
+                        state.set_failed(reason);
+                        Ok(())
+                    }
+                    Err((_, full)) => {
                         let _ = failed_tx.send(());
                         Err(full)
                     }

@@ -86,8 +86,15 @@ impl Server {
 
     /// Starts `llama serve` on `model` and returns once it listens (possibly still loading).
     pub fn start_with(model: &str, extra: &[&str]) -> Server {
+        let mut args = vec!["-m", model];
+        args.extend_from_slice(extra);
+        Server::spawn(&args)
+    }
+
+    /// Starts `llama serve ARGS --port 0 -t 2` and returns once it listens.
+    pub fn spawn(extra: &[&str]) -> Server {
         let serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut args = vec!["serve", "-m", model, "--port", "0", "-t", "2"];
+        let mut args = vec!["serve", "--port", "0", "-t", "2"];
         args.extend_from_slice(extra);
         let mut child = llama_cmd(&args).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
@@ -100,6 +107,17 @@ impl Server {
         // Keep draining stderr so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         Server { child, base, _serial: serial }
+    }
+
+    /// Waits until /health answers 200 (the preload, if any, is done).
+    pub fn wait_ready(&self) {
+        wait_for("the server becomes ready", || ureq::get(&self.url("/health")).call().ok().filter(|r| r.status() == 200).map(|_| ()));
+    }
+
+    /// Resident memory of the server process in KiB (Linux /proc).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0)
     }
 
     pub fn url(&self, path: &str) -> String {
