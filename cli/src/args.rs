@@ -46,6 +46,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Serve the model over HTTP with an OpenAI-compatible API.
     Serve(ServeArgs),
+    /// Show the models a running `llama serve` has loaded.
+    Ps(PsArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -435,6 +437,19 @@ pub struct ChatArgs {
 #[derive(Args, Debug, Clone)]
 pub struct ListArgs {
     /// Print as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PsArgs {
+    /// The server: http://HOST[:PORT][/PATH] (plain HTTP only).
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8080", env = "LLAMA_URL")]
+    pub url: String,
+    /// API key, sent as `Authorization: Bearer KEY` (the server's --api-key).
+    #[arg(long, value_name = "KEY", env = "LLAMA_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Print the loaded models as a JSON array (the server's entries).
     #[arg(long)]
     pub json: bool,
 }

@@ -20,6 +20,9 @@ pub enum CliError {
     /// does not render a first turn): a bad argument.
     #[error("--chat-template: {0}")]
     ChatTemplate(#[source] llama_host::chat::ChatError),
+    /// `--url` / `LLAMA_URL` is not a URL the client can use: a bad argument.
+    #[error("invalid --url '{url}': {source}")]
+    InvalidUrl { url: String, #[source] source: crate::http_client::UrlError },
     /// A file named by a flag (`--api-key-file`, ...) cannot be read: a bad argument.
     #[error("cannot read {} ({flag})", path.display())]
     ArgFile { flag: &'static str, path: PathBuf, #[source] source: std::io::Error },
@@ -46,6 +49,8 @@ pub enum CliError {
     /// `llama serve` could not preload its model (and kept no fuller error).
     #[error(transparent)]
     Registry(#[from] llama_serve::registry::AcquireError),
+    #[error(transparent)]
+    Ps(#[from] crate::ps::PsError),
     /// A panic while loading the model in `llama serve`: a bug, reported as a failure.
     #[error("loading the model failed unexpectedly: {message}")]
     LoaderPanicked { message: String },
@@ -58,12 +63,16 @@ pub enum CliError {
 
 impl CliError {
     /// Exit codes: 2 bad arguments/config, 3 model file refused, 4 no usable backend,
-    /// 130 interrupted, 1 anything else. Documented in README.md.
+    /// 5-8 a server that `llama ps` asked (unreachable, wants a key, answered an error
+    /// status, answered something unreadable), 130 interrupted, 1 anything else.
+    /// Documented in README.md.
     pub fn exit_code(&self) -> u8 {
+        use crate::ps::PsError;
         use llama_host::{GenerateError, SessionError};
         use llama_serve::engine::StartError;
         match self {
             CliError::InvalidArg { .. }
+            | CliError::InvalidUrl { .. }
             | CliError::InvalidEnv { .. }
             | CliError::ChatTemplate(_)
             | CliError::ArgFile { .. }
@@ -79,6 +88,10 @@ impl CliError {
             | CliError::Generate(GenerateError::InvalidParam { .. } | GenerateError::PromptTooLong { .. } | GenerateError::EmptyPrompt) => 2,
             CliError::NoModel { .. } | CliError::UnknownModel { .. } | CliError::Load(_) | CliError::ModelName(_) => 3,
             CliError::Select(_) | CliError::Install(_) => 4,
+            CliError::Ps(PsError::Unreachable { .. } | PsError::NoAnswer { .. }) => 5,
+            CliError::Ps(PsError::ApiKeyWanted { .. } | PsError::ApiKeyRefused { .. }) => 6,
+            CliError::Ps(PsError::Status { .. }) => 7,
+            CliError::Ps(PsError::BadHttp { .. } | PsError::BadBody { .. }) => 8,
             CliError::Interrupted => 130,
             _ => 1,
         }

@@ -12,11 +12,13 @@ mod catalogue;
 mod chat;
 mod config;
 mod error;
+mod http_client;
 mod load;
 mod logging;
 mod models;
 mod opts;
 mod progress;
+mod ps;
 mod run;
 mod serve;
 mod signals;
@@ -41,6 +43,7 @@ fn dispatch(o: &Options) -> Result<(), CliError> {
         CommandOpts::Backends(a) => backends::run(g, a),
         CommandOpts::Bench(a) => bench::run(g, a),
         CommandOpts::Serve(a) => serve::run(g, a),
+        CommandOpts::Ps(a) => ps::run(a),
     }
 }
 

@@ -72,6 +72,7 @@ pub enum CommandOpts {
     Backends(BackendsOpts),
     Bench(BenchOpts),
     Serve(ServeOpts),
+    Ps(PsOpts),
 }
 
 pub struct RunOpts {
@@ -96,6 +97,13 @@ pub struct ChatOpts {
 }
 
 pub struct ListOpts {
+    pub json: bool,
+}
+
+pub struct PsOpts {
+    pub url: crate::http_client::Url,
+    /// `--api-key` or `LLAMA_API_KEY`; never empty, never holding a control character.
+    pub api_key: Option<String>,
     pub json: bool,
 }
 
@@ -222,6 +230,7 @@ impl Options {
                 let header_timeout = header_timeout(a.header_timeout)?;
                 CommandOpts::Serve(ServeOpts { catalogue, backend, offload, args: a, threads, api_key, header_timeout })
             }
+            Command::Ps(a) => CommandOpts::Ps(ps_opts(sub, a)?),
         };
         Ok(Options { global, config: cfg, command, trace })
     }
@@ -325,6 +334,27 @@ fn api_key(m: &clap::ArgMatches, a: &args::ServeArgs) -> Result<Option<String>, 
         });
     }
     Ok(Some(key.to_string()))
+}
+
+/// `llama ps`: the URL parsed (a bad one is a bad argument, before any connection) and the
+/// API key checked like `serve`'s: an empty key is an error naming where it came from, and
+/// a key with a control character could not be sent as a header.
+fn ps_opts(m: &clap::ArgMatches, a: &args::PsArgs) -> Result<PsOpts, CliError> {
+    let url = crate::http_client::Url::parse(a.url.trim()).map_err(|source| CliError::InvalidUrl { url: a.url.clone(), source })?;
+    let from_env = m.value_source("api_key") == Some(clap::parser::ValueSource::EnvVariable);
+    let api_key = match &a.api_key {
+        Some(k) if k.trim().is_empty() => {
+            let from = if from_env { "LLAMA_API_KEY is set but empty" } else { "--api-key is empty" };
+            return Err(CliError::InvalidArg { field: "api key", reason: format!("{from}: give a key, or leave it unset") });
+        }
+        Some(k) if k.chars().any(char::is_control) => {
+            let from = if from_env { "LLAMA_API_KEY" } else { "--api-key" };
+            return Err(CliError::InvalidArg { field: "api key", reason: format!("{from} holds a control character (a line break?)") });
+        }
+        Some(k) => Some(k.clone()),
+        None => None,
+    };
+    Ok(PsOpts { url, api_key, json: a.json })
 }
 
 pub fn threads(field: &'static str, t: Option<i32>) -> Result<i32, CliError> {

@@ -1,6 +1,6 @@
 //! Helpers shared by the integration tests: where the built binary, plugins, fixtures and
 //! the model are. The tests need `cargo build --release --workspace` first (scripts/test
-//! does it), and the model (scripts/fetch-model); a missing model fails, never skips.
+//! does it), and the models (`scripts/fetch-model all`); a missing model fails, never skips.
 
 pub mod server;
 
@@ -36,17 +36,32 @@ pub fn built_library(name: &str) -> PathBuf {
 pub fn model_path() -> PathBuf {
     let p = match std::env::var_os("LLAMA_TEST_MODEL").filter(|p| !p.is_empty()) {
         Some(p) => PathBuf::from(p),
-        None => {
-            let models = std::env::var_os("LLAMA_MODELS_DIR")
-                .filter(|d| !d.is_empty())
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()).map(|d| PathBuf::from(d).join("llama/models")))
-                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".local/share/llama/models"));
-            models.join("gemma-3-270m-q4_k_m.gguf")
-        }
+        None => models_dir().join("gemma-3-270m-q4_k_m.gguf"),
     };
     assert!(p.is_file(), "the test model {} is missing: run scripts/fetch-model", p.display());
     p
+}
+
+/// File name `scripts/fetch-model smollm2` installs in the models directory.
+pub const SMOLLM2_MODEL_FILE: &str = "smollm2-135m-instruct-q4_1.gguf";
+
+/// The second test model, SmolLM2 135M Instruct Q4_1 (a llama-architecture model with a
+/// ChatML template, next to the default Gemma 3): for tests that need two different models.
+/// Missing, it fails the test with the command that fetches it, never skips.
+pub fn smollm2_model_path() -> PathBuf {
+    let p = models_dir().join(SMOLLM2_MODEL_FILE);
+    assert!(p.is_file(), "the test model {} is missing: run `scripts/fetch-model smollm2` (or `scripts/fetch-model all`)", p.display());
+    p
+}
+
+/// Where scripts/fetch-model installs models: $LLAMA_MODELS_DIR, else
+/// ${XDG_DATA_HOME:-~/.local/share}/llama/models (the script's own rule).
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("LLAMA_MODELS_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()).map(|d| PathBuf::from(d).join("llama/models")))
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".local/share/llama/models"))
 }
 
 /// Runs `llama` with `args`, isolated from the user's own backends directory.
