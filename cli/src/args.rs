@@ -67,7 +67,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 16)]
     pub queue: usize,
     /// API key required as `Authorization: Bearer KEY` (not on /health).
-    #[arg(long, env = "LLAMA_API_KEY", conflicts_with = "api_key_file")]
+    #[arg(long, env = "LLAMA_API_KEY", hide_env_values = true, conflicts_with = "api_key_file")]
     pub api_key: Option<String>,
     /// File holding the API key.
     #[arg(long, value_name = "FILE")]

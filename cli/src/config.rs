@@ -70,6 +70,9 @@ fn at_least_one_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::E
 fn at_least_one_i32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {
     range(d, |v: &i32| *v >= 1, "an integer >= 1")
 }
+fn keep_alive<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    range(d, |v: &i64| (-1..=31_536_000).contains(v), "seconds from 0 to 31536000, or -1 for never")
+}
 fn gpu_index<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     range(d, |v: &u32| *v < 1024, "a GPU index from 0 to 1023")
 }
@@ -103,6 +106,10 @@ pub struct ModelSettings {
     pub queue: Option<usize>,
     pub gpu_layers: Option<crate::args::GpuLayers>,
     pub chat_template: Option<String>,
+    /// Seconds the model stays loaded once idle (-1: never; 0: unloaded once idle), over
+    /// `--idle-unload`; a request's `keep_alive` replaces it.
+    #[serde(default, deserialize_with = "keep_alive")]
+    pub keep_alive: Option<i64>,
     pub n_predict: Option<i32>,
     pub seed: Option<i64>,
     #[serde(default, deserialize_with = "non_negative")]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use llama_host::{BackendChoice, ContextSize, GenerateOptions, LoadedBackend, ModelFile, ModelParams, SamplingParams};
 use llama_serve::http::Ready;
 use llama_serve::metrics::Metrics;
-use llama_serve::registry::{LoadFailure, Loader, MemoryNeed, ModelFacts, ModelSpec, Registry, RegistryConfig};
+use llama_serve::registry::{KeepAlive, LoadFailure, Loader, MemoryNeed, ModelFacts, ModelSpec, Registry, RegistryConfig};
 
 use crate::args;
 use crate::catalogue::ServedModel;
@@ -29,7 +29,8 @@ pub fn run(g: &Global, o: &ServeOpts) -> Result<(), CliError> {
     for m in &o.catalogue.models {
         engine_config(o, m).validate()?;
         generation_defaults(m)?;
-        specs.push(ModelSpec { name: m.name.clone(), facts: facts(&m.path), admission: admission(o, m) });
+        let keep_alive = m.settings.keep_alive.map(|s| if s < 0 { KeepAlive::Never } else { KeepAlive::After(Duration::from_secs(s as u64)) });
+        specs.push(ModelSpec { name: m.name.clone(), facts: facts(&m.path), admission: admission(o, m), keep_alive });
     }
     let loader = ServeLoader::new(g.clone(), o.clone());
     let registry = Registry::new(specs, o.catalogue.preload.as_deref(), Box::new(loader.clone()), registry_config(o));

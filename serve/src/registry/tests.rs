@@ -50,7 +50,7 @@ impl Loader for FakeLoader {
 }
 
 fn spec(name: &str) -> ModelSpec {
-    ModelSpec { name: name.into(), facts: ModelFacts::default(), admission: 16 }
+    ModelSpec { name: name.into(), facts: ModelFacts::default(), admission: 16, keep_alive: None }
 }
 
 fn registry(names: &[&str], config: RegistryConfig, need: MemoryNeed) -> (Arc<Registry>, Arc<Counts>) {
