@@ -57,7 +57,7 @@ struct ModelFit {
 fn model_fit(path: &Path, n_ctx: u32, report: &llama_host::SelectionReport) -> Result<ModelFit, CliError> {
     // Checked and validated like a load, so what is estimated is what `llama run` would load.
     let file = llama_host::ModelFile::open(path)?;
-    let footprint = file.footprint(n_ctx).map_err(|e| CliError::InvalidArg { field: "model", reason: e.to_string() })?;
+    let footprint = file.footprint(n_ctx, &Default::default()).map_err(|e| CliError::InvalidArg { field: "model", reason: e.to_string() })?;
     let gpus = llama_host::fit::for_report(report, &footprint);
     Ok(ModelFit { path: path.to_path_buf(), footprint, gpus })
 }

@@ -39,7 +39,7 @@ pub fn select_backend(g: &Global, l: &LoadOpts) -> Result<LoadedBackend, CliErro
 /// offload every layer. `n_ctx` is the context the estimate reserves KV cache for.
 pub fn prepare(backend: &LoadedBackend, l: &LoadOpts, n_ctx: u32) -> Result<(ModelFile, ModelParams), CliError> {
     let file = ModelFile::open(&l.path)?;
-    let decision = offload::for_backend(&l.offload, backend, l.backend == BackendChoice::Auto, &file, n_ctx);
+    let decision = offload::for_backend(&l.offload, backend, l.backend == BackendChoice::Auto, &file, n_ctx, &Default::default());
     use llama_host::report::gib;
     match &decision.auto {
         AutoFit::Partial { layers, fit } => tracing::warn!(

@@ -340,6 +340,7 @@ pub fn session_params(c: &ContextArgs) -> Result<SessionParams, CliError> {
             n_threads_batch: threads("threads-batch", c.threads_batch.or(Some(t)))?,
         },
         cache_tokens: c.cache_tokens.unwrap_or(u32::MAX),
+        ..SessionParams::default()
     })
 }
 
