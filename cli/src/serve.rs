@@ -114,6 +114,7 @@ fn engine_config(o: &ServeOpts) -> llama_serve::engine::EngineConfig {
         max_new_tokens: a.max_tokens,
         max_prompt_bytes: a.max_prompt_bytes.map(|b| b as usize),
         stall_timeout: Duration::from_secs(a.stall_timeout),
+        cache: o.load.cache,
         ..llama_serve::engine::EngineConfig::default()
     }
 }
