@@ -54,6 +54,8 @@ pub enum Command {
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
     /// Address to bind; anything but loopback without an API key gets a warning.
     #[arg(long, default_value = "127.0.0.1", env = "LLAMA_HOST")]
     pub host: String,
@@ -341,6 +343,36 @@ pub struct ContextArgs {
     /// cache off (default: the whole context).
     #[arg(long = "cache-tokens", env = "LLAMA_CACHE_TOKENS")]
     pub cache_tokens: Option<u32>,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+/// The KV cache's element types and flash attention, llama.cpp's flags (`-ctk`, `-ctv`,
+/// `-fa`; `normalize_args` maps the single-dash spellings). Resolved by
+/// `opts::kv_cache`, which also checks that a quantized V cache has flash attention.
+#[derive(Args, Debug, Clone)]
+pub struct CacheArgs {
+    /// K cache type (`-ctk`): f16, or q8_0 / q4_0 for about half / a quarter of the memory.
+    #[arg(long = "cache-type-k", visible_alias = "ctk", value_name = "TYPE", default_value = "f16", env = "LLAMA_CACHE_TYPE_K", value_parser = cache_type_parser())]
+    pub cache_type_k: llama_host::CacheType,
+    /// V cache type (`-ctv`): f16, q8_0 or q4_0; a quantized V cache needs --flash-attn on or auto.
+    #[arg(long = "cache-type-v", visible_alias = "ctv", value_name = "TYPE", default_value = "f16", env = "LLAMA_CACHE_TYPE_V", value_parser = cache_type_parser())]
+    pub cache_type_v: llama_host::CacheType,
+    /// Flash attention (`-fa`): on, off, or auto (llama.cpp decides per device).
+    #[arg(long = "flash-attn", visible_alias = "fa", value_name = "on|off|auto", default_value = "auto", env = "LLAMA_FLASH_ATTN", value_parser = flash_attn_parser())]
+    pub flash_attn: llama_host::FlashAttn,
+}
+
+/// The host's cache type names as clap's possible values, so a bad one is a usage error
+/// that lists them (and `--help` shows them).
+fn cache_type_parser() -> impl clap::builder::TypedValueParser<Value = llama_host::CacheType> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(llama_host::CacheType::NAMES).map(|s| s.parse().expect("clap let through only the listed names"))
+}
+
+fn flash_attn_parser() -> impl clap::builder::TypedValueParser<Value = llama_host::FlashAttn> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(llama_host::FlashAttn::NAMES).map(|s| s.parse().expect("clap let through only the listed names"))
 }
 
 /// Sampling and output limits.
@@ -466,6 +498,9 @@ pub struct BackendsArgs {
     /// Context length the estimate reserves KV cache for.
     #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
     pub ctx_size: u32,
+    /// The cache types the estimate reserves KV cache for.
+    #[command(flatten)]
+    pub cache: CacheArgs,
     #[command(subcommand)]
     pub action: Option<BackendsAction>,
 }
@@ -502,6 +537,8 @@ pub struct BenchArgs {
     pub batch_size: u32,
     #[arg(long = "ubatch-size", visible_alias = "ub", default_value_t = 512)]
     pub ubatch_size: u32,
+    #[command(flatten)]
+    pub cache: CacheArgs,
     /// Concurrent streams to measure aggregate generation at (comma-separated; empty or 0 skips).
     #[arg(long = "concurrency", value_delimiter = ',', default_value = "1,2,4,8")]
     pub concurrency: Vec<u32>,
@@ -530,7 +567,8 @@ pub fn parse_logit_bias(s: &str) -> Result<llama_host::LogitBias, String> {
 }
 
 /// llama.cpp spells some flags as multi-letter short options (`-ub 512`, `-tb 4`,
-/// `-np 4`); clap does not, so they are rewritten to their long names first.
+/// `-np 4`, `-ctk q8_0`, `-fa on`); clap does not, so they are rewritten to their long
+/// names first (`-fa` would otherwise be `-f a`, `-ctk` `-c tk`).
 pub fn normalize_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
     args.into_iter()
         .map(|a| match a.to_str() {
@@ -541,6 +579,9 @@ pub fn normalize_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec
             Some("-mg") => "--main-gpu".into(),
             Some("-dev") => "--device".into(),
             Some("-np") => "--parallel".into(),
+            Some("-ctk") => "--cache-type-k".into(),
+            Some("-ctv") => "--cache-type-v".into(),
+            Some("-fa") => "--flash-attn".into(),
             _ => a,
         })
         .collect()
@@ -646,6 +687,35 @@ mod tests {
         for bad in [&["llama", "run", "-m", "x.gguf"][..], &["llama", "run", "-p", "x", "-f", "y"]] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    /// llama.cpp's `-ctk`, `-ctv`, `-fa` reach every command that makes a context (and the
+    /// `backends -m` estimate); a bad name is a usage error listing the names.
+    #[test]
+    fn cache_flags_parse_on_every_command() {
+        use llama_host::{CacheType as T, FlashAttn as F};
+        let parse = |argv: &[&str]| Cli::try_parse_from(normalize_args(argv.iter().map(Into::into))).map_err(|e| e.to_string());
+        let cache = |argv: &[&str]| match parse(argv).unwrap().command {
+            Command::Run(r) => r.ctx.cache,
+            Command::Chat(c) => c.ctx.cache,
+            Command::Bench(b) => b.cache,
+            Command::Serve(s) => s.cache,
+            Command::Backends(b) => b.cache,
+            Command::List(_) => unreachable!(),
+        };
+        let short = ["-ctk", "q8_0", "-ctv", "q4_0", "-fa", "on"];
+        for cmd in [&["llama", "run", "-p", "x"][..], &["llama", "chat"], &["llama", "bench"], &["llama", "serve"], &["llama", "backends"]] {
+            let c = cache(&[cmd, &short[..]].concat());
+            assert_eq!((c.cache_type_k, c.cache_type_v, c.flash_attn), (T::Q8_0, T::Q4_0, F::On), "{cmd:?}");
+            let d = cache(cmd);
+            assert_eq!((d.cache_type_k, d.cache_type_v, d.flash_attn), (T::F16, T::F16, F::Auto), "{cmd:?}");
+        }
+        let c = cache(&["llama", "run", "-p", "x", "--cache-type-k", "q4_0", "--cache-type-v", "q8_0", "--flash-attn", "off"]);
+        assert_eq!((c.cache_type_k, c.cache_type_v, c.flash_attn), (T::Q4_0, T::Q8_0, F::Off));
+        let e = parse(&["llama", "run", "-p", "x", "--cache-type-k", "bogus"]).unwrap_err();
+        assert!(e.contains("--cache-type-k") && e.contains("f16") && e.contains("q8_0") && e.contains("q4_0"), "{e}");
+        let e = parse(&["llama", "run", "-p", "x", "-fa", "maybe"]).unwrap_err();
+        assert!(e.contains("--flash-attn") && e.contains("on") && e.contains("auto"), "{e}");
     }
 
     #[test]

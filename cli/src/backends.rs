@@ -23,7 +23,7 @@ pub fn run(g: &Global, a: &BackendsOpts) -> Result<(), CliError> {
     // Selecting initialises the winner, so the report shows what `llama run` would use.
     let selected = backends.select(BackendChoice::Auto);
     let model = match &a.model {
-        Some(path) => Some(model_fit(path, a.ctx_size, backends.report())?),
+        Some(path) => Some(model_fit(path, a.ctx_size, &a.cache, backends.report())?),
         None => None,
     };
     if a.json {
@@ -50,16 +50,18 @@ pub fn run(g: &Global, a: &BackendsOpts) -> Result<(), CliError> {
 #[derive(serde::Serialize)]
 struct ModelFit {
     path: std::path::PathBuf,
+    /// The KV cache of every layer at `footprint.n_ctx` tokens of its cache types.
+    kv_cache_bytes: u64,
     footprint: llama_host::fit::ModelFootprint,
     gpus: Vec<llama_host::fit::BackendFit>,
 }
 
-fn model_fit(path: &Path, n_ctx: u32, report: &llama_host::SelectionReport) -> Result<ModelFit, CliError> {
+fn model_fit(path: &Path, n_ctx: u32, cache: &llama_host::KvCacheParams, report: &llama_host::SelectionReport) -> Result<ModelFit, CliError> {
     // Checked and validated like a load, so what is estimated is what `llama run` would load.
     let file = llama_host::ModelFile::open(path)?;
-    let footprint = file.footprint(n_ctx).map_err(|e| CliError::InvalidArg { field: "model", reason: e.to_string() })?;
+    let footprint = file.footprint(n_ctx, cache).map_err(|e| CliError::InvalidArg { field: "model", reason: e.to_string() })?;
     let gpus = llama_host::fit::for_report(report, &footprint);
-    Ok(ModelFit { path: path.to_path_buf(), footprint, gpus })
+    Ok(ModelFit { path: path.to_path_buf(), kv_cache_bytes: footprint.kv_bytes(), footprint, gpus })
 }
 
 impl std::fmt::Display for ModelFit {
@@ -73,10 +75,21 @@ impl std::fmt::Display for ModelFit {
             "  {} layers + output head: {:.2} GiB on a GPU with every layer offloaded (weights {:.2} GiB, KV cache {:.2} GiB at {} tokens, an upper bound); {:.2} GiB of embeddings stay in host memory",
             m.n_layer,
             gib(m.offloaded_bytes(all)),
-            gib(m.offloaded_bytes(all).saturating_sub(u64::from(m.n_layer).saturating_mul(m.kv_bytes_per_layer))),
-            gib(u64::from(m.n_layer).saturating_mul(m.kv_bytes_per_layer)),
+            gib(m.offloaded_bytes(all).saturating_sub(self.kv_cache_bytes)),
+            gib(self.kv_cache_bytes),
             m.n_ctx,
             gib(m.host_bytes)
+        )?;
+        // In MiB too: a small model's cache is a few hundredths of a GiB, and the point of
+        // the line is to compare cache types.
+        writeln!(
+            f,
+            "  KV cache: {} bytes ({:.1} MiB) at {} tokens, K {} and V {} (--cache-type-k/-v)",
+            self.kv_cache_bytes,
+            self.kv_cache_bytes as f64 / (1u64 << 20) as f64,
+            m.n_ctx,
+            m.type_k,
+            m.type_v
         )?;
         if self.gpus.is_empty() {
             writeln!(f, "  no GPU device found: every layer runs on the CPU")?;

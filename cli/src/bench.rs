@@ -24,6 +24,7 @@ pub fn run(g: &Global, o: &BenchOpts) -> Result<(), CliError> {
         n_gen: a.n_gen,
         reps: a.reps,
         size: ContextSize { n_ctx: 0, n_batch: a.batch_size, n_ubatch: a.ubatch_size, n_threads: t, n_threads_batch: t },
+        cache: o.load.cache,
     };
     let r = bench::run(&model, &p)?;
     let model = if a.batch_invariant {
@@ -38,6 +39,7 @@ pub fn run(g: &Global, o: &BenchOpts) -> Result<(), CliError> {
         n_gen: a.concurrent_tokens,
         size: p.size,
         batch_invariant: a.batch_invariant,
+        cache: p.cache,
     };
     let concurrent = bench::concurrent(&model, &cp)?;
     let prefix = if a.no_prefix_test { None } else { Some(bench::prefix_reuse(&model, &cp, 1000)?) };
@@ -109,6 +111,9 @@ fn bench_json(
         "n_gen": p.n_gen,
         "n_batch": p.size.n_batch,
         "n_ubatch": p.size.n_ubatch,
+        "type_k": p.cache.type_k.as_str(),
+        "type_v": p.cache.type_v.as_str(),
+        "flash_attn": p.cache.flash_attn.as_str(),
         "repetitions": p.reps,
         "pp_tokens_per_s": r.pp.as_ref().map(|t| t.tokens_per_s),
         "pp_stddev": r.pp.as_ref().map(|t| t.stddev),

@@ -16,6 +16,9 @@
 //! [defaults]                           # the long flag names
 //! temp = 0.7
 //! ctx-size = 8192
+//! cache-type-k = "q8_0"                # KV cache types and flash attention
+//! cache-type-v = "q8_0"
+//! flash-attn = "auto"
 //! ```
 //!
 //! Precedence: flag > environment variable > this file > built-in default. An unknown key
@@ -28,7 +31,7 @@ use clap::parser::ValueSource;
 use clap::ArgMatches;
 use serde::{Deserialize, Deserializer};
 
-use crate::args::{ContextArgs, ModelArgs, SamplingArgs};
+use crate::args::{CacheArgs, ContextArgs, ModelArgs, SamplingArgs};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -105,6 +108,9 @@ pub struct ModelSettings {
     pub parallel: Option<u32>,
     pub queue: Option<usize>,
     pub gpu_layers: Option<crate::args::GpuLayers>,
+    pub cache_type_k: Option<llama_host::CacheType>,
+    pub cache_type_v: Option<llama_host::CacheType>,
+    pub flash_attn: Option<llama_host::FlashAttn>,
     pub chat_template: Option<String>,
     /// Seconds the model stays loaded once idle (-1: never; 0: unloaded once idle), over
     /// `--idle-unload`; a request's `keep_alive` replaces it.
@@ -177,6 +183,11 @@ pub struct Defaults {
     #[serde(default, deserialize_with = "at_least_one_u32")]
     pub ubatch_size: Option<u32>,
     pub cache_tokens: Option<u32>,
+    /// `"f16"`, `"q8_0"` or `"q4_0"`, the flag's names.
+    pub cache_type_k: Option<llama_host::CacheType>,
+    pub cache_type_v: Option<llama_host::CacheType>,
+    /// `"on"`, `"off"` or `"auto"`.
+    pub flash_attn: Option<llama_host::FlashAttn>,
     pub n_predict: Option<i32>,
     pub seed: Option<i64>,
     #[serde(default, deserialize_with = "non_negative")]
@@ -261,6 +272,7 @@ impl Config {
         self.apply_model(m, model);
         let d = &self.defaults;
         fill!(m, d, ctx, ctx_size, threads, threads_batch, batch_size, ubatch_size, cache_tokens);
+        self.apply_cache(m, &mut ctx.cache);
         fill!(m, d, s, n_predict, seed, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, stop);
         fill!(m, d, s, logit_bias);
     }
@@ -270,6 +282,13 @@ impl Config {
         if unset(m, "threads") && threads.is_none() {
             *threads = self.defaults.threads;
         }
+    }
+
+    /// Fills the KV cache arguments (`cache-type-k`, `cache-type-v`, `flash-attn`): every
+    /// command that makes a context, and `backends -m`'s estimate.
+    pub fn apply_cache(&self, m: &ArgMatches, cache: &mut CacheArgs) {
+        let d = &self.defaults;
+        fill!(m, d, cache, cache_type_k, cache_type_v, flash_attn);
     }
 
     /// Fills the model and offload arguments (`backend`, `gpu-layers`, `device`,
@@ -348,6 +367,23 @@ mod tests {
         assert!(parse_err("[defaults]\nmain-gpu = -1\n").contains("main-gpu"));
         let e = parse_err("[defaults]\ngpu-layers = -4\n");
         assert!(e.contains("line 2") && e.contains("gpu-layers"), "{e}");
+    }
+
+    #[test]
+    fn cache_types_in_the_config() {
+        use llama_host::{CacheType, FlashAttn};
+        let c = parse_ok("[defaults]\ncache-type-k = \"q8_0\"\ncache-type-v = \"q4_0\"\nflash-attn = \"on\"\n");
+        assert_eq!((c.defaults.cache_type_k, c.defaults.cache_type_v, c.defaults.flash_attn), (Some(CacheType::Q8_0), Some(CacheType::Q4_0), Some(FlashAttn::On)));
+        let e = parse_err("[defaults]\ncache-type-v = \"q5_1\"\n");
+        assert!(e.contains("line 2") && e.contains("cache-type-v") && e.contains("q8_0"), "{e}");
+        let e = parse_err("[defaults]\nflash-attn = true\n");
+        assert!(e.contains("line 2") && e.contains("flash-attn"), "{e}");
+        // A flag beats the config; the config beats the built-in default.
+        let cfg = parse_ok("[defaults]\ncache-type-k = \"q8_0\"\nflash-attn = \"off\"\n");
+        let r = run_args(&["llama", "run", "-p", "x"], &cfg);
+        assert_eq!((r.ctx.cache.cache_type_k, r.ctx.cache.cache_type_v, r.ctx.cache.flash_attn), (CacheType::Q8_0, CacheType::F16, FlashAttn::Off));
+        let r = run_args(&["llama", "run", "-p", "x", "--cache-type-k", "q4_0", "--flash-attn", "on"], &cfg);
+        assert_eq!((r.ctx.cache.cache_type_k, r.ctx.cache.flash_attn), (CacheType::Q4_0, FlashAttn::On));
     }
 
     #[test]

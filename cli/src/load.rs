@@ -36,10 +36,11 @@ pub fn select_backend(g: &Global, l: &LoadOpts) -> Result<LoadedBackend, CliErro
 
 /// Opens the model file (checked and validated, once) and decides its parameters for the
 /// backend in use (`llama_host::offload`), saying so when `--gpu-layers auto` cannot
-/// offload every layer. `n_ctx` is the context the estimate reserves KV cache for.
+/// offload every layer. `n_ctx` is the context the estimate reserves KV cache for, of the
+/// cache types in `l`.
 pub fn prepare(backend: &LoadedBackend, l: &LoadOpts, n_ctx: u32) -> Result<(ModelFile, ModelParams), CliError> {
     let file = ModelFile::open(&l.path)?;
-    let decision = offload::for_backend(&l.offload, backend, l.backend == BackendChoice::Auto, &file, n_ctx);
+    let decision = offload::for_backend(&l.offload, backend, l.backend == BackendChoice::Auto, &file, n_ctx, &l.cache);
     use llama_host::report::gib;
     match &decision.auto {
         AutoFit::Partial { layers, fit } => tracing::warn!(

@@ -7,9 +7,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use llama_host::{BackendChoice, ContextSize, DiscoveryOptions, GenerateOptions, SamplingParams, SessionParams};
+use llama_host::{BackendChoice, ContextSize, DiscoveryOptions, GenerateOptions, KvCacheParams, SamplingParams, SessionParams};
 
-use crate::args::{self, BackendsAction, Cli, Command, ContextArgs, LogFormat, ModelArgs, SamplingArgs};
+use crate::args::{self, BackendsAction, CacheArgs, Cli, Command, ContextArgs, LogFormat, ModelArgs, SamplingArgs};
 use llama_host::offload::OffloadRequest;
 use crate::config::{self, Config};
 use crate::models;
@@ -56,6 +56,9 @@ pub struct LoadOpts {
     /// The offload flags (`--gpu-layers`, `--device`, `--split-mode`, `--main-gpu`), for the
     /// host's offload decision (`llama_host::offload`).
     pub offload: OffloadRequest,
+    /// The KV cache types (`--cache-type-k`, `--cache-type-v`, `--flash-attn`), checked:
+    /// what the contexts are made with and what the offload estimate reserves.
+    pub cache: KvCacheParams,
 }
 
 /// A session's sizes and the generation options.
@@ -112,6 +115,8 @@ pub struct BackendsOpts {
     /// `-m MODEL`, resolved to a path.
     pub model: Option<PathBuf>,
     pub ctx_size: u32,
+    /// The cache types the `-m` estimate reserves KV cache for.
+    pub cache: KvCacheParams,
     pub action: Option<BackendsAction>,
 }
 
@@ -128,6 +133,8 @@ pub struct ServeOpts {
     pub backend: BackendChoice,
     /// The offload flags, for every model without its own `gpu-layers`.
     pub offload: OffloadRequest,
+    /// The KV cache types, for every model without its own.
+    pub cache: KvCacheParams,
     pub args: args::ServeArgs,
     pub threads: i32,
     /// The API key, from `--api-key`, `LLAMA_API_KEY` or `--api-key-file`; never empty.
@@ -162,14 +169,14 @@ impl Options {
                 cfg.apply(sub, &mut a.model, &mut a.ctx, &mut a.sampling);
                 cfg.text_default(sub, "system", &mut a.system);
                 cfg.text_default(sub, "chat_template", &mut a.chat_template);
-                let load = load_opts(&a.model, &cfg)?;
+                let load = load_opts(&a.model, &a.ctx.cache, &cfg)?;
                 let prompt = match (a.prompt, &a.file) {
                     (Some(p), _) => p,
                     (None, Some(f)) => std::fs::read_to_string(f).map_err(|source| CliError::ArgFile { flag: "--file", path: f.clone(), source })?,
                     (None, None) => unreachable!("clap requires -p or -f"),
                 };
                 let generate = generate_options(&a.sampling, !a.chat)?;
-                let session = session_params(&a.ctx)?;
+                let session = session_params(&a.ctx, load.cache)?;
                 session.validate()?;
                 CommandOpts::Run(RunOpts {
                     load,
@@ -187,9 +194,9 @@ impl Options {
                 cfg.apply(sub, &mut a.model, &mut a.ctx, &mut a.sampling);
                 cfg.text_default(sub, "system", &mut a.system);
                 cfg.text_default(sub, "chat_template", &mut a.chat_template);
-                let load = load_opts(&a.model, &cfg)?;
+                let load = load_opts(&a.model, &a.ctx.cache, &cfg)?;
                 let generate = generate_options(&a.sampling, false)?;
-                let session = session_params(&a.ctx)?;
+                let session = session_params(&a.ctx, load.cache)?;
                 session.validate()?;
                 CommandOpts::Chat(ChatOpts {
                     load,
@@ -200,21 +207,27 @@ impl Options {
                 })
             }
             Command::List(a) => CommandOpts::List(ListOpts { json: a.json }),
-            Command::Backends(a) => CommandOpts::Backends(BackendsOpts {
-                json: a.json,
-                // Only the report needs no model; an install needs none either.
-                model: match (&a.action, &a.model) {
-                    (None, Some(name)) => Some(models::resolve_name(name, &cfg)?),
-                    _ => None,
-                },
-                ctx_size: a.ctx_size,
-                action: a.action.clone(),
-            }),
+            Command::Backends(a) => {
+                let mut cache = a.cache.clone();
+                cfg.apply_cache(sub, &mut cache);
+                CommandOpts::Backends(BackendsOpts {
+                    json: a.json,
+                    // Only the report needs no model; an install needs none either.
+                    model: match (&a.action, &a.model) {
+                        (None, Some(name)) => Some(models::resolve_name(name, &cfg)?),
+                        _ => None,
+                    },
+                    ctx_size: a.ctx_size,
+                    cache: kv_cache(&cache)?,
+                    action: a.action.clone(),
+                })
+            }
             Command::Bench(a) => {
                 let mut a = a.clone();
                 cfg.apply_model(sub, &mut a.model);
                 cfg.apply_threads(sub, &mut a.threads);
-                let load = load_opts(&a.model, &cfg)?;
+                cfg.apply_cache(sub, &mut a.cache);
+                let load = load_opts(&a.model, &a.cache, &cfg)?;
                 let threads = threads("threads", a.threads)?;
                 CommandOpts::Bench(BenchOpts { load, args: a, threads })
             }
@@ -222,13 +235,15 @@ impl Options {
                 let mut a = a.clone();
                 cfg.apply_model(sub, &mut a.model);
                 cfg.apply_threads(sub, &mut a.threads);
+                cfg.apply_cache(sub, &mut a.cache);
+                let cache = kv_cache(&a.cache)?;
                 let catalogue = crate::catalogue::resolve(&a, &cfg)?;
                 let backend = a.model.backend.parse().unwrap_or(BackendChoice::Auto);
                 let offload = a.model.offload();
                 let api_key = api_key(sub, &a)?;
                 let threads = threads("threads", a.threads)?;
                 let header_timeout = header_timeout(a.header_timeout)?;
-                CommandOpts::Serve(ServeOpts { catalogue, backend, offload, args: a, threads, api_key, header_timeout })
+                CommandOpts::Serve(ServeOpts { catalogue, backend, offload, cache, args: a, threads, api_key, header_timeout })
             }
             Command::Ps(a) => CommandOpts::Ps(ps_opts(sub, a)?),
         };
@@ -236,8 +251,25 @@ impl Options {
     }
 }
 
-fn load_opts(m: &ModelArgs, cfg: &Config) -> Result<LoadOpts, CliError> {
-    Ok(LoadOpts { path: models::resolve(m, cfg)?, backend: m.backend.parse().unwrap_or(BackendChoice::Auto), offload: m.offload() })
+fn load_opts(m: &ModelArgs, cache: &CacheArgs, cfg: &Config) -> Result<LoadOpts, CliError> {
+    // The cache types first: a bad combination fails before the model is even looked for.
+    let cache = kv_cache(cache)?;
+    Ok(LoadOpts { path: models::resolve(m, cfg)?, backend: m.backend.parse().unwrap_or(BackendChoice::Auto), offload: m.offload(), cache })
+}
+
+/// `--cache-type-k`, `--cache-type-v` and `--flash-attn` (after the environment and the
+/// config filled them in), checked: a quantized V cache with `--flash-attn off` is an error
+/// naming both flags, before any backend or model is touched.
+pub fn kv_cache(c: &CacheArgs) -> Result<KvCacheParams, CliError> {
+    let cache = KvCacheParams { type_k: c.cache_type_k, type_v: c.cache_type_v, flash_attn: c.flash_attn };
+    cache.validate().map_err(|_| CliError::InvalidArg {
+        field: "--cache-type-v",
+        reason: format!(
+            "{} needs --flash-attn on or auto, not off (llama.cpp stores a quantized V cache only with flash attention)",
+            cache.type_v
+        ),
+    })?;
+    Ok(cache)
 }
 
 /// The longest `LLAMA_PROBE_TIMEOUT`: far past any probe that is not hung.
@@ -365,9 +397,11 @@ pub fn threads(field: &'static str, t: Option<i32>) -> Result<i32, CliError> {
     }
 }
 
-pub fn session_params(c: &ContextArgs) -> Result<SessionParams, CliError> {
+/// A session's sizes from the context flags, with the cache types `kv_cache` resolved.
+pub fn session_params(c: &ContextArgs, cache: KvCacheParams) -> Result<SessionParams, CliError> {
     let t = threads("threads", c.threads)?;
     Ok(SessionParams {
+        cache,
         size: ContextSize {
             n_ctx: c.ctx_size,
             n_batch: c.batch_size,
@@ -457,6 +491,20 @@ mod tests {
         assert_eq!(threads(&["bench", "-m", "x.gguf"]), 1);
         assert_eq!(threads(&["serve", "-m", "x.gguf", "-t", "3"]), 3, "the flag beats the config");
         let _ = std::fs::remove_file(&cfg);
+    }
+
+    #[test]
+    fn a_quantized_v_cache_without_flash_attention_is_a_bad_argument() {
+        use llama_host::{CacheType as T, FlashAttn as F};
+        let args = |type_k, type_v, flash_attn| CacheArgs { cache_type_k: type_k, cache_type_v: type_v, flash_attn };
+        let ok = kv_cache(&args(T::Q8_0, T::Q8_0, F::On)).unwrap();
+        assert_eq!((ok.type_k, ok.type_v, ok.flash_attn), (T::Q8_0, T::Q8_0, F::On));
+        assert!(kv_cache(&args(T::F16, T::Q4_0, F::Auto)).is_ok(), "auto turns flash attention on for it");
+        assert!(kv_cache(&args(T::Q4_0, T::F16, F::Off)).is_ok(), "a quantized K cache needs no flash attention");
+        let e = kv_cache(&args(T::F16, T::Q4_0, F::Off)).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let e = e.to_string();
+        assert!(e.contains("--cache-type-v") && e.contains("q4_0") && e.contains("--flash-attn"), "{e}");
     }
 
     #[test]

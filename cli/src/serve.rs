@@ -29,6 +29,7 @@ pub fn run(g: &Global, o: &ServeOpts) -> Result<(), CliError> {
     for m in &o.catalogue.models {
         engine_config(o, m).validate()?;
         generation_defaults(m)?;
+        cache_params(o, m).validate().map_err(|e| bad_setting(m, "cache-type-v", e.to_string()))?;
         let keep_alive = m.settings.keep_alive.map(|s| if s < 0 { KeepAlive::Never } else { KeepAlive::After(Duration::from_secs(s as u64)) });
         specs.push(ModelSpec { name: m.name.clone(), facts: facts(&m.path), admission: admission(o, m), keep_alive });
     }
@@ -181,8 +182,15 @@ fn engine_config(o: &ServeOpts, m: &ServedModel) -> llama_serve::engine::EngineC
         max_new_tokens: a.max_tokens,
         max_prompt_bytes: a.max_prompt_bytes.map(|b| b as usize),
         stall_timeout: Duration::from_secs(a.stall_timeout),
+        cache: cache_params(o, m),
         ..llama_serve::engine::EngineConfig::default()
     }
+}
+
+/// A model's KV cache types: its settings', else the flags'; checked at start.
+fn cache_params(o: &ServeOpts, m: &ServedModel) -> llama_host::KvCacheParams {
+    let (c, s) = (o.cache, &m.settings);
+    llama_host::KvCacheParams { type_k: s.cache_type_k.unwrap_or(c.type_k), type_v: s.cache_type_v.unwrap_or(c.type_v), flash_attn: s.flash_attn.unwrap_or(c.flash_attn) }
 }
 
 /// What a request to this model leaves out: its settings' sampling values, stop strings
@@ -262,7 +270,7 @@ impl ServeLoader {
         if let Some(l) = m.settings.gpu_layers {
             offload.gpu_layers = l.into();
         }
-        LoadOpts { path: m.path.clone(), backend: self.0.o.backend.clone(), offload }
+        LoadOpts { path: m.path.clone(), backend: self.0.o.backend.clone(), offload, cache: cache_params(&self.0.o, m) }
     }
 
     /// The backend, selected at the first load and shared by every model after it.
@@ -270,7 +278,7 @@ impl ServeLoader {
         let mut b = self.0.backend.lock().unwrap_or_else(|p| p.into_inner());
         if b.is_none() {
             let any = self.0.models.values().next().map(|m| self.load_opts(m));
-            let l = any.unwrap_or_else(|| LoadOpts { path: Default::default(), backend: BackendChoice::Auto, offload: self.0.o.offload.clone() });
+            let l = any.unwrap_or_else(|| LoadOpts { path: Default::default(), backend: BackendChoice::Auto, offload: self.0.o.offload.clone(), cache: self.0.o.cache });
             *b = Some(select_backend(&self.0.g, &l)?);
         }
         f(b.as_ref().expect("selected above"))
@@ -292,7 +300,7 @@ impl ServeLoader {
             let (file, params) = prepare(b, &l, n_ctx)?;
             Ok((file, params, b.info().accelerator != llama_host::Accelerator::Cpu))
         })?;
-        let need = memory_need(&file, &params, gpu, n_ctx);
+        let need = memory_need(&file, &params, gpu, n_ctx, &l.cache);
         *self.0.prepared.lock().unwrap_or_else(|p| p.into_inner()) = Some((name.to_string(), file, params));
         Ok(need)
     }
@@ -354,9 +362,9 @@ const COMPUTE_FIXED: u64 = 64 << 20;
 /// What a load of `file` with `params` will hold: the weights (the whole file, mapped), the
 /// KV cache for `n_ctx` tokens, and compute buffers; on a GPU backend the offloaded layers
 /// and their KV cache are device memory, the rest host memory.
-fn memory_need(file: &ModelFile, params: &ModelParams, gpu: bool, n_ctx: u32) -> MemoryNeed {
+fn memory_need(file: &ModelFile, params: &ModelParams, gpu: bool, n_ctx: u32, cache: &llama_host::KvCacheParams) -> MemoryNeed {
     let weights = std::fs::metadata(file.path()).map(|m| m.len()).unwrap_or(0);
-    let footprint = file.footprint(n_ctx).ok();
+    let footprint = file.footprint(n_ctx, cache).ok();
     let kv = footprint.as_ref().map_or(0, |f| f.kv_bytes_per_layer.saturating_mul(u64::from(f.n_layer)));
     let total = weights.saturating_add(kv).saturating_add(COMPUTE_FIXED).saturating_add(weights / 20);
     let device = match (&footprint, gpu) {

@@ -25,6 +25,27 @@ pub(crate) fn split_mode(m: SplitMode) -> api::SplitMode {
     }
 }
 
+pub(crate) fn cache_type(t: CacheType) -> api::CacheType {
+    match t {
+        CacheType::F16 => api::CacheType::F16,
+        CacheType::Q8_0 => api::CacheType::Q8_0,
+        CacheType::Q4_0 => api::CacheType::Q4_0,
+    }
+}
+
+pub(crate) fn flash_attn(f: FlashAttn) -> api::FlashAttn {
+    match f {
+        FlashAttn::Auto => api::FlashAttn::Auto,
+        FlashAttn::On => api::FlashAttn::On,
+        FlashAttn::Off => api::FlashAttn::Off,
+    }
+}
+
+/// The plugin ABI's rule for the cache types (`KvCacheParams::validate`).
+pub(crate) fn validate_kv_cache(p: &KvCacheParams) -> Result<(), ParamError> {
+    api::validate_kv_cache(cache_type(p.type_v), flash_attn(p.flash_attn)).map_err(|e| ParamError { field: e.field, reason: e.reason })
+}
+
 pub(crate) fn model_params(p: &ModelParams, progress: Option<api::ProgressSink>) -> api::ModelParams {
     api::ModelParams {
         n_gpu_layers: p.n_gpu_layers,
@@ -124,6 +145,9 @@ impl ModelOps for PluginModel {
             n_threads_batch: p.size.n_threads_batch,
             n_seq_max: p.n_seq_max,
             kv_unified: p.kv_unified,
+            type_k: cache_type(p.cache.type_k),
+            type_v: cache_type(p.cache.type_v),
+            flash_attn: flash_attn(p.cache.flash_attn),
         };
         Ok(Box::new(PluginContext(result(self.0.new_context(params))?)))
     }

@@ -12,6 +12,8 @@
 use llama_gguf::{GgufFile, MetaValue};
 use serde::Serialize;
 
+use crate::types::{CacheType, KvCacheParams};
+
 /// Memory held back on every GPU for llama.cpp's compute buffers, the CUDA/Metal runtime
 /// and the desktop: 1 GiB, as llama.cpp's own fitting does by default.
 pub const GPU_MARGIN: u64 = 1 << 30;
@@ -27,9 +29,12 @@ pub struct ModelFootprint {
     pub output_bytes: u64,
     /// Weights that stay in host memory (token embeddings).
     pub host_bytes: u64,
-    /// The KV cache of one layer at `n_ctx` tokens (f16 keys and values).
+    /// The KV cache of one layer at `n_ctx` tokens, keys and values of the types below.
     pub kv_bytes_per_layer: u64,
     pub n_ctx: u32,
+    /// The cache types the KV figures are for.
+    pub type_k: CacheType,
+    pub type_v: CacheType,
 }
 
 /// The verdict for one GPU (or several, pooled as a layer split pools them).
@@ -63,7 +68,8 @@ fn per_layer_max(f: &GgufFile, key: &str) -> Option<u64> {
 }
 
 impl ModelFootprint {
-    pub fn of(f: &GgufFile, n_ctx: u32) -> Result<ModelFootprint, FitError> {
+    /// The footprint of the model in `f` with a KV cache of `n_ctx` tokens of `cache`'s types.
+    pub fn of(f: &GgufFile, n_ctx: u32, cache: &KvCacheParams) -> Result<ModelFootprint, FitError> {
         let arch = f.architecture().ok_or_else(|| FitError("no general.architecture".into()))?;
         let key = |k: &str| format!("{arch}.{k}");
         let n_layer = uint(f, &key("block_count")).ok_or_else(|| FitError(format!("no {arch}.block_count")))?;
@@ -101,10 +107,22 @@ impl ModelFootprint {
         if tied {
             output_bytes += embd_bytes;
         }
-        // f16 keys and values for every token of the context (saturating: the factors come
-        // from the file, and an absurd product only makes the model "not fit").
-        let kv_bytes_per_layer = u64::from(n_ctx).saturating_mul(n_head_kv).saturating_mul(k_len.saturating_add(v_len)).saturating_mul(2);
-        Ok(ModelFootprint { n_layer, layer_bytes, output_bytes, host_bytes, kv_bytes_per_layer, n_ctx })
+        // Keys and values for every token of the context, each token's row rounded up to
+        // whole bytes (ggml stores whole blocks; rounding up keeps the estimate from falling
+        // short). Saturating: the factors come from the file, and an absurd product only
+        // makes the model "not fit".
+        let row = |len: u64, t: CacheType| {
+            let (bytes, elements) = t.bytes_per_element();
+            n_head_kv.saturating_mul(len).saturating_mul(bytes).div_ceil(elements)
+        };
+        let per_token = row(k_len, cache.type_k).saturating_add(row(v_len, cache.type_v));
+        let kv_bytes_per_layer = u64::from(n_ctx).saturating_mul(per_token);
+        Ok(ModelFootprint { n_layer, layer_bytes, output_bytes, host_bytes, kv_bytes_per_layer, n_ctx, type_k: cache.type_k, type_v: cache.type_v })
+    }
+
+    /// The KV cache of every repeating layer (an upper bound: sliding-window layers hold less).
+    pub fn kv_bytes(&self) -> u64 {
+        u64::from(self.n_layer).saturating_mul(self.kv_bytes_per_layer)
     }
 
     /// Bytes on the GPU with `n` offloaded layers (llama.cpp's `n_gpu_layers`): the output
@@ -195,9 +213,53 @@ mod tests {
         GgufFile { version: 3, tensor_count: tensors.len() as u64, metadata, value_types: BTreeMap::new(), tensors, alignment: 32, data_offset: 0, file_len: 0 }
     }
 
+    fn f16() -> KvCacheParams {
+        KvCacheParams::default()
+    }
+
+    fn kv(type_k: CacheType, type_v: CacheType) -> u64 {
+        let cache = KvCacheParams { type_k, type_v, ..KvCacheParams::default() };
+        ModelFootprint::of(&model(false), 4096, &cache).unwrap().kv_bytes_per_layer
+    }
+
+    #[test]
+    fn quantized_caches_take_their_types_bytes() {
+        let f16_bytes = kv(CacheType::F16, CacheType::F16);
+        // 4096 tokens x 2 KV heads x 128 elements, K and V: 32 q8_0 values in 34 bytes.
+        assert_eq!(kv(CacheType::Q8_0, CacheType::Q8_0), 4096 * 2 * (2 * 128 * 34 / 32));
+        let ratio = |b: u64| b as f64 / f16_bytes as f64;
+        assert!((ratio(kv(CacheType::Q8_0, CacheType::Q8_0)) - 0.53125).abs() < 1e-9);
+        assert!((ratio(kv(CacheType::Q4_0, CacheType::Q4_0)) - 0.28125).abs() < 1e-9, "q4_0: 18 bytes per 32");
+        // K and V count on their own.
+        assert_eq!(kv(CacheType::Q8_0, CacheType::F16) + kv(CacheType::F16, CacheType::Q8_0), f16_bytes + kv(CacheType::Q8_0, CacheType::Q8_0));
+        let m = ModelFootprint::of(&model(false), 4096, &KvCacheParams { type_k: CacheType::Q4_0, ..f16() }).unwrap();
+        assert_eq!((m.type_k, m.type_v, m.kv_bytes()), (CacheType::Q4_0, CacheType::F16, 4 * m.kv_bytes_per_layer));
+    }
+
+    /// A row that is not a whole number of blocks is rounded up, never down.
+    #[test]
+    fn the_kv_estimate_rounds_up() {
+        let mut f = model(false);
+        f.metadata.insert("llama.attention.key_length".into(), MetaValue::UInt(33));
+        f.metadata.insert("llama.attention.value_length".into(), MetaValue::UInt(33));
+        let q8 = KvCacheParams { type_k: CacheType::Q8_0, type_v: CacheType::Q8_0, ..f16() };
+        // 2 heads x 33 elements = 66 per row: 66 x 34 / 32 = 70.125, so 71 bytes each for K and V.
+        assert_eq!(ModelFootprint::of(&f, 1, &q8).unwrap().kv_bytes_per_layer, 2 * 71);
+    }
+
+    /// The byte counts are ggml's: the GGUF validator's type table, which a backend test
+    /// checks against the linked ggml.
+    #[test]
+    fn cache_type_sizes_are_ggmls() {
+        for t in CacheType::ALL {
+            let (_, _, block, size) = llama_gguf::GGML_TYPES.iter().find(|e| e.1 == t.as_str()).copied().unwrap();
+            assert_eq!(t.bytes_per_element(), (size, block), "{t}");
+        }
+    }
+
     #[test]
     fn the_footprint_adds_up_by_layer() {
-        let m = ModelFootprint::of(&model(false), 4096).unwrap();
+        let m = ModelFootprint::of(&model(false), 4096, &f16()).unwrap();
         assert_eq!(m.layer_bytes, vec![100_000_000; 4]);
         assert_eq!((m.output_bytes, m.host_bytes), (50_004_096, 30_000_000));
         // 4096 tokens x 2 KV heads x (128 + 128) x 2 bytes.
@@ -209,12 +271,12 @@ mod tests {
         assert_eq!(m.offloaded_bytes(5), 4 * (100_000_000 + 4_194_304) + 50_004_096);
         assert_eq!(m.offloaded_bytes(9), m.offloaded_bytes(5), "more than all is all");
         // Tied embeddings: the output head is a copy of them.
-        assert_eq!(ModelFootprint::of(&model(true), 4096).unwrap().output_bytes, 30_004_096);
+        assert_eq!(ModelFootprint::of(&model(true), 4096, &f16()).unwrap().output_bytes, 30_004_096);
     }
 
     #[test]
     fn layers_fit_after_the_margin() {
-        let m = ModelFootprint::of(&model(false), 4096).unwrap();
+        let m = ModelFootprint::of(&model(false), 4096, &f16()).unwrap();
         let (per_layer, head) = (100_000_000 + 4_194_304, 50_004_096);
         assert_eq!(m.fit(80 << 30, 1).layers, 5, "everything fits an 80 GiB card");
         assert_eq!(m.fit(GPU_MARGIN + head + 2 * per_layer + 10, 1).layers, 3);
@@ -228,7 +290,7 @@ mod tests {
 
     #[test]
     fn auto_offloads_what_fits() {
-        let m = ModelFootprint::of(&model(false), 4096).unwrap();
+        let m = ModelFootprint::of(&model(false), 4096, &f16()).unwrap();
         let gpu = |free: u64| crate::DeviceInfo { name: "CUDA0".into(), description: String::new(), memory_total: 80 << 30, memory_free: free };
         let (big, small) = (gpu(80 << 30), gpu(GPU_MARGIN + 50_004_096 + 3 * (100_000_000 + 4_194_304)));
         assert_eq!(auto_gpu_layers(&m, &[&big]).map(|f| f.0), Some(-1));
@@ -241,12 +303,12 @@ mod tests {
     fn missing_hyperparameters_are_named() {
         let mut f = model(false);
         f.metadata.insert("llama.block_count".into(), MetaValue::UInt(1 << 40));
-        assert!(ModelFootprint::of(&f, 4096).unwrap_err().to_string().contains("block_count 1099511627776 is over 512"));
+        assert!(ModelFootprint::of(&f, 4096, &f16()).unwrap_err().to_string().contains("block_count 1099511627776 is over 512"));
         f.metadata.insert("llama.attention.head_count_kv".into(), MetaValue::UInt(u64::MAX));
         f.metadata.insert("llama.block_count".into(), MetaValue::UInt(4));
-        let wild = ModelFootprint::of(&f, 4096).unwrap();
+        let wild = ModelFootprint::of(&f, 4096, &f16()).unwrap();
         assert_eq!((wild.kv_bytes_per_layer, wild.fit(80 << 30, 1).layers), (u64::MAX, 1), "saturates: only the head fits");
         f.metadata.remove("llama.block_count");
-        assert_eq!(ModelFootprint::of(&f, 4096).unwrap_err().to_string(), "cannot estimate the model's size per layer: no llama.block_count");
+        assert_eq!(ModelFootprint::of(&f, 4096, &f16()).unwrap_err().to_string(), "cannot estimate the model's size per layer: no llama.block_count");
     }
 }

@@ -43,8 +43,8 @@ mod utf8;
 pub use error::{Error, GenerateError, LoadError, SelectError, SessionError};
 pub use ops::{AbortHandle, ContextOps, ModelOps};
 pub use types::{
-    Accelerator, BackendError, BackendInfo, BatchToken, ContextParams, ContextSize, DeviceInfo, LogitBias, ModelInfo, ModelParams, ParamError,
-    SampleRequest, Sampled, SamplingParams, SplitMode, SEED_RANDOM,
+    Accelerator, BackendError, BackendInfo, BatchToken, CacheType, ContextParams, ContextSize, DeviceInfo, FlashAttn, KvCacheParams, LogitBias,
+    ModelInfo, ModelParams, ParamError, SampleRequest, Sampled, SamplingParams, SplitMode, UnknownName, SEED_RANDOM,
 };
 pub use model::{default_threads, Model, ModelFile, SessionParams};
 pub use session::{Canceller, FinishReason, GenerateOptions, GenerationStats, Session, Stream};

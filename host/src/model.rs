@@ -13,7 +13,7 @@ use crate::error::{GenerateError, LoadError, SessionError};
 use crate::ops::{ContextOps, ModelOps};
 use crate::select::LoadedBackend;
 use crate::session::Session;
-use crate::types::{BackendError, ContextParams, ContextSize, ModelInfo, ModelParams};
+use crate::types::{BackendError, ContextParams, ContextSize, KvCacheParams, ModelInfo, ModelParams};
 
 /// A model loaded through a backend (or, in tests, any [`ModelOps`]).
 pub struct Model {
@@ -51,9 +51,10 @@ impl ModelFile {
         &self.gguf
     }
 
-    /// The model's memory needs per layer with a KV cache of `n_ctx` tokens (`fit.rs`).
-    pub fn footprint(&self, n_ctx: u32) -> Result<crate::fit::ModelFootprint, crate::fit::FitError> {
-        crate::fit::ModelFootprint::of(&self.gguf, n_ctx)
+    /// The model's memory needs per layer with a KV cache of `n_ctx` tokens of the types
+    /// `cache` names (`fit.rs`).
+    pub fn footprint(&self, n_ctx: u32, cache: &KvCacheParams) -> Result<crate::fit::ModelFootprint, crate::fit::FitError> {
+        crate::fit::ModelFootprint::of(&self.gguf, n_ctx, cache)
     }
 }
 
@@ -185,6 +186,7 @@ impl Model {
     /// make theirs with [`Model::session`].
     pub fn new_context(&self, params: &ContextParams) -> Result<Box<dyn ContextOps>, SessionError> {
         params.size.validate()?;
+        validate_cache(&params.cache)?;
         Ok(self.raw.new_context(params)?)
     }
 
@@ -198,6 +200,8 @@ impl Model {
 #[derive(Debug, Clone)]
 pub struct SessionParams {
     pub size: ContextSize,
+    /// The KV cache's element types and flash attention.
+    pub cache: KvCacheParams,
     /// Most tokens kept in the KV cache between generations for prefix reuse (multi-turn
     /// chat); 0 turns the prompt cache off. Bounded by the context length anyway.
     pub cache_tokens: u32,
@@ -210,17 +214,23 @@ pub fn default_threads() -> i32 {
 
 impl Default for SessionParams {
     fn default() -> Self {
-        SessionParams { size: ContextSize::default(), cache_tokens: u32::MAX }
+        SessionParams { size: ContextSize::default(), cache: KvCacheParams::default(), cache_tokens: u32::MAX }
     }
 }
 
 impl SessionParams {
     /// Checks the values a backend would refuse less clearly.
     pub fn validate(&self) -> Result<(), SessionError> {
-        self.size.validate()
+        self.size.validate()?;
+        validate_cache(&self.cache)
     }
 
     pub(crate) fn to_context_params(&self) -> ContextParams {
-        ContextParams { size: self.size, n_seq_max: 1, kv_unified: false }
+        ContextParams { size: self.size, n_seq_max: 1, kv_unified: false, cache: self.cache }
     }
+}
+
+/// The cache types checked before a backend sees them, as a session's parameter error.
+fn validate_cache(cache: &KvCacheParams) -> Result<(), SessionError> {
+    cache.validate().map_err(|e| SessionError::InvalidParam { field: e.field.into(), reason: e.reason })
 }

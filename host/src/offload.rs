@@ -6,7 +6,7 @@
 //! (every layer), as before the estimate existed.
 
 use crate::fit::{LayerFit, ModelFootprint};
-use crate::{Accelerator, DeviceInfo, LoadedBackend, ModelFile, ModelParams, SplitMode};
+use crate::{Accelerator, DeviceInfo, KvCacheParams, LoadedBackend, ModelFile, ModelParams, SplitMode};
 
 /// How much of the model goes to the GPU (`--gpu-layers`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -162,13 +162,13 @@ fn estimate(request: &OffloadRequest, now: &[DeviceInfo], footprint: Option<&Mod
 /// [`decide`] for a loaded backend and a validated file: the devices' free memory is asked
 /// now (the backend's probe, run again in this process) and the per-layer sizes come from
 /// `file`'s header, both only when `GpuLayers::Auto` on a GPU needs them. `automatic`: the
-/// backend was chosen by `BackendChoice::Auto`. `n_ctx`: the context the estimate reserves
-/// KV cache for.
-pub fn for_backend(request: &OffloadRequest, backend: &LoadedBackend, automatic: bool, file: &ModelFile, n_ctx: u32) -> Offload {
+/// backend was chosen by `BackendChoice::Auto`. `n_ctx` and `cache`: the context (tokens and
+/// cache types) the estimate reserves KV cache for.
+pub fn for_backend(request: &OffloadRequest, backend: &LoadedBackend, automatic: bool, file: &ModelFile, n_ctx: u32, cache: &KvCacheParams) -> Offload {
     let gpu = backend.info().accelerator != Accelerator::Cpu;
     let estimate = gpu && request.gpu_layers == GpuLayers::Auto;
     let devices = if estimate { backend.devices_now() } else { Vec::new() };
-    let footprint = if estimate { file.footprint(n_ctx).ok() } else { None };
+    let footprint = if estimate { file.footprint(n_ctx, cache).ok() } else { None };
     decide(request, &Target { gpu, automatic, devices: &devices }, footprint.as_ref())
 }
 
@@ -176,10 +176,11 @@ pub fn for_backend(request: &OffloadRequest, backend: &LoadedBackend, automatic:
 mod tests {
     use super::*;
     use crate::fit::GPU_MARGIN;
+    use crate::CacheType;
 
     /// 4 layers of 100 MB plus a 50 MB head (fit.rs's test model, built directly).
     fn footprint() -> ModelFootprint {
-        ModelFootprint { n_layer: 4, layer_bytes: vec![100_000_000; 4], output_bytes: 50_000_000, host_bytes: 30_000_000, kv_bytes_per_layer: 0, n_ctx: 4096 }
+        ModelFootprint { n_layer: 4, layer_bytes: vec![100_000_000; 4], output_bytes: 50_000_000, host_bytes: 30_000_000, kv_bytes_per_layer: 0, n_ctx: 4096, type_k: CacheType::F16, type_v: CacheType::F16 }
     }
 
     fn gpu(name: &str, free: u64) -> DeviceInfo {

@@ -114,7 +114,7 @@ impl Default for SamplingParams {
     }
 }
 
-/// A sampling value out of range, by field name (`top_p`, `temperature`, ...).
+/// A parameter value out of range, by field name (`top_p`, `temperature`, `cache-type-v`, ...).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {field}: {reason}")]
 pub struct ParamError {
@@ -210,6 +210,145 @@ impl ContextSize {
     }
 }
 
+/// The element type of the K or V cache, by llama.cpp's names (`--cache-type-k`,
+/// `--cache-type-v`): the quantized types hold about half (q8_0) or a quarter (q4_0) of
+/// f16's bytes per token, at some precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+pub enum CacheType {
+    #[default]
+    #[serde(rename = "f16")]
+    F16,
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    #[serde(rename = "q4_0")]
+    Q4_0,
+}
+
+impl CacheType {
+    pub const ALL: [CacheType; 3] = [CacheType::F16, CacheType::Q8_0, CacheType::Q4_0];
+    /// The names `FromStr` takes, in `ALL`'s order (for a command line's list of values).
+    pub const NAMES: [&'static str; 3] = ["f16", "q8_0", "q4_0"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheType::F16 => "f16",
+            CacheType::Q8_0 => "q8_0",
+            CacheType::Q4_0 => "q4_0",
+        }
+    }
+
+    pub fn is_quantized(self) -> bool {
+        self != CacheType::F16
+    }
+
+    /// Bytes per element as a fraction `(bytes, elements)`, ggml's block size: f16 `(2, 1)`,
+    /// q8_0 `(34, 32)` (32 int8 and an f16 scale), q4_0 `(18, 32)`. A fraction, not an
+    /// `f64`, so a size estimate can round up exactly.
+    pub fn bytes_per_element(self) -> (u64, u64) {
+        match self {
+            CacheType::F16 => (2, 1),
+            CacheType::Q8_0 => (34, 32),
+            CacheType::Q4_0 => (18, 32),
+        }
+    }
+}
+
+/// A name `FromStr` does not know, with the names it does.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{value}' is not a {what} (expected one of: {})", expected.join(", "))]
+pub struct UnknownName {
+    pub what: &'static str,
+    pub value: String,
+    pub expected: &'static [&'static str],
+}
+
+impl std::str::FromStr for CacheType {
+    type Err = UnknownName;
+    /// llama.cpp's names, exactly (`f16`, `q8_0`, `q4_0`).
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
+        CacheType::ALL.into_iter().find(|t| t.as_str() == s).ok_or_else(|| UnknownName {
+            what: "KV cache type",
+            value: s.to_string(),
+            expected: &CacheType::NAMES,
+        })
+    }
+}
+
+impl std::fmt::Display for CacheType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// When llama.cpp uses flash attention (`--flash-attn`). A quantized V cache needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlashAttn {
+    /// llama.cpp decides per device, and turns it on for a quantized V cache.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl FlashAttn {
+    pub const ALL: [FlashAttn; 3] = [FlashAttn::On, FlashAttn::Off, FlashAttn::Auto];
+    /// The names `FromStr` takes, in `ALL`'s order.
+    pub const NAMES: [&'static str; 3] = ["on", "off", "auto"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlashAttn::Auto => "auto",
+            FlashAttn::On => "on",
+            FlashAttn::Off => "off",
+        }
+    }
+}
+
+impl std::str::FromStr for FlashAttn {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
+        FlashAttn::ALL.into_iter().find(|t| t.as_str() == s).ok_or_else(|| UnknownName {
+            what: "flash attention setting",
+            value: s.to_string(),
+            expected: &FlashAttn::NAMES,
+        })
+    }
+}
+
+impl std::fmt::Display for FlashAttn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The KV cache's element types and flash attention: what a context stores per token.
+/// The default is llama.cpp's: f16 keys and values, flash attention `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct KvCacheParams {
+    pub type_k: CacheType,
+    pub type_v: CacheType,
+    pub flash_attn: FlashAttn,
+}
+
+impl KvCacheParams {
+    /// Bytes per K cache element as `(bytes, elements)`: see [`CacheType::bytes_per_element`].
+    pub fn bytes_per_element_k(&self) -> (u64, u64) {
+        self.type_k.bytes_per_element()
+    }
+
+    /// Bytes per V cache element as `(bytes, elements)`.
+    pub fn bytes_per_element_v(&self) -> (u64, u64) {
+        self.type_v.bytes_per_element()
+    }
+
+    /// A quantized V cache needs flash attention on or auto; the error names `cache-type-v`
+    /// and `flash-attn`. The rule is the plugin ABI's own, so host and backend never disagree.
+    pub fn validate(&self) -> Result<(), ParamError> {
+        crate::boundary::validate_kv_cache(self)
+    }
+}
+
 /// Sizes and threads of one inference context, with its sequence layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContextParams {
@@ -218,6 +357,15 @@ pub struct ContextParams {
     pub n_seq_max: u32,
     /// One KV buffer shared by all sequences (llama.cpp's `kv_unified`).
     pub kv_unified: bool,
+    /// The KV cache's element types and flash attention.
+    pub cache: KvCacheParams,
+}
+
+impl Default for ContextParams {
+    /// One sequence with its own cache, llama.cpp's tools' sizes and cache types.
+    fn default() -> Self {
+        ContextParams { size: ContextSize::default(), n_seq_max: 1, kv_unified: false, cache: KvCacheParams::default() }
+    }
 }
 
 /// One token of a multi-sequence batch.
@@ -274,4 +422,51 @@ pub enum BackendError {
     /// The backend broke its contract (say, fewer sampled tokens than asked for).
     #[error("the backend broke its contract: {what}")]
     Protocol { what: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_names_round_trip() {
+        for (t, name) in CacheType::ALL.into_iter().zip(CacheType::NAMES) {
+            assert_eq!((t.as_str(), name.parse::<CacheType>().unwrap()), (name, t));
+            // The config file's names (serde) are the same.
+            assert_eq!(serde_json::to_string(&t).unwrap(), format!("\"{name}\""));
+        }
+        for (f, name) in FlashAttn::ALL.into_iter().zip(FlashAttn::NAMES) {
+            assert_eq!((f.as_str(), name.parse::<FlashAttn>().unwrap()), (name, f));
+            assert_eq!(serde_json::to_string(&f).unwrap(), format!("\"{name}\""));
+        }
+        let e = "q5_1".parse::<CacheType>().unwrap_err().to_string();
+        assert_eq!(e, "'q5_1' is not a KV cache type (expected one of: f16, q8_0, q4_0)");
+        assert!("Q8_0".parse::<CacheType>().is_err(), "llama.cpp's names are lower case");
+        assert!("yes".parse::<FlashAttn>().unwrap_err().to_string().contains("on, off, auto"));
+    }
+
+    #[test]
+    fn the_default_cache_is_llama_cpps() {
+        let d = KvCacheParams::default();
+        assert_eq!((d.type_k, d.type_v, d.flash_attn), (CacheType::F16, CacheType::F16, FlashAttn::Auto));
+        assert_eq!((d.bytes_per_element_k(), d.bytes_per_element_v()), ((2, 1), (2, 1)));
+        let q = KvCacheParams { type_k: CacheType::Q8_0, type_v: CacheType::Q4_0, ..d };
+        assert_eq!((q.bytes_per_element_k(), q.bytes_per_element_v()), ((34, 32), (18, 32)));
+        assert_eq!(ContextParams::default().cache, d);
+    }
+
+    #[test]
+    fn a_quantized_v_cache_needs_flash_attention() {
+        for type_v in [CacheType::Q8_0, CacheType::Q4_0] {
+            for flash_attn in [FlashAttn::On, FlashAttn::Auto] {
+                assert!(KvCacheParams { type_v, flash_attn, ..Default::default() }.validate().is_ok());
+            }
+            let e = KvCacheParams { type_v, flash_attn: FlashAttn::Off, ..Default::default() }.validate().unwrap_err();
+            assert_eq!(e.field, "cache-type-v");
+            assert!(e.reason.contains(type_v.as_str()) && e.reason.contains("flash-attn"), "{e}");
+        }
+        // A quantized K cache works without flash attention, as in llama.cpp.
+        let k_only = KvCacheParams { type_k: CacheType::Q4_0, flash_attn: FlashAttn::Off, ..Default::default() };
+        assert!(k_only.validate().is_ok());
+    }
 }

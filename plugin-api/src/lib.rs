@@ -183,6 +183,51 @@ pub struct ModelInfo {
     pub bos: i32,
 }
 
+/// The element type of the K or V cache (llama.cpp's `type_k`/`type_v`). The quantized
+/// types hold about half (q8_0) or a quarter (q4_0) of f16's bytes, at some precision.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheType {
+    F16,
+    Q8_0,
+    Q4_0,
+}
+
+impl CacheType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheType::F16 => "f16",
+            CacheType::Q8_0 => "q8_0",
+            CacheType::Q4_0 => "q4_0",
+        }
+    }
+
+    pub fn is_quantized(self) -> bool {
+        self != CacheType::F16
+    }
+}
+
+/// When llama.cpp uses flash attention (its `flash_attn_type`). A quantized V cache needs
+/// it: `Off` with one is refused.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlashAttn {
+    /// llama.cpp decides per device (and turns it on for a quantized V cache).
+    Auto,
+    On,
+    Off,
+}
+
+impl FlashAttn {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlashAttn::Auto => "auto",
+            FlashAttn::On => "on",
+            FlashAttn::Off => "off",
+        }
+    }
+}
+
 /// Sizes and threads of one inference context.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone)]
@@ -201,6 +246,10 @@ pub struct ContextParams {
     /// from several sequences is one micro-batch, and the caller keeps each sequence within
     /// its share. Off: each sequence gets `n_ctx / n_seq_max` cells of its own.
     pub kv_unified: bool,
+    /// Element types of the K and V caches.
+    pub type_k: CacheType,
+    pub type_v: CacheType,
+    pub flash_attn: FlashAttn,
 }
 
 /// Sampler settings. `temperature <= 0` means greedy.
@@ -305,6 +354,19 @@ impl SamplingParams {
         }
         Ok(())
     }
+}
+
+/// llama.cpp's rule for the KV cache types: a quantized V cache is only stored by flash
+/// attention, so it cannot be combined with `FlashAttn::Off` (llama.cpp would refuse the
+/// context with a log line only). The error names both settings by their flag names.
+pub fn validate_kv_cache(type_v: CacheType, flash_attn: FlashAttn) -> Result<(), ParamError> {
+    if type_v.is_quantized() && flash_attn == FlashAttn::Off {
+        return Err(invalid(
+            "cache-type-v",
+            format!("a quantized V cache ({}) needs flash attention: flash-attn on or auto, not off", type_v.as_str()),
+        ));
+    }
+    Ok(())
 }
 
 /// Seed value asking the backend to pick a random seed.

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use llama_host::{BackendError, ContextParams, ContextSize, Model, SessionError};
+use llama_host::{BackendError, ContextParams, ContextSize, KvCacheParams, Model, SessionError};
 
 use crate::engine::{Engine, EngineConfig, StartError};
 
@@ -16,6 +16,8 @@ pub struct BenchParams {
     pub reps: u32,
     /// Threads and batch sizes; `n_ctx` is set per test (as llama-bench does).
     pub size: ContextSize,
+    /// KV cache types and flash attention (llama-bench's `-ctk`, `-ctv`, `-fa`).
+    pub cache: KvCacheParams,
 }
 
 /// Mean and standard deviation of tokens/s over the repetitions.
@@ -85,7 +87,7 @@ fn run_here(model: &Model, p: &BenchParams) -> Result<BenchResult, BenchError> {
     let n_vocab = model.info().n_vocab;
     let bos = model.info().bos;
     let mut rng = Lcg(42);
-    let ctx_params = |n_ctx: u32| ContextParams { size: ContextSize { n_ctx, ..p.size }, n_seq_max: 1, kv_unified: false };
+    let ctx_params = |n_ctx: u32| ContextParams { size: ContextSize { n_ctx, ..p.size }, cache: p.cache, ..ContextParams::default() };
     let mut result = BenchResult { pp: None, tg: None };
 
     if p.n_prompt > 0 {
@@ -173,6 +175,8 @@ pub struct ConcurrentParams {
     pub size: ContextSize,
     /// Engines in batch-invariant mode (the model must be loaded without repacking).
     pub batch_invariant: bool,
+    /// KV cache types and flash attention of every engine.
+    pub cache: KvCacheParams,
 }
 
 const TOPICS: [&str; 8] = [
@@ -195,6 +199,7 @@ fn engine_for(model: &std::sync::Arc<Model>, slots: u32, p: &ConcurrentParams, p
         stream_capacity: 64,
         prefix_cache,
         batch_invariant: p.batch_invariant,
+        cache: p.cache,
         ..EngineConfig::default()
     };
     Ok(Engine::start(model.clone(), config)?)

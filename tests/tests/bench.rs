@@ -64,7 +64,7 @@ fn the_pp_tg_measurement_leaves_no_thread_pool_behind() {
         }
     };
     let before = settled();
-    let r = run(model, &BenchParams { n_prompt: 16, n_gen: 4, reps: 1, size }).unwrap();
+    let r = run(model, &BenchParams { n_prompt: 16, n_gen: 4, reps: 1, size, cache: Default::default() }).unwrap();
     assert!(r.pp.is_some() && r.tg.is_some());
     let after = llama_tests::server::wait_for("the measurement's threads are gone", || (threads() <= before).then_some(threads()));
     assert!(after <= before, "{after} threads after, {before} before");

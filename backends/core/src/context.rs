@@ -11,8 +11,8 @@ use llama_plugin_api::abi_stable::sabi_trait::TD_Opaque;
 use llama_plugin_api::abi_stable::std_types::{RResult, RSlice, RString};
 use llama_plugin_api::abi_stable::std_types::RVec;
 use llama_plugin_api::{
-    AbortBox, AbortHandle_TO, BackendError, BatchToken, ContextBox, ContextParams, Context_TO, SampleRequest, Sampled,
-    SamplingParams,
+    AbortBox, AbortHandle_TO, BackendError, BatchToken, CacheType, ContextBox, ContextParams, Context_TO, FlashAttn, SampleRequest,
+    Sampled, SamplingParams,
 };
 
 use crate::model::LlamaModel;
@@ -76,7 +76,9 @@ impl Drop for Batch {
     }
 }
 
-pub(crate) fn new(model: Arc<LlamaModel>, p: &ContextParams) -> Result<ContextBox, BackendError> {
+/// Every parameter llama.cpp would refuse less clearly (a log line and a null context),
+/// refused here with a typed error naming it.
+fn check_params(p: &ContextParams) -> Result<(), BackendError> {
     if p.n_ctx == 0 {
         return Err(invalid("n_ctx", "must be at least 1"));
     }
@@ -92,6 +94,14 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &ContextParams) -> Result<ContextBo
     if p.n_threads_batch <= 0 {
         return Err(invalid("n_threads_batch", format!("{} is below 1", p.n_threads_batch)));
     }
+    // llama.cpp refuses this pair with a log line and a null context; checked here it is a
+    // typed parameter error naming both settings.
+    llama_plugin_api::validate_kv_cache(p.type_v, p.flash_attn)?;
+    Ok(())
+}
+
+pub(crate) fn new(model: Arc<LlamaModel>, p: &ContextParams) -> Result<ContextBox, BackendError> {
+    check_params(p)?;
     // SAFETY: returns a plain struct of defaults.
     let mut cp = unsafe { sys::llama_context_default_params() };
     cp.n_ctx = p.n_ctx;
@@ -101,6 +111,9 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &ContextParams) -> Result<ContextBo
     cp.n_threads_batch = p.n_threads_batch;
     cp.n_seq_max = p.n_seq_max.max(1);
     cp.kv_unified = p.kv_unified;
+    cp.type_k = ggml_type(p.type_k);
+    cp.type_v = ggml_type(p.type_v);
+    cp.flash_attn_type = flash_attn_type(p.flash_attn);
     // llama.cpp's C default keeps a full-size cache for sliding-window layers; its own
     // tools (common) turn that off: for Gemma 3 at 4096 tokens it is 45 MiB more. `truncate`
     // checks that the window a continuation needs is still there.
@@ -129,6 +142,22 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &ContextParams) -> Result<ContextBo
         LlamaContext { sampler, seq_samplers, ctx, batch, model, abort, n_ctx, n_batch, n_seq_max, n_past: 0 },
         TD_Opaque,
     ))
+}
+
+fn ggml_type(t: CacheType) -> sys::ggml_type {
+    match t {
+        CacheType::F16 => sys::GGML_TYPE_F16,
+        CacheType::Q8_0 => sys::GGML_TYPE_Q8_0,
+        CacheType::Q4_0 => sys::GGML_TYPE_Q4_0,
+    }
+}
+
+fn flash_attn_type(f: FlashAttn) -> sys::llama_flash_attn_type {
+    match f {
+        FlashAttn::Auto => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
+        FlashAttn::On => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+        FlashAttn::Off => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    }
 }
 
 impl LlamaContext {
@@ -380,5 +409,49 @@ impl llama_plugin_api::Context for LlamaContext {
             let token = unsafe { sys::llama_sampler_sample(self.sampler.as_ptr(), self.ctx.0.as_ptr(), -1) };
             Ok(Sampled { token, is_eog: self.model.is_eog(token) })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CStr;
+
+    fn params(type_k: CacheType, type_v: CacheType, flash_attn: FlashAttn) -> ContextParams {
+        ContextParams { n_ctx: 512, n_batch: 512, n_ubatch: 512, n_threads: 1, n_threads_batch: 1, n_seq_max: 1, kv_unified: false, type_k, type_v, flash_attn }
+    }
+
+    /// The ABI's names reach llama.cpp as the ggml types and flash-attention modes of the
+    /// same names.
+    #[test]
+    fn cache_types_and_flash_attn_map_to_llama_cpps() {
+        for t in [CacheType::F16, CacheType::Q8_0, CacheType::Q4_0] {
+            // SAFETY: a lookup in ggml's static type table; the name is a static C string.
+            let name = unsafe { CStr::from_ptr(sys::ggml_type_name(ggml_type(t))) };
+            assert_eq!(name.to_str().unwrap(), t.as_str());
+        }
+        for (f, theirs) in [(FlashAttn::Auto, "auto"), (FlashAttn::On, "enabled"), (FlashAttn::Off, "disabled")] {
+            // SAFETY: returns a static C string for every mode.
+            let name = unsafe { CStr::from_ptr(sys::llama_flash_attn_type_name(flash_attn_type(f))) };
+            assert_eq!(name.to_str().unwrap(), theirs);
+        }
+    }
+
+    /// A quantized V cache with flash attention off is refused before llama.cpp sees it,
+    /// as a typed parameter error naming both settings.
+    #[test]
+    fn a_quantized_v_cache_needs_flash_attention() {
+        for type_v in [CacheType::Q8_0, CacheType::Q4_0] {
+            match check_params(&params(CacheType::F16, type_v, FlashAttn::Off)) {
+                Err(BackendError::InvalidParam { field, reason }) => {
+                    assert_eq!(field.as_str(), "cache-type-v");
+                    assert!(reason.contains(type_v.as_str()) && reason.contains("flash-attn"), "{reason}");
+                }
+                other => panic!("{type_v:?} with flash attention off: {other:?}"),
+            }
+            assert!(check_params(&params(CacheType::F16, type_v, FlashAttn::On)).is_ok());
+            assert!(check_params(&params(CacheType::F16, type_v, FlashAttn::Auto)).is_ok());
+        }
+        assert!(check_params(&params(CacheType::Q4_0, CacheType::F16, FlashAttn::Off)).is_ok(), "a quantized K cache alone is fine");
     }
 }

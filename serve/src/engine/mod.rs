@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Sender};
-use llama_host::{ContextParams, ContextSize, GenerateOptions, Model};
+use llama_host::{ContextParams, ContextSize, GenerateOptions, KvCacheParams, Model};
 
 pub use handle::{Event, EventStream, Finish, Handle, RequestStats};
 pub use plan::{plan_batch, plan_invariant, Part, SlotState};
@@ -60,6 +60,9 @@ pub struct EngineConfig {
     /// Costs some throughput; needs a model loaded with `ModelParams::repack` off.
     /// See docs/ARCHITECTURE.md ("Batch shape and exact outputs").
     pub batch_invariant: bool,
+    /// The KV cache's element types and flash attention (a quantized cache holds more
+    /// tokens in the same memory).
+    pub cache: KvCacheParams,
 }
 
 impl Default for EngineConfig {
@@ -75,6 +78,7 @@ impl Default for EngineConfig {
             stream_capacity: 16,
             prefix_cache: true,
             batch_invariant: false,
+            cache: KvCacheParams::default(),
         }
     }
 }
@@ -109,6 +113,7 @@ impl EngineConfig {
             return bad("batch-size", "batch-invariant mode needs a batch of at least 2".into());
         }
         self.size.validate()?;
+        self.cache.validate().map_err(|e| StartError::InvalidConfig { field: e.field, reason: e.reason })?;
         Ok(())
     }
 }
@@ -194,6 +199,7 @@ impl Engine {
             // llama.cpp splits a batch by runs of consecutive sequence ids). The engine
             // keeps each slot within `n_ctx / slots`.
             kv_unified: true,
+            cache: config.cache,
         };
         let ctx = model.new_context(&params)?;
         let slot_ctx = ctx.n_ctx() / n_seq;
