@@ -441,15 +441,16 @@ impl Registry {
         let _gate = self.load_gate.lock().unwrap_or_else(|p| p.into_inner());
         let name = self.specs[index].name.clone();
         let started = Instant::now();
-        let outcome = self.loader.estimate(&name).map_err(|e| (AcquireError::LoadFailed(e.public.clone()), Some(e))).and_then(|need| {
+        let failed = |e: LoadFailure| (AcquireError::LoadFailed(e.public.clone()), Some(e));
+        // A panic in the loader is a failed load, never a model stuck at "loading" with its
+        // requests waiting for ever.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let need = self.loader.estimate(&name).map_err(failed)?;
             self.make_room(index, need).map_err(|e| (e, None))?;
             let metrics = self.lock().slots[index].metrics.clone();
-            // A panic in a load is a failed load, not a model stuck at "loading".
-            let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.loader.load(&name, metrics))).unwrap_or_else(|_| {
-                Err(LoadFailure { public: "the loader panicked".into(), source: Arc::new(std::io::Error::other("the loader panicked")) })
-            });
-            loaded.map_err(|e| (AcquireError::LoadFailed(e.public.clone()), Some(e)))
-        });
+            self.loader.load(&name, metrics).map_err(failed)
+        }))
+        .unwrap_or_else(|_| Err(failed(LoadFailure { public: "the loader panicked".into(), source: Arc::new(std::io::Error::other("the loader panicked")) })));
         let seconds = started.elapsed().as_secs_f64();
         let mut g = self.lock();
         let shutting_down = g.shutting_down;
