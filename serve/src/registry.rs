@@ -180,6 +180,15 @@ struct Slot {
     load_seconds: Histogram,
 }
 
+impl Slot {
+    /// No request uses the model and none is about to: a request that waited for its load
+    /// takes its lease when it next wakes, and unloading the model under it then would only
+    /// start the load again (a keep-alive of 0 did exactly that).
+    fn idle(&self) -> bool {
+        self.leases == 0 && self.waiting == 0
+    }
+}
+
 struct Inner {
     slots: Vec<Slot>,
     shutting_down: bool,
@@ -542,7 +551,7 @@ impl Registry {
             let victim = others
                 .iter()
                 .copied()
-                .filter(|&i| g.slots[i].leases == 0)
+                .filter(|&i| g.slots[i].idle())
                 .min_by_key(|&i| g.slots[i].last_used);
             if let Some(v) = victim {
                 let ready = self.take_loaded(&mut g, v, reason);
@@ -578,7 +587,7 @@ impl Registry {
         let mut g = self.lock();
         let s = &mut g.slots[i];
         match s.status {
-            Status::Loaded(_) if s.leases == 0 => {
+            Status::Loaded(_) if s.idle() => {
                 let ready = self.take_loaded(&mut g, i, UnloadReason::Admin);
                 drop(g);
                 release(ready);
@@ -605,7 +614,7 @@ impl Registry {
             let now = Instant::now();
             let mut due = Vec::new();
             for (i, s) in g.slots.iter().enumerate() {
-                if s.leases > 0 || !matches!(s.status, Status::Loaded(_)) {
+                if !s.idle() || !matches!(s.status, Status::Loaded(_)) {
                     continue;
                 }
                 if let Some(r) = s.unload_when_idle {
@@ -663,7 +672,7 @@ impl Registry {
                         m.ctx_size = Some(r.engine.config().size.n_ctx);
                         m.slots_busy = Some(r.engine.in_flight().min(r.engine.config().slots as usize));
                         m.slots_total = Some(r.engine.config().slots);
-                        let idle = (s.leases == 0).then(|| now.duration_since(s.last_used));
+                        let idle = s.idle().then(|| now.duration_since(s.last_used));
                         m.idle_seconds = Some(idle.map(|d| d.as_secs_f64()));
                         let keep = match (s.unload_when_idle, s.keep_alive) {
                             (Some(_), _) => KeepAlive::After(Duration::ZERO),

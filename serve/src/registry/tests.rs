@@ -215,6 +215,9 @@ fn keep_alive_zero_unloads_once_idle_and_idle_unload_after_its_time() {
     });
     eventually("a is unloaded once idle", || status(&reg, "a") == "unloaded");
     assert_eq!(metric(&reg, "llama_model_unloads_total{model=\"a\",reason=\"keep_alive\"}"), 1);
+    // Review finding: the reaper unloaded a model with keep-alive 0 between its load and the
+    // waiting request's lease, so the request loaded it again, up to 21 times here.
+    assert_eq!(metric(&reg, "llama_model_loads_total{model=\"a\",outcome=\"ok\"}"), 1);
     std::thread::sleep(Duration::from_millis(400));
     assert_eq!(status(&reg, "b"), "loaded", "keep_alive -1 overrides --idle-unload");
     // A model without keep_alive goes after --idle-unload.
