@@ -220,13 +220,15 @@ fn an_idle_model_is_unloaded_and_its_memory_given_back() {
     wait_for("smol is unloaded after 2 s idle", || (status_of(&s, "smol") == "unloaded").then_some(()));
     assert_eq!(s.metric("llama_model_unloads_total{model=\"smol\",reason=\"idle\"}"), 1.0);
     assert_eq!(status_of(&s, "gemma"), "loaded", "gemma's keep-alive -1 did not hold");
-    let after = s.rss_kib();
+    // The status flips first, the memory is freed right after (the engine thread is joined,
+    // then the model freed): wait for it, failing only after the hang guard.
+    let bound = before as f64 * 1.10;
+    let after = wait_for("resident memory comes back within 10 % of before smol's load", || Some(s.rss_kib()).filter(|&r| r as f64 <= bound));
     let parts_after = rss_parts(s.child.id());
     eprintln!(
         "resident memory: {before} KiB before smol's first load (anon {} + file {}), {loaded} KiB with smol loaded, {after} KiB after its idle unload (anon {} + file {})",
         parts_before.0, parts_before.1, parts_after.0, parts_after.1
     );
-    assert!(after as f64 <= before as f64 * 1.10, "resident memory did not come back: {before} KiB before, {after} KiB after the unload");
 }
 
 #[test]
@@ -241,16 +243,15 @@ fn a_server_that_never_loaded_a_model_gives_back_what_a_load_took() {
     assert_eq!(complete(&s, "smol", 8).0, 200);
     let loaded = s.rss_kib();
     wait_for("smol is unloaded after 1 s idle", || (status_of(&s, "smol") == "unloaded").then_some(()));
-    let after = s.rss_kib();
+    // At least 95 % of what the load took comes back (the backend's code pages, paged in by
+    // the first load, stay mapped: file-backed and shared).
+    let bound = loaded as f64 - (loaded - before) as f64 * 0.95;
+    let after = wait_for("95 % of the load's memory comes back", || Some(s.rss_kib()).filter(|&r| r as f64 <= bound));
     let parts_after = rss_parts(s.child.id());
     eprintln!(
         "resident memory of a server with no model before: {before} KiB (anon {} + file {}), {loaded} KiB with smol loaded, {after} KiB after its unload (anon {} + file {})",
         parts_before.0, parts_before.1, parts_after.0, parts_after.1
     );
-    // The backend's code pages touched by the first load stay mapped (file-backed, shared);
-    // of what the load took, at least 95 % comes back.
-    let given_back = (loaded - after) as f64 / (loaded - before) as f64;
-    assert!(given_back >= 0.95, "only {:.1} % of the load's {} KiB came back ({before} -> {loaded} -> {after} KiB)", given_back * 100.0, loaded - before);
 }
 
 #[test]

@@ -13,6 +13,7 @@
 //! only the rest.
 
 
+mod compute;
 mod handle;
 mod plan;
 mod worker;

@@ -85,7 +85,7 @@ impl Slot {
 
 pub(super) struct Worker {
     model: Arc<Model>,
-    ctx: Box<dyn ContextOps>,
+    ctx: Ctx,
     slots: Vec<Slot>,
     waiting: VecDeque<Job>,
     rx: Receiver<Msg>,
@@ -120,7 +120,7 @@ impl Worker {
         Worker {
             pad: config.batch_invariant.then(|| (slots as i32, model.info().bos.max(0))),
             model,
-            ctx,
+            ctx: Ctx::new(ctx),
             slots: (0..slots).map(|i| Slot::new(i as i32)).collect(),
             waiting: VecDeque::new(),
             rx,
@@ -412,9 +412,14 @@ impl Worker {
             batch.push(BatchToken { token, pos: 0, seq, logits: true });
         }
         let t = Instant::now();
-        let turn = COMPUTE.enter();
-        let result = self.ctx.step(&batch, &samples);
-        drop(turn);
+        // The step runs on the process's compute thread (`compute.rs`): the context and the
+        // batch are lent to it and come back with the result.
+        let mut ctx = self.ctx.lend();
+        let (ctx, samples, result) = super::compute::run(move || {
+            let result = ctx.step(&batch, &samples);
+            (ctx, samples, result)
+        });
+        self.ctx.give_back(ctx);
         if let Some((seq, _)) = self.pad {
             self.ctx.seq_remove(seq, 0, -1);
         }
@@ -563,37 +568,33 @@ impl Worker {
 }
 
 
-/// One decode step at a time in the process, taken in arrival order. Two loaded models
-/// decoding at once would each run llama.cpp's thread pool on the same cores, and its
-/// workers spin at their barriers, so both slow to a fraction of their speed; taking turns
-/// step by step keeps the cores' throughput whole and shares it fairly. Uncontended (one
-/// busy model) it costs two lock operations per step.
-static COMPUTE: Gate = Gate { tickets: std::sync::Mutex::new((0, 0)), turn: std::sync::Condvar::new() };
+/// The engine's context, lent to the compute thread for each decode step (`compute.rs`)
+/// and used in place for everything else (sequence edits, samplers).
+pub(super) struct Ctx(Option<Box<dyn ContextOps>>);
 
-/// A ticket lock: FIFO, so a model that steps again at once cannot starve another.
-struct Gate {
-    /// (next ticket to hand out, ticket now served)
-    tickets: std::sync::Mutex<(u64, u64)>,
-    turn: std::sync::Condvar,
-}
+impl Ctx {
+    pub(super) fn new(ctx: Box<dyn ContextOps>) -> Ctx {
+        Ctx(Some(ctx))
+    }
 
-struct Turn(&'static Gate);
+    fn lend(&mut self) -> Box<dyn ContextOps> {
+        self.0.take().expect("the context is lent only for a step, which returns it")
+    }
 
-impl Gate {
-    fn enter(&'static self) -> Turn {
-        let mut g = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
-        let mine = g.0;
-        g.0 += 1;
-        while g.1 != mine {
-            g = self.turn.wait(g).unwrap_or_else(|p| p.into_inner());
-        }
-        Turn(self)
+    fn give_back(&mut self, ctx: Box<dyn ContextOps>) {
+        self.0 = Some(ctx);
     }
 }
 
-impl Drop for Turn {
-    fn drop(&mut self) {
-        self.0.tickets.lock().unwrap_or_else(|p| p.into_inner()).1 += 1;
-        self.0.turn.notify_all();
+impl std::ops::Deref for Ctx {
+    type Target = dyn ContextOps;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_deref().expect("the context is lent only for a step, which returns it")
+    }
+}
+
+impl std::ops::DerefMut for Ctx {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.0.as_deref_mut().expect("the context is lent only for a step, which returns it")
     }
 }
