@@ -134,7 +134,9 @@ fn one_model_at_a_time_swaps_by_lru_and_never_cuts_a_stream() {
         assert!(!events.iter().any(|e| e.contains("\"error\"")), "{events:?}");
         let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
         assert_eq!(usage["usage"]["completion_tokens"], 120, "the stream was cut: {usage}");
-        match other.join().unwrap() {
+        let outcome = other.join().unwrap();
+        eprintln!("smol during gemma's stream: HTTP {}, order {:?}", outcome.0, order.lock().unwrap());
+        match outcome {
             (200, _) => assert_eq!(*order.lock().unwrap(), ["stream ended", "smol answered"], "smol was served before gemma's stream ended"),
             (503, retry) => assert!(retry.is_some(), "503 without Retry-After"),
             (code, _) => panic!("smol: {code}"),
@@ -169,6 +171,7 @@ fn estimates() -> (u64, u64) {
 #[test]
 fn a_memory_budget_refuses_what_cannot_fit_and_swaps_what_can() {
     let (g, m) = estimates();
+    eprintln!("estimates at -c 2048: gemma {g} bytes, smol {m} bytes");
     assert!(m < g, "smol ({m}) should need less than gemma ({g})");
     // Between the two: gemma can never fit, smol serves on.
     let budget = ((g + m) / 2).to_string();
@@ -177,6 +180,7 @@ fn a_memory_budget_refuses_what_cannot_fit_and_swaps_what_can() {
     assert_eq!((code, v["error"]["type"].as_str()), (503, Some("insufficient_memory")), "{v}");
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(msg.contains(&format!("needed {g} bytes")) && msg.contains("budget"), "{msg}");
+    eprintln!("gemma under a {budget}-byte budget: {msg}");
     assert!(!msg.contains(".gguf") && !msg.contains("/root") && !msg.contains("/tmp"), "a path in {msg}");
     assert_eq!(complete(&s, "smol", 4).0, 200, "the other model stopped serving");
     assert_eq!(status_of(&s, GEMMA), "unloaded");
