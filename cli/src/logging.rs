@@ -14,9 +14,10 @@ use crate::opts::Global;
 /// panic here). The returned guard flushes the trace file when dropped.
 pub fn init(g: &Global, trace: Option<std::fs::File>) -> Option<tracing_chrome::FlushGuard> {
     // llama.cpp's own log (target llama_cpp) is off unless asked for: load errors reach
-    // the user through typed errors, not through its log.
+    // the user through typed errors, not through its log. A server's model loads and
+    // unloads (with their reason) are shown: an operator wants to see memory change hands.
     let default = match g.verbose {
-        0 => "warn,llama_cpp=off",
+        0 => "warn,llama_cpp=off,llama_serve::registry=info",
         1 => "info",
         _ => "debug",
     };
