@@ -52,17 +52,9 @@ impl Catalogue {
         self.models.push(m);
     }
 
-    /// The GGUF files directly in `dir`, in name order (a missing directory has none).
+    /// The GGUF files directly in `dir`, in name order.
     fn add_dir(&mut self, dir: &Path) {
-        let Ok(rd) = std::fs::read_dir(dir) else { return };
-        let mut paths: Vec<PathBuf> = rd
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "gguf") && p.is_file())
-            .take(MAX_MODELS + 1)
-            .collect();
-        paths.sort();
-        for path in paths {
+        for path in models::gguf_files(dir, MAX_MODELS + 1) {
             self.push(ServedModel { name: stem(&path), path, settings: ModelSettings::default() });
         }
     }

@@ -82,41 +82,52 @@ pub(crate) fn resolve_name(name: &str, cfg: &Config) -> Result<PathBuf, CliError
     })
 }
 
+/// What `llama list` and `llama serve`'s catalogue show of a model file without loading
+/// it: its size and what its GGUF header says.
+#[derive(serde::Serialize)]
+pub(crate) struct FileFacts {
+    pub size_bytes: Option<u64>,
+    pub architecture: Option<String>,
+    pub quantization: Option<String>,
+    /// Why the header could not be read, when it could not.
+    pub error: Option<String>,
+}
+
+pub(crate) fn file_facts(path: &Path) -> FileFacts {
+    let size_bytes = std::fs::metadata(path).ok().map(|m| m.len());
+    match gguf::read(path) {
+        Ok(h) => FileFacts { size_bytes, architecture: h.architecture().map(str::to_string), quantization: h.quantization().map(str::to_string), error: None },
+        Err(e) => FileFacts { size_bytes, architecture: None, quantization: None, error: Some(e.to_string()) },
+    }
+}
+
+/// The GGUF files directly in `dir`, in name order, at most `limit` of them (a missing or
+/// unreadable directory has none).
+pub(crate) fn gguf_files(dir: &Path, limit: usize) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut paths: Vec<PathBuf> =
+        rd.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "gguf") && p.is_file()).take(limit).collect();
+    paths.sort();
+    paths
+}
+
 #[derive(serde::Serialize)]
 struct Entry {
     name: String,
     path: PathBuf,
-    size_bytes: Option<u64>,
-    architecture: Option<String>,
-    quantization: Option<String>,
-    /// Why the header could not be read, when it could not.
-    error: Option<String>,
+    #[serde(flatten)]
+    facts: FileFacts,
 }
 
 fn describe(name: String, path: PathBuf) -> Entry {
-    let size_bytes = std::fs::metadata(&path).ok().map(|m| m.len());
-    match gguf::read(&path) {
-        Ok(h) => Entry {
-            name,
-            size_bytes,
-            architecture: h.architecture().map(str::to_string),
-            quantization: h.quantization().map(str::to_string),
-            error: None,
-            path,
-        },
-        Err(e) => Entry { name, size_bytes, architecture: None, quantization: None, error: Some(e.to_string()), path },
-    }
+    Entry { name, facts: file_facts(&path), path }
 }
 
 pub fn list(a: &ListOpts, cfg: &Config) -> Result<(), CliError> {
     let named: Vec<Entry> = cfg.models.iter().map(|(n, m)| describe(n.clone(), m.path.clone())).collect();
     let mut files = Vec::new();
     for dir in dirs(cfg) {
-        let Ok(rd) = std::fs::read_dir(&dir) else { continue };
-        let mut paths: Vec<PathBuf> =
-            rd.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "gguf") && p.is_file()).collect();
-        paths.sort();
-        for p in paths {
+        for p in gguf_files(&dir, usize::MAX) {
             let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             files.push(describe(name, p));
         }
@@ -127,15 +138,15 @@ pub fn list(a: &ListOpts, cfg: &Config) -> Result<(), CliError> {
         return Ok(());
     }
     let row = |e: &Entry| {
-        let size = e.size_bytes.map(|b| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)).unwrap_or_else(|| "missing".into());
-        match &e.error {
-            Some(err) if e.size_bytes.is_some() => format!("{:28} {:>11}  unreadable: {err}", e.name, size),
+        let size = e.facts.size_bytes.map(|b| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)).unwrap_or_else(|| "missing".into());
+        match &e.facts.error {
+            Some(err) if e.facts.size_bytes.is_some() => format!("{:28} {:>11}  unreadable: {err}", e.name, size),
             _ => format!(
                 "{:28} {:>11}  {:10} {:8}  {}",
                 e.name,
                 size,
-                e.architecture.as_deref().unwrap_or("-"),
-                e.quantization.as_deref().unwrap_or("-"),
+                e.facts.architecture.as_deref().unwrap_or("-"),
+                e.facts.quantization.as_deref().unwrap_or("-"),
                 e.path.display()
             ),
         }

@@ -413,14 +413,17 @@ pub fn session_params(c: &ContextArgs, cache: KvCacheParams) -> Result<SessionPa
     })
 }
 
+/// A seed as given (`-s`, the config): -1 is the default (random) seed; `None` when out
+/// of range (u32::MAX is llama.cpp's "random" value, so it is not a seed one can ask for).
+pub fn seed(v: i64) -> Option<u32> {
+    match v {
+        -1 => Some(SamplingParams::default().seed),
+        v => u32::try_from(v).ok().filter(|&v| v != u32::MAX),
+    }
+}
+
 pub fn generate_options(s: &SamplingArgs, add_special: bool) -> Result<GenerateOptions, CliError> {
-    let seed = match s.seed {
-        -1 => SamplingParams::default().seed,
-        v => u32::try_from(v)
-            .ok()
-            .filter(|&v| v != u32::MAX)
-            .ok_or_else(|| CliError::InvalidArg { field: "seed", reason: format!("{v} is outside 0..4294967294 (or -1 for random)") })?,
-    };
+    let seed = seed(s.seed).ok_or_else(|| CliError::InvalidArg { field: "seed", reason: format!("{} is outside 0..4294967294 (or -1 for random)", s.seed) })?;
     let sampling = SamplingParams {
         temperature: s.temp,
         top_k: s.top_k,

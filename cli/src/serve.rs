@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use llama_host::{BackendChoice, ContextSize, GenerateOptions, LoadedBackend, ModelFile, ModelParams, SamplingParams};
+use llama_host::{ContextSize, GenerateOptions, LoadedBackend, ModelFile, ModelParams, SamplingParams};
 use llama_serve::http::Ready;
 use llama_serve::metrics::Metrics;
 use llama_serve::registry::{KeepAlive, LoadFailure, Loader, MemoryNeed, ModelFacts, ModelSpec, Registry, RegistryConfig};
@@ -142,11 +142,8 @@ pub fn run(g: &Global, o: &ServeOpts) -> Result<(), CliError> {
 /// What the catalogue shows of a model without loading it. A file that cannot be read is
 /// still listed (its load will say why).
 fn facts(path: &std::path::Path) -> ModelFacts {
-    let size_bytes = std::fs::metadata(path).ok().map(|m| m.len());
-    match llama_host::gguf::read(path) {
-        Ok(h) => ModelFacts { size_bytes, arch: h.architecture().map(str::to_string), quantization: h.quantization().map(str::to_string) },
-        Err(_) => ModelFacts { size_bytes, ..ModelFacts::default() },
-    }
+    let f = crate::models::file_facts(path);
+    ModelFacts { size_bytes: f.size_bytes, arch: f.architecture, quantization: f.quantization }
 }
 
 fn registry_config(o: &ServeOpts) -> RegistryConfig {
@@ -198,8 +195,8 @@ fn cache_params(o: &ServeOpts, m: &ServedModel) -> llama_host::KvCacheParams {
 fn generation_defaults(m: &ServedModel) -> Result<GenerateOptions, CliError> {
     let (s, d) = (&m.settings, SamplingParams::default());
     let seed = match s.seed {
-        None | Some(-1) => d.seed,
-        Some(v) => u32::try_from(v).ok().filter(|&v| v != u32::MAX).ok_or_else(|| bad_setting(m, "seed", format!("{v} is out of range")))?,
+        None => d.seed,
+        Some(v) => crate::opts::seed(v).ok_or_else(|| bad_setting(m, "seed", format!("{v} is out of range")))?,
     };
     let sampling = SamplingParams {
         temperature: s.temp.unwrap_or(d.temperature),
@@ -277,8 +274,10 @@ impl ServeLoader {
     fn with_backend<T>(&self, f: impl FnOnce(&LoadedBackend) -> Result<T, CliError>) -> Result<T, CliError> {
         let mut b = self.0.backend.lock().unwrap_or_else(|p| p.into_inner());
         if b.is_none() {
-            let any = self.0.models.values().next().map(|m| self.load_opts(m));
-            let l = any.unwrap_or_else(|| LoadOpts { path: Default::default(), backend: BackendChoice::Auto, offload: self.0.o.offload.clone(), cache: self.0.o.cache });
+            // Selection reads only the backend choice and the offload flags (for its warning
+            // when they ask for a GPU that is not usable): the command line's, not one model's.
+            let o = &self.0.o;
+            let l = LoadOpts { path: Default::default(), backend: o.backend.clone(), offload: o.offload.clone(), cache: o.cache };
             *b = Some(select_backend(&self.0.g, &l)?);
         }
         f(b.as_ref().expect("selected above"))

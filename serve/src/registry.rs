@@ -187,6 +187,16 @@ impl Slot {
     fn idle(&self) -> bool {
         self.leases == 0 && self.waiting == 0
     }
+
+    /// How long the model stays loaded once idle, and the reason its unload will carry: an
+    /// admin unload of a busy model at once, else its keep-alive, else `idle_unload`.
+    fn keep(&self, idle_unload: Option<Duration>) -> (KeepAlive, UnloadReason) {
+        match (self.unload_when_idle, self.keep_alive) {
+            (Some(reason), _) => (KeepAlive::After(Duration::ZERO), reason),
+            (None, Some(k)) => (k, UnloadReason::KeepAlive),
+            (None, None) => (idle_unload.map_or(KeepAlive::Never, KeepAlive::After), UnloadReason::Idle),
+        }
+    }
 }
 
 struct Inner {
@@ -617,15 +627,7 @@ impl Registry {
                 if !s.idle() || !matches!(s.status, Status::Loaded(_)) {
                     continue;
                 }
-                if let Some(r) = s.unload_when_idle {
-                    due.push((i, r));
-                    continue;
-                }
-                let (keep, reason) = match s.keep_alive {
-                    Some(k) => (k, UnloadReason::KeepAlive),
-                    None => (self.config.idle_unload.map_or(KeepAlive::Never, KeepAlive::After), UnloadReason::Idle),
-                };
-                if let KeepAlive::After(d) = keep {
+                if let (KeepAlive::After(d), reason) = s.keep(self.config.idle_unload) {
                     if now.duration_since(s.last_used) >= d {
                         due.push((i, reason));
                     }
@@ -674,12 +676,7 @@ impl Registry {
                         m.slots_total = Some(r.engine.config().slots);
                         let idle = s.idle().then(|| now.duration_since(s.last_used));
                         m.idle_seconds = Some(idle.map(|d| d.as_secs_f64()));
-                        let keep = match (s.unload_when_idle, s.keep_alive) {
-                            (Some(_), _) => KeepAlive::After(Duration::ZERO),
-                            (None, Some(k)) => k,
-                            (None, None) => self.config.idle_unload.map_or(KeepAlive::Never, KeepAlive::After),
-                        };
-                        m.unload_in_seconds = Some(match (keep, idle) {
+                        m.unload_in_seconds = Some(match (s.keep(self.config.idle_unload).0, idle) {
                             (KeepAlive::After(d), Some(idle)) => Some(d.saturating_sub(idle).as_secs_f64()),
                             _ => None,
                         });
