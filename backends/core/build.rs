@@ -61,6 +61,10 @@ fn main() {
         }
     }
     println!("cargo:rustc-env=LLAMA_CPU_FEATURES={}", features.join(","));
+
+    // The try/catch wrappers around llama.cpp's grammar calls (src/grammar_shim.cpp says why).
+    println!("cargo:rerun-if-changed=src/grammar_shim.cpp");
+    cc::Build::new().cpp(true).std("c++17").file("src/grammar_shim.cpp").compile("llama_rs_grammar_shim");
 }
 
 /// `cc -dM -E` over an empty file with the flags llama.cpp's build gets from the

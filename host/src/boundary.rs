@@ -73,7 +73,24 @@ pub(crate) fn sampling(p: &SamplingParams) -> api::SamplingParams {
         presence_penalty: p.presence_penalty,
         seed: p.seed,
         logit_bias: p.logit_bias.iter().map(|b| api::LogitBias { token: b.token, bias: b.bias }).collect(),
+        grammar: p.grammar.as_ref().map(grammar).into(),
     }
+}
+
+pub(crate) fn grammar(g: &Grammar) -> api::Grammar {
+    api::Grammar {
+        text: RString::from(g.text.as_str()),
+        root: RString::from(g.root.as_str()),
+        lazy: g.lazy,
+        trigger_patterns: g.trigger_patterns.iter().map(|p| RString::from(p.as_str())).collect(),
+        trigger_tokens: g.trigger_tokens.iter().copied().collect(),
+    }
+}
+
+/// The plugin ABI's bounds of a grammar (`Grammar::validate`), for models without a
+/// plugin (fakes).
+pub(crate) fn validate_grammar(g: &Grammar) -> Result<(), BackendError> {
+    grammar(g).validate().map_err(|e| BackendError::InvalidParam { field: e.field.into(), reason: e.reason })
 }
 
 pub(crate) fn device(d: &api::DeviceInfo) -> DeviceInfo {
@@ -150,6 +167,9 @@ impl ModelOps for PluginModel {
             flash_attn: flash_attn(p.cache.flash_attn),
         };
         Ok(Box::new(PluginContext(result(self.0.new_context(params))?)))
+    }
+    fn check_grammar(&self, g: &Grammar) -> Result<(), BackendError> {
+        result(self.0.check_grammar(grammar(g)))
     }
 }
 

@@ -43,7 +43,7 @@ mod utf8;
 pub use error::{Error, GenerateError, LoadError, SelectError, SessionError};
 pub use ops::{AbortHandle, ContextOps, ModelOps};
 pub use types::{
-    Accelerator, BackendError, BackendInfo, BatchToken, CacheType, ContextParams, ContextSize, DeviceInfo, FlashAttn, KvCacheParams, LogitBias,
+    Accelerator, BackendError, BackendInfo, BatchToken, CacheType, ContextParams, ContextSize, DeviceInfo, FlashAttn, Grammar, KvCacheParams, LogitBias,
     ModelInfo, ModelParams, ParamError, SampleRequest, Sampled, SamplingParams, SplitMode, UnknownName, SEED_RANDOM,
 };
 pub use model::{default_threads, Model, ModelFile, SessionParams};

@@ -13,7 +13,7 @@ use crate::error::{GenerateError, LoadError, SessionError};
 use crate::ops::{ContextOps, ModelOps};
 use crate::select::LoadedBackend;
 use crate::session::Session;
-use crate::types::{BackendError, ContextParams, ContextSize, KvCacheParams, ModelInfo, ModelParams};
+use crate::types::{BackendError, ContextParams, ContextSize, Grammar, KvCacheParams, ModelInfo, ModelParams};
 
 /// A model loaded through a backend (or, in tests, any [`ModelOps`]).
 pub struct Model {
@@ -180,6 +180,14 @@ impl Model {
     /// A GGUF metadata value as a string.
     pub fn meta(&self, key: &str) -> Option<String> {
         self.raw.meta(key)
+    }
+
+    /// Whether `grammar` is usable with this model: the backend builds its grammar sampler
+    /// against the model's vocabulary and frees it. `GenerateError::InvalidParam` (field
+    /// `grammar`) when it is out of bounds or llama.cpp cannot parse it (the reason is
+    /// llama.cpp's), so a server can refuse it before the request is queued.
+    pub fn check_grammar(&self, grammar: &Grammar) -> Result<(), GenerateError> {
+        Ok(self.raw.check_grammar(grammar)?)
     }
 
     /// A new inference context: the engine's (several sequences) or a benchmark's. Sessions

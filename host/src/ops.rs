@@ -4,7 +4,7 @@
 //! implement them with fakes, so the rules of sessions and the engine are tested without a
 //! model file or a plugin (`Model::from_ops`).
 
-use crate::types::{BackendError, BatchToken, ContextParams, ModelInfo, SampleRequest, Sampled, SamplingParams};
+use crate::types::{BackendError, BatchToken, ContextParams, Grammar, ModelInfo, SampleRequest, Sampled, SamplingParams};
 
 /// A loaded model: tokenizer, weights, contexts.
 pub trait ModelOps: Send + Sync {
@@ -22,6 +22,13 @@ pub trait ModelOps: Send + Sync {
     fn meta(&self, key: &str) -> Option<String>;
 
     fn new_context(&self, params: &ContextParams) -> Result<Box<dyn ContextOps>, BackendError>;
+
+    /// Builds (and frees) the sampler for `grammar` against this model's vocabulary:
+    /// `InvalidParam` (field `grammar`) when it is out of bounds or does not parse. The
+    /// default checks the bounds only (for models with no grammar engine, such as fakes).
+    fn check_grammar(&self, grammar: &Grammar) -> Result<(), BackendError> {
+        crate::boundary::validate_grammar(grammar)
+    }
 }
 
 /// Aborts a context's decoding from another thread.

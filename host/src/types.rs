@@ -94,6 +94,34 @@ pub struct SamplingParams {
     pub seed: u32,
     /// Added to the logits of these tokens before sampling (`-inf` bans a token).
     pub logit_bias: Vec<LogitBias>,
+    /// Constrains the generated text to a GBNF grammar; checked with
+    /// [`Model::check_grammar`](crate::Model::check_grammar) before a request is queued.
+    pub grammar: Option<Grammar>,
+}
+
+/// A GBNF grammar the generated text must match (llama.cpp's grammar syntax). Only the new
+/// output is constrained, never the prompt. Bounds (size, nesting, repetition counts,
+/// triggers) are checked before llama.cpp parses it; see docs/API.md.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grammar {
+    /// The GBNF rules.
+    pub text: String,
+    /// The rule the output must match (usually `root`).
+    pub root: String,
+    /// Lazy: the grammar applies only once a trigger pattern matches the output so far or
+    /// a trigger token is sampled.
+    pub lazy: bool,
+    /// Regular expressions (ECMAScript) that start a lazy grammar.
+    pub trigger_patterns: Vec<String>,
+    /// Token ids that start a lazy grammar.
+    pub trigger_tokens: Vec<i32>,
+}
+
+impl Grammar {
+    /// A grammar applied from the first generated token, matched from rule `root`.
+    pub fn new(text: impl Into<String>) -> Grammar {
+        Grammar { text: text.into(), root: "root".into(), lazy: false, trigger_patterns: Vec::new(), trigger_tokens: Vec::new() }
+    }
 }
 
 impl Default for SamplingParams {
@@ -110,6 +138,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             seed: SEED_RANDOM,
             logit_bias: Vec::new(),
+            grammar: None,
         }
     }
 }

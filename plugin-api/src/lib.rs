@@ -267,6 +267,55 @@ pub struct SamplingParams {
     pub seed: u32,
     /// Added to the logits of these tokens before sampling (`-inf` bans a token).
     pub logit_bias: RVec<LogitBias>,
+    /// Constrains the generated text to a GBNF grammar (llama.cpp's grammar sampler).
+    pub grammar: ROption<Grammar>,
+}
+
+/// A GBNF grammar the generated text must match (llama.cpp's grammar syntax). Only the new
+/// output is constrained, never the prompt.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq)]
+pub struct Grammar {
+    /// The GBNF rules.
+    pub text: RString,
+    /// The rule the output must match (usually `root`).
+    pub root: RString,
+    /// Lazy: the grammar applies only once a trigger appears in the output (a pattern
+    /// matches the text generated so far, or a trigger token is sampled); before that the
+    /// output is free.
+    pub lazy: bool,
+    /// Regular expressions (ECMAScript, as C++'s std::regex reads them) that start a lazy
+    /// grammar.
+    pub trigger_patterns: RVec<RString>,
+    /// Token ids that start a lazy grammar.
+    pub trigger_tokens: RVec<i32>,
+}
+
+/// Bounds on a grammar, checked before llama.cpp parses it: its recursive-descent parser
+/// and its grammar engine have had stack-overflow and memory advisories, so the text is
+/// kept well inside what they were tested with.
+pub mod grammar_bounds {
+    /// Largest grammar text, in bytes.
+    pub const MAX_GRAMMAR_BYTES: usize = 1 << 20;
+    /// Deepest nesting of parentheses.
+    pub const MAX_NESTING: usize = 128;
+    /// Largest count in one `{m,n}` repetition.
+    pub const MAX_REPETITION: u64 = 10_000;
+    /// Largest sum of the counts of all repetitions (llama.cpp expands each into rules).
+    pub const MAX_REPETITION_SUM: u64 = 100_000;
+    /// Most rule definitions (`name ::= ...`): llama.cpp walks chains of rule references
+    /// recursively, so a long chain is a deep native recursion.
+    pub const MAX_RULES: usize = 2_000;
+    /// Most trigger patterns of a lazy grammar, and the longest one in bytes.
+    pub const MAX_TRIGGER_PATTERNS: usize = 64;
+    pub const MAX_TRIGGER_PATTERN_BYTES: usize = 1024;
+    /// Largest product of the counted repetitions (`{m,n}`) of one trigger pattern: C++'s
+    /// std::regex expands each into copies of its operand.
+    pub const MAX_PATTERN_REPETITION_PRODUCT: u64 = 1_000;
+    /// Most trigger tokens.
+    pub const MAX_TRIGGER_TOKENS: usize = 1024;
+    /// Longest rule name given as the root.
+    pub const MAX_ROOT_BYTES: usize = 256;
 }
 
 /// One logit bias entry.
@@ -291,6 +340,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             seed: u32::MAX,
             logit_bias: RVec::new(),
+            grammar: ROption::RNone,
         }
     }
 }
@@ -352,8 +402,193 @@ impl SamplingParams {
         if let Some(b) = p.logit_bias.iter().find(|b| b.bias.is_nan()) {
             return Err(invalid("logit_bias", format!("bias for token {} is not a number", b.token)));
         }
+        if let ROption::RSome(g) = &p.grammar {
+            g.validate()?;
+        }
         Ok(())
     }
+}
+
+impl Grammar {
+    /// The bounds of [`grammar_bounds`] that need no vocabulary: sizes, nesting and
+    /// repetition counts (one linear scan that skips string literals, character classes and
+    /// comments), the trigger patterns' sizes. Trigger tokens are checked against the
+    /// vocabulary by the backend. Whether the grammar parses is for llama.cpp to say.
+    pub fn validate(&self) -> Result<(), ParamError> {
+        use grammar_bounds::*;
+        let field = "grammar";
+        if self.text.len() > MAX_GRAMMAR_BYTES {
+            return Err(invalid(field, format!("{} bytes is over the limit of {MAX_GRAMMAR_BYTES}", self.text.len())));
+        }
+        if self.text.contains('\0') {
+            return Err(invalid(field, "the text contains a NUL byte"));
+        }
+        if self.text.trim().is_empty() {
+            return Err(invalid(field, "the text is empty"));
+        }
+        if self.root.is_empty() {
+            return Err(invalid(field, "the root rule name is empty"));
+        }
+        if self.root.len() > MAX_ROOT_BYTES || self.root.contains('\0') {
+            return Err(invalid(field, format!("the root rule name is not a name of at most {MAX_ROOT_BYTES} bytes")));
+        }
+        scan_gbnf(self.text.as_bytes()).map_err(|reason| invalid(field, reason))?;
+        if !self.lazy && (!self.trigger_patterns.is_empty() || !self.trigger_tokens.is_empty()) {
+            return Err(invalid(field, "trigger patterns and tokens need a lazy grammar"));
+        }
+        if self.trigger_patterns.len() > MAX_TRIGGER_PATTERNS {
+            return Err(invalid(field, format!("{} trigger patterns is over the limit of {MAX_TRIGGER_PATTERNS}", self.trigger_patterns.len())));
+        }
+        for (i, pat) in self.trigger_patterns.iter().enumerate() {
+            if pat.is_empty() || pat.len() > MAX_TRIGGER_PATTERN_BYTES {
+                return Err(invalid(field, format!("trigger pattern {i} is empty or over {MAX_TRIGGER_PATTERN_BYTES} bytes")));
+            }
+            if pat.contains('\0') {
+                return Err(invalid(field, format!("trigger pattern {i} contains a NUL byte")));
+            }
+            scan_pattern(pat.as_bytes()).map_err(|reason| invalid(field, format!("trigger pattern {i}: {reason}")))?;
+        }
+        if self.trigger_tokens.len() > MAX_TRIGGER_TOKENS {
+            return Err(invalid(field, format!("{} trigger tokens is over the limit of {MAX_TRIGGER_TOKENS}", self.trigger_tokens.len())));
+        }
+        if self.lazy && self.trigger_patterns.is_empty() && self.trigger_tokens.is_empty() {
+            return Err(invalid(field, "a lazy grammar needs a trigger pattern or token"));
+        }
+        Ok(())
+    }
+}
+
+/// Reads the decimal number at `s[*i..]` (saturating), moving `*i` past it; None when no digit.
+fn number(s: &[u8], i: &mut usize) -> Option<u64> {
+    let start = *i;
+    let mut n: u64 = 0;
+    while let Some(d) = s.get(*i).filter(|c| c.is_ascii_digit()) {
+        n = n.saturating_mul(10).saturating_add(u64::from(d - b'0'));
+        *i += 1;
+    }
+    (*i > start).then_some(n)
+}
+
+fn skip_blanks(s: &[u8], i: &mut usize) {
+    while s.get(*i).is_some_and(|c| *c == b' ' || *c == b'\t') {
+        *i += 1;
+    }
+}
+
+/// One pass over GBNF text, counting what llama.cpp's parser would recurse or expand on:
+/// parenthesis depth, `{m,n}` counts and rule definitions. String literals (`"..."`),
+/// character classes (`[...]`), token references (`<...>`) and comments (`#` to the end of
+/// the line) are skipped as llama.cpp's parser reads them, so a `(` or `{` inside them is
+/// not counted. Each byte is looked at a bounded number of times: linear.
+pub fn scan_gbnf(s: &[u8]) -> Result<(), String> {
+    use grammar_bounds::*;
+    let (mut depth, mut rules, mut rep_sum) = (0usize, 0usize, 0u64);
+    let mut i = 0;
+    while i < s.len() {
+        match s[i] {
+            b'#' => {
+                while i < s.len() && s[i] != b'\n' && s[i] != b'\r' {
+                    i += 1;
+                }
+                continue;
+            }
+            // A string literal or character class: up to the unescaped closing quote or
+            // bracket; a backslash escapes the next byte (llama.cpp then reads hex digits,
+            // which are ordinary bytes here). Unterminated: llama.cpp reports it.
+            open @ (b'"' | b'[') => {
+                let close = if open == b'"' { b'"' } else { b']' };
+                i += 1;
+                while i < s.len() && s[i] != close {
+                    i += if s[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'<' => {
+                while i < s.len() && s[i] != b'>' {
+                    i += 1;
+                }
+            }
+            b'(' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Err(format!("parentheses nest deeper than {MAX_NESTING}"));
+                }
+            }
+            b')' => depth = depth.saturating_sub(1),
+            b':' if s[i..].starts_with(b"::=") => {
+                rules += 1;
+                if rules > MAX_RULES {
+                    return Err(format!("more than {MAX_RULES} rules"));
+                }
+                i += 3;
+                continue;
+            }
+            b'{' => {
+                // `{m}`, `{m,}`, `{,n}` or `{m,n}`, spaces allowed around the numbers.
+                i += 1;
+                skip_blanks(s, &mut i);
+                let m = number(s, &mut i);
+                skip_blanks(s, &mut i);
+                let mut n = None;
+                if s.get(i) == Some(&b',') {
+                    i += 1;
+                    skip_blanks(s, &mut i);
+                    n = number(s, &mut i);
+                }
+                for c in [m, n].into_iter().flatten() {
+                    if c > MAX_REPETITION {
+                        return Err(format!("the repetition count {c} is over {MAX_REPETITION}"));
+                    }
+                }
+                rep_sum = rep_sum.saturating_add(n.or(m).unwrap_or(0));
+                if rep_sum > MAX_REPETITION_SUM {
+                    return Err(format!("the repetition counts add up to more than {MAX_REPETITION_SUM}"));
+                }
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// A trigger pattern is compiled by C++'s std::regex, which copies the operand of a counted
+/// repetition `{m,n}` up to n times: nested counts multiply. The product of every count
+/// in the pattern (an upper bound of the nested ones) is kept small. Escapes and classes
+/// are skipped as in ECMAScript regular expressions.
+pub fn scan_pattern(s: &[u8]) -> Result<(), String> {
+    use grammar_bounds::MAX_PATTERN_REPETITION_PRODUCT as MAX;
+    let mut product: u64 = 1;
+    let mut i = 0;
+    while i < s.len() {
+        match s[i] {
+            b'\\' => i += 1,
+            b'[' => {
+                i += 1;
+                while i < s.len() && s[i] != b']' {
+                    i += if s[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'{' => {
+                let mut j = i + 1;
+                let m = number(s, &mut j);
+                let mut n = m;
+                if s.get(j) == Some(&b',') {
+                    j += 1;
+                    n = number(s, &mut j).or(m);
+                }
+                product = product.saturating_mul(n.unwrap_or(1).max(1));
+                if product > MAX {
+                    return Err(format!("its counted repetitions multiply to more than {MAX}"));
+                }
+                i = j;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
 }
 
 /// llama.cpp's rule for the KV cache types: a quantized V cache is only stored by flash
@@ -484,8 +719,13 @@ pub trait Model: Send + Sync {
     /// A GGUF metadata value as a string, if the key exists.
     fn meta(&self, key: RStr<'_>) -> ROption<RString>;
 
-    #[sabi(last_prefix_field)]
     fn new_context(&self, params: ContextParams) -> RResult<ContextBox, BackendError>;
+
+    /// Builds the grammar sampler for `grammar` against this model's vocabulary and frees
+    /// it: `InvalidParam` (field `grammar`) when it is out of bounds or llama.cpp cannot
+    /// parse it. Lets a server refuse a bad grammar before queueing the request.
+    #[sabi(last_prefix_field)]
+    fn check_grammar(&self, grammar: Grammar) -> RResult<(), BackendError>;
 }
 
 /// One inference context (KV cache + sampler), used by one thread at a time.
@@ -591,4 +831,121 @@ impl RootModule for BackendModRef {
     const BASE_NAME: &'static str = "llama_backend";
     const NAME: &'static str = ROOT_MODULE_NAME;
     const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}
+
+#[cfg(test)]
+mod grammar_tests {
+    use super::grammar_bounds::*;
+    use super::*;
+
+    fn grammar(text: &str) -> Grammar {
+        Grammar { text: text.into(), root: "root".into(), lazy: false, trigger_patterns: RVec::new(), trigger_tokens: RVec::new() }
+    }
+
+    fn refused(g: &Grammar) -> String {
+        match g.validate() {
+            Err(e) => {
+                assert_eq!(e.field, "grammar");
+                e.reason
+            }
+            Ok(()) => panic!("accepted: {:?}", &g.text[..g.text.len().min(80)]),
+        }
+    }
+
+    #[test]
+    fn ordinary_grammars_pass() {
+        for text in [
+            r#"root ::= "yes" | "no""#,
+            "root ::= object\nobject ::= \"{\" ws ( string \":\" ws value ( \",\" ws string \":\" ws value )* )? \"}\"\nws ::= [ \\t\\n]*",
+            r#"root ::= [a-z]{1,5} ("," [0-9]{2,})*  # a comment with ((( and {99999}"#,
+            r#"root ::= "((((" "\"" [(\]] <[42]> <think>"#,
+        ] {
+            assert_eq!(grammar(text).validate(), Ok(()), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_grammar_over_one_mebibyte_is_refused() {
+        let text = format!("root ::= \"{}\"", "a".repeat(MAX_GRAMMAR_BYTES));
+        assert!(refused(&grammar(&text)).contains("bytes"));
+    }
+
+    #[test]
+    fn deep_parentheses_are_refused_but_not_inside_literals_classes_or_comments() {
+        let deep = format!("root ::= {}\"a\"{}", "(".repeat(MAX_NESTING + 1), ")".repeat(MAX_NESTING + 1));
+        assert!(refused(&grammar(&deep)).contains("nest"));
+        let ok = format!("root ::= {}\"a\"{}", "(".repeat(MAX_NESTING), ")".repeat(MAX_NESTING));
+        assert_eq!(grammar(&ok).validate(), Ok(()));
+        let literal = format!("root ::= \"{}\" [{}] # {}\n", "(".repeat(1000), "(".repeat(1000), "(".repeat(1000));
+        assert_eq!(grammar(&literal).validate(), Ok(()));
+        // An escaped quote does not end the literal: the parentheses after it are still text.
+        let escaped = format!("root ::= \"\\\"{}\"", "(".repeat(1000));
+        assert_eq!(grammar(&escaped).validate(), Ok(()));
+        // A closing bracket escaped inside a class does not end it.
+        let class = format!("root ::= [\\]{}]", "(".repeat(1000));
+        assert_eq!(grammar(&class).validate(), Ok(()));
+    }
+
+    #[test]
+    fn repetition_counts_are_bounded_each_and_in_sum() {
+        assert!(refused(&grammar(r#"root ::= "a"{10001}"#)).contains("10001"));
+        assert!(refused(&grammar(r#"root ::= "a"{1, 99999999999999999999999}"#)).contains("over"));
+        assert!(refused(&grammar(r#"root ::= "a"{ 0 , 20000 }"#)).contains("20000"));
+        let many = format!("root ::= {}", "\"a\"{10000} ".repeat(11));
+        assert!(refused(&grammar(&many)).contains("add up"));
+        assert_eq!(grammar(&format!("root ::= {}", "\"a\"{10000} ".repeat(10))).validate(), Ok(()));
+        assert_eq!(grammar(r#"root ::= "{99999}" [{] # {99999}"#).validate(), Ok(()));
+    }
+
+    #[test]
+    fn too_many_rules_are_refused() {
+        let chain: String = (0..=MAX_RULES).map(|i| format!("r{i} ::= r{}\n", i + 1)).collect();
+        assert!(refused(&grammar(&chain)).contains("rules"));
+    }
+
+    #[test]
+    fn nul_bytes_empty_text_and_root_are_refused() {
+        assert!(refused(&grammar("root ::= \"a\0\"")).contains("NUL"));
+        assert!(refused(&grammar("  ")).contains("empty"));
+        let mut g = grammar(r#"root ::= "a""#);
+        g.root = "".into();
+        assert!(refused(&g).contains("root"));
+    }
+
+    #[test]
+    fn trigger_bounds() {
+        let mut g = grammar(r#"root ::= "a""#);
+        g.trigger_tokens = vec![1].into();
+        assert!(refused(&g).contains("lazy"));
+        g.lazy = true;
+        assert_eq!(g.validate(), Ok(()));
+        g.trigger_tokens = vec![1; MAX_TRIGGER_TOKENS + 1].into();
+        assert!(refused(&g).contains("trigger tokens"));
+        g.trigger_tokens = RVec::new();
+        assert!(refused(&g).contains("needs a trigger"));
+        g.trigger_patterns = vec![RString::from("x"); MAX_TRIGGER_PATTERNS + 1].into();
+        assert!(refused(&g).contains("trigger patterns"));
+        g.trigger_patterns = vec![RString::from("x".repeat(MAX_TRIGGER_PATTERN_BYTES + 1))].into();
+        assert!(refused(&g).contains("pattern 0"));
+        g.trigger_patterns = vec![RString::from("((a{100}){100})")].into();
+        assert!(refused(&g).contains("multiply"));
+        g.trigger_patterns = vec![RString::from(r"[\s\S]*?<tool>\{[0-9]{1,3}\}")].into();
+        assert_eq!(g.validate(), Ok(()));
+    }
+
+    #[test]
+    fn sampling_params_validate_their_grammar() {
+        let mut p = SamplingParams::default();
+        assert_eq!(p.validate(), Ok(()));
+        p.grammar = ROption::RSome(grammar("root ::= \0"));
+        assert_eq!(p.validate().unwrap_err().field, "grammar");
+    }
+
+    /// The layout abi_stable checks at load names the grammar (a plugin built without it
+    /// is refused as another layout, besides the version).
+    #[test]
+    fn the_layout_includes_the_grammar() {
+        let layout = format!("{:?}", <SamplingParams as StableAbi>::LAYOUT);
+        assert!(layout.contains("grammar") && layout.contains("trigger_patterns"), "{}", &layout[..layout.len().min(400)]);
+    }
 }

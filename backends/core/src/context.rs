@@ -133,7 +133,7 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &ContextParams) -> Result<ContextBo
     // llama.cpp rounds the context up (to a multiple of 256); the limit the caller asked
     // for is the one enforced, so `-c 32` means 32 tokens.
     let n_ctx = p.n_ctx.min(padded_ctx);
-    let sampler = Sampler::new(&SamplingParams::default(), model.n_vocab(), n_ctx)?;
+    let sampler = Sampler::new(&SamplingParams::default(), model.vocab(), model.n_vocab(), n_ctx)?;
     // SAFETY: allocates token/pos/seq/logit arrays for `n_batch` tokens, one sequence each.
     let batch = Batch(unsafe { sys::llama_batch_init(n_batch as i32, 0, 1) });
     let n_seq_max = cp.n_seq_max;
@@ -292,10 +292,16 @@ impl LlamaContext {
             code => return Err(BackendError::Decode { code }),
         }
         let mut out = RVec::with_capacity(samples.len());
+        let ctx = self.ctx.0.as_ptr();
         for r in samples {
-            let sampler = self.seq_samplers[r.seq as usize].as_ref().expect("checked above");
-            // SAFETY: entry `r.index` of the batch just decoded computed logits (checked).
-            let token = unsafe { sys::llama_sampler_sample(sampler.as_ptr(), self.ctx.0.as_ptr(), r.index) };
+            let sampler = self.seq_samplers[r.seq as usize].as_mut().expect("checked above");
+            // Entry `r.index` of the batch just decoded computed logits (checked above).
+            let token = sampler.sample(ctx, r.index, n_vocab).map_err(|e| match e {
+                BackendError::InvalidParam { field, reason } => {
+                    BackendError::InvalidParam { field, reason: RString::from(format!("sequence {}: {reason}", r.seq)) }
+                }
+                other => other,
+            })?;
             out.push(Sampled { token, is_eog: self.model.is_eog(token) });
         }
         Ok(out)
@@ -349,7 +355,7 @@ impl llama_plugin_api::Context for LlamaContext {
 
     fn set_seq_sampling(&mut self, seq: i32, params: SamplingParams, history: RSlice<'_, i32>) -> RResult<(), BackendError> {
         guard(|| {
-            let mut sampler = Sampler::new(&params, self.model.n_vocab(), self.n_ctx)?;
+            let mut sampler = Sampler::new(&params, self.model.vocab(), self.model.n_vocab(), self.n_ctx)?;
             sampler.accept(history.as_slice());
             *self.seq_slot(seq)? = Some(sampler);
             Ok(())
@@ -389,7 +395,7 @@ impl llama_plugin_api::Context for LlamaContext {
 
     fn set_sampling(&mut self, params: SamplingParams) -> RResult<(), BackendError> {
         guard(|| {
-            self.sampler = Sampler::new(&params, self.model.n_vocab(), self.n_ctx)?;
+            self.sampler = Sampler::new(&params, self.model.vocab(), self.model.n_vocab(), self.n_ctx)?;
             Ok(())
         })
     }
@@ -404,9 +410,9 @@ impl llama_plugin_api::Context for LlamaContext {
                 return Err(invalid("tokens", "nothing to decode"));
             }
             self.decode_all(tokens.as_slice(), true)?;
-            // SAFETY: the last decode produced logits for its last token (index -1);
-            // llama_sampler_sample also accepts the token into the chain (penalties).
-            let token = unsafe { sys::llama_sampler_sample(self.sampler.as_ptr(), self.ctx.0.as_ptr(), -1) };
+            // The last decode produced logits for its last token (index -1); sampling also
+            // accepts the token (into the grammar and the chain's penalties).
+            let token = self.sampler.sample(self.ctx.0.as_ptr(), -1, self.model.n_vocab())?;
             Ok(Sampled { token, is_eog: self.model.is_eog(token) })
         })
     }

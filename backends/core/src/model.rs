@@ -8,7 +8,7 @@ use std::sync::Arc;
 use llama_cpp_sys_2 as sys;
 use llama_plugin_api::abi_stable::sabi_trait::TD_Opaque;
 use llama_plugin_api::abi_stable::std_types::{ROption, RResult, RStr, RString, RVec};
-use llama_plugin_api::{BackendError, ContextBox, ContextParams, ModelBox, ModelInfo, ModelParams, Model_TO, ProgressSink, SplitMode};
+use llama_plugin_api::{BackendError, ContextBox, ContextParams, Grammar, ModelBox, ModelInfo, ModelParams, Model_TO, ProgressSink, SplitMode};
 
 use crate::{context, guard, invalid, log};
 
@@ -289,6 +289,11 @@ impl llama_plugin_api::Model for ModelHandle {
 
     fn new_context(&self, params: ContextParams) -> RResult<ContextBox, BackendError> {
         guard(|| context::new(self.model.clone(), &params))
+    }
+
+    fn check_grammar(&self, grammar: Grammar) -> RResult<(), BackendError> {
+        // Built and dropped (freed) at once: only whether llama.cpp accepts it matters.
+        guard(|| crate::sampler::GrammarSampler::new(&grammar, self.model.vocab(), self.model.n_vocab()).map(drop))
     }
 }
 

@@ -1,0 +1,198 @@
+//! Grammar-constrained sampling through the real CPU plugin, on Gemma 3 and SmolLM2: the
+//! output matches the grammar exactly, bad grammars are typed parameter errors (llama.cpp's
+//! own message, or the bounds checked before llama.cpp sees the text), lazy grammars wait
+//! for their trigger, and two sequences of one context keep their own grammars.
+
+use std::ops::ControlFlow;
+use std::sync::{Arc, OnceLock};
+
+use llama_host::{
+    BackendChoice, Backends, BatchToken, ContextParams, ContextSize, DiscoveryOptions, GenerateError, GenerateOptions, Grammar, LogitBias,
+    Model, ModelParams, SampleRequest, SamplingParams,
+};
+use llama_tests::{llama_bin, session_params, shared_model, smollm2_model_path};
+
+fn smollm2() -> &'static Arc<Model> {
+    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let opts = DiscoveryOptions { backend_dirs: Vec::new(), env_path: None, exe: Some(llama_bin()), user_dir: None, isolation: None };
+        let mut backends = Backends::discover(&opts);
+        let backend = backends.select(BackendChoice::Named("cpu".into())).expect("the CPU plugin in target/release");
+        Arc::new(Model::load(&backend, smollm2_model_path(), &ModelParams::default()).expect("SmolLM2 loads"))
+    })
+}
+
+fn models() -> [(&'static str, &'static Arc<Model>); 2] {
+    [("gemma", shared_model()), ("smollm2", smollm2())]
+}
+
+fn opts(grammar: Option<Grammar>, temperature: f32, max: u32) -> GenerateOptions {
+    GenerateOptions { max_tokens: Some(max), sampling: SamplingParams { temperature, seed: 7, grammar, ..Default::default() }, ..Default::default() }
+}
+
+fn generate(model: &Model, prompt: &str, o: &GenerateOptions) -> Result<String, GenerateError> {
+    let mut s = model.session(&session_params(512)).unwrap();
+    let mut out = String::new();
+    s.generate(prompt, o, |t| {
+        out.push_str(t);
+        ControlFlow::Continue(())
+    })?;
+    Ok(out)
+}
+
+fn invalid_grammar(r: Result<impl std::fmt::Debug, GenerateError>) -> String {
+    match r {
+        Err(GenerateError::InvalidParam { field, reason }) if field == "grammar" => reason,
+        other => panic!("not an invalid grammar: {other:?}"),
+    }
+}
+
+#[test]
+fn yes_or_no_is_all_a_yes_no_grammar_lets_out() {
+    for (name, model) in models() {
+        for temp in [0.0, 0.8] {
+            let out = generate(model, "Is the sky green? Answer:", &opts(Some(Grammar::new(r#"root ::= "yes" | "no""#)), temp, 16)).unwrap();
+            // The grammar completes after one word: only end-of-generation is left, so the
+            // output ends there (well before 16 tokens).
+            assert!(out == "yes" || out == "no", "{name} at temperature {temp}: {out:?}");
+        }
+    }
+}
+
+#[test]
+fn a_json_grammar_gives_json_that_parses() {
+    let g = Grammar::new(
+        r#"root ::= "{\"answer\": " num ", \"sure\": " bool "}"
+num ::= [0-9]{1,3}
+bool ::= "true" | "false"  # a comment (with a parenthesis"#,
+    );
+    for (name, model) in models() {
+        let out = generate(model, "What is 6 times 7? Reply in JSON.", &opts(Some(g.clone()), 0.0, 40)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{name}: {out:?}: {e}"));
+        assert!(v["answer"].is_u64() && v["sure"].is_boolean(), "{name}: {out}");
+    }
+}
+
+#[test]
+fn a_grammar_llama_cpp_cannot_parse_is_an_invalid_param_with_its_message() {
+    let model = shared_model();
+    for (text, says) in [
+        (r#"root ::= "unterminated"#, "failed to parse grammar"),
+        (r#"root ::= undefined-rule"#, "failed to parse grammar"),
+        (r#"other ::= "a""#, "does not contain a 'root' symbol"),
+    ] {
+        let reason = invalid_grammar(model.check_grammar(&Grammar::new(text)));
+        assert!(reason.contains(says), "{text}: {reason}");
+        // The same refusal when a generation asks for it: never an unconstrained generation.
+        let reason = invalid_grammar(generate(model, "Hi", &opts(Some(Grammar::new(text)), 0.0, 4)));
+        assert!(reason.contains(says), "{text}: {reason}");
+    }
+    assert_eq!(model.check_grammar(&Grammar::new(r#"root ::= "yes" | "no""#)).unwrap(), ());
+}
+
+#[test]
+fn huge_and_deep_grammars_are_refused_before_llama_cpp() {
+    let model = shared_model();
+    let big = Grammar::new(format!("root ::= \"{}\"", "a".repeat(2 << 20)));
+    assert!(invalid_grammar(model.check_grammar(&big)).contains("bytes"));
+    let deep = Grammar::new(format!("root ::= {}\"a\"{}", "(".repeat(1000), ")".repeat(1000)));
+    assert!(invalid_grammar(model.check_grammar(&deep)).contains("nest"));
+    let rep = Grammar::new(r#"root ::= "a"{0,50000}"#);
+    assert!(invalid_grammar(model.check_grammar(&rep)).contains("50000"));
+    // The longest chain of rules the bounds let through parses on a test thread's stack
+    // (llama.cpp recurses along it).
+    let chain: String = (0..1998).map(|i| format!("r{i} ::= r{} \"x\"\n", i + 1)).collect::<String>() + "r1998 ::= \"x\"\nroot ::= r0\n";
+    model.check_grammar(&Grammar::new(chain)).unwrap();
+}
+
+#[test]
+fn bad_triggers_are_refused_without_reaching_a_cpp_exception() {
+    let model = shared_model();
+    let lazy = |patterns: &[&str], tokens: &[i32]| Grammar {
+        lazy: true,
+        trigger_patterns: patterns.iter().map(|p| p.to_string()).collect(),
+        trigger_tokens: tokens.to_vec(),
+        ..Grammar::new(r#"root ::= "x""#)
+    };
+    // std::regex throws on this one: caught at the boundary, an InvalidParam.
+    let reason = invalid_grammar(model.check_grammar(&lazy(&["(unclosed"], &[])));
+    assert!(reason.contains("refused"), "{reason}");
+    let reason = invalid_grammar(model.check_grammar(&lazy(&[], &[-1])));
+    assert!(reason.contains("vocabulary"), "{reason}");
+    model.check_grammar(&lazy(&[r"[\s\S]*?(<tool>)"], &[])).unwrap();
+}
+
+#[test]
+fn a_lazy_grammar_waits_for_its_trigger_pattern() {
+    let model = smollm2();
+    let prompt = "The capital of France is";
+    let free = generate(model, prompt, &opts(None, 0.0, 12)).unwrap();
+    // A word of the free output (not its first) triggers the grammar; what follows it is
+    // then the grammar's.
+    let word = free
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .skip(1)
+        .find(|w| w.len() >= 3 && free.find(w) == free.rfind(w))
+        .unwrap_or_else(|| panic!("no trigger word in {free:?}"));
+    let at = free.find(word).unwrap();
+    let g = Grammar { lazy: true, trigger_patterns: vec![word.to_string()], ..Grammar::new(format!("root ::= \"{word}\" \" 42.\"")) };
+    let out = generate(model, prompt, &opts(Some(g), 0.0, 24)).unwrap();
+    assert_eq!(out, format!("{}{word} 42.", &free[..at]), "free output: {free:?}");
+}
+
+#[test]
+fn a_dead_end_grammar_ends_the_generation_with_an_error() {
+    let model = shared_model();
+    // The only token the grammar allows is banned: nothing can follow.
+    let mut o = opts(Some(Grammar::new("root ::= <[1000]>")), 0.0, 4);
+    o.sampling.logit_bias = vec![LogitBias { token: 1000, bias: f32::NEG_INFINITY }];
+    let reason = invalid_grammar(generate(model, "Hi", &o));
+    assert!(reason.contains("dead end"), "{reason}");
+}
+
+/// The serve engine's path: one context, two sequences, each with its own grammar
+/// (`set_seq_sampling`, with the prompt as penalty history only), sampled in one step.
+#[test]
+fn two_sequences_of_one_context_keep_their_own_grammars() {
+    for (name, model) in models() {
+        let size = ContextSize { n_ctx: 512, n_threads: 2, n_threads_batch: 2, ..ContextSize::default() };
+        let mut ctx = model.new_context(&ContextParams { size, n_seq_max: 2, ..ContextParams::default() }).unwrap();
+        let prompt = model.tokenize("Pick one:", true).unwrap();
+        let grammars = [r#"root ::= "yes" | "no""#, r#"root ::= "abc" [0-9]"#];
+        for (seq, g) in grammars.iter().enumerate() {
+            let p = SamplingParams { temperature: 0.7, seed: 3, repeat_penalty: 1.1, grammar: Some(Grammar::new(*g)), ..Default::default() };
+            ctx.set_seq_sampling(seq as i32, &p, &prompt).unwrap();
+        }
+        let mut batch: Vec<BatchToken> = Vec::new();
+        for seq in 0..2 {
+            for (i, &t) in prompt.iter().enumerate() {
+                batch.push(BatchToken { token: t, pos: i as i32, seq, logits: i + 1 == prompt.len() });
+            }
+        }
+        let mut samples = vec![SampleRequest { seq: 0, index: prompt.len() as i32 - 1 }, SampleRequest { seq: 1, index: 2 * prompt.len() as i32 - 1 }];
+        let mut texts = [Vec::new(), Vec::new()];
+        let mut pos = prompt.len() as i32;
+        for _ in 0..12 {
+            if samples.is_empty() {
+                break;
+            }
+            let sampled = ctx.step(&batch, &samples).unwrap();
+            batch.clear();
+            let mut next = Vec::new();
+            for (r, s) in samples.iter().zip(&sampled) {
+                if s.is_eog {
+                    continue;
+                }
+                texts[r.seq as usize].extend(model.token_bytes(s.token, false).unwrap());
+                next.push(SampleRequest { seq: r.seq, index: batch.len() as i32 });
+                batch.push(BatchToken { token: s.token, pos, seq: r.seq, logits: true });
+            }
+            pos += 1;
+            samples = next;
+        }
+        assert!(samples.is_empty(), "{name}: a sequence did not end");
+        let [a, b] = texts.map(|t| String::from_utf8(t).unwrap());
+        assert!(a == "yes" || a == "no", "{name}: {a:?}");
+        assert!(b.len() == 4 && b.starts_with("abc") && b.as_bytes()[3].is_ascii_digit(), "{name}: {b:?}");
+    }
+}
