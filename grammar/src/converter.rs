@@ -907,7 +907,8 @@ impl<'v> Visitor<'_, 'v> {
             if is_required {
                 if let Some(Value::Array(alts)) = co.get("anyOf") {
                     Self::check_keywords(co, &cpath, &["anyOf"], None)?;
-                    for (i, a) in alts.iter().enumerate() {
+                    // Reversed: `work` is a stack, and property order follows the schema.
+                    for (i, a) in alts.iter().enumerate().rev() {
                         work.push((a, push(&push(&cpath, "anyOf"), &i.to_string()), false, d + 1));
                     }
                     continue;

@@ -347,28 +347,35 @@ pub(crate) fn analyse(rules: &BTreeMap<String, Alts>) -> Analysis {
         while let Some(alts) = stack.pop() {
             for seq in alts {
                 for t in seq {
-                    let single = Alts::from([vec![Term { atom: t.atom.clone(), min: 1, max: Some(1) }]]);
-                    let atom_nullable = eval(&single, &nullable, false);
-                    if t.max.is_none() && atom_nullable && left_recursive.is_none() {
-                        // llama.cpp expands `x*` to `r ::= x r |`: with x nullable, r starts with r.
-                        left_recursive = Some(name.clone());
-                    }
                     match &t.atom {
                         Atom::Ref(r) => starts.entry(name.as_str()).or_default().push(r.as_str()),
                         Atom::Group(inner) => stack.push(inner),
                         _ => {}
                     }
-                    if !(t.min == 0 || atom_nullable) {
+                    if !(t.min == 0 || atom_nullable(t, &nullable)) {
                         break;
                     }
                 }
             }
         }
     }
+    // llama.cpp expands `x*` to `r ::= x r |`: with x nullable, r starts with itself.
+    for (name, alts) in rules {
+        for_each_term(alts, |t| {
+            if t.max.is_none() && left_recursive.is_none() && atom_nullable(t, &nullable) {
+                left_recursive = Some(name.clone());
+            }
+        });
+    }
     if left_recursive.is_none() {
         left_recursive = find_cycle(rules, &starts);
     }
     Analysis { dangling, repetition_total, unproductive, left_recursive }
+}
+
+fn atom_nullable(t: &Term, nullable: &HashMap<&str, bool>) -> bool {
+    let single = Alts::from([vec![Term { atom: t.atom.clone(), min: 1, max: Some(1) }]]);
+    eval(&single, nullable, false)
 }
 
 /// A rule on a cycle of `edges`, found by repeatedly removing rules with no outgoing
