@@ -21,6 +21,8 @@ mod format;
 mod grammar;
 mod parse;
 mod reasoning;
+#[cfg(test)]
+mod tests;
 
 pub use format::{check_name, Tool, ToolChoice, ToolFormat, MAX_NAME_LEN, MAX_TOOLS};
 pub use grammar::{after_reasoning, gbnf_literal, regex_escape, tool_grammar, GrammarBuilder, GrammarSpec};

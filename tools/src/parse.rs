@@ -119,9 +119,10 @@ impl Channel {
         Some(out)
     }
 
-    /// Whitespace before a call is a separator, not content.
-    fn drop_pending(&mut self) {
-        self.pending_ws.clear();
+    /// Whitespace before a call is a separator, not content (unless the call fails: the
+    /// caller keeps it with the call's text).
+    fn take_pending(&mut self) -> String {
+        std::mem::take(&mut self.pending_ws)
     }
 
     fn into_text(self) -> Option<String> {
@@ -446,7 +447,8 @@ impl ToolCallParser {
     /// carrying the message with that text as content.
     pub fn finish(mut self) -> Result<Finished, ParseFailure> {
         // A think-block probe resolves into the body first, then the body's held text.
-        if let Stage::ThinkOpen(held) = std::mem::take(&mut self.stage) {
+        if let Stage::ThinkOpen(held) = &mut self.stage {
+            let held = std::mem::take(held);
             self.stage = self.body_start();
             for c in held.chars() {
                 self.step(c);
@@ -532,7 +534,7 @@ impl ToolCallParser {
 
     fn begin_call(&mut self, index: usize, name: &str) -> String {
         self.flush_raw();
-        self.content.drop_pending();
+        self.content.take_pending();
         let id = self.ids.next();
         self.events.push(OutputEvent::ToolCallBegin { index, id: id.clone(), name: name.to_string() });
         id
@@ -577,7 +579,9 @@ impl ToolCallParser {
             self.fallback.push_str(marker);
             return self.fail(ParseProblem::TooManyCalls { limit: MAX_CALLS });
         }
-        self.content.drop_pending();
+        self.flush_raw();
+        let ws = self.content.take_pending();
+        self.fallback.push_str(&ws);
         self.fallback.push_str(marker);
         Stage::Call(Box::new(CallState::new(self.calls.len())))
     }
@@ -613,7 +617,9 @@ impl ToolCallParser {
                 loop {
                     if let Some(m) = markers.iter().find(|m| **m == held) {
                         if self.format == Some(ToolFormat::Mistral) {
-                            self.content.drop_pending();
+                            self.flush_raw();
+                            let ws = self.content.take_pending();
+                            self.fallback.push_str(&ws);
                             self.fallback.push_str(m);
                             return (Stage::MistralHead, None);
                         }
