@@ -301,6 +301,7 @@ fn messages(req: &mut CompletionRequest) -> Result<Vec<Message>, ApiError> {
                 Content::Text(t) => t,
                 Content::Parts(p) => p.into_iter().filter_map(|p| p.text).collect::<Vec<_>>().join(""),
             },
+            ..Message::default()
         })
         .collect())
 }
