@@ -120,6 +120,10 @@ fn push(path: &str, key: &str) -> String {
 }
 
 fn sub_name(name: &str, part: &str) -> String {
+    if part.is_empty() {
+        // An empty property name must not name the rule "" (that is the root's name).
+        return sub_name(name, "empty");
+    }
     if name.is_empty() {
         part.to_string()
     } else {
@@ -356,7 +360,7 @@ struct Visitor<'c, 'v> {
 }
 
 impl<'v> Visitor<'_, 'v> {
-    fn visit<'s>(&mut self, schema: &'s Value, name: &str, path: &str, depth: usize) -> Result<String, SchemaError> {
+    fn visit(&mut self, schema: &Value, name: &str, path: &str, depth: usize) -> Result<String, SchemaError> {
         match self.body(schema, name, path, depth)? {
             Expr::Rule(r) => Ok(r),
             Expr::Body(b) => {
@@ -412,7 +416,7 @@ impl<'v> Visitor<'_, 'v> {
 
     /// The value types a schema can produce (`None`: can't tell / any), to check that a
     /// `type` next to `$ref`/`anyOf`/`allOf` constrains nothing more.
-    fn kinds<'s>(&self, schema: &'s Value, depth: usize) -> Option<u8> {
+    fn kinds(&self, schema: &Value, depth: usize) -> Option<u8> {
         if depth > MAX_DEPTH {
             return None;
         }
@@ -477,7 +481,7 @@ impl<'v> Visitor<'_, 'v> {
         Ok(())
     }
 
-    fn body<'s>(&mut self, schema: &'s Value, name: &str, path: &str, depth: usize) -> Result<Expr, SchemaError> {
+    fn body(&mut self, schema: &Value, name: &str, path: &str, depth: usize) -> Result<Expr, SchemaError> {
         if depth > MAX_DEPTH {
             return Err(SchemaError::TooDeep { limit: MAX_DEPTH });
         }
@@ -709,17 +713,13 @@ impl<'v> Visitor<'_, 'v> {
             };
             props.push((r.clone(), schema, push(path, "required")));
         }
-        let additional = match additional {
-            Additional::Schema(s, p) => Additional::Schema(s, p),
-            other => other,
-        };
         self.build_object(name, props, &required, additional, depth)
     }
 
-    fn build_object<'s>(
+    fn build_object(
         &mut self,
         name: &str,
-        props: Vec<(String, &'s Value, String)>,
+        props: Vec<(String, &Value, String)>,
         required: &BTreeSet<String>,
         additional: Additional<'_>,
         depth: usize,
@@ -728,7 +728,7 @@ impl<'v> Visitor<'_, 'v> {
         let mut required_props = Vec::new();
         let mut optional_props = Vec::new();
         for (pname, pschema, ppath) in &props {
-            let value = self.visit(*pschema, &sub_name(name, pname), ppath, depth + 1)?;
+            let value = self.visit(pschema, &sub_name(name, pname), ppath, depth + 1)?;
             let key = serde_json::to_string(pname).map_err(|e| invalid(ppath, e.to_string()))?;
             let rule = self.conv.add(&format!("{}-kv", sub_name(name, pname)), &format!("{} space \":\" space {value}", gbnf_literal_of(&key)))?;
             kv.insert(pname.clone(), rule);
@@ -744,7 +744,7 @@ impl<'v> Visitor<'_, 'v> {
         if !matches!(additional, Additional::None) {
             let sub = sub_name(name, "additional");
             let value = match &additional {
-                Additional::Schema(s, p) => self.visit(*s, &format!("{sub}-value"), p, depth + 1)?,
+                Additional::Schema(s, p) => self.visit(s, &format!("{sub}-value"), p, depth + 1)?,
                 _ => self.conv.primitive("value")?,
             };
             let key = if props.is_empty() {
@@ -857,9 +857,9 @@ impl<'v> Visitor<'_, 'v> {
         Ok(format!("\"\\\"\" ( {} ){opt} \"\\\"\"", render(&nodes, 0, &kc)))
     }
 
-    fn visit_all_of<'s>(
+    fn visit_all_of(
         &mut self,
-        o: &'s Map<String, Value>,
+        o: &Map<String, Value>,
         name: &str,
         path: &str,
         depth: usize,

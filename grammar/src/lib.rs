@@ -25,6 +25,8 @@
 //! object components merged, or enum components intersected), `$ref` to `#`, `#/$defs/..`,
 //! `#/definitions/..` or any local JSON pointer (cycles become recursive rules), `{}` and
 //! `true` (any JSON value), and OpenAPI's `nullable: true` (adds `null`).
+//! As in llama.cpp, a lone non-array `prefixItems` is read as the item schema. Property
+//! order is the schema's (the crate turns on serde_json's `preserve_order`).
 //!
 //! Annotations are accepted and ignored: `title`, `description`, `$schema`, `$id`,
 //! `$anchor`, `$comment`, `default`, `examples`, `example`, `deprecated`, `readOnly`,

@@ -47,7 +47,7 @@ fn primitives() {
 #[test]
 fn type_arrays_and_nullable() {
     check(json!({"type": ["string", "null"]}), &["null", r#""x""#], &["1"]);
-    check(json!({"type": ["string", "integer"], "maxLength": 2}), &["null"].map(|_| r#""ab""#).as_slice(), &[r#""abc""#, "1.5"]);
+    check(json!({"type": ["string", "integer"], "maxLength": 2}), ["null"].map(|_| r#""ab""#).as_slice(), &[r#""abc""#, "1.5"]);
     check(json!({"type": "integer", "nullable": true, "minimum": 2}), &["null", "2", "30"], &["1", "\"a\""]);
 }
 
@@ -127,6 +127,10 @@ fn objects() {
     // A required key missing from properties is still required.
     check(json!({"type": "object", "required": ["z"]}), &[r#"{"z": 1}"#], &["{}"]);
     assert!(matches!(err(json!({"type": "object", "properties": {}, "required": ["z"], "additionalProperties": false})), SchemaError::Invalid { .. }));
+    // Schema order, not alphabetical order (serde_json's preserve_order).
+    check(json!({"type": "object", "properties": {"b": {"const": 1}, "a": {"const": 2}}, "required": ["a", "b"]}), &[r#"{"b": 1, "a": 2}"#], &[r#"{"a": 2, "b": 1}"#]);
+    // An empty property name does not take over the root rule.
+    check(json!({"properties": {"": {"type": "integer"}}, "additionalProperties": false}), &[r#"{"": 1}"#, "{}"], &["1"]);
     // Property names needing escapes.
     check(json!({"type": "object", "properties": {"a\"b": {"const": 1}}, "required": ["a\"b"]}), &[r#"{"a\"b": 1}"#], &[r#"{"ab": 1}"#]);
 }
