@@ -106,6 +106,11 @@ pub struct ServeArgs {
     /// `*` for any (repeatable). Default: none (pages on other origins are refused).
     #[arg(long = "cors-origin", value_name = "ORIGIN")]
     pub cors_origins: Vec<String>,
+    /// Where a reasoning block (`<think>…</think>`) goes: `auto` (or `deepseek`) puts it in
+    /// `reasoning_content`, `none` leaves it in the content. A request's `reasoning_format`
+    /// replaces it.
+    #[arg(long = "reasoning-format", value_name = "none|auto|deepseek", default_value = "auto", value_parser = reasoning_format_parser())]
+    pub reasoning_format: llama_tools::ReasoningFormat,
     /// Seconds a client has to send its request body once its headers are in (408 after).
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub body_timeout: u64,
@@ -370,6 +375,11 @@ fn cache_type_parser() -> impl clap::builder::TypedValueParser<Value = llama_hos
     clap::builder::PossibleValuesParser::new(llama_host::CacheType::NAMES).map(|s| s.parse().expect("clap let through only the listed names"))
 }
 
+fn reasoning_format_parser() -> impl clap::builder::TypedValueParser<Value = llama_tools::ReasoningFormat> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["none", "auto", "deepseek"]).map(|s| llama_tools::ReasoningFormat::parse(&s).expect("clap let through only the listed names"))
+}
+
 fn flash_attn_parser() -> impl clap::builder::TypedValueParser<Value = llama_host::FlashAttn> {
     use clap::builder::TypedValueParser;
     clap::builder::PossibleValuesParser::new(llama_host::FlashAttn::NAMES).map(|s| s.parse().expect("clap let through only the listed names"))
@@ -416,6 +426,22 @@ pub struct SamplingArgs {
     /// (repeatable). [env: LLAMA_LOGIT_BIAS=, a comma-separated list or a JSON array]
     #[arg(short = 'l', long = "logit-bias", value_name = "TOKEN(+|-)BIAS", allow_hyphen_values = true)]
     pub logit_bias: Vec<String>,
+    /// Constrain the output to this GBNF grammar (llama.cpp's format, start rule `root`).
+    #[arg(long = "grammar", value_name = "GBNF", group = "constraint")]
+    pub grammar: Option<String>,
+    /// Constrain the output to the GBNF grammar in this file.
+    #[arg(long = "grammar-file", value_name = "FILE", group = "constraint")]
+    pub grammar_file: Option<PathBuf>,
+    /// Constrain the output to JSON matching this JSON Schema: the schema itself, or
+    /// `@FILE` to read it from a file.
+    #[arg(short = 'j', long = "json-schema", value_name = "JSON|@FILE", group = "constraint")]
+    pub json_schema: Option<String>,
+    /// Constrain the output to JSON matching the JSON Schema in this file.
+    #[arg(long = "json-schema-file", value_name = "FILE", group = "constraint")]
+    pub json_schema_file: Option<PathBuf>,
+    /// Constrain the output to a JSON object (any object).
+    #[arg(long = "json", group = "constraint")]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]

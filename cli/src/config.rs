@@ -207,6 +207,13 @@ pub struct Defaults {
     /// `["15043+1", "15044-inf"]`, the flag's syntax.
     #[serde(default, deserialize_with = "logit_biases")]
     pub logit_bias: Option<Vec<String>>,
+    /// Output constraints (`run`, `chat`), the flags' values: GBNF text, a GBNF file, a
+    /// JSON Schema (text or `@FILE`), a JSON Schema file, or `true` for any JSON object.
+    pub grammar: Option<String>,
+    pub grammar_file: Option<PathBuf>,
+    pub json_schema: Option<String>,
+    pub json_schema_file: Option<PathBuf>,
+    pub json: Option<bool>,
     pub system: Option<String>,
     pub chat_template: Option<String>,
 }
@@ -275,6 +282,11 @@ impl Config {
         self.apply_cache(m, &mut ctx.cache);
         fill!(m, d, s, n_predict, seed, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, stop);
         fill!(m, d, s, logit_bias);
+        // One constraint at most: the file's applies only when no flag names one.
+        let flagged = ["grammar", "grammar_file", "json_schema", "json_schema_file", "json"].iter().any(|id| !unset(m, id));
+        if !flagged {
+            fill!(m, d, s, grammar, grammar_file, json_schema, json_schema_file, json);
+        }
     }
 
     /// Fills `threads` (`bench`, `serve`: their only session-size flag the config sets).

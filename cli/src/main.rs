@@ -11,6 +11,7 @@ mod bench;
 mod catalogue;
 mod chat;
 mod config;
+mod constraint;
 mod error;
 mod http_client;
 mod load;

@@ -439,7 +439,7 @@ pub fn generate_options(s: &SamplingArgs, add_special: bool) -> Result<GenerateO
             .iter()
             .map(|b| args::parse_logit_bias(b).map_err(|reason| CliError::InvalidArg { field: "logit-bias", reason }))
             .collect::<Result<Vec<_>, _>>()?,
-        grammar: None,
+        grammar: crate::constraint::grammar(s)?,
     };
     // Checked here too, so a bad value fails before the model loads and names the flag.
     sampling.validate().map_err(|e| CliError::InvalidArg { field: flag_name(e.field), reason: e.reason })?;

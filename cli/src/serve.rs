@@ -61,6 +61,7 @@ pub fn run(g: &Global, o: &ServeOpts) -> Result<(), CliError> {
                 drain_timeout: Duration::from_secs(a.drain_timeout),
                 loopback_hosts_only: loopback,
                 cors_origins: a.cors_origins.clone(),
+                reasoning_format: a.reasoning_format,
                 ..ServerConfig::default()
             },
             registry.clone(),

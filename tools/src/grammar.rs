@@ -45,22 +45,22 @@ pub trait GrammarBuilder {
     fn finish(self) -> Result<String, Self::Error>;
 }
 
-/// `s` as a GBNF string literal.
-pub fn gbnf_literal(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c => out.push(c),
-        }
+/// `s` as a GBNF string literal (llama-grammar's, so tool names and schema literals are
+/// escaped one way).
+pub use llama_grammar::gbnf_literal;
+
+/// llama-grammar's converter, as this module's builder.
+impl GrammarBuilder for llama_grammar::SchemaConverter {
+    type Error = llama_grammar::SchemaError;
+    fn add_schema(&mut self, name_hint: &str, schema: &Value) -> Result<String, Self::Error> {
+        llama_grammar::SchemaConverter::add_schema(self, name_hint, schema)
     }
-    out.push('"');
-    out
+    fn add_rule(&mut self, name: &str, body: &str) -> String {
+        llama_grammar::SchemaConverter::add_rule(self, name, body)
+    }
+    fn finish(self) -> Result<String, Self::Error> {
+        llama_grammar::SchemaConverter::finish(self)
+    }
 }
 
 /// `s` as a literal in an ECMAScript regex.

@@ -19,6 +19,7 @@
 
 mod admin;
 mod openai;
+mod structured;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -67,6 +68,9 @@ pub struct ServerConfig {
     pub cors_origins: Vec<String>,
     /// Template renderings and tokenizations running at once (each on a blocking thread).
     pub blocking_tasks: usize,
+    /// Whether a reasoning block (`<think>…</think>`) goes to `reasoning_content` (auto) or
+    /// stays in the content (none); a request's `reasoning_format` replaces it.
+    pub reasoning_format: llama_tools::ReasoningFormat,
 }
 
 impl Default for ServerConfig {
@@ -82,6 +86,7 @@ impl Default for ServerConfig {
             loopback_hosts_only: true,
             cors_origins: Vec::new(),
             blocking_tasks: 2,
+            reasoning_format: llama_tools::ReasoningFormat::Auto,
         }
     }
 }

@@ -12,11 +12,14 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Bytes, Frame};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
-use llama_host::chat::Message;
+use llama_host::chat::{Message, ToolCall};
 use llama_host::{GenerateOptions, SamplingParams};
+use llama_tools::{OutputEvent, ParsedMessage, ToolCallParser};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio_stream::StreamExt;
 
+use super::structured::{Constraint, Fields, ResponseFormat};
 use super::{blocking, blocking_or_busy, clip, json_response, now_secs, ApiError, AppState, Body};
 use crate::engine::{Event, Finish, Handle, Request, RequestStats};
 use crate::registry::{KeepAlive, ModelStatus};
@@ -48,7 +51,31 @@ struct Part {
 #[derive(Deserialize)]
 struct ChatMessage {
     role: String,
-    content: Content,
+    /// `null` (or absent) on an assistant turn that only calls tools.
+    #[serde(default)]
+    content: Option<Content>,
+    /// An assistant turn's calls, as this API returned them.
+    #[serde(default)]
+    tool_calls: Option<Vec<IncomingToolCall>>,
+    /// A `tool` turn: the call it answers.
+    #[serde(default)]
+    tool_call_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct IncomingToolCall {
+    #[serde(default)]
+    id: Option<String>,
+    function: IncomingFunction,
+}
+
+#[derive(Deserialize)]
+struct IncomingFunction {
+    name: String,
+    /// A JSON string (OpenAI's); an object is taken too.
+    arguments: Value,
 }
 
 #[derive(Deserialize)]
@@ -81,6 +108,16 @@ pub(super) struct CompletionRequest {
     /// How long the model stays loaded once idle (Ollama's field): seconds, or a duration
     /// such as `"5m"`; 0 unloads it once idle, -1 never.
     keep_alive: Option<KeepAliveField>,
+    /// Structured output: OpenAI's `response_format`, llama-server's `grammar` (GBNF) and
+    /// `json_schema`; tool calls: `tools`, `tool_choice`, `parallel_tool_calls`.
+    response_format: Option<ResponseFormat>,
+    grammar: Option<String>,
+    json_schema: Option<Value>,
+    tools: Option<Vec<Value>>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
+    /// llama-server's per-request `reasoning_format` (`none`, `auto`, `deepseek`).
+    reasoning_format: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -158,7 +195,46 @@ struct TextChoice {
 #[derive(Serialize)]
 struct AssistantMessage {
     role: &'static str,
-    content: String,
+    /// `null` when the answer is only tool calls, as OpenAI sends it.
+    content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<OutgoingToolCall>,
+}
+
+#[derive(Serialize)]
+struct OutgoingToolCall {
+    id: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: OutgoingFunction,
+}
+
+#[derive(Serialize)]
+struct OutgoingFunction {
+    name: String,
+    /// The arguments as a JSON string.
+    arguments: String,
+}
+
+/// A streamed piece of a tool call: the first names it (index, id, type, name), the rest
+/// carry argument fragments, as OpenAI streams them.
+#[derive(Serialize)]
+struct DeltaToolCall {
+    index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    kind: Option<&'static str>,
+    function: DeltaFunction,
+}
+
+#[derive(Serialize)]
+struct DeltaFunction {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    arguments: String,
 }
 
 #[derive(Serialize)]
@@ -174,6 +250,27 @@ struct Delta {
     role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Vec<DeltaToolCall>>,
+}
+
+impl Delta {
+    fn of(ev: OutputEvent) -> Delta {
+        match ev {
+            OutputEvent::Content(t) => Delta { content: Some(t), ..Delta::default() },
+            OutputEvent::Reasoning(t) => Delta { reasoning_content: Some(t), ..Delta::default() },
+            OutputEvent::ToolCallBegin { index, id, name } => Delta {
+                tool_calls: Some(vec![DeltaToolCall { index, id: Some(id), kind: Some("function"), function: DeltaFunction { name: Some(name), arguments: String::new() } }]),
+                ..Delta::default()
+            },
+            OutputEvent::ToolCallArgs { index, fragment } => Delta {
+                tool_calls: Some(vec![DeltaToolCall { index, id: None, kind: None, function: DeltaFunction { name: None, arguments: fragment } }]),
+                ..Delta::default()
+            },
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -237,9 +334,10 @@ struct Checked {
     stream: bool,
     include_usage: bool,
     keep_alive: Option<KeepAlive>,
+    constraint: Constraint,
 }
 
-fn check(req: &CompletionRequest) -> Result<Checked, ApiError> {
+fn check(req: &CompletionRequest, chat: bool, reasoning: llama_tools::ReasoningFormat) -> Result<Checked, ApiError> {
     if req.n.is_some_and(|n| n != 1) {
         return Err(ApiError::bad_request("only n = 1 is supported", Some("n")));
     }
@@ -268,6 +366,19 @@ fn check(req: &CompletionRequest) -> Result<Checked, ApiError> {
         stream: req.stream,
         include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
         keep_alive: req.keep_alive.as_ref().map(KeepAliveField::parse).transpose()?,
+        constraint: Constraint::of(
+            Fields {
+                response_format: req.response_format.as_ref(),
+                grammar: req.grammar.as_deref(),
+                json_schema: req.json_schema.as_ref(),
+                tools: req.tools.as_deref(),
+                tool_choice: req.tool_choice.as_ref(),
+                parallel_tool_calls: req.parallel_tool_calls,
+                reasoning_format: req.reasoning_format.as_deref(),
+            },
+            chat,
+            reasoning,
+        )?,
     })
 }
 
@@ -290,7 +401,7 @@ impl Checked {
     }
 }
 
-/// The conversation as the template's messages (text parts joined).
+/// The conversation as the template's messages.
 fn messages(req: &mut CompletionRequest) -> Result<Vec<Message>, ApiError> {
     let Some(messages) = req.messages.take() else { return Err(ApiError::bad_request("'messages' is required", Some("messages"))) };
     Ok(messages
@@ -298,10 +409,25 @@ fn messages(req: &mut CompletionRequest) -> Result<Vec<Message>, ApiError> {
         .map(|m| Message {
             role: m.role,
             content: match m.content {
-                Content::Text(t) => t,
-                Content::Parts(p) => p.into_iter().filter_map(|p| p.text).collect::<Vec<_>>().join(""),
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(p)) => p.into_iter().filter_map(|p| p.text).collect::<Vec<_>>().join(""),
+                None => String::new(),
             },
-            ..Message::default()
+            tool_calls: m.tool_calls.map(|calls| {
+                calls
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        let arguments = match c.function.arguments {
+                            Value::String(s) => s,
+                            other => other.to_string(),
+                        };
+                        ToolCall::new(c.id.unwrap_or_else(|| format!("call_{i}")), c.function.name, arguments)
+                    })
+                    .collect()
+            }),
+            tool_call_id: m.tool_call_id,
+            name: m.name,
         })
         .collect())
 }
@@ -309,7 +435,7 @@ fn messages(req: &mut CompletionRequest) -> Result<Vec<Message>, ApiError> {
 pub(super) async fn completions(state: Arc<AppState>, mut req: CompletionRequest, chat: bool) -> Result<Response<Body>, ApiError> {
     state.serving()?;
     // Everything that can be checked without the model is, before a model is loaded for it.
-    let checked = check(&req)?;
+    let checked = check(&req, chat, state.config.reasoning_format)?;
     let model_name = req.model.take();
     let input = if chat { Err(messages(&mut req)?) } else { Ok(req.prompt.take().ok_or_else(|| ApiError::bad_request("'prompt' is required", Some("prompt")))?) };
     // The model stays loaded while the lease lives: to the end of the answer or stream.
@@ -318,24 +444,34 @@ pub(super) async fn completions(state: Arc<AppState>, mut req: CompletionRequest
     if chat && ready.template.is_none() {
         return Err(ApiError::bad_request("this model has no chat template", Some("messages")));
     }
-    let opts = checked.options(&req, &ready.defaults, chat);
+    let mut opts = checked.options(&req, &ready.defaults, chat);
+    let Checked { stream, include_usage, constraint, .. } = checked;
     // Admission before any work: a full engine answers 503 at once.
     let reservation = ready.engine.reserve()?;
-    let handle = blocking(&state, move || -> Result<Handle, ApiError> {
+    let model = lease.name().to_string();
+    let (handle, parser) = blocking(&state, move || -> Result<(Handle, Option<ToolCallParser>), ApiError> {
+        let template = if chat { ready.template.as_ref() } else { None };
         let prompt = match input {
             Ok(prompt) => prompt,
             Err(msgs) => {
-                let template = ready.template.as_ref().expect("checked above");
-                template.render(&msgs, true).map_err(|e| ApiError::bad_request(clip(&e.to_string(), 300), Some("messages")))?
+                let template = template.expect("checked above");
+                template
+                    .render_with(&msgs, true, constraint.template_tools(), None)
+                    .map_err(|e| ApiError::bad_request(clip(&e.to_string(), 300), Some("messages")))?
             }
         };
-        Ok(reservation.submit(Request { prompt, opts, deadline: None })?)
+        let plan = constraint.plan(ready.engine.model(), template, &prompt)?;
+        if let Some(format) = plan.format {
+            tracing::debug!(model = %model, format = format.name(), lazy = plan.grammar.as_ref().is_some_and(|g| g.lazy), "tool-call format");
+        }
+        opts.sampling.grammar = plan.grammar;
+        Ok((reservation.submit(Request { prompt, opts, deadline: None })?, plan.parser))
     })
     .await??;
     let id = format!("{}-{}", if chat { "chatcmpl" } else { "cmpl" }, handle.id());
     let model = lease.name().to_string();
-    if checked.stream {
-        return Ok(stream_response(handle, id, model, chat, checked.include_usage, lease));
+    if stream {
+        return Ok(stream_response(handle, id, model, chat, include_usage, parser, lease));
     }
     // If the client goes away, hyper drops this future and with it the handle, which
     // cancels the request.
@@ -346,15 +482,44 @@ pub(super) async fn completions(state: Arc<AppState>, mut req: CompletionRequest
         Finish::Cancelled | Finish::Timeout => return Err(ApiError::cancelled()),
         Finish::Stop | Finish::Length => {}
     }
-    let finish_reason = Some(finish_reason(&stats));
     let usage = Some(Usage::of(&stats));
     Ok(if chat {
-        let choice = ChatChoice { index: 0, message: AssistantMessage { role: "assistant", content: text }, finish_reason };
+        let message = match parser {
+            Some(mut p) => {
+                p.push(&text);
+                answer(p)
+            }
+            None => ParsedMessage { content: Some(text), ..ParsedMessage::default() },
+        };
+        let finish_reason = Some(finish_reason(&stats, !message.tool_calls.is_empty()));
+        let message = AssistantMessage {
+            role: "assistant",
+            content: message.content.or_else(|| message.tool_calls.is_empty().then(String::new)),
+            reasoning_content: message.reasoning_content,
+            tool_calls: message
+                .tool_calls
+                .into_iter()
+                .map(|c| OutgoingToolCall { id: c.id, kind: "function", function: OutgoingFunction { name: c.name, arguments: c.arguments } })
+                .collect(),
+        };
+        let choice = ChatChoice { index: 0, message, finish_reason };
         json_response(StatusCode::OK, &Completion { id, object: "chat.completion", created: now_secs(), model, choices: vec![choice], usage })
     } else {
-        let choice = TextChoice { index: 0, text, logprobs: None, finish_reason };
+        let choice = TextChoice { index: 0, text, logprobs: None, finish_reason: Some(finish_reason(&stats, false)) };
         json_response(StatusCode::OK, &Completion { id, object: "text_completion", created: now_secs(), model, choices: vec![choice], usage })
     })
+}
+
+/// The parsed answer; output the parser could not read as calls (a generation cut short
+/// by `max_tokens` mid-call) is kept as content, never lost.
+fn answer(p: ToolCallParser) -> ParsedMessage {
+    match p.finish() {
+        Ok(f) => f.message,
+        Err(failure) => {
+            tracing::debug!(problem = %failure.problem, "the answer's tool calls could not be read; kept as content");
+            failure.recovered.message
+        }
+    }
 }
 
 /// A generation that failed after it was admitted: the reason, as a server error.
@@ -363,9 +528,10 @@ fn generation_failed(stats: &RequestStats) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", format!("generation failed: {}", clip(why, 300))).code("generation_failed")
 }
 
-fn finish_reason(s: &RequestStats) -> &'static str {
+fn finish_reason(s: &RequestStats, tool_calls: bool) -> &'static str {
     match s.finish {
         Finish::Length => "length",
+        Finish::Stop if tool_calls => "tool_calls",
         Finish::Stop | Finish::Cancelled | Finish::Timeout | Finish::Error => "stop",
     }
 }
@@ -378,8 +544,20 @@ fn finish_reason(s: &RequestStats) -> &'static str {
 /// wakes this connection's task directly. When the client goes away hyper drops the body,
 /// and with it the event stream, which cancels the request (also while it is queued).
 ///
+/// A chat answer goes through `parser` (when the request has one): content, reasoning and
+/// tool calls stream as their own deltas, and text that may start a call's marker is held
+/// until it is known.
+///
 /// `lease` keeps the model loaded until the stream ends (or the client goes away).
-fn stream_response(handle: Handle, id: String, model: String, chat: bool, include_usage: bool, lease: impl Send + Sync + 'static) -> Response<Body> {
+fn stream_response(
+    handle: Handle,
+    id: String,
+    model: String,
+    chat: bool,
+    include_usage: bool,
+    parser: Option<ToolCallParser>,
+    lease: impl Send + Sync + 'static,
+) -> Response<Body> {
     let created = now_secs();
     let object = if chat { "chat.completion.chunk" } else { "text_completion" };
     let sse = |v: &dyn erased::Json| -> Vec<u8> {
@@ -388,40 +566,64 @@ fn stream_response(handle: Handle, id: String, model: String, chat: bool, includ
         out.extend_from_slice(b"\n\n");
         out
     };
-    let chunk = move |content: Option<String>, role: Option<&'static str>, finish: Option<&'static str>| -> Vec<u8> {
+    let chunk = move |delta: Delta, finish: Option<&'static str>| -> Vec<u8> {
         if chat {
-            let choice = ChunkChoice { index: 0, delta: Delta { role, content }, finish_reason: finish };
+            let choice = ChunkChoice { index: 0, delta, finish_reason: finish };
             sse(&Completion { id: id.clone(), object, created, model: model.clone(), choices: vec![choice], usage: None })
         } else {
-            let choice = TextChoice { index: 0, text: content.unwrap_or_default(), logprobs: None, finish_reason: finish };
+            let choice = TextChoice { index: 0, text: delta.content.unwrap_or_default(), logprobs: None, finish_reason: finish };
             sse(&Completion { id: id.clone(), object, created, model: model.clone(), choices: vec![choice], usage: None })
         }
     };
-    let head = chat.then(|| Bytes::from(chunk(Some(String::new()), Some("assistant"), None)));
+    let head = chat.then(|| Bytes::from(chunk(Delta { role: Some("assistant"), content: Some(String::new()), ..Delta::default() }, None)));
+    let mut parser = parser;
+    let mut called = false;
     // Whether the request's end arrived; if its channel closes without one (the engine
     // stopped), the stream still ends with an error and `[DONE]`, never silently.
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let seen = done.clone();
-    let events = handle.into_stream().map(move |ev| match ev {
+    let events = handle.into_stream().filter_map(move |ev| match ev {
         Event::Text(t) => {
             let _holds = &lease;
-            Bytes::from(chunk(Some(t), None, None))
+            let Some(p) = parser.as_mut() else { return Some(Bytes::from(chunk(Delta { content: Some(t), ..Delta::default() }, None))) };
+            let mut out = Vec::new();
+            for ev in p.push(&t) {
+                called |= matches!(ev, OutputEvent::ToolCallBegin { .. });
+                out.extend_from_slice(&chunk(Delta::of(ev), None));
+            }
+            // Text held back (a possible marker) sends nothing yet.
+            (!out.is_empty()).then(|| Bytes::from(out))
         }
         Event::Done(stats) => {
             seen.store(true, std::sync::atomic::Ordering::SeqCst);
-            // The last chunk (or the error), the usage and the terminator go out as one frame.
-            let mut tail = match stats.finish {
+            // What the parser still holds, the last chunk (or the error), the usage and the
+            // terminator go out as one frame.
+            let mut tail = Vec::new();
+            if let Some(p) = parser.take() {
+                let events = match p.finish() {
+                    Ok(f) => f.events,
+                    Err(failure) => {
+                        tracing::debug!(problem = %failure.problem, "the answer's tool calls could not be read; kept as content");
+                        failure.recovered.events
+                    }
+                };
+                for ev in events {
+                    called |= matches!(ev, OutputEvent::ToolCallBegin { .. });
+                    tail.extend_from_slice(&chunk(Delta::of(ev), None));
+                }
+            }
+            tail.extend_from_slice(&match stats.finish {
                 Finish::Error => sse(&generation_failed(&stats).body()),
                 Finish::Cancelled | Finish::Timeout => sse(&ApiError::cancelled().body()),
-                Finish::Stop | Finish::Length => chunk(None, None, Some(finish_reason(&stats))),
-            };
+                Finish::Stop | Finish::Length => chunk(Delta::default(), Some(finish_reason(&stats, called))),
+            });
             if include_usage {
                 let usage: Completion<ChunkChoice> =
                     Completion { id: "usage".into(), object, created, model: String::new(), choices: Vec::new(), usage: Some(Usage::of(&stats)) };
                 tail.extend_from_slice(&sse(&usage));
             }
             tail.extend_from_slice(b"data: [DONE]\n\n");
-            Bytes::from(tail)
+            Some(Bytes::from(tail))
         }
     });
     let end = tokio_stream::iter(std::iter::from_fn(move || {
@@ -526,7 +728,7 @@ mod tests {
         let (engine, fake) = engine("hi", 16);
         fake.short_samples.store(1, Ordering::SeqCst);
         let h = submit(&engine, GenerateOptions { max_tokens: Some(4), ..GenerateOptions::default() });
-        body(stream_response(h, "id-1".into(), "m".into(), chat, true, ()))
+        body(stream_response(h, "id-1".into(), "m".into(), chat, true, None, ()))
     }
 
     #[test]
@@ -546,7 +748,7 @@ mod tests {
     fn a_stream_cut_off_by_shutdown_ends_with_an_error_and_done() {
         let (engine, _) = engine("", 1);
         let h = submit(&engine, GenerateOptions::default());
-        let resp = stream_response(h, "id-1".into(), "m".into(), true, false, ());
+        let resp = stream_response(h, "id-1".into(), "m".into(), true, false, None, ());
         drop(engine);
         let text = body(resp);
         assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
