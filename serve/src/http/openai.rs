@@ -462,7 +462,7 @@ pub(super) async fn completions(state: Arc<AppState>, mut req: CompletionRequest
         };
         let plan = constraint.plan(ready.engine.model(), template, &prompt)?;
         if let Some(format) = plan.format {
-            tracing::debug!(model = %model, format = format.name(), lazy = plan.grammar.as_ref().is_some_and(|g| g.lazy), "tool-call format");
+            tracing::info!(model = %model, format = format.name(), lazy = plan.grammar.as_ref().is_some_and(|g| g.lazy), "tool-call format");
         }
         opts.sampling.grammar = plan.grammar;
         Ok((reservation.submit(Request { prompt, opts, deadline: None })?, plan.parser))
