@@ -767,7 +767,17 @@ pub trait Context: Send {
 
     /// One decode step over several sequences (continuous batching): decodes `batch`
     /// (at most n_batch tokens) and samples each request in `samples`, in order.
-    fn step(&mut self, batch: RSlice<'_, BatchToken>, samples: RSlice<'_, SampleRequest>) -> RResult<RVec<Sampled>, BackendError>;
+    ///
+    /// The outer error fails the whole step (the decode itself failed, or the arguments are
+    /// wrong). Otherwise there is exactly one result per request: a sequence whose sampling
+    /// fails (its grammar reached a dead end, or llama.cpp's grammar threw) gets its own
+    /// error there, and the other sequences of the step are still sampled. The batch was
+    /// decoded either way, so the failed sequence's KV cells hold this step's tokens.
+    fn step(
+        &mut self,
+        batch: RSlice<'_, BatchToken>,
+        samples: RSlice<'_, SampleRequest>,
+    ) -> RResult<RVec<RResult<Sampled, BackendError>>, BackendError>;
 
     /// Removes positions `[p0, p1)` of sequence `seq` (`p1 < 0`: to the end) from the KV
     /// cache. Returns false if that cannot be done (see `truncate`).

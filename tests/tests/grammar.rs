@@ -176,7 +176,7 @@ fn two_sequences_of_one_context_keep_their_own_grammars() {
             if samples.is_empty() {
                 break;
             }
-            let sampled = ctx.step(&batch, &samples).unwrap();
+            let sampled: Vec<_> = ctx.step(&batch, &samples).unwrap().into_iter().map(Result::unwrap).collect();
             batch.clear();
             let mut next = Vec::new();
             for (r, s) in samples.iter().zip(&sampled) {
@@ -195,6 +195,63 @@ fn two_sequences_of_one_context_keep_their_own_grammars() {
         assert!(a == "yes" || a == "no", "{name}: {a:?}");
         assert!(b.len() == 4 && b.starts_with("abc") && b.as_bytes()[3].is_ascii_digit(), "{name}: {b:?}");
     }
+}
+
+/// A grammar dead end in one sequence of a step is that sequence's error only: the
+/// sequence batched with it (another client's, without a grammar) is sampled in the same
+/// step and goes on to generate exactly what it generates alone.
+#[test]
+fn a_dead_end_in_one_sequence_leaves_the_other_sequence_of_the_step_alone() {
+    let model = smollm2();
+    let prompt = model.tokenize("The capital of France is", true).unwrap();
+    let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
+    // The only token the grammar allows is banned: a dead end at the first sample.
+    let dead = SamplingParams {
+        grammar: Some(Grammar::new("root ::= <[1000]>")),
+        logit_bias: vec![LogitBias { token: 1000, bias: f32::NEG_INFINITY }],
+        ..greedy.clone()
+    };
+    let run = |with_dead_end: bool| -> Vec<i32> {
+        let size = ContextSize { n_ctx: 512, n_threads: 2, n_threads_batch: 2, ..ContextSize::default() };
+        let mut ctx = model.new_context(&ContextParams { size, n_seq_max: 2, ..ContextParams::default() }).unwrap();
+        ctx.set_seq_sampling(0, &greedy, &prompt).unwrap();
+        let mut batch: Vec<BatchToken> =
+            prompt.iter().enumerate().map(|(i, &t)| BatchToken { token: t, pos: i as i32, seq: 0, logits: i + 1 == prompt.len() }).collect();
+        let mut samples = vec![SampleRequest { seq: 0, index: prompt.len() as i32 - 1 }];
+        if with_dead_end {
+            ctx.set_seq_sampling(1, &dead, &prompt).unwrap();
+            batch.extend(prompt.iter().enumerate().map(|(i, &t)| BatchToken { token: t, pos: i as i32, seq: 1, logits: i + 1 == prompt.len() }));
+            samples.push(SampleRequest { seq: 1, index: batch.len() as i32 - 1 });
+        }
+        let mut first = ctx.step(&batch, &samples).expect("the step as a whole succeeds");
+        assert_eq!(first.len(), samples.len());
+        if with_dead_end {
+            match first.pop().unwrap() {
+                Err(llama_host::BackendError::InvalidParam { field, reason }) => {
+                    assert_eq!(field, "grammar");
+                    assert!(reason.contains("sequence 1") && reason.contains("dead end"), "{reason}");
+                }
+                other => panic!("the dead-end sequence sampled {other:?}"),
+            }
+            // The engine frees the failed sequence's cells; the survivor goes on alone.
+            assert!(ctx.seq_remove(1, 0, -1));
+        }
+        let mut out = vec![first.pop().unwrap().expect("the other sequence is sampled").token];
+        let mut pos = prompt.len() as i32;
+        while out.len() < 16 {
+            let batch = [BatchToken { token: *out.last().unwrap(), pos, seq: 0, logits: true }];
+            let s = ctx.step(&batch, &[SampleRequest { seq: 0, index: 0 }]).unwrap().pop().unwrap().unwrap();
+            if s.is_eog {
+                break;
+            }
+            out.push(s.token);
+            pos += 1;
+        }
+        out
+    };
+    let alone = run(false);
+    assert!(alone.len() > 4, "{alone:?}");
+    assert_eq!(run(true), alone);
 }
 
 /// Tokens per second of generation with and without a grammar the model's text mostly
