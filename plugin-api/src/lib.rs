@@ -314,6 +314,33 @@ pub mod grammar_bounds {
     pub const MAX_PATTERN_REPETITION_PRODUCT: u64 = 1_000;
     /// Most trigger tokens.
     pub const MAX_TRIGGER_TOKENS: usize = 1024;
+    /// Stack a backend gives llama.cpp's trigger-pattern search: while a lazy grammar
+    /// waits for its trigger, llama.cpp runs `std::regex_search` of every pattern over all
+    /// the output so far after each token, and libstdc++'s regex recurses once per
+    /// character (measured: 176 bytes per character for `[\s\S]*?(<tool_call>[\s\S]*)`,
+    /// about 300 more per group around the repeated part; docs/ARCHITECTURE.md). The
+    /// backend runs that search on a thread of its own with this much stack (virtual memory:
+    /// only the pages touched are committed).
+    pub const TRIGGER_SEARCH_STACK: usize = 256 << 20;
+    /// The part of [`TRIGGER_SEARCH_STACK`] the search may use; the rest is margin for
+    /// llama.cpp's own frames.
+    pub const TRIGGER_SEARCH_BUDGET: usize = 192 << 20;
+
+    /// A conservative bound of the stack bytes one character of searched text costs
+    /// `pattern` (measured: 176 with one group after the repetition, 6,700 with 21 nested
+    /// groups around it, 12,000 to 15,000 with 40): 512 per character plus 512 for each
+    /// group or alternative.
+    pub fn trigger_stack_per_byte(pattern: &str) -> usize {
+        512 + 512 * pattern.bytes().filter(|&b| b == b'(' || b == b'|').count()
+    }
+
+    /// How many bytes of output a lazy grammar with these trigger patterns may search for
+    /// its trigger within [`TRIGGER_SEARCH_BUDGET`]; beyond it the sequence fails with an
+    /// error rather than overflow the stack.
+    pub fn max_untriggered_bytes<'a>(patterns: impl IntoIterator<Item = &'a str>) -> usize {
+        let cost = patterns.into_iter().map(trigger_stack_per_byte).max().unwrap_or(1);
+        TRIGGER_SEARCH_BUDGET / cost
+    }
     /// Longest rule name given as the root.
     pub const MAX_ROOT_BYTES: usize = 256;
 }

@@ -254,6 +254,48 @@ fn a_dead_end_in_one_sequence_leaves_the_other_sequence_of_the_step_alone() {
     assert_eq!(run(true), alone);
 }
 
+/// libstdc++'s regex recurses per character of searched text, about 300 bytes more per
+/// group around the repeated part: with 21 nested groups a 2 MiB thread (this test's) overflowed
+/// after 313 characters. The backend runs the trigger search on a thread of its own with
+/// a large stack, so well past that length the generation goes on.
+#[test]
+fn a_long_untriggered_output_does_not_overflow_a_small_stack() {
+    let model = smollm2();
+    let pattern = format!(r"{}[\s\S]{}*?(<tool_call>[\s\S]*)", "(".repeat(21), ")".repeat(21));
+    let g = Grammar { lazy: true, trigger_patterns: vec![pattern], ..Grammar::new(r#"root ::= "<tool_call>" [a-z]*"#) };
+    let mut o = opts(Some(g), 0.8, 160);
+    o.sampling.seed = 11;
+    // SmolLM2's <|endoftext|>, <|im_start|>, <|im_end|>: the story never ends by itself.
+    o.sampling.logit_bias = (0..3).map(|token| LogitBias { token, bias: f32::NEG_INFINITY }).collect();
+    let out = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || generate(model, "Write a long story about a fox who lives in a forest.", &o))
+        .unwrap()
+        .join()
+        .unwrap()
+        .unwrap();
+    assert!(out.len() > 400 && !out.contains("<tool_call>"), "{} bytes: {out:?}", out.len());
+}
+
+/// The trigger search's stack is bounded by bounding the output it may search, from the
+/// patterns' cost: past it the sequence fails with an error, never a crash.
+#[test]
+fn a_lazy_grammar_fails_past_its_trigger_search_bound() {
+    let model = smollm2();
+    // 300 groups around one character: cheap to search (nothing repeats), but counted as
+    // costly, so the bound is small.
+    let pattern = format!("{}\\x01{}", "(".repeat(300), ")".repeat(300));
+    let limit = llama_plugin_api::grammar_bounds::max_untriggered_bytes([pattern.as_str()]);
+    assert!(limit < 1500, "{limit}");
+    let g = Grammar { lazy: true, trigger_patterns: vec![pattern], ..Grammar::new(r#"root ::= "<tool_call>""#) };
+    let mut o = opts(Some(g), 0.8, 2000);
+    o.sampling.seed = 5;
+    // SmolLM2's <|endoftext|>, <|im_start|>, <|im_end|>: the story never ends by itself.
+    o.sampling.logit_bias = (0..3).map(|token| LogitBias { token, bias: f32::NEG_INFINITY }).collect();
+    let reason = invalid_grammar(generate(model, "Write a long story about a fox who lives in a forest.", &o));
+    assert!(reason.contains(&format!("over the {limit} bytes")), "{reason}");
+}
+
 /// Tokens per second of generation with and without a grammar the model's text mostly
 /// fits anyway (so most tokens pass the one-token check). A measurement, not a pass/fail
 /// rule (a shared machine's timings vary): `cargo test --release -p llama-tests --test
