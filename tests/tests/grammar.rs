@@ -74,12 +74,16 @@ bool ::= "true" | "false"  # a comment (with a parenthesis"#,
 }
 
 #[test]
-fn a_grammar_llama_cpp_cannot_parse_is_an_invalid_param_with_its_message() {
+fn a_grammar_that_does_not_parse_is_an_invalid_param_with_where_and_why() {
     let model = shared_model();
     for (text, says) in [
-        (r#"root ::= "unterminated"#, "failed to parse grammar"),
-        (r#"root ::= undefined-rule"#, "failed to parse grammar"),
-        (r#"other ::= "a""#, "does not contain a 'root' symbol"),
+        // Refused by the Rust parser, with the line and column.
+        (r#"root ::= "unterminated"#, "line 1, column 10: unterminated string"),
+        (r#"root ::= undefined-rule"#, "line 1, column 10: undefined rule 'undefined-rule'"),
+        (r#"other ::= "a""#, "no rule 'root'"),
+        ("root ::= (\"a\"\n  | \"b\" ]", "line 2, column 9: expecting ')'"),
+        // What only llama.cpp checks: its message.
+        (r#"root ::= root "a" | "b""#, "left recursion"),
     ] {
         let reason = invalid_grammar(model.check_grammar(&Grammar::new(text)));
         assert!(reason.contains(says), "{text}: {reason}");
