@@ -212,10 +212,11 @@ impl ContextOps for PluginContext {
     fn set_seq_sampling(&mut self, seq: i32, params: &SamplingParams, history: &[i32]) -> Result<(), BackendError> {
         result(self.0.set_seq_sampling(seq, sampling(params), RSlice::from_slice(history)))
     }
-    fn step(&mut self, batch: &[BatchToken], samples: &[SampleRequest]) -> Result<Vec<Sampled>, BackendError> {
+    fn step(&mut self, batch: &[BatchToken], samples: &[SampleRequest]) -> Result<Vec<Result<Sampled, BackendError>>, BackendError> {
         let batch: Vec<api::BatchToken> = batch.iter().map(|t| api::BatchToken { token: t.token, pos: t.pos, seq: t.seq, logits: t.logits }).collect();
         let samples: Vec<api::SampleRequest> = samples.iter().map(|s| api::SampleRequest { seq: s.seq, index: s.index }).collect();
-        result(self.0.step(RSlice::from_slice(&batch), RSlice::from_slice(&samples))).map(|v| v.into_iter().map(sampled).collect())
+        result(self.0.step(RSlice::from_slice(&batch), RSlice::from_slice(&samples)))
+            .map(|v| v.into_iter().map(|r| r.into_result().map(sampled).map_err(error)).collect())
     }
     fn seq_remove(&mut self, seq: i32, p0: i32, p1: i32) -> bool {
         self.0.seq_remove(seq, p0, p1)

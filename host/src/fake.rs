@@ -29,6 +29,9 @@ pub struct FakeBehaviour {
     pub fail_token_bytes: AtomicBool,
     /// `step` fails with a decode error.
     pub fail_step: AtomicBool,
+    /// `step` fails the sampling of every sequence holding this token (as a grammar dead
+    /// end fails one sequence of a step), and samples the others.
+    pub fail_sample_on: Mutex<Option<i32>>,
     /// Calls of `tokenize`, to check what work a refused request cost.
     pub tokenize_calls: AtomicUsize,
     /// Tokens decoded by all contexts (prompts and generated tokens).
@@ -156,7 +159,7 @@ impl ContextOps for FakeContext {
         self.seqs.entry(seq).or_default().1 = 0;
         Ok(())
     }
-    fn step(&mut self, batch: &[BatchToken], samples: &[SampleRequest]) -> Result<Vec<Sampled>, BackendError> {
+    fn step(&mut self, batch: &[BatchToken], samples: &[SampleRequest]) -> Result<Vec<Result<Sampled, BackendError>>, BackendError> {
         if self.behaviour.fail_step.load(Ordering::SeqCst) {
             return Err(BackendError::Decode { code: -3 });
         }
@@ -164,7 +167,20 @@ impl ContextOps for FakeContext {
             self.append(t.seq, &[t.token])?;
         }
         let n = samples.len().saturating_sub(self.behaviour.short_samples.load(Ordering::SeqCst));
-        Ok(samples[..n].iter().map(|s| self.next(s.seq)).collect())
+        let poison = *self.behaviour.fail_sample_on.lock().expect("not poisoned");
+        Ok(samples[..n]
+            .iter()
+            .map(|s| {
+                let held = self.seqs.get(&s.seq).map_or(&[][..], |(t, _)| t.as_slice());
+                match poison {
+                    Some(p) if held.contains(&p) => Err(BackendError::InvalidParam {
+                        field: "grammar".into(),
+                        reason: format!("sequence {}: the grammar admits no token here (a dead end)", s.seq),
+                    }),
+                    _ => Ok(self.next(s.seq)),
+                }
+            })
+            .collect())
     }
     fn seq_remove(&mut self, seq: i32, p0: i32, p1: i32) -> bool {
         if let Some((t, _)) = self.seqs.get_mut(&seq) {

@@ -57,8 +57,10 @@ pub trait ContextOps: Send {
     /// Replaces the sampler of sequence `seq`; `history` feeds its repetition penalties.
     fn set_seq_sampling(&mut self, seq: i32, params: &SamplingParams, history: &[i32]) -> Result<(), BackendError>;
     /// One decode step over several sequences: decodes `batch` and samples each request
-    /// in `samples`, in order. Returns exactly one `Sampled` per request.
-    fn step(&mut self, batch: &[BatchToken], samples: &[SampleRequest]) -> Result<Vec<Sampled>, BackendError>;
+    /// in `samples`, in order. The outer error fails the whole step; otherwise there is
+    /// exactly one result per request, and a sequence whose sampling failed (a grammar dead
+    /// end) has its own error there while the others were sampled.
+    fn step(&mut self, batch: &[BatchToken], samples: &[SampleRequest]) -> Result<Vec<Result<Sampled, BackendError>>, BackendError>;
     /// Removes positions `[p0, p1)` of `seq` (`p1 < 0`: to the end); false if it cannot.
     fn seq_remove(&mut self, seq: i32, p0: i32, p1: i32) -> bool;
     /// The last position `seq` holds, or -1.

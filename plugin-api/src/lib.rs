@@ -20,6 +20,11 @@ use abi_stable::{
 
 pub use abi_stable;
 
+mod gbnf;
+/// Checks GBNF text as llama.cpp's parser would, within [`grammar_bounds`]; the error says
+/// `line L, column C: <what>` (see the module `gbnf`).
+pub use gbnf::check as check_gbnf;
+
 /// The plugin ABI version (this crate's version). A backend built against another major
 /// version is refused at load.
 pub const ABI_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -314,6 +319,33 @@ pub mod grammar_bounds {
     pub const MAX_PATTERN_REPETITION_PRODUCT: u64 = 1_000;
     /// Most trigger tokens.
     pub const MAX_TRIGGER_TOKENS: usize = 1024;
+    /// Stack a backend gives llama.cpp's trigger-pattern search: while a lazy grammar
+    /// waits for its trigger, llama.cpp runs `std::regex_search` of every pattern over all
+    /// the output so far after each token, and libstdc++'s regex recurses once per
+    /// character (measured: 176 bytes per character for `[\s\S]*?(<tool_call>[\s\S]*)`,
+    /// about 300 more per group around the repeated part; docs/ARCHITECTURE.md). The
+    /// backend runs that search on a thread of its own with this much stack (virtual memory:
+    /// only the pages touched are committed).
+    pub const TRIGGER_SEARCH_STACK: usize = 256 << 20;
+    /// The part of [`TRIGGER_SEARCH_STACK`] the search may use; the rest is margin for
+    /// llama.cpp's own frames.
+    pub const TRIGGER_SEARCH_BUDGET: usize = 192 << 20;
+
+    /// A conservative bound of the stack bytes one character of searched text costs
+    /// `pattern` (measured: 176 with one group after the repetition, 6,700 with 21 nested
+    /// groups around it, 12,000 to 15,000 with 40): 512 per character plus 512 for each
+    /// group or alternative.
+    pub fn trigger_stack_per_byte(pattern: &str) -> usize {
+        512 + 512 * pattern.bytes().filter(|&b| b == b'(' || b == b'|').count()
+    }
+
+    /// How many bytes of output a lazy grammar with these trigger patterns may search for
+    /// its trigger within [`TRIGGER_SEARCH_BUDGET`]; beyond it the sequence fails with an
+    /// error rather than overflow the stack.
+    pub fn max_untriggered_bytes<'a>(patterns: impl IntoIterator<Item = &'a str>) -> usize {
+        let cost = patterns.into_iter().map(trigger_stack_per_byte).max().unwrap_or(1);
+        TRIGGER_SEARCH_BUDGET / cost
+    }
     /// Longest rule name given as the root.
     pub const MAX_ROOT_BYTES: usize = 256;
 }
@@ -410,10 +442,11 @@ impl SamplingParams {
 }
 
 impl Grammar {
-    /// The bounds of [`grammar_bounds`] that need no vocabulary: sizes, nesting and
-    /// repetition counts (one linear scan that skips string literals, character classes and
-    /// comments), the trigger patterns' sizes. Trigger tokens are checked against the
-    /// vocabulary by the backend. Whether the grammar parses is for llama.cpp to say.
+    /// The bounds of [`grammar_bounds`] that need no vocabulary, and the syntax: the text
+    /// is parsed as llama.cpp parses it ([`check_gbnf`]: nesting, repetition counts, rule
+    /// count, undefined rules, the root rule, each problem with its line and column), the
+    /// trigger patterns' sizes. Trigger tokens are checked against the vocabulary by the
+    /// backend; left recursion and `<text>` tokens are llama.cpp's to refuse.
     pub fn validate(&self) -> Result<(), ParamError> {
         use grammar_bounds::*;
         let field = "grammar";
@@ -432,7 +465,7 @@ impl Grammar {
         if self.root.len() > MAX_ROOT_BYTES || self.root.contains('\0') {
             return Err(invalid(field, format!("the root rule name is not a name of at most {MAX_ROOT_BYTES} bytes")));
         }
-        scan_gbnf(self.text.as_bytes()).map_err(|reason| invalid(field, reason))?;
+        check_gbnf(&self.text, &self.root).map_err(|reason| invalid(field, reason))?;
         if !self.lazy && (!self.trigger_patterns.is_empty() || !self.trigger_tokens.is_empty()) {
             return Err(invalid(field, "trigger patterns and tokens need a lazy grammar"));
         }
@@ -467,89 +500,6 @@ fn number(s: &[u8], i: &mut usize) -> Option<u64> {
         *i += 1;
     }
     (*i > start).then_some(n)
-}
-
-fn skip_blanks(s: &[u8], i: &mut usize) {
-    while s.get(*i).is_some_and(|c| *c == b' ' || *c == b'\t') {
-        *i += 1;
-    }
-}
-
-/// One pass over GBNF text, counting what llama.cpp's parser would recurse or expand on:
-/// parenthesis depth, `{m,n}` counts and rule definitions. String literals (`"..."`),
-/// character classes (`[...]`), token references (`<...>`) and comments (`#` to the end of
-/// the line) are skipped as llama.cpp's parser reads them, so a `(` or `{` inside them is
-/// not counted. Each byte is looked at a bounded number of times: linear.
-pub fn scan_gbnf(s: &[u8]) -> Result<(), String> {
-    use grammar_bounds::*;
-    let (mut depth, mut rules, mut rep_sum) = (0usize, 0usize, 0u64);
-    let mut i = 0;
-    while i < s.len() {
-        match s[i] {
-            b'#' => {
-                while i < s.len() && s[i] != b'\n' && s[i] != b'\r' {
-                    i += 1;
-                }
-                continue;
-            }
-            // A string literal or character class: up to the unescaped closing quote or
-            // bracket; a backslash escapes the next byte (llama.cpp then reads hex digits,
-            // which are ordinary bytes here). Unterminated: llama.cpp reports it.
-            open @ (b'"' | b'[') => {
-                let close = if open == b'"' { b'"' } else { b']' };
-                i += 1;
-                while i < s.len() && s[i] != close {
-                    i += if s[i] == b'\\' { 2 } else { 1 };
-                }
-            }
-            b'<' => {
-                while i < s.len() && s[i] != b'>' {
-                    i += 1;
-                }
-            }
-            b'(' => {
-                depth += 1;
-                if depth > MAX_NESTING {
-                    return Err(format!("parentheses nest deeper than {MAX_NESTING}"));
-                }
-            }
-            b')' => depth = depth.saturating_sub(1),
-            b':' if s[i..].starts_with(b"::=") => {
-                rules += 1;
-                if rules > MAX_RULES {
-                    return Err(format!("more than {MAX_RULES} rules"));
-                }
-                i += 3;
-                continue;
-            }
-            b'{' => {
-                // `{m}`, `{m,}`, `{,n}` or `{m,n}`, spaces allowed around the numbers.
-                i += 1;
-                skip_blanks(s, &mut i);
-                let m = number(s, &mut i);
-                skip_blanks(s, &mut i);
-                let mut n = None;
-                if s.get(i) == Some(&b',') {
-                    i += 1;
-                    skip_blanks(s, &mut i);
-                    n = number(s, &mut i);
-                }
-                for c in [m, n].into_iter().flatten() {
-                    if c > MAX_REPETITION {
-                        return Err(format!("the repetition count {c} is over {MAX_REPETITION}"));
-                    }
-                }
-                rep_sum = rep_sum.saturating_add(n.or(m).unwrap_or(0));
-                if rep_sum > MAX_REPETITION_SUM {
-                    return Err(format!("the repetition counts add up to more than {MAX_REPETITION_SUM}"));
-                }
-                continue;
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    Ok(())
 }
 
 /// A trigger pattern is compiled by C++'s std::regex, which copies the operand of a counted
@@ -767,7 +717,17 @@ pub trait Context: Send {
 
     /// One decode step over several sequences (continuous batching): decodes `batch`
     /// (at most n_batch tokens) and samples each request in `samples`, in order.
-    fn step(&mut self, batch: RSlice<'_, BatchToken>, samples: RSlice<'_, SampleRequest>) -> RResult<RVec<Sampled>, BackendError>;
+    ///
+    /// The outer error fails the whole step (the decode itself failed, or the arguments are
+    /// wrong). Otherwise there is exactly one result per request: a sequence whose sampling
+    /// fails (its grammar reached a dead end, or llama.cpp's grammar threw) gets its own
+    /// error there, and the other sequences of the step are still sampled. The batch was
+    /// decoded either way, so the failed sequence's KV cells hold this step's tokens.
+    fn step(
+        &mut self,
+        batch: RSlice<'_, BatchToken>,
+        samples: RSlice<'_, SampleRequest>,
+    ) -> RResult<RVec<RResult<Sampled, BackendError>>, BackendError>;
 
     /// Removes positions `[p0, p1)` of sequence `seq` (`p1 < 0`: to the end) from the KV
     /// cache. Returns false if that cannot be done (see `truncate`).
@@ -856,7 +816,7 @@ mod grammar_tests {
     fn ordinary_grammars_pass() {
         for text in [
             r#"root ::= "yes" | "no""#,
-            "root ::= object\nobject ::= \"{\" ws ( string \":\" ws value ( \",\" ws string \":\" ws value )* )? \"}\"\nws ::= [ \\t\\n]*",
+            "root ::= object\nobject ::= \"{\" ws ( string \":\" ws value ( \",\" ws string \":\" ws value )* )? \"}\"\nws ::= [ \\t\\n]*\nstring ::= \"\\\"\" [a-z]* \"\\\"\"\nvalue ::= string | [0-9]+",
             r#"root ::= [a-z]{1,5} ("," [0-9]{2,})*  # a comment with ((( and {99999}"#,
             r#"root ::= "((((" "\"" [(\]] <[42]> <think>"#,
         ] {

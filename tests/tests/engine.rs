@@ -117,6 +117,30 @@ fn cancelling_one_leaves_the_others_untouched() {
     assert_eq!(kv.backend_tokens, kv.accounted_tokens, "{kv:?}");
 }
 
+/// A request whose grammar reaches a dead end mid-generation ends with `Finish::Error` and
+/// the reason; the request batched with it in the same steps completes, with exactly the
+/// text it produces alone.
+#[test]
+fn a_grammar_dead_end_ends_only_its_own_request() {
+    let config = EngineConfig { slots: 2, queue: 0, size: ContextSize { n_ctx: 1024, n_threads: 2, n_threads_batch: 2, ..ContextSize::default() }, batch_invariant: true, ..EngineConfig::default() };
+    let solo = Engine::start(Arc::clone(unpacked_model()), config.clone()).unwrap().submit(req(PROMPTS[0], greedy(20))).unwrap().collect().0;
+    // "a", then only token 1000, which the logit bias bans: a dead end at the second token.
+    let mut dead = greedy(20);
+    dead.sampling.grammar = Some(llama_host::Grammar::new(r#"root ::= "a" <[1000]>"#));
+    dead.sampling.logit_bias = vec![llama_host::LogitBias { token: 1000, bias: f32::NEG_INFINITY }];
+    let e = Engine::start(Arc::clone(unpacked_model()), config).unwrap();
+    let good = e.submit(req(PROMPTS[0], greedy(20))).unwrap();
+    let bad = e.submit(req(PROMPTS[1], dead)).unwrap();
+    let (bad_text, bad) = bad.collect();
+    assert_eq!((bad_text.as_str(), bad.finish, bad.generated_tokens), ("a", Finish::Error, 1));
+    assert!(bad.error.as_deref().unwrap_or("").contains("dead end"), "{bad:?}");
+    let (text, st) = good.collect();
+    assert_eq!((st.finish, st.generated_tokens), (Finish::Length, 20));
+    assert_eq!(text, solo);
+    let kv = e.kv_usage().unwrap();
+    assert_eq!(kv.backend_tokens, kv.accounted_tokens, "{kv:?}");
+}
+
 /// "At once" is an order of events, not a time: the refusal comes back while the running
 /// request is still unfinished, and it cannot finish by itself because nobody reads its
 /// stream (it pauses after its channel's 4 pieces). A `submit` that waited for room would

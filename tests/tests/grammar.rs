@@ -74,12 +74,16 @@ bool ::= "true" | "false"  # a comment (with a parenthesis"#,
 }
 
 #[test]
-fn a_grammar_llama_cpp_cannot_parse_is_an_invalid_param_with_its_message() {
+fn a_grammar_that_does_not_parse_is_an_invalid_param_with_where_and_why() {
     let model = shared_model();
     for (text, says) in [
-        (r#"root ::= "unterminated"#, "failed to parse grammar"),
-        (r#"root ::= undefined-rule"#, "failed to parse grammar"),
-        (r#"other ::= "a""#, "does not contain a 'root' symbol"),
+        // Refused by the Rust parser, with the line and column.
+        (r#"root ::= "unterminated"#, "line 1, column 10: unterminated string"),
+        (r#"root ::= undefined-rule"#, "line 1, column 10: undefined rule 'undefined-rule'"),
+        (r#"other ::= "a""#, "no rule 'root'"),
+        ("root ::= (\"a\"\n  | \"b\" ]", "line 2, column 9: expecting ')'"),
+        // What only llama.cpp checks: its message.
+        (r#"root ::= root "a" | "b""#, "left recursion"),
     ] {
         let reason = invalid_grammar(model.check_grammar(&Grammar::new(text)));
         assert!(reason.contains(says), "{text}: {reason}");
@@ -176,7 +180,7 @@ fn two_sequences_of_one_context_keep_their_own_grammars() {
             if samples.is_empty() {
                 break;
             }
-            let sampled = ctx.step(&batch, &samples).unwrap();
+            let sampled: Vec<_> = ctx.step(&batch, &samples).unwrap().into_iter().map(Result::unwrap).collect();
             batch.clear();
             let mut next = Vec::new();
             for (r, s) in samples.iter().zip(&sampled) {
@@ -195,6 +199,105 @@ fn two_sequences_of_one_context_keep_their_own_grammars() {
         assert!(a == "yes" || a == "no", "{name}: {a:?}");
         assert!(b.len() == 4 && b.starts_with("abc") && b.as_bytes()[3].is_ascii_digit(), "{name}: {b:?}");
     }
+}
+
+/// A grammar dead end in one sequence of a step is that sequence's error only: the
+/// sequence batched with it (another client's, without a grammar) is sampled in the same
+/// step and goes on to generate exactly what it generates alone.
+#[test]
+fn a_dead_end_in_one_sequence_leaves_the_other_sequence_of_the_step_alone() {
+    let model = smollm2();
+    let prompt = model.tokenize("The capital of France is", true).unwrap();
+    let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
+    // The only token the grammar allows is banned: a dead end at the first sample.
+    let dead = SamplingParams {
+        grammar: Some(Grammar::new("root ::= <[1000]>")),
+        logit_bias: vec![LogitBias { token: 1000, bias: f32::NEG_INFINITY }],
+        ..greedy.clone()
+    };
+    let run = |with_dead_end: bool| -> Vec<i32> {
+        let size = ContextSize { n_ctx: 512, n_threads: 2, n_threads_batch: 2, ..ContextSize::default() };
+        let mut ctx = model.new_context(&ContextParams { size, n_seq_max: 2, ..ContextParams::default() }).unwrap();
+        ctx.set_seq_sampling(0, &greedy, &prompt).unwrap();
+        let mut batch: Vec<BatchToken> =
+            prompt.iter().enumerate().map(|(i, &t)| BatchToken { token: t, pos: i as i32, seq: 0, logits: i + 1 == prompt.len() }).collect();
+        let mut samples = vec![SampleRequest { seq: 0, index: prompt.len() as i32 - 1 }];
+        if with_dead_end {
+            ctx.set_seq_sampling(1, &dead, &prompt).unwrap();
+            batch.extend(prompt.iter().enumerate().map(|(i, &t)| BatchToken { token: t, pos: i as i32, seq: 1, logits: i + 1 == prompt.len() }));
+            samples.push(SampleRequest { seq: 1, index: batch.len() as i32 - 1 });
+        }
+        let mut first = ctx.step(&batch, &samples).expect("the step as a whole succeeds");
+        assert_eq!(first.len(), samples.len());
+        if with_dead_end {
+            match first.pop().unwrap() {
+                Err(llama_host::BackendError::InvalidParam { field, reason }) => {
+                    assert_eq!(field, "grammar");
+                    assert!(reason.contains("sequence 1") && reason.contains("dead end"), "{reason}");
+                }
+                other => panic!("the dead-end sequence sampled {other:?}"),
+            }
+            // The engine frees the failed sequence's cells; the survivor goes on alone.
+            assert!(ctx.seq_remove(1, 0, -1));
+        }
+        let mut out = vec![first.pop().unwrap().expect("the other sequence is sampled").token];
+        let mut pos = prompt.len() as i32;
+        while out.len() < 16 {
+            let batch = [BatchToken { token: *out.last().unwrap(), pos, seq: 0, logits: true }];
+            let s = ctx.step(&batch, &[SampleRequest { seq: 0, index: 0 }]).unwrap().pop().unwrap().unwrap();
+            if s.is_eog {
+                break;
+            }
+            out.push(s.token);
+            pos += 1;
+        }
+        out
+    };
+    let alone = run(false);
+    assert!(alone.len() > 4, "{alone:?}");
+    assert_eq!(run(true), alone);
+}
+
+/// libstdc++'s regex recurses per character of searched text, about 300 bytes more per
+/// group around the repeated part: with 21 nested groups a 2 MiB thread (this test's) overflowed
+/// after 313 characters. The backend runs the trigger search on a thread of its own with
+/// a large stack, so well past that length the generation goes on.
+#[test]
+fn a_long_untriggered_output_does_not_overflow_a_small_stack() {
+    let model = smollm2();
+    let pattern = format!(r"{}[\s\S]{}*?(<tool_call>[\s\S]*)", "(".repeat(21), ")".repeat(21));
+    let g = Grammar { lazy: true, trigger_patterns: vec![pattern], ..Grammar::new(r#"root ::= "<tool_call>" [a-z]*"#) };
+    let mut o = opts(Some(g), 0.8, 160);
+    o.sampling.seed = 11;
+    // SmolLM2's <|endoftext|>, <|im_start|>, <|im_end|>: the story never ends by itself.
+    o.sampling.logit_bias = (0..3).map(|token| LogitBias { token, bias: f32::NEG_INFINITY }).collect();
+    let out = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || generate(model, "Write a long story about a fox who lives in a forest.", &o))
+        .unwrap()
+        .join()
+        .unwrap()
+        .unwrap();
+    assert!(out.len() > 400 && !out.contains("<tool_call>"), "{} bytes: {out:?}", out.len());
+}
+
+/// The trigger search's stack is bounded by bounding the output it may search, from the
+/// patterns' cost: past it the sequence fails with an error, never a crash.
+#[test]
+fn a_lazy_grammar_fails_past_its_trigger_search_bound() {
+    let model = smollm2();
+    // 300 groups around one character: cheap to search (nothing repeats), but counted as
+    // costly, so the bound is small.
+    let pattern = format!("{}\\x01{}", "(".repeat(300), ")".repeat(300));
+    let limit = llama_plugin_api::grammar_bounds::max_untriggered_bytes([pattern.as_str()]);
+    assert!(limit < 1500, "{limit}");
+    let g = Grammar { lazy: true, trigger_patterns: vec![pattern], ..Grammar::new(r#"root ::= "<tool_call>""#) };
+    let mut o = opts(Some(g), 0.8, 2000);
+    o.sampling.seed = 5;
+    // SmolLM2's <|endoftext|>, <|im_start|>, <|im_end|>: the story never ends by itself.
+    o.sampling.logit_bias = (0..3).map(|token| LogitBias { token, bias: f32::NEG_INFINITY }).collect();
+    let reason = invalid_grammar(generate(model, "Write a long story about a fox who lives in a forest.", &o));
+    assert!(reason.contains(&format!("over the {limit} bytes")), "{reason}");
 }
 
 /// Tokens per second of generation with and without a grammar the model's text mostly

@@ -244,7 +244,7 @@ impl LlamaContext {
         Ok(&mut self.seq_samplers[seq as usize])
     }
 
-    fn step_batch(&mut self, tokens: &[BatchToken], samples: &[SampleRequest]) -> Result<RVec<Sampled>, BackendError> {
+    fn step_batch(&mut self, tokens: &[BatchToken], samples: &[SampleRequest]) -> Result<RVec<RResult<Sampled, BackendError>>, BackendError> {
         if tokens.is_empty() {
             return Err(invalid("batch", "empty"));
         }
@@ -296,13 +296,17 @@ impl LlamaContext {
         for r in samples {
             let sampler = self.seq_samplers[r.seq as usize].as_mut().expect("checked above");
             // Entry `r.index` of the batch just decoded computed logits (checked above).
-            let token = sampler.sample(ctx, r.index, n_vocab).map_err(|e| match e {
-                BackendError::InvalidParam { field, reason } => {
-                    BackendError::InvalidParam { field, reason: RString::from(format!("sequence {}: {reason}", r.seq)) }
+            // One sequence's failure (a grammar dead end, a C++ exception the shim caught)
+            // is that sequence's result only: the sequences batched with it belong to
+            // other clients and are sampled as if it were not there.
+            let result = match sampler.sample(ctx, r.index, n_vocab) {
+                Ok(token) => RResult::ROk(Sampled { token, is_eog: self.model.is_eog(token) }),
+                Err(BackendError::InvalidParam { field, reason }) => {
+                    RResult::RErr(BackendError::InvalidParam { field, reason: RString::from(format!("sequence {}: {reason}", r.seq)) })
                 }
-                other => other,
-            })?;
-            out.push(Sampled { token, is_eog: self.model.is_eog(token) });
+                Err(other) => RResult::RErr(other),
+            };
+            out.push(result);
         }
         Ok(out)
     }
@@ -362,7 +366,11 @@ impl llama_plugin_api::Context for LlamaContext {
         })
     }
 
-    fn step(&mut self, batch: RSlice<'_, BatchToken>, samples: RSlice<'_, SampleRequest>) -> RResult<RVec<Sampled>, BackendError> {
+    fn step(
+        &mut self,
+        batch: RSlice<'_, BatchToken>,
+        samples: RSlice<'_, SampleRequest>,
+    ) -> RResult<RVec<RResult<Sampled, BackendError>>, BackendError> {
         guard(|| self.step_batch(batch.as_slice(), samples.as_slice()))
     }
 

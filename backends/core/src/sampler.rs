@@ -47,10 +47,23 @@ fn message(buf: &[u8]) -> String {
 /// llama.cpp's grammar sampler, on its own (never inside a chain).
 pub(crate) struct GrammarSampler {
     raw: NonNull<sys::llama_sampler>,
+    /// With trigger patterns: the vocabulary (to size each accepted token's text), the
+    /// bytes of output accepted so far, and how many the trigger search may look at.
+    lazy: Option<LazySearch>,
+}
+
+/// The stack bound of a lazy grammar's trigger search (see `grammar_bounds`). The count is
+/// of all output accepted, an upper bound of llama.cpp's trigger buffer (which it clears
+/// when the trigger fires, a moment this side cannot see).
+struct LazySearch {
+    vocab: *const sys::llama_vocab,
+    fed: usize,
+    limit: usize,
 }
 
 // SAFETY: a grammar sampler is plain heap state (rules, stacks, a pointer to the model's
-// immutable vocabulary) with no thread affinity; its owner is used by one thread at a time.
+// immutable vocabulary, which `LazySearch` also holds) with no thread affinity; its owner is
+// used by one thread at a time (the trigger search thread borrows it while its owner waits).
 unsafe impl Send for GrammarSampler {}
 
 impl Drop for GrammarSampler {
@@ -105,7 +118,12 @@ impl GrammarSampler {
             // llama.cpp's parser returns NULL after logging why (its first error line).
             invalid("grammar", logged.unwrap_or_else(|| "llama.cpp could not parse the grammar".to_string()))
         })?;
-        Ok(GrammarSampler { raw })
+        let lazy = (g.lazy && !g.trigger_patterns.is_empty()).then(|| LazySearch {
+            vocab,
+            fed: 0,
+            limit: llama_plugin_api::grammar_bounds::max_untriggered_bytes(g.trigger_patterns.iter().map(|p| p.as_str())),
+        });
+        Ok(GrammarSampler { raw, lazy })
     }
 
     /// Lets the grammar set the logit of every candidate it rejects to -inf.
@@ -120,7 +138,42 @@ impl GrammarSampler {
     }
 
     /// Advances the grammar past `token`, which `apply` allowed.
+    ///
+    /// A grammar with trigger patterns may run llama.cpp's trigger search here, a
+    /// `std::regex_search` over all the output so far whose recursion grows with its
+    /// length: it runs on a thread with `TRIGGER_SEARCH_STACK` of stack, whatever the
+    /// caller's thread (a 2 MiB Rust thread overflowed after about 11,900 characters with
+    /// the usual tool-call pattern), and the output it may search is bounded so that the
+    /// search fits that stack.
     fn accept(&mut self, token: i32) -> Result<(), BackendError> {
+        use llama_plugin_api::grammar_bounds::TRIGGER_SEARCH_STACK;
+        let Some(lazy) = &mut self.lazy else { return self.accept_here(token) };
+        // SAFETY: the vocabulary belongs to the live model; a null buffer of length 0 only
+        // asks for the piece's size (returned negated when it does not fit).
+        let piece = unsafe { sys::llama_token_to_piece(lazy.vocab, token, std::ptr::null_mut(), 0, 0, true) };
+        lazy.fed = lazy.fed.saturating_add(piece.unsigned_abs() as usize);
+        if lazy.fed > lazy.limit {
+            return Err(invalid(
+                "grammar",
+                format!(
+                    "the output reached {} bytes, over the {} bytes a lazy grammar's trigger patterns may be searched in (their stack bound)",
+                    lazy.fed, lazy.limit
+                ),
+            ));
+        }
+        // A fresh thread per token costs tens of microseconds against milliseconds of
+        // decoding; its stack is virtual memory, committed only as far as the search goes.
+        std::thread::scope(|s| {
+            let search = std::thread::Builder::new()
+                .name("llama-grammar".into())
+                .stack_size(TRIGGER_SEARCH_STACK)
+                .spawn_scoped(s, || self.accept_here(token))
+                .map_err(|e| invalid("grammar", format!("cannot start the trigger search thread: {e}")))?;
+            search.join().unwrap_or_else(|_| Err(invalid("grammar", "the trigger search panicked")))
+        })
+    }
+
+    fn accept_here(&mut self, token: i32) -> Result<(), BackendError> {
         let mut err = [0u8; ERR_LEN];
         // SAFETY: the grammar sampler is alive; a token the grammar cannot take makes
         // llama.cpp throw, which the shim catches.
@@ -135,6 +188,9 @@ impl GrammarSampler {
         // SAFETY: valid sampler owned by self. llama.cpp rebuilds the grammar from the text
         // it already parsed (and patterns std::regex already compiled once).
         unsafe { sys::llama_sampler_reset(self.raw.as_ptr()) }
+        if let Some(lazy) = &mut self.lazy {
+            lazy.fed = 0;
+        }
     }
 }
 

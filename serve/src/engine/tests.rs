@@ -178,3 +178,18 @@ fn a_shut_down_engine_says_so_and_refuses_requests() {
     assert!(!e.is_running());
     assert!(matches!(e.submit(request("y", None)), Err(SubmitError::Stopped)));
 }
+
+/// A sequence whose sampling fails inside a step (a grammar dead end, say) ends its own
+/// request with the reason; the request batched with it in the same steps completes.
+#[test]
+fn a_sampling_failure_ends_only_its_own_request() {
+    let (e, fake) = start("fine", config(2, 2));
+    *fake.fail_sample_on.lock().unwrap() = Some(i32::from(b'!'));
+    let bad = e.submit(request("poisoned!", None)).unwrap();
+    let good = e.submit(request("healthy", None)).unwrap();
+    let (_, bad) = finish(bad);
+    assert_eq!(bad.finish, Finish::Error);
+    assert!(bad.error.as_deref().unwrap_or("").contains("dead end"), "{bad:?}");
+    let (text, good) = finish(good);
+    assert_eq!((text.as_str(), good.finish), ("fine", Finish::Stop));
+}

@@ -446,7 +446,18 @@ impl Worker {
             }
         }
         for (i, s) in sampled_slots.into_iter().zip(sampled) {
-            self.accept(i, s);
+            match s {
+                Ok(s) => self.accept(i, s),
+                // One sequence's sampling failed (its grammar reached a dead end): only its
+                // request ends; the others of the step got their tokens and carry on.
+                Err(e) => {
+                    let slot = &self.slots[i];
+                    if let Some(a) = &slot.active {
+                        a.job.span.in_scope(|| tracing::info!(error = %e, "sampling failed"));
+                    }
+                    self.finish(i, Finish::Error, Some(e.to_string()));
+                }
+            }
         }
         self.publish_kv();
     }
