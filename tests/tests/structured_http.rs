@@ -68,7 +68,7 @@ fn bad_constraints_get_400_naming_the_problem() {
         ("GBNF that does not parse", chat(json!({"grammar": "root ::= (\"a\" | "})).to_string(), "grammar"),
         ("an undefined rule", chat(json!({"grammar": "root ::= answer"})).to_string(), "answer"),
         ("an unsupported schema keyword", chat(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "not": {}}}}})).to_string(), "'not'"),
-        ("a schema nested 10,000 deep", format!("{{\"prompt\": \"x\", \"json_schema\": {}}}", nested(10_000)), "recursion limit"),
+        ("a schema nested 10,000 deep", format!("{{\"prompt\": \"x\", \"json_schema\": {}}}", nested(10_000)), "nested deeper than 128"),
         ("a schema nested 100 deep", format!("{{\"prompt\": \"x\", \"json_schema\": {}}}", nested(100)), "deep"),
         (
             "a $ref cycle with no base case",
@@ -80,7 +80,7 @@ fn bad_constraints_get_400_naming_the_problem() {
             chat(json!({"json_schema": {"type": "object", "properties": {"me": {"$ref": "#"}}, "required": ["me"]}})).to_string(),
             "base case",
         ),
-        ("a grammar of 10 MB", json!({"prompt": "x", "grammar": huge_grammar}).to_string(), "grammar"),
+        ("a grammar of 10 MB", chat(json!({"grammar": huge_grammar})).to_string(), "1048576"),
         ("a tool whose parameters is not a schema", chat(json!({"tools": tool(json!("a string"))})).to_string(), "'f'"),
         ("a tool whose parameters has a bad type", chat(json!({"tools": tool(json!({"type": "object", "properties": {"a": {"type": "strange"}}}))})).to_string(), "'f'"),
         ("a tool with a bad name", chat(json!({"tools": [{"type": "function", "function": {"name": "no spaces allowed", "parameters": {}}}]})).to_string(), "name"),

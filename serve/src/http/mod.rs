@@ -419,7 +419,12 @@ async fn read_json<T: serde::de::DeserializeOwned>(state: &AppState, req: Reques
         }
         Ok(Err(_)) => return Err(ApiError::bad_request("could not read the request body", None)),
     };
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid request: {}", clip(&e.to_string(), 200)), None))
+    serde_json::from_slice(&bytes).map_err(|e| {
+        // serde_json's own words ("recursion limit exceeded") do not say which limit.
+        let why = e.to_string();
+        let why = if why.starts_with("recursion limit exceeded") { format!("the JSON is nested deeper than 128 levels ({why})") } else { why };
+        ApiError::bad_request(format!("invalid request: {}", clip(&why, 200)), None)
+    })
 }
 
 fn check_key(config: &ServerConfig, req: &Request<Incoming>) -> Result<(), ApiError> {

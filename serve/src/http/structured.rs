@@ -133,6 +133,11 @@ impl Constraint {
             let choice = ToolChoice::from_openai(f.tool_choice).map_err(|e| ApiError::bad_request(clip(&e.to_string(), 300), Some("tool_choice")))?;
             // llama-server's default, not OpenAI's (true): small models asked for "one or
             // more" calls tend to repeat the same call until max_tokens.
+            if let ToolChoice::Named(name) = &choice {
+                if !tools.iter().any(|t| t.name == *name) {
+                    return Err(ApiError::bad_request(format!("tool_choice names '{}', which is not among the tools", clip(name, 64)), Some("tool_choice")));
+                }
+            }
             let parallel = f.parallel_tool_calls.unwrap_or(false);
             // Every tool's schema is converted now, in the format-independent shape, so a
             // bad one is refused before a model is loaded for the request.
