@@ -117,3 +117,21 @@ fn bad_constraints_are_refused_before_the_model_loads() {
     let o = llama(&["run", "-m", m, "-p", "x", "--json", "--grammar", "root ::= \"a\""]);
     assert_exit(&o, 2);
 }
+
+#[test]
+fn the_config_file_sets_a_constraint_and_a_flag_replaces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[defaults]\ngrammar = 'root ::= \"from-config\"'\n").unwrap();
+    let smol = smollm2_model_path();
+    let base = ["--config", config.to_str().unwrap(), "run", "-m", smol.to_str().unwrap(), "--chat", "-p", "Hi", "-n", "16", "--temp", "0", "-t", "2"];
+    let o = llama(&base);
+    assert_exit(&o, 0);
+    assert_eq!(stdout(&o).trim(), "from-config");
+    // A constraint flag replaces the file's (never two at once).
+    let mut args = base.to_vec();
+    args.extend(["--grammar", "root ::= \"from-flag\""]);
+    let o = llama(&args);
+    assert_exit(&o, 0);
+    assert_eq!(stdout(&o).trim(), "from-flag");
+}
