@@ -289,8 +289,10 @@ pub struct Grammar {
     /// matches the text generated so far, or a trigger token is sampled); before that the
     /// output is free.
     pub lazy: bool,
-    /// Regular expressions (ECMAScript, as C++'s std::regex reads them) that start a lazy
-    /// grammar.
+    /// Regular expressions that start a lazy grammar: Rust `regex` syntax over bytes
+    /// ([`grammar_bounds::trigger_regex`]; no look-around), matched against the output from
+    /// its start. The grammar applies from the first capture group (the whole match without
+    /// one).
     pub trigger_patterns: RVec<RString>,
     /// Token ids that start a lazy grammar.
     pub trigger_tokens: RVec<i32>,
@@ -319,32 +321,20 @@ pub mod grammar_bounds {
     pub const MAX_PATTERN_REPETITION_PRODUCT: u64 = 1_000;
     /// Most trigger tokens.
     pub const MAX_TRIGGER_TOKENS: usize = 1024;
-    /// Stack a backend gives llama.cpp's trigger-pattern search: while a lazy grammar
-    /// waits for its trigger, llama.cpp runs `std::regex_search` of every pattern over all
-    /// the output so far after each token, and libstdc++'s regex recurses once per
-    /// character (measured: 176 bytes per character for `[\s\S]*?(<tool_call>[\s\S]*)`,
-    /// about 300 more per group around the repeated part; docs/ARCHITECTURE.md). The
-    /// backend runs that search on a thread of its own with this much stack (virtual memory:
-    /// only the pages touched are committed).
-    pub const TRIGGER_SEARCH_STACK: usize = 256 << 20;
-    /// The part of [`TRIGGER_SEARCH_STACK`] the search may use; the rest is margin for
-    /// llama.cpp's own frames.
-    pub const TRIGGER_SEARCH_BUDGET: usize = 192 << 20;
 
-    /// A conservative bound of the stack bytes one character of searched text costs
-    /// `pattern` (measured: 176 with one group after the repetition, 6,700 with 21 nested
-    /// groups around it, 12,000 to 15,000 with 40): 512 per character plus 512 for each
-    /// group or alternative.
-    pub fn trigger_stack_per_byte(pattern: &str) -> usize {
-        512 + 512 * pattern.bytes().filter(|&b| b == b'(' || b == b'|').count()
-    }
-
-    /// How many bytes of output a lazy grammar with these trigger patterns may search for
-    /// its trigger within [`TRIGGER_SEARCH_BUDGET`]; beyond it the sequence fails with an
-    /// error rather than overflow the stack.
-    pub fn max_untriggered_bytes<'a>(patterns: impl IntoIterator<Item = &'a str>) -> usize {
-        let cost = patterns.into_iter().map(trigger_stack_per_byte).max().unwrap_or(1);
-        TRIGGER_SEARCH_BUDGET / cost
+    /// Compiles a lazy grammar's trigger pattern the way backends match it: Rust `regex`
+    /// syntax over bytes (Unicode off: `\s`, `\w`, `.` and classes see bytes, as C++'s
+    /// std::regex saw llama.cpp's std::string), leftmost-first like ECMAScript. The `regex`
+    /// crate matches in linear time without recursion, so it has no look-around and no
+    /// back-references; a pattern using them is refused with the crate's reason.
+    pub fn trigger_regex(pattern: &str) -> Result<regex::bytes::Regex, String> {
+        regex::bytes::RegexBuilder::new(pattern).unicode(false).build().map_err(|e| match e {
+            // The syntax error's text is a caret diagram; its last line says what is wrong.
+            regex::Error::Syntax(text) => {
+                text.lines().rev().find_map(|l| l.strip_prefix("error: ")).map_or(text.clone(), str::to_string)
+            }
+            other => other.to_string(),
+        })
     }
     /// Longest rule name given as the root.
     pub const MAX_ROOT_BYTES: usize = 256;
@@ -480,6 +470,9 @@ impl Grammar {
                 return Err(invalid(field, format!("trigger pattern {i} contains a NUL byte")));
             }
             scan_pattern(pat.as_bytes()).map_err(|reason| invalid(field, format!("trigger pattern {i}: {reason}")))?;
+            trigger_regex(pat).map_err(|reason| {
+                invalid(field, format!("trigger pattern {i} ({pat:?}) is not supported: {reason} (patterns are Rust regex syntax, matched in linear time)"))
+            })?;
         }
         if self.trigger_tokens.len() > MAX_TRIGGER_TOKENS {
             return Err(invalid(field, format!("{} trigger tokens is over the limit of {MAX_TRIGGER_TOKENS}", self.trigger_tokens.len())));
@@ -891,6 +884,18 @@ mod grammar_tests {
         assert!(refused(&g).contains("multiply"));
         g.trigger_patterns = vec![RString::from(r"[\s\S]*?<tool>\{[0-9]{1,3}\}")].into();
         assert_eq!(g.validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_trigger_pattern_with_look_around_is_refused_by_name() {
+        let mut g = grammar(r#"root ::= "a""#);
+        g.lazy = true;
+        g.trigger_patterns = vec![RString::from(r"^[\s\S]*?(<tool_call>[\s\S]*)"), RString::from(r"^(?!\s*<think>)\s*(\{[\s\S]*)")].into();
+        let reason = refused(&g);
+        assert!(reason.contains("trigger pattern 1") && reason.contains(r"(?!\\s*<think>)"), "{reason}");
+        assert!(reason.contains("look-around"), "{reason}");
+        g.trigger_patterns = vec![RString::from(r"(a)\1")].into();
+        assert!(refused(&g).contains("back"), "{}", refused(&g));
     }
 
     #[test]

@@ -232,8 +232,9 @@ fn not_containing(tag: &str) -> String {
 ///   (a marker inside an unclosed block does not fire) and otherwise fire as before.
 ///
 /// Relies on the `^`-anchored patterns [`tool_grammar`] builds; others get the prefix too.
+/// The patterns use no look-around: the backend matches them with Rust's `regex` crate
+/// (linear time), which has none.
 pub fn after_reasoning(spec: GrammarSpec, forced_open: bool, tags: &ThinkTags) -> GrammarSpec {
-    let open_re = regex_escape(tags.open);
     let close_re = regex_escape(tags.close);
     let insert = |p: &str, prefix: &str| format!("^{prefix}{}", p.strip_prefix('^').unwrap_or(p));
     let mut spec = spec;
@@ -255,8 +256,7 @@ pub fn after_reasoning(spec: GrammarSpec, forced_open: bool, tags: &ThinkTags) -
             spec.trigger_patterns = vec![anywhere(&close_re)];
         }
         (false, true) => {
-            let prefix = format!("(?:\\s*{open_re}[\\s\\S]*?{close_re}|(?!\\s*{open_re}))");
-            spec.trigger_patterns = spec.trigger_patterns.iter().map(|p| insert(p, &prefix)).collect();
+            spec.trigger_patterns = spec.trigger_patterns.iter().map(|p| skip_leading_block(p, tags)).collect();
         }
         (false, false) => {
             spec.text = format!(
@@ -271,4 +271,48 @@ pub fn after_reasoning(spec: GrammarSpec, forced_open: bool, tags: &ThinkTags) -
         }
     }
     spec
+}
+
+/// `pattern` firing only outside a leading reasoning block: when the output starts (after
+/// whitespace) with the open tag, the trigger counts only after the close tag.
+///
+/// This was `^(?:\s*OPEN[\s\S]*?CLOSE|(?!\s*OPEN))...`; the backend's matcher (the `regex`
+/// crate, chosen for its linear time) has no look-ahead, so "does not start with OPEN" is
+/// spelled out. For [`anywhere`]'s `^[\s\S]*?(MARKER[\s\S]*)`, the text before the marker,
+/// after leading whitespace, either
+/// - is a proper prefix `OPEN[..m]` of the open tag that the marker then leaves (checked
+///   here, on the literal texts), or
+/// - follows the open tag for `j` bytes and then differs from it (`OPEN[..j][^OPEN[j]]`),
+///   with anything after;
+///
+/// which together are exactly the texts not starting with OPEN. Other patterns (the JSON
+/// form `^\s*(\{...)`, which cannot begin with a tag) get an optional leading block: the
+/// look-ahead added nothing to them. Byte-wise, as the matcher reads the output.
+fn skip_leading_block(pattern: &str, tags: &ThinkTags) -> String {
+    let block = format!("\\s*{}[\\s\\S]*?{}", regex_escape(tags.open), regex_escape(tags.close));
+    let body = pattern.strip_prefix('^').unwrap_or(pattern);
+    let marker_re = body.strip_prefix("[\\s\\S]*?(").and_then(|g| g.strip_suffix("[\\s\\S]*)"));
+    let Some(marker_re) = marker_re else { return format!("^(?:{block})?{body}") };
+    // regex_escape only puts a backslash before single characters.
+    let mut marker = String::new();
+    let mut chars = marker_re.chars();
+    while let Some(c) = chars.next() {
+        marker.push(if c == '\\' { chars.next().unwrap_or(c) } else { c });
+    }
+    let hex = |b: u8| format!("\\x{b:02X}");
+    let lit = |bs: &[u8]| bs.iter().map(|&b| hex(b)).collect::<String>();
+    let open = tags.open.as_bytes();
+    let mut alts = vec![format!("{block}[\\s\\S]*?")];
+    for m in 0..open.len() {
+        let mut text = open[..m].to_vec();
+        text.extend_from_slice(marker.as_bytes());
+        if !text.starts_with(open) {
+            alts.push(format!("\\s*{}", lit(&open[..m])));
+        }
+    }
+    for j in 0..open.len() {
+        let other = if j == 0 { format!("[^\\s{}]", hex(open[0])) } else { format!("[^{}]", hex(open[j])) };
+        alts.push(format!("\\s*{}{other}[\\s\\S]*?", lit(&open[..j])));
+    }
+    format!("^(?:{})({marker_re}[\\s\\S]*)", alts.join("|"))
 }

@@ -537,11 +537,42 @@ fn grammar_after_a_forced_open_think_block() {
 #[test]
 fn grammar_with_an_optional_think_block() {
     let lazy = after_reasoning(grammar(ToolFormat::Llama3, ToolChoice::Auto, true), false, &ThinkTags::THINK);
-    assert_eq!(lazy.trigger_patterns[1], r#"^(?:\s*<think>[\s\S]*?<\/think>|(?!\s*<think>))\s*(\{\s*"name"[\s\S]*)"#);
+    assert_eq!(lazy.trigger_patterns[1], r#"^(?:\s*<think>[\s\S]*?<\/think>)?\s*(\{\s*"name"[\s\S]*)"#);
     let whole = after_reasoning(grammar(ToolFormat::Generic, ToolChoice::Auto, true), false, &ThinkTags::COMMAND_R7B);
     assert!(!whole.lazy);
     assert_eq!(rule(&whole, "think-wrap-root"), r#"( think-wrap-ws "<|START_THINKING|>" think-wrap-body "<|END_THINKING|>" think-wrap-ws )? root"#);
     assert!(rule(&whole, "think-wrap-body").starts_with(r#"( [^<] | "<" [^|] | "<|" [^E] |"#), "{}", whole.text);
+}
+
+/// The look-ahead-free triggers behave as `(?!\s*<think>)` did, checked with the syntax the
+/// backends match them in (`trigger_regex`, the regex crate over bytes).
+#[test]
+fn triggers_skip_a_leading_think_block_without_look_around() {
+    use llama_plugin_api::grammar_bounds::trigger_regex;
+    let lazy = after_reasoning(grammar(ToolFormat::Hermes, ToolChoice::Auto, true), false, &ThinkTags::THINK);
+    let hermes: Vec<_> = lazy.trigger_patterns.iter().map(|p| trigger_regex(p).unwrap()).collect();
+    // Where the grammar starts (the first group), or None when nothing fires.
+    let fires = |text: &str| hermes.iter().find_map(|re| re.captures(text.as_bytes()).map(|c| c.get(1).unwrap().start()));
+    assert_eq!(fires("<tool_call>{"), Some(0));
+    assert_eq!(fires("  <tool_call>"), Some(2));
+    assert_eq!(fires("Sure. <tool_call>"), Some(6));
+    assert_eq!(fires("<<tool_call>"), Some(1));
+    assert_eq!(fires("<thi<tool_call>"), Some(4), "not a think block: fires");
+    assert_eq!(fires("<thinking><tool_call>"), Some(10), "differs at byte 6: not the open tag");
+    assert_eq!(fires(" <think>plan <tool_call>"), None, "inside an unclosed block");
+    assert_eq!(fires("<think>plan <tool_call></think>"), None, "inside the block, even once closed");
+    assert_eq!(fires("<think>plan</think>\n<tool_call>"), Some(20));
+    let llama3 = after_reasoning(grammar(ToolFormat::Llama3, ToolChoice::Auto, true), false, &ThinkTags::THINK);
+    let json = trigger_regex(&llama3.trigger_patterns[1]).unwrap();
+    assert!(json.is_match(b"<think>x</think> {\"name\""));
+    assert!(json.is_match(b" {\"name\""));
+    assert!(!json.is_match(b"<think> {\"name\""));
+    for p in lazy.trigger_patterns.iter().chain(&llama3.trigger_patterns) {
+        assert!(!p.contains("(?!") && !p.contains("(?="), "{p}");
+    }
+    let r7b = after_reasoning(grammar(ToolFormat::Hermes, ToolChoice::Auto, true), false, &ThinkTags::COMMAND_R7B);
+    let re = trigger_regex(&r7b.trigger_patterns[0]).unwrap();
+    assert!(re.is_match(b"<|START_THINK<tool_call>") && !re.is_match(b"<|START_THINKING|> <tool_call>"));
 }
 
 #[test]

@@ -7,6 +7,7 @@ mod guard;
 mod log;
 mod model;
 mod sampler;
+mod trigger;
 
 use std::sync::Once;
 

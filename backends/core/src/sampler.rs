@@ -6,11 +6,14 @@
 //! token of the vocabulary against the grammar costs far more than the chain, so the chain
 //! picks first and only the chosen token is checked; only when the grammar rejects it are
 //! all candidates filtered by the grammar and the chain run again on what is left.
+//!
+//! A lazy grammar's trigger search is done here, in Rust (src/trigger.rs), not by llama.cpp.
 
 use std::ffi::{c_char, CString};
 use std::ptr::NonNull;
 
 use llama_cpp_sys_2 as sys;
+use crate::trigger::TriggerSearch;
 use crate::{invalid, log};
 use llama_plugin_api::abi_stable::std_types::ROption;
 use llama_plugin_api::{BackendError, Grammar, SamplingParams};
@@ -45,30 +48,33 @@ fn message(buf: &[u8]) -> String {
 }
 
 /// llama.cpp's grammar sampler, on its own (never inside a chain).
+///
+/// A lazy grammar is built non-lazy and held back: llama.cpp's own lazy mode re-searches
+/// the whole output with std::regex after every token (quadratic time, and a recursion per
+/// character), which stalled every sequence sharing the compute thread. Until a trigger
+/// fires, this side watches the output ([`Waiting`]) and the grammar neither filters nor
+/// sees tokens; when one fires, the grammar is advanced over the triggering text.
 pub(crate) struct GrammarSampler {
     raw: NonNull<sys::llama_sampler>,
-    /// With trigger patterns: the vocabulary (to size each accepted token's text), the
-    /// bytes of output accepted so far, and how many the trigger search may look at.
-    lazy: Option<LazySearch>,
+    vocab: *const sys::llama_vocab,
+    /// A lazy grammar's triggers, and whether it is still waiting for one.
+    lazy: Option<Lazy>,
 }
 
-/// The stack bound of a lazy grammar's trigger search (see `grammar_bounds`). The count is
-/// of all output accepted, an upper bound of llama.cpp's trigger buffer (which it clears
-/// when the trigger fires, a moment this side cannot see).
-struct LazySearch {
-    vocab: *const sys::llama_vocab,
-    fed: usize,
-    limit: usize,
+struct Lazy {
+    tokens: Vec<i32>,
+    /// With trigger patterns: the search over the output so far.
+    search: Option<TriggerSearch>,
+    waiting: bool,
 }
 
 // SAFETY: a grammar sampler is plain heap state (rules, stacks, a pointer to the model's
-// immutable vocabulary, which `LazySearch` also holds) with no thread affinity; its owner is
-// used by one thread at a time (the trigger search thread borrows it while its owner waits).
+// immutable vocabulary) with no thread affinity; its owner is used by one thread at a time.
 unsafe impl Send for GrammarSampler {}
 
 impl Drop for GrammarSampler {
     fn drop(&mut self) {
-        // SAFETY: built by llama_sampler_init_grammar*, owned by no chain, freed once.
+        // SAFETY: built by llama_sampler_init_grammar, owned by no chain, freed once.
         unsafe { sys::llama_sampler_free(self.raw.as_ptr()) }
     }
 }
@@ -86,24 +92,22 @@ impl GrammarSampler {
         let cstr = |s: &str| CString::new(s).map_err(|_| invalid("grammar", "contains a NUL byte"));
         let text = cstr(&g.text)?;
         let root = cstr(&g.root)?;
-        let patterns: Vec<CString> = g.trigger_patterns.iter().map(|p| cstr(p)).collect::<Result<_, _>>()?;
-        let mut pattern_ptrs: Vec<*const c_char> = patterns.iter().map(|p| p.as_ptr()).collect();
         let mut out = std::ptr::null_mut();
         let mut err = [0u8; ERR_LEN];
         log::clear_first_error();
-        // SAFETY: every string is NUL-terminated and outlives the call; the pattern and
-        // token arrays hold the lengths passed; the vocabulary belongs to the live model
-        // (the caller holds it). The shim catches C++ exceptions.
+        // SAFETY: both strings are NUL-terminated and outlive the call; no pattern or token
+        // array is passed (lazy = false); the vocabulary belongs to the live model (the
+        // caller holds it). The shim catches C++ exceptions.
         let threw = unsafe {
             llama_rs_grammar_init(
                 vocab,
                 text.as_ptr(),
                 root.as_ptr(),
-                g.lazy,
-                pattern_ptrs.as_mut_ptr(),
-                pattern_ptrs.len(),
-                g.trigger_tokens.as_ptr(),
-                g.trigger_tokens.len(),
+                false,
+                std::ptr::null_mut(),
+                0,
+                std::ptr::null(),
+                0,
                 &mut out,
                 err.as_mut_ptr().cast(),
                 ERR_LEN,
@@ -111,23 +115,36 @@ impl GrammarSampler {
         };
         let logged = log::take_first_error();
         if threw != 0 {
-            // A trigger pattern std::regex refused is the usual cause.
             return Err(invalid("grammar", format!("llama.cpp refused the grammar: {}", message(&err))));
         }
         let raw = NonNull::new(out).ok_or_else(|| {
             // llama.cpp's parser returns NULL after logging why (its first error line).
             invalid("grammar", logged.unwrap_or_else(|| "llama.cpp could not parse the grammar".to_string()))
         })?;
-        let lazy = (g.lazy && !g.trigger_patterns.is_empty()).then(|| LazySearch {
-            vocab,
-            fed: 0,
-            limit: llama_plugin_api::grammar_bounds::max_untriggered_bytes(g.trigger_patterns.iter().map(|p| p.as_str())),
-        });
-        Ok(GrammarSampler { raw, lazy })
+        // Owned from here: an error below frees it.
+        let mut sampler = GrammarSampler { raw, vocab, lazy: None };
+        if g.lazy {
+            let search = if g.trigger_patterns.is_empty() {
+                None
+            } else {
+                let patterns: Vec<&str> = g.trigger_patterns.iter().map(|p| p.as_str()).collect();
+                Some(TriggerSearch::new(&patterns).map_err(|e| invalid("grammar", e.0))?)
+            };
+            sampler.lazy = Some(Lazy { tokens: g.trigger_tokens.to_vec(), search, waiting: true });
+        }
+        Ok(sampler)
     }
 
-    /// Lets the grammar set the logit of every candidate it rejects to -inf.
+    fn waiting(&self) -> bool {
+        self.lazy.as_ref().is_some_and(|l| l.waiting)
+    }
+
+    /// Lets the grammar set the logit of every candidate it rejects to -inf (nothing while
+    /// a lazy grammar waits for its trigger).
     fn apply(&mut self, cur: &mut sys::llama_token_data_array) -> Result<(), BackendError> {
+        if self.waiting() {
+            return Ok(());
+        }
         let mut err = [0u8; ERR_LEN];
         // SAFETY: `cur` points at `cur.size` valid entries; the grammar sampler is alive.
         let threw = unsafe { llama_rs_sampler_apply(self.raw.as_ptr(), cur, err.as_mut_ptr().cast(), ERR_LEN) };
@@ -137,40 +154,62 @@ impl GrammarSampler {
         Ok(())
     }
 
-    /// Advances the grammar past `token`, which `apply` allowed.
-    ///
-    /// A grammar with trigger patterns may run llama.cpp's trigger search here, a
-    /// `std::regex_search` over all the output so far whose recursion grows with its
-    /// length: it runs on a thread with `TRIGGER_SEARCH_STACK` of stack, whatever the
-    /// caller's thread (a 2 MiB Rust thread overflowed after about 11,900 characters with
-    /// the usual tool-call pattern), and the output it may search is bounded so that the
-    /// search fits that stack.
+    /// Advances the grammar past `token`, which `apply` allowed; while a lazy grammar
+    /// waits, looks for its trigger instead (llama.cpp's `llama_grammar_accept_impl`).
     fn accept(&mut self, token: i32) -> Result<(), BackendError> {
-        use llama_plugin_api::grammar_bounds::TRIGGER_SEARCH_STACK;
-        let Some(lazy) = &mut self.lazy else { return self.accept_here(token) };
-        // SAFETY: the vocabulary belongs to the live model; a null buffer of length 0 only
-        // asks for the piece's size (returned negated when it does not fit).
-        let piece = unsafe { sys::llama_token_to_piece(lazy.vocab, token, std::ptr::null_mut(), 0, 0, true) };
-        lazy.fed = lazy.fed.saturating_add(piece.unsigned_abs() as usize);
-        if lazy.fed > lazy.limit {
-            return Err(invalid(
-                "grammar",
-                format!(
-                    "the output reached {} bytes, over the {} bytes a lazy grammar's trigger patterns may be searched in (their stack bound)",
-                    lazy.fed, lazy.limit
-                ),
-            ));
+        let Some(lazy) = self.lazy.as_mut().filter(|l| l.waiting) else { return self.accept_here(token) };
+        if lazy.tokens.contains(&token) {
+            // A trigger token: the grammar starts with it.
+            lazy.waiting = false;
+            if let Some(search) = lazy.search.as_mut() {
+                search.reset().map_err(|e| invalid("grammar", e.0))?;
+            }
+            return self.replay(token);
         }
-        // A fresh thread per token costs tens of microseconds against milliseconds of
-        // decoding; its stack is virtual memory, committed only as far as the search goes.
-        std::thread::scope(|s| {
-            let search = std::thread::Builder::new()
-                .name("llama-grammar".into())
-                .stack_size(TRIGGER_SEARCH_STACK)
-                .spawn_scoped(s, || self.accept_here(token))
-                .map_err(|e| invalid("grammar", format!("cannot start the trigger search thread: {e}")))?;
-            search.join().unwrap_or_else(|_| Err(invalid("grammar", "the trigger search panicked")))
-        })
+        let Some(search) = lazy.search.as_mut() else { return Ok(()) };
+        let piece = piece(self.vocab, token)?;
+        let Some(fired) = search.push(token, &piece).map_err(|e| invalid("grammar", e.0))? else { return Ok(()) };
+        lazy.waiting = false;
+        // The tokens whose pieces reach past the start, llama.cpp's replay: whole pieces
+        // as their own tokens, the one the start cuts as its text's tokens.
+        let mut whole = Vec::new();
+        let mut cut = None;
+        let mut begin = 0;
+        for &(tok, end) in search.tokens() {
+            if end > fired.start {
+                if begin >= fired.start {
+                    whole.push(tok);
+                } else {
+                    cut = Some(search.text()[fired.start..end].to_vec());
+                }
+            }
+            begin = end;
+        }
+        // Nothing more to search until a reset.
+        search.reset().map_err(|e| invalid("grammar", e.0))?;
+        if let Some(text) = cut {
+            for t in tokenize_exact(self.vocab, &text)? {
+                self.replay(t)?;
+            }
+        }
+        for t in whole {
+            self.replay(t)?;
+        }
+        Ok(())
+    }
+
+    /// Accepts a token of the triggering text into the just-started grammar. The grammar
+    /// is asked first (one candidate through `apply`): llama.cpp aborts the process when an
+    /// end-of-generation token reaches a grammar that is not complete, and a piece it
+    /// cannot take becomes the usual grammar error here rather than its exception.
+    fn replay(&mut self, token: i32) -> Result<(), BackendError> {
+        let mut single = sys::llama_token_data { id: token, logit: 1.0, p: 0.0 };
+        let mut one = sys::llama_token_data_array { data: &mut single, size: 1, selected: -1, sorted: false };
+        self.apply(&mut one)?;
+        if single.logit == f32::NEG_INFINITY {
+            return Err(invalid("grammar", "the grammar does not match the text its trigger starts it at"));
+        }
+        self.accept_here(token)
     }
 
     fn accept_here(&mut self, token: i32) -> Result<(), BackendError> {
@@ -186,12 +225,64 @@ impl GrammarSampler {
 
     fn reset(&mut self) {
         // SAFETY: valid sampler owned by self. llama.cpp rebuilds the grammar from the text
-        // it already parsed (and patterns std::regex already compiled once).
+        // it already parsed.
         unsafe { sys::llama_sampler_reset(self.raw.as_ptr()) }
         if let Some(lazy) = &mut self.lazy {
-            lazy.fed = 0;
+            lazy.waiting = true;
+            if let Some(search) = &mut lazy.search {
+                // Cannot fail: the start state was computed when the search was built.
+                let _ = search.reset();
+            }
         }
     }
+}
+
+/// A token's text as llama.cpp's grammar sees it (`llama_vocab::token_to_piece`, which
+/// renders special tokens).
+fn piece(vocab: *const sys::llama_vocab, token: i32) -> Result<Vec<u8>, BackendError> {
+    let mut buf = vec![0u8; 64];
+    loop {
+        // SAFETY: the vocabulary belongs to the live model; `buf` holds `buf.len()` bytes.
+        let n = unsafe { sys::llama_token_to_piece(vocab, token, buf.as_mut_ptr().cast(), buf.len() as i32, 0, true) };
+        if n >= 0 {
+            buf.truncate(n as usize);
+            return Ok(buf);
+        }
+        // Negative: the size it needs.
+        let need = n.unsigned_abs() as usize;
+        if need <= buf.len() {
+            return Err(invalid("grammar", format!("llama.cpp cannot render token {token}")));
+        }
+        buf.resize(need, 0);
+    }
+}
+
+/// Tokens whose pieces spell exactly `text` (special tokens parsed, as in the output):
+/// the grammar works on the pieces' characters, so these advance it as `text` would.
+/// A tokenizer that changes the text (SentencePiece's leading space) is an error rather
+/// than a grammar fed the wrong characters.
+fn tokenize_exact(vocab: *const sys::llama_vocab, text: &[u8]) -> Result<Vec<i32>, BackendError> {
+    let mut tokens = vec![0i32; text.len() + 2];
+    // SAFETY: `text` is `text.len()` bytes (no NUL needed: the length is passed); `tokens`
+    // holds `tokens.len()` entries; the vocabulary belongs to the live model.
+    let n = unsafe {
+        sys::llama_tokenize(vocab, text.as_ptr().cast(), text.len() as i32, tokens.as_mut_ptr(), tokens.len() as i32, false, true)
+    };
+    if n < 0 {
+        return Err(invalid("grammar", "cannot tokenize the text a trigger starts the grammar at"));
+    }
+    tokens.truncate(n as usize);
+    let mut spelled = Vec::with_capacity(text.len());
+    for &t in &tokens {
+        spelled.extend_from_slice(&piece(vocab, t)?);
+    }
+    if spelled != text {
+        return Err(invalid(
+            "grammar",
+            format!("the trigger starts inside a token, and this vocabulary does not tokenize {:?} back to itself", String::from_utf8_lossy(text)),
+        ));
+    }
+    Ok(tokens)
 }
 
 pub(crate) struct Sampler {
