@@ -794,7 +794,7 @@ mod tests {
         // Gemma's template raises on roles that do not alternate: it must still render.
         let out = gemma().render_with(&msgs, true, Some(&[weather_tool()]), None).unwrap();
         assert!(out.starts_with("<bos><start_of_turn>user\nBe brief.\n\nYou can call the following tools"), "{out}");
-        assert!(out.contains(r#"{"name": "get_weather", "description": "Weather in a city", "parameters": {"properties""#), "{out}");
+        assert!(out.contains(r#"{"name": "get_weather", "description": "Weather in a city", "parameters": {"type": "object", "properties""#), "{out}");
         assert!(out.contains(r#"{"tool_calls": [{"name": "<function name>""#), "{out}");
         assert!(out.contains("<start_of_turn>model\n{\"tool_calls\": [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}]}<end_of_turn>"), "{out}");
         assert!(

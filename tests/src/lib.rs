@@ -144,3 +144,12 @@ pub fn rss_kib() -> u64 {
 pub fn session_params(n_ctx: u32) -> SessionParams {
     SessionParams { size: ContextSize { n_ctx, n_threads: 2, n_threads_batch: 2, ..ContextSize::default() }, ..SessionParams::default() }
 }
+
+/// The private Python folder with the official `openai` client and `jsonschema`, installed
+/// (once, from PyPI, pinned) by the project's own `scripts/fetch-openai`: for PYTHONPATH.
+pub fn python_clients_path() -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace root");
+    let out = Command::new(root.join("scripts/fetch-openai")).output().expect("run scripts/fetch-openai");
+    assert!(out.status.success(), "scripts/fetch-openai failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}

@@ -223,10 +223,7 @@ fn the_api_key_is_required_except_on_health() {
 #[test]
 fn the_official_openai_python_client_works() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    // Installed (once, from PyPI) into a private folder by the project's own script.
-    let out = std::process::Command::new(root.join("scripts/fetch-openai")).output().expect("run scripts/fetch-openai");
-    assert!(out.status.success(), "scripts/fetch-openai failed: {}", String::from_utf8_lossy(&out.stderr));
-    let pythonpath = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let pythonpath = llama_tests::python_clients_path();
     let s = Server::start(&["--parallel", "2"]);
     let o = std::process::Command::new("python3")
         .arg(root.join("tests/clients/openai_chat.py"))

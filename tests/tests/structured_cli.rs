@@ -13,13 +13,6 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-/// The private Python folder with `jsonschema` (and `openai`), installed by the project's script.
-fn python_path() -> String {
-    let out = std::process::Command::new(root().join("scripts/fetch-openai")).output().expect("run scripts/fetch-openai");
-    assert!(out.status.success(), "scripts/fetch-openai failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 fn finish(stderr: &str) -> &str {
     stderr.rsplit("| finish ").next().and_then(|s| s.split_whitespace().next()).unwrap_or("?")
 }
@@ -59,7 +52,7 @@ fn every_stopped_output_validates_against_its_schema() {
     let o = std::process::Command::new("python3")
         .arg(root().join("tests/clients/validate_json.py"))
         .arg(&results)
-        .env("PYTHONPATH", python_path())
+        .env("PYTHONPATH", llama_tests::python_clients_path())
         .output()
         .unwrap();
     let report = String::from_utf8_lossy(&o.stdout);

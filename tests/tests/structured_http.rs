@@ -18,9 +18,7 @@ fn smol(extra: &[&str]) -> Server {
 #[test]
 fn the_official_openai_client_gets_structured_output_and_tool_calls() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = std::process::Command::new(root.join("scripts/fetch-openai")).output().expect("run scripts/fetch-openai");
-    assert!(out.status.success(), "scripts/fetch-openai failed: {}", String::from_utf8_lossy(&out.stderr));
-    let pythonpath = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let pythonpath = llama_tests::python_clients_path();
     let s = smol(&[]);
     let o = std::process::Command::new("python3")
         .arg(root.join("tests/clients/openai_structured.py"))
