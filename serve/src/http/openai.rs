@@ -334,10 +334,9 @@ struct Checked {
     stream: bool,
     include_usage: bool,
     keep_alive: Option<KeepAlive>,
-    constraint: Constraint,
 }
 
-fn check(req: &CompletionRequest, chat: bool, reasoning: llama_tools::ReasoningFormat) -> Result<Checked, ApiError> {
+fn check(req: &CompletionRequest) -> Result<Checked, ApiError> {
     if req.n.is_some_and(|n| n != 1) {
         return Err(ApiError::bad_request("only n = 1 is supported", Some("n")));
     }
@@ -366,19 +365,6 @@ fn check(req: &CompletionRequest, chat: bool, reasoning: llama_tools::ReasoningF
         stream: req.stream,
         include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
         keep_alive: req.keep_alive.as_ref().map(KeepAliveField::parse).transpose()?,
-        constraint: Constraint::of(
-            Fields {
-                response_format: req.response_format.as_ref(),
-                grammar: req.grammar.as_deref(),
-                json_schema: req.json_schema.as_ref(),
-                tools: req.tools.as_deref(),
-                tool_choice: req.tool_choice.as_ref(),
-                parallel_tool_calls: req.parallel_tool_calls,
-                reasoning_format: req.reasoning_format.as_deref(),
-            },
-            chat,
-            reasoning,
-        )?,
     })
 }
 
@@ -435,7 +421,20 @@ fn messages(req: &mut CompletionRequest) -> Result<Vec<Message>, ApiError> {
 pub(super) async fn completions(state: Arc<AppState>, mut req: CompletionRequest, chat: bool) -> Result<Response<Body>, ApiError> {
     state.serving()?;
     // Everything that can be checked without the model is, before a model is loaded for it.
-    let checked = check(&req, chat, state.config.reasoning_format)?;
+    let checked = check(&req)?;
+    // The constraint (a JSON Schema's conversion, the tools' schemas) is CPU work a client
+    // controls: on a blocking thread, never on the threads that answer HTTP.
+    let fields = OwnedFields {
+        response_format: req.response_format.take(),
+        grammar: req.grammar.take(),
+        json_schema: req.json_schema.take(),
+        tools: req.tools.take(),
+        tool_choice: req.tool_choice.take(),
+        parallel_tool_calls: req.parallel_tool_calls,
+        reasoning_format: req.reasoning_format.take(),
+    };
+    let reasoning = state.config.reasoning_format;
+    let constraint = blocking(&state, move || Constraint::of(fields.borrowed(), chat, reasoning)).await??;
     let model_name = req.model.take();
     let input = if chat { Err(messages(&mut req)?) } else { Ok(req.prompt.take().ok_or_else(|| ApiError::bad_request("'prompt' is required", Some("prompt")))?) };
     // The model stays loaded while the lease lives: to the end of the answer or stream.
@@ -445,7 +444,7 @@ pub(super) async fn completions(state: Arc<AppState>, mut req: CompletionRequest
         return Err(ApiError::bad_request("this model has no chat template", Some("messages")));
     }
     let mut opts = checked.options(&req, &ready.defaults, chat);
-    let Checked { stream, include_usage, constraint, .. } = checked;
+    let Checked { stream, include_usage, .. } = checked;
     // Admission before any work: a full engine answers 503 at once.
     let reservation = ready.engine.reserve()?;
     let model = lease.name().to_string();
@@ -508,6 +507,31 @@ pub(super) async fn completions(state: Arc<AppState>, mut req: CompletionRequest
         let choice = TextChoice { index: 0, text, logprobs: None, finish_reason: Some(finish_reason(&stats, false)) };
         json_response(StatusCode::OK, &Completion { id, object: "text_completion", created: now_secs(), model, choices: vec![choice], usage })
     })
+}
+
+/// A request's constraint fields, taken out of it for the blocking thread.
+struct OwnedFields {
+    response_format: Option<ResponseFormat>,
+    grammar: Option<String>,
+    json_schema: Option<Value>,
+    tools: Option<Vec<Value>>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
+    reasoning_format: Option<String>,
+}
+
+impl OwnedFields {
+    fn borrowed(&self) -> Fields<'_> {
+        Fields {
+            response_format: self.response_format.as_ref(),
+            grammar: self.grammar.as_deref(),
+            json_schema: self.json_schema.as_ref(),
+            tools: self.tools.as_deref(),
+            tool_choice: self.tool_choice.as_ref(),
+            parallel_tool_calls: self.parallel_tool_calls,
+            reasoning_format: self.reasoning_format.as_deref(),
+        }
+    }
 }
 
 /// The parsed answer; output the parser could not read as calls (a generation cut short
@@ -588,7 +612,6 @@ fn stream_response(
             let Some(p) = parser.as_mut() else { return Some(Bytes::from(chunk(Delta { content: Some(t), ..Delta::default() }, None))) };
             let mut out = Vec::new();
             for ev in p.push(&t) {
-                called |= matches!(ev, OutputEvent::ToolCallBegin { .. });
                 out.extend_from_slice(&chunk(Delta::of(ev), None));
             }
             // Text held back (a possible marker) sends nothing yet.
@@ -600,15 +623,16 @@ fn stream_response(
             // terminator go out as one frame.
             let mut tail = Vec::new();
             if let Some(p) = parser.take() {
-                let events = match p.finish() {
-                    Ok(f) => f.events,
+                let finished = match p.finish() {
+                    Ok(f) => f,
                     Err(failure) => {
                         tracing::debug!(problem = %failure.problem, "the answer's tool calls could not be read; kept as content");
-                        failure.recovered.events
+                        *failure.recovered
                     }
                 };
-                for ev in events {
-                    called |= matches!(ev, OutputEvent::ToolCallBegin { .. });
+                // As the unstreamed answer: `tool_calls` only when calls were read whole.
+                called = !finished.message.tool_calls.is_empty();
+                for ev in finished.events {
                     tail.extend_from_slice(&chunk(Delta::of(ev), None));
                 }
             }
