@@ -2,6 +2,12 @@
 //! `SchemaConverter::rules`. `$ref`s become rule references (reserved before their target
 //! is visited, so cycles close on themselves); every nested visit counts towards
 //! [`MAX_DEPTH`], which also bounds `$ref` chains.
+//!
+//! Work is bounded too, since depth alone is not: a node reachable along many paths was
+//! walked once per path (3^32 steps for a `$defs` entry whose `allOf` refers to itself
+//! three times). `$ref` targets are converted and resolved once per document, `kinds` is
+//! memoized per node, an `allOf` merges each component once, and everything else that
+//! repeats is charged to [`MAX_WORK`](crate::MAX_WORK).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -10,7 +16,7 @@ use serde_json::{Map, Value};
 use crate::numbers::{int_range, MAX_ABS_BOUND};
 use crate::pattern::{pattern_to_gbnf, PatternError};
 use crate::{gbnf, gbnf_literal_of, SchemaError};
-use crate::{MAX_DEPTH, MAX_ENUM, MAX_GRAMMAR_BYTES, MAX_PROPERTIES, MAX_REPETITION, MAX_RULES, MAX_TOTAL_REPETITION};
+use crate::{MAX_DEPTH, MAX_ENUM, MAX_GRAMMAR_BYTES, MAX_PROPERTIES, MAX_REPETITION, MAX_RULES, MAX_TOTAL_REPETITION, MAX_WORK};
 
 const SPACE_RULE: &str = r#"| " " | "\n"{1,2} [ \t]{0,20}"#;
 
@@ -158,28 +164,20 @@ fn invalid(path: &str, reason: impl Into<String>) -> SchemaError {
     SchemaError::Invalid { path: path.to_string(), reason: reason.into() }
 }
 
-/// `item` repeated `min..=max` times (`max == None`: unbounded), separated by `sep`.
-fn repetition(item: &str, min: usize, max: Option<usize>, sep: &str) -> String {
-    if max == Some(0) {
-        return String::new();
-    }
-    if min == 0 && max == Some(1) {
-        return format!("{item}?");
-    }
-    if sep.is_empty() {
-        return match (min, max) {
-            (1, None) => format!("{item}+"),
-            (0, None) => format!("{item}*"),
-            (m, None) => format!("{item}{{{m},}}"),
-            (m, Some(n)) => format!("{item}{{{m},{n}}}"),
-        };
-    }
-    let rest = repetition(&format!("({sep} {item})"), min.saturating_sub(1), max.map(|m| m - 1), "");
-    let one_or_more = format!("{item} {rest}");
-    if min == 0 {
-        format!("({one_or_more})?")
-    } else {
-        one_or_more
+/// `item` repeated `min..=max` times (`max == None`: unbounded). `item` must be a single
+/// rule reference or terminal: llama.cpp refuses `x{m,n}` when the rules `x` expands to
+/// times the count exceed its threshold (see [`MAX_REPETITION`]), and counts here go up
+/// to that threshold.
+fn repetition(item: &str, min: usize, max: Option<usize>) -> String {
+    match (min, max) {
+        (_, Some(0)) => String::new(),
+        (1, Some(1)) => item.to_string(),
+        (0, Some(1)) => format!("{item}?"),
+        (1, None) => format!("{item}+"),
+        (0, None) => format!("{item}*"),
+        (m, None) => format!("{item}{{{m},}}"),
+        (m, Some(n)) if m == n => format!("{item}{{{m}}}"),
+        (m, Some(n)) => format!("{item}{{{m},{n}}}"),
     }
 }
 
@@ -191,6 +189,9 @@ pub struct SchemaConverter {
     pending: usize,
     /// An error from `add_rule`, which cannot fail by signature; reported by `finish`.
     deferred: Option<SchemaError>,
+    /// Base name → first digit suffix not yet tried, so that many rules with one base
+    /// name cost linear, not quadratic, probing in `add`.
+    next_suffix: HashMap<String, usize>,
 }
 
 impl Default for SchemaConverter {
@@ -205,6 +206,16 @@ enum Expr {
     Body(String),
 }
 
+/// How `object_body` reads a schema object (see there).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum View<'v> {
+    Whole,
+    /// As if `nullable` were absent (it has been handled).
+    NotNullable,
+    /// As if `type` were this one type name (and `nullable` absent).
+    OneType(&'v str),
+}
+
 enum Additional<'v> {
     None,
     Any,
@@ -217,7 +228,7 @@ impl SchemaConverter {
     pub fn new() -> Self {
         let mut rules = BTreeMap::new();
         rules.insert("space".to_string(), SPACE_RULE.to_string());
-        SchemaConverter { rules, bytes: SPACE_RULE.len() + 10, pending: 0, deferred: None }
+        SchemaConverter { rules, bytes: SPACE_RULE.len() + 10, pending: 0, deferred: None, next_suffix: HashMap::new() }
     }
 
     /// Converts `schema` (its own `$defs` resolve against it) and adds its rules; returns
@@ -225,7 +236,14 @@ impl SchemaConverter {
     /// the hint `"root"` gives the `root` rule.
     pub fn add_schema(&mut self, name_hint: &str, schema: &serde_json::Value) -> Result<String, SchemaError> {
         let name = if name_hint == "root" { "" } else { name_hint };
-        let mut v = Visitor { conv: self, root: schema, refs: HashMap::new() };
+        let mut v = Visitor {
+            conv: self,
+            root: schema,
+            refs: HashMap::new(),
+            resolved: HashMap::new(),
+            kinds_memo: HashMap::new(),
+            work: 0,
+        };
         let rule = v.visit(schema, name, "", 0)?;
         if name.is_empty() && rule != "root" {
             // A primitive answered with its shared rule: give the root its own.
@@ -274,6 +292,13 @@ impl SchemaConverter {
                 path: String::new(),
             });
         }
+        if let Some(rule) = a.over_repetition {
+            return Err(SchemaError::LimitExceeded {
+                what: format!("a repetition in rule '{rule}' (its count times the rules it repeats, as llama.cpp counts them)"),
+                limit: MAX_REPETITION,
+                path: String::new(),
+            });
+        }
         if let Some(rule) = a.unproductive {
             return Err(SchemaError::NoBaseCase { rule });
         }
@@ -309,15 +334,23 @@ impl SchemaConverter {
     fn add(&mut self, name: &str, body: &str) -> Result<String, SchemaError> {
         let base = escape_name(name);
         let mut key = base.clone();
-        let mut i = 0usize;
-        loop {
-            match self.rules.get(&key) {
-                Some(existing) if existing == body => return Ok(key),
-                Some(_) => {
+        match self.rules.get(&key) {
+            None => {}
+            Some(existing) if existing == body => return Ok(key),
+            Some(_) => {
+                // Suffixes below `next_suffix` were taken when last tried: start after them
+                // (such a rule is then not reused even if its body matches: only a smaller
+                // grammar is lost, and probing stays linear over all `add`s).
+                let i = self.next_suffix.entry(base.clone()).or_insert(0);
+                loop {
                     key = format!("{base}{i}");
-                    i += 1;
+                    *i += 1;
+                    match self.rules.get(&key) {
+                        None => break,
+                        Some(existing) if existing == body => return Ok(key),
+                        Some(_) => {}
+                    }
                 }
-                None => break,
             }
         }
         self.account(&key, body)?;
@@ -352,16 +385,53 @@ impl SchemaConverter {
     }
 }
 
+/// Identity of a schema node inside the document: every schema the visitor sees is
+/// borrowed from `root` (or is the static `true`) for the visitor's whole life, so an
+/// address names one node and memo keys can't be reused by another value.
+fn node_id<T>(v: &T) -> usize {
+    v as *const T as usize
+}
+
 struct Visitor<'c, 'v> {
     conv: &'c mut SchemaConverter,
     root: &'v Value,
-    /// `$ref` string → its rule, for this document.
-    refs: HashMap<String, String>,
+    /// `$ref` target node → its rule, for this document: every reference to one target
+    /// shares one rule, whose body is converted once.
+    refs: HashMap<usize, String>,
+    /// `$ref` string node → its target and JSON pointer, so each reference string is
+    /// parsed (and paid for) once however often it is reached.
+    resolved: HashMap<usize, (&'v Value, String)>,
+    /// Schema node → `kinds` of it. Without it, `kinds` followed every `$ref`/`anyOf`/
+    /// `allOf` branch again each time: exponential on a `$defs` entry holding three `$ref`s
+    /// to itself. A node being computed reads as `None` ("any"), which only widens the
+    /// answer: `type_fits` then honours fewer `type`s, never too many.
+    kinds_memo: HashMap<usize, Option<u8>>,
+    /// Steps taken so far, against [`MAX_WORK`].
+    work: usize,
 }
 
 impl<'v> Visitor<'_, 'v> {
-    fn visit(&mut self, schema: &Value, name: &str, path: &str, depth: usize) -> Result<String, SchemaError> {
-        match self.body(schema, name, path, depth)? {
+    /// Counts `units` steps of work; fails once the conversion has done [`MAX_WORK`].
+    fn charge(&mut self, units: usize) -> Result<(), SchemaError> {
+        self.work = self.work.saturating_add(units);
+        if self.work > MAX_WORK {
+            return Err(SchemaError::LimitExceeded {
+                what: "work needed to convert the schema (it reaches the same subschemas through too many $ref/allOf/anyOf paths, or is too large)".into(),
+                limit: MAX_WORK,
+                path: String::new(),
+            });
+        }
+        Ok(())
+    }
+
+    fn visit(&mut self, schema: &'v Value, name: &str, path: &str, depth: usize) -> Result<String, SchemaError> {
+        let e = self.body(schema, name, path, depth)?;
+        self.named(e, name)
+    }
+
+    /// The rule for an expression: its own when it already is one, else a new rule.
+    fn named(&mut self, e: Expr, name: &str) -> Result<String, SchemaError> {
+        match e {
             Expr::Rule(r) => Ok(r),
             Expr::Body(b) => {
                 let rule_name = if name.is_empty() {
@@ -376,7 +446,18 @@ impl<'v> Visitor<'_, 'v> {
         }
     }
 
-    fn resolve(&self, reference: &str, path: &str) -> Result<(&'v Value, String), SchemaError> {
+    /// The target of a `$ref` string node (memoized by node, see `resolved`).
+    fn resolve(&mut self, reference: &'v String, path: &str) -> Result<(&'v Value, String), SchemaError> {
+        if let Some((t, p)) = self.resolved.get(&node_id(reference)) {
+            return Ok((*t, p.clone()));
+        }
+        self.charge(1 + reference.len() / 64)?;
+        let (t, p) = self.resolve_uncached(reference, path)?;
+        self.resolved.insert(node_id(reference), (t, p.clone()));
+        Ok((t, p))
+    }
+
+    fn resolve_uncached(&self, reference: &str, path: &str) -> Result<(&'v Value, String), SchemaError> {
         let Some(fragment) = reference.strip_prefix('#') else {
             return Err(unsupported("$ref", path));
         };
@@ -400,13 +481,13 @@ impl<'v> Visitor<'_, 'v> {
         Ok((target, fragment.to_string()))
     }
 
-    fn visit_ref(&mut self, reference: &str, path: &str, depth: usize) -> Result<String, SchemaError> {
-        if let Some(rule) = self.refs.get(reference) {
+    fn visit_ref(&mut self, reference: &'v String, path: &str, depth: usize) -> Result<String, SchemaError> {
+        let (target, target_path) = self.resolve(reference, path)?;
+        if let Some(rule) = self.refs.get(&node_id(target)) {
             return Ok(rule.clone());
         }
-        let (target, target_path) = self.resolve(reference, path)?;
         let name = self.conv.reserve(&format!("ref{}", escape_name(&target_path)))?;
-        self.refs.insert(reference.to_string(), name.clone());
+        self.refs.insert(node_id(target), name.clone());
         let body = match self.body(target, &name, &target_path, depth + 1)? {
             Expr::Rule(r) | Expr::Body(r) => r,
         };
@@ -416,50 +497,75 @@ impl<'v> Visitor<'_, 'v> {
 
     /// The value types a schema can produce (`None`: can't tell / any), to check that a
     /// `type` next to `$ref`/`anyOf`/`allOf` constrains nothing more.
-    fn kinds(&self, schema: &Value, depth: usize) -> Option<u8> {
+    /// Memoized per node (see `kinds_memo`), so each node is computed once per document;
+    /// the steps are charged to the work budget.
+    fn kinds(&mut self, schema: &'v Value, depth: usize) -> Result<Option<u8>, SchemaError> {
         if depth > MAX_DEPTH {
-            return None;
+            return Ok(None);
         }
-        let o = schema.as_object()?;
+        if let Some(k) = self.kinds_memo.get(&node_id(schema)) {
+            return Ok(*k);
+        }
+        self.charge(1)?;
+        // In progress: a cycle back to this node reads "any".
+        self.kinds_memo.insert(node_id(schema), None);
+        let k = self.kinds_uncached(schema, depth)?;
+        self.kinds_memo.insert(node_id(schema), k);
+        Ok(k)
+    }
+
+    fn kinds_uncached(&mut self, schema: &'v Value, depth: usize) -> Result<Option<u8>, SchemaError> {
+        let Some(o) = schema.as_object() else { return Ok(None) };
         if let Some(Value::String(r)) = o.get("$ref") {
-            let (t, _) = self.resolve(r, "").ok()?;
+            let Ok((t, _)) = self.resolve(r, "") else { return Ok(None) };
             return self.kinds(t, depth + 1);
         }
         for key in ["anyOf", "oneOf"] {
             if let Some(Value::Array(alts)) = o.get(key) {
                 let mut bits = 0;
                 for a in alts {
-                    bits |= self.kinds(a, depth + 1)?;
+                    match self.kinds(a, depth + 1)? {
+                        Some(k) => bits |= k,
+                        None => return Ok(None),
+                    }
                 }
-                return Some(bits);
+                return Ok(Some(bits));
             }
         }
+        self.kinds_local(o, depth)
+    }
+
+    fn kinds_local(&mut self, o: &'v Map<String, Value>, depth: usize) -> Result<Option<u8>, SchemaError> {
         if let Some(t) = o.get("type") {
-            return match t {
+            return Ok(match t {
                 Value::String(s) => type_bits(s),
-                Value::Array(ts) => ts.iter().try_fold(0, |acc, t| Some(acc | type_bits(t.as_str()?)?)),
+                Value::Array(ts) => {
+                    self.charge(ts.len())?;
+                    ts.iter().try_fold(0, |acc, t| Some(acc | type_bits(t.as_str()?)?))
+                }
                 _ => None,
-            };
+            });
         }
         if let Some(c) = o.get("const") {
-            return Some(value_bits(c));
+            return Ok(Some(value_bits(c)));
         }
         if let Some(Value::Array(vs)) = o.get("enum") {
-            return Some(vs.iter().fold(0, |acc, v| acc | value_bits(v)));
+            self.charge(vs.len())?;
+            return Ok(Some(vs.iter().fold(0, |acc, v| acc | value_bits(v))));
         }
         if let Some(Value::Array(comps)) = o.get("allOf") {
             let mut bits = 0x7f;
             for c in comps {
-                if let Some(k) = self.kinds(c, depth + 1) {
+                if let Some(k) = self.kinds(c, depth + 1)? {
                     bits &= k;
                 }
             }
-            return Some(bits);
+            return Ok(Some(bits));
         }
         if has_properties(o) {
-            return Some(OBJ);
+            return Ok(Some(OBJ));
         }
-        None
+        Ok(None)
     }
 
     /// Fails on the first keyword that is neither an annotation, nor in `honoured`, nor
@@ -481,22 +587,32 @@ impl<'v> Visitor<'_, 'v> {
         Ok(())
     }
 
-    fn body(&mut self, schema: &Value, name: &str, path: &str, depth: usize) -> Result<Expr, SchemaError> {
-        if depth > MAX_DEPTH {
-            return Err(SchemaError::TooDeep { limit: MAX_DEPTH });
-        }
+    fn body(&mut self, schema: &'v Value, name: &str, path: &str, depth: usize) -> Result<Expr, SchemaError> {
         let o = match schema {
             Value::Bool(true) => return Ok(Expr::Rule(self.conv.primitive("value")?)),
             Value::Bool(false) => return Err(invalid(path, "the schema `false` accepts no value")),
             Value::Object(o) => o,
             _ => return Err(invalid(path, "a schema must be an object or a boolean")),
         };
+        self.object_body(o, name, path, depth, View::Whole)
+    }
+
+    /// `view` reads the schema object as if `nullable` (and maybe `type`) were rewritten,
+    /// instead of cloning it: a deep clone per `nullable` or listed type, at every level,
+    /// cost time proportional to the subtree each time.
+    fn object_body(&mut self, o: &'v Map<String, Value>, name: &str, path: &str, depth: usize, view: View<'v>) -> Result<Expr, SchemaError> {
+        if depth > MAX_DEPTH {
+            return Err(SchemaError::TooDeep { limit: MAX_DEPTH });
+        }
+        // Each visit builds its pointer and rule name and scans its keywords: charged so.
+        self.charge(1 + o.len() + (path.len() + name.len()) / 64)?;
 
         // Declared types, as a list and as a set.
-        let types: Option<Vec<&str>> = match o.get("type") {
-            None => None,
-            Some(Value::String(s)) => Some(vec![s.as_str()]),
-            Some(Value::Array(ts)) if !ts.is_empty() && ts.len() <= 7 => {
+        let types: Option<Vec<&str>> = match (view, o.get("type")) {
+            (View::OneType(t), _) => Some(vec![t]),
+            (_, None) => None,
+            (_, Some(Value::String(s))) => Some(vec![s.as_str()]),
+            (_, Some(Value::Array(ts))) if !ts.is_empty() && ts.len() <= 7 => {
                 let mut v = Vec::new();
                 for t in ts {
                     match t.as_str() {
@@ -506,7 +622,7 @@ impl<'v> Visitor<'_, 'v> {
                 }
                 Some(v)
             }
-            Some(_) => return Err(invalid(path, "type must be a type name or a list of distinct type names")),
+            (_, Some(_)) => return Err(invalid(path, "type must be a type name or a list of distinct type names")),
         };
         let mut type_set: Option<u8> = None;
         if let Some(ts) = &types {
@@ -522,17 +638,21 @@ impl<'v> Visitor<'_, 'v> {
             (Some(_), None) => false,
         };
 
-        if o.get("nullable") == Some(&Value::Bool(true)) {
-            let mut inner = o.clone();
-            inner.remove("nullable");
-            let alt = self.visit(&Value::Object(inner), &sub_name(name, "0"), path, depth + 1)?;
+        if view == View::Whole && o.get("nullable") == Some(&Value::Bool(true)) {
+            let alt_name = sub_name(name, "0");
+            let e = self.object_body(o, &alt_name, path, depth + 1, View::NotNullable)?;
+            let alt = self.named(e, &alt_name)?;
             let null = self.conv.primitive("null")?;
             return Ok(Expr::Body(format!("{alt} | {null}")));
         }
 
         if let Some(r) = o.get("$ref") {
             let Value::String(reference) = r else { return Err(invalid(path, "$ref must be a string")) };
-            let fits = type_fits(self.resolve(reference, path).ok().and_then(|(t, _)| self.kinds(t, depth + 1)));
+            let target_kinds = match self.resolve(reference, path) {
+                Ok((t, _)) => self.kinds(t, depth + 1)?,
+                Err(_) => None,
+            };
+            let fits = type_fits(target_kinds);
             let honoured: &[&str] = if fits { &["$ref", "type"] } else { &["$ref"] };
             Self::check_keywords(o, path, honoured, None)?;
             return Ok(Expr::Rule(self.visit_ref(reference, path, depth)?));
@@ -547,7 +667,13 @@ impl<'v> Visitor<'_, 'v> {
             if alts.len() > MAX_ENUM {
                 return Err(SchemaError::LimitExceeded { what: format!("number of {key} alternatives"), limit: MAX_ENUM, path: path.into() });
             }
-            let kinds = alts.iter().try_fold(0, |acc, a| Some(acc | self.kinds(a, depth + 1)?));
+            let mut kinds = Some(0);
+            for a in alts {
+                kinds = match (kinds, self.kinds(a, depth + 1)?) {
+                    (Some(acc), Some(k)) => Some(acc | k),
+                    _ => None,
+                };
+            }
             let honoured: &[&str] = if type_fits(kinds) { &[key, "type"] } else { &[key] };
             // The other of anyOf/oneOf, allOf, properties...: all are unsupported here.
             Self::check_keywords(o, path, honoured, type_set)?;
@@ -567,10 +693,9 @@ impl<'v> Visitor<'_, 'v> {
             if ts.len() > 1 {
                 let mut rules = Vec::new();
                 for (i, t) in ts.iter().enumerate() {
-                    let mut one = o.clone();
-                    one.insert("type".into(), Value::String(t.to_string()));
                     let alt_name = if name.is_empty() { format!("alternative-{i}") } else { format!("{name}-{i}") };
-                    rules.push(self.visit(&Value::Object(one), &alt_name, path, depth + 1)?);
+                    let e = self.object_body(o, &alt_name, path, depth + 1, View::OneType(t))?;
+                    rules.push(self.named(e, &alt_name)?);
                 }
                 return Ok(Expr::Body(rules.join(" | ")));
             }
@@ -613,7 +738,8 @@ fn has_properties(o: &Map<String, Value>) -> bool {
     o.contains_key("properties") || o.get("additionalProperties").is_some_and(|a| a != &Value::Bool(true))
 }
 
-/// A non-negative count keyword, bounded by [`MAX_REPETITION`].
+/// A non-negative count keyword, bounded by [`MAX_REPETITION`] (refused above it, never
+/// clamped: llama.cpp would read a larger maximum as "unbounded").
 fn count(o: &Map<String, Value>, key: &str, path: &str) -> Result<Option<usize>, SchemaError> {
     let Some(v) = o.get(key) else { return Ok(None) };
     let n = v
@@ -621,7 +747,7 @@ fn count(o: &Map<String, Value>, key: &str, path: &str) -> Result<Option<usize>,
         .or_else(|| v.as_f64().filter(|f| *f >= 0.0 && f.fract() == 0.0).map(|f| f as u64))
         .ok_or_else(|| invalid(path, format!("{key} must be a non-negative integer")))?;
     if n > MAX_REPETITION as u64 {
-        return Err(SchemaError::LimitExceeded { what: key.to_string(), limit: MAX_REPETITION, path: path.to_string() });
+        return Err(SchemaError::LimitExceeded { what: format!("{key} {n}"), limit: MAX_REPETITION, path: path.to_string() });
     }
     Ok(Some(n as usize))
 }
@@ -666,14 +792,16 @@ impl<'v> Visitor<'_, 'v> {
                 return Err(SchemaError::TooDeep { limit: MAX_DEPTH });
             }
             let text = serde_json::to_string(v).map_err(|e| invalid(path, e.to_string()))?;
+            // An enum reached through many allOf merges is serialized once per merge.
+            self.charge(1 + text.len() / 64)?;
             alts.push(gbnf_literal_of(&text));
         }
         Ok(Expr::Body(format!("({})", alts.join(" | "))))
     }
 
-    fn visit_object<'s>(&mut self, o: &'s Map<String, Value>, name: &str, path: &str, depth: usize) -> Result<Expr, SchemaError> {
+    fn visit_object(&mut self, o: &'v Map<String, Value>, name: &str, path: &str, depth: usize) -> Result<Expr, SchemaError> {
         Self::check_keywords(o, path, &["type", "properties", "required", "additionalProperties"], Some(OBJ))?;
-        let mut props: Vec<(String, &'s Value, String)> = Vec::new();
+        let mut props: Vec<(String, &'v Value, String)> = Vec::new();
         match o.get("properties") {
             None => {}
             Some(Value::Object(ps)) => {
@@ -686,6 +814,7 @@ impl<'v> Visitor<'_, 'v> {
             Some(_) => return Err(invalid(path, "properties must be an object")),
         }
         let required = required_names(o, path)?;
+        self.charge(required.len())?;
         let additional = match o.get("additionalProperties") {
             None if o.contains_key("properties") => Additional::None,
             None | Some(Value::Bool(true)) => Additional::Any,
@@ -699,11 +828,16 @@ impl<'v> Visitor<'_, 'v> {
         }
         // A required key missing from `properties` is still required: it takes the
         // additional-properties schema (any value when extra keys are merely unspecified).
+        // A set, not a scan of `props` per name: `required` can be long.
+        let declared: BTreeSet<String> = props.iter().map(|p| p.0.clone()).collect();
         for r in &required {
-            if props.iter().any(|(k, _, _)| k == r) {
+            if declared.contains(r) {
                 continue;
             }
-            let schema: &Value = match &additional {
+            if props.len() >= MAX_PROPERTIES {
+                return Err(SchemaError::LimitExceeded { what: "number of properties".into(), limit: MAX_PROPERTIES, path: path.into() });
+            }
+            let schema: &'v Value = match &additional {
                 Additional::Schema(s, _) => s,
                 Additional::Any => &ANY_SCHEMA,
                 Additional::None if o.get("additionalProperties") == Some(&Value::Bool(false)) => {
@@ -719,9 +853,9 @@ impl<'v> Visitor<'_, 'v> {
     fn build_object(
         &mut self,
         name: &str,
-        props: Vec<(String, &Value, String)>,
+        props: Vec<(String, &'v Value, String)>,
         required: &BTreeSet<String>,
-        additional: Additional<'_>,
+        additional: Additional<'v>,
         depth: usize,
     ) -> Result<Expr, SchemaError> {
         let mut kv: HashMap<String, String> = HashMap::new();
@@ -834,32 +968,43 @@ impl<'v> Visitor<'_, 'v> {
             }
             nodes[at].terminal = true;
         }
+        // Every trie node writes at least this many bytes: a trie too big for the grammar
+        // is refused before rendering it.
+        if nodes.len().saturating_mul(8) > MAX_GRAMMAR_BYTES {
+            return Err(SchemaError::TooLarge { limit: MAX_GRAMMAR_BYTES });
+        }
         let kc = self.conv.primitive("key-char")?;
-        // Depth is bounded by MAX_KEY_CHARS.
-        fn render(nodes: &[Node], at: usize, kc: &str) -> String {
-            let mut alts = Vec::new();
+        // Appends to one buffer: returning strings that each parent copies cost the
+        // trie's size times its depth. Depth is bounded by MAX_KEY_CHARS.
+        fn render(out: &mut String, nodes: &[Node], at: usize, kc: &str) {
             let mut rejects = String::new();
             for (&c, &child) in &nodes[at].children {
                 let cc = crate::class_char(c);
                 rejects.push_str(&cc);
                 let child_node = &nodes[child];
                 if child_node.children.is_empty() {
-                    alts.push(format!("[{cc}] {kc}+"));
+                    out.push_str(&format!("[{cc}] {kc}+"));
                 } else {
-                    let opt = if child_node.terminal { "" } else { "?" };
-                    alts.push(format!("[{cc}] ({}){opt}", render(nodes, child, kc)));
+                    out.push_str(&format!("[{cc}] ("));
+                    render(out, nodes, child, kc);
+                    out.push(')');
+                    if !child_node.terminal {
+                        out.push('?');
+                    }
                 }
+                out.push_str(" | ");
             }
-            alts.push(format!("[^{rejects}\"\\\\\\x7F\\x00-\\x1F] {kc}*"));
-            alts.join(" | ")
+            out.push_str(&format!("[^{rejects}\"\\\\\\x7F\\x00-\\x1F] {kc}*"));
         }
         let opt = if nodes[0].terminal { "" } else { "?" };
-        Ok(format!("\"\\\"\" ( {} ){opt} \"\\\"\"", render(&nodes, 0, &kc)))
+        let mut trie = String::new();
+        render(&mut trie, &nodes, 0, &kc);
+        Ok(format!("\"\\\"\" ( {trie} ){opt} \"\\\"\""))
     }
 
     fn visit_all_of(
         &mut self,
-        o: &Map<String, Value>,
+        o: &'v Map<String, Value>,
         name: &str,
         path: &str,
         depth: usize,
@@ -872,7 +1017,7 @@ impl<'v> Visitor<'_, 'v> {
         };
         let mut kinds = Some(0x7f);
         for c in comps {
-            kinds = match (kinds, self.kinds(c, depth + 1)) {
+            kinds = match (kinds, self.kinds(c, depth + 1)?) {
                 (Some(a), Some(b)) => Some(a & b),
                 (a, None) => a,
                 (None, _) => None,
@@ -886,18 +1031,29 @@ impl<'v> Visitor<'_, 'v> {
 
         // Merge: object components pool their properties (anyOf alternatives inside
         // contribute optional ones), enum components intersect. Anything else can't merge.
-        let mut props: Vec<(String, &Value, String)> = Vec::new();
+        let mut props: Vec<(String, &'v Value, String)> = Vec::new();
+        // Property name → index in `props`: a scan per merged property was quadratic.
+        let mut prop_index: HashMap<String, usize> = HashMap::new();
         let mut required = BTreeSet::new();
         let mut enum_counts: BTreeMap<String, usize> = BTreeMap::new();
         let mut enums = 0;
-        let mut work: Vec<(&Value, String, bool, usize)> =
+        let mut work: Vec<(&'v Value, String, bool, usize)> =
             comps.iter().enumerate().map(|(i, c)| (c, push(&apath, &i.to_string()), true, depth + 1)).rev().collect();
+        // Components already merged (node, as required?). Merging one again adds nothing
+        // (its properties and required keys are there, an enum intersected with itself is
+        // unchanged), and without this a component reached through many `$ref`s or anyOf
+        // alternatives was merged once per path.
+        let mut merged: BTreeSet<(usize, bool)> = BTreeSet::new();
         let mut objects = 0;
         while let Some((comp, cpath, is_required, d)) = work.pop() {
             if d > MAX_DEPTH {
                 return Err(SchemaError::TooDeep { limit: MAX_DEPTH });
             }
+            if !merged.insert((node_id(comp), is_required)) {
+                continue;
+            }
             let Value::Object(co) = comp else { return Err(unsupported("allOf", &cpath)) };
+            self.charge(1 + co.len() + cpath.len() / 64)?;
             if let Some(Value::String(r)) = co.get("$ref") {
                 Self::check_keywords(co, &cpath, &["$ref"], None)?;
                 let (t, tpath) = self.resolve(r, &cpath)?;
@@ -938,23 +1094,31 @@ impl<'v> Visitor<'_, 'v> {
             objects += 1;
             if let Some(ps) = co.get("properties") {
                 let Value::Object(ps) = ps else { return Err(invalid(&cpath, "properties must be an object")) };
+                self.charge(ps.len())?;
                 for (k, v) in ps {
-                    match props.iter().find(|p| &p.0 == k) {
-                        Some(p) if p.1 != v => return Err(unsupported("allOf", &cpath)),
-                        Some(_) => {}
-                        None => props.push((k.clone(), v, push(&push(&cpath, "properties"), k))),
+                    match prop_index.get(k) {
+                        Some(&i) => {
+                            if !self.same_schema(props[i].1, v)? {
+                                return Err(unsupported("allOf", &cpath));
+                            }
+                        }
+                        None => {
+                            if props.len() >= MAX_PROPERTIES {
+                                return Err(SchemaError::LimitExceeded { what: "number of properties".into(), limit: MAX_PROPERTIES, path: path.into() });
+                            }
+                            prop_index.insert(k.clone(), props.len());
+                            props.push((k.clone(), v, push(&push(&cpath, "properties"), k)));
+                        }
                     }
                 }
             }
             let req = required_names(co, &cpath)?;
+            self.charge(req.len())?;
             if !is_required && !req.is_empty() {
                 // An anyOf alternative's required keys would make the merge too loose.
                 return Err(unsupported("required", &cpath));
             }
             required.extend(req);
-        }
-        if props.len() > MAX_PROPERTIES {
-            return Err(SchemaError::LimitExceeded { what: "number of properties".into(), limit: MAX_PROPERTIES, path: path.into() });
         }
         if enums > 0 {
             if objects > 0 {
@@ -967,14 +1131,85 @@ impl<'v> Visitor<'_, 'v> {
             return Ok(Expr::Body(format!("({})", common.join(" | "))));
         }
         for r in &required {
-            if !props.iter().any(|p| &p.0 == r) {
+            if !prop_index.contains_key(r) {
+                if props.len() >= MAX_PROPERTIES {
+                    return Err(SchemaError::LimitExceeded { what: "number of properties".into(), limit: MAX_PROPERTIES, path: path.into() });
+                }
                 props.push((r.clone(), &ANY_SCHEMA, apath.clone()));
             }
         }
         self.build_object(name, props, &required, Additional::None, depth)
     }
 
-    fn visit_array(&mut self, o: &Map<String, Value>, name: &str, path: &str, depth: usize) -> Result<Expr, SchemaError> {
+    /// Whether two schemas are equal JSON, one step charged per value compared: the same
+    /// large property schema met through many merges would otherwise be compared in full
+    /// each time for free. The same node is equal without a look.
+    fn same_schema(&mut self, a: &Value, b: &Value) -> Result<bool, SchemaError> {
+        let mut stack = vec![(a, b)];
+        while let Some((a, b)) = stack.pop() {
+            if std::ptr::eq(a, b) {
+                continue;
+            }
+            self.charge(1)?;
+            match (a, b) {
+                (Value::Array(x), Value::Array(y)) => {
+                    if x.len() != y.len() {
+                        return Ok(false);
+                    }
+                    stack.extend(x.iter().zip(y));
+                }
+                (Value::Object(x), Value::Object(y)) => {
+                    if x.len() != y.len() {
+                        return Ok(false);
+                    }
+                    for (k, xv) in x {
+                        let Some(yv) = y.get(k) else { return Ok(false) };
+                        stack.push((xv, yv));
+                    }
+                }
+                (x, y) => {
+                    if x != y {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// The rule `"," space item` (`name-next`): what a comma-separated list repeats, so
+    /// that the repeated thing is one rule reference (a group `("," space item)` expands
+    /// to one llama.cpp rule per name it meets first, times the count).
+    fn next_item(&mut self, name: &str, item: &str) -> Result<String, SchemaError> {
+        self.conv.add(&sub_name(name, "next"), &format!("\",\" space {item}"))
+    }
+
+    /// `item` (a rule) `min..=max` times, comma-separated.
+    fn list(&mut self, name: &str, item: &str, min: usize, max: Option<usize>) -> Result<String, SchemaError> {
+        if max == Some(0) {
+            return Ok(String::new());
+        }
+        let rest = if max == Some(1) {
+            String::new()
+        } else {
+            let next = self.next_item(name, item)?;
+            format!(" {}", repetition(&next, min.saturating_sub(1), max.map(|m| m - 1)))
+        };
+        let one_or_more = format!("{item}{rest}");
+        if min > 0 {
+            return Ok(one_or_more);
+        }
+        if max.is_some_and(|m| m > 2) {
+            // `( item next{0,k} )?` would make llama.cpp count the k rules the inner
+            // repetition expands to as the group's, times one for `?`: over its threshold
+            // for k near it. A rule of its own is one reference.
+            let list = self.conv.add(&sub_name(name, "list"), &one_or_more)?;
+            return Ok(format!("{list}?"));
+        }
+        Ok(format!("({one_or_more})?"))
+    }
+
+    fn visit_array(&mut self, o: &'v Map<String, Value>, name: &str, path: &str, depth: usize) -> Result<Expr, SchemaError> {
         Self::check_keywords(o, path, &["type", "items", "prefixItems", "minItems", "maxItems"], Some(ARR))?;
         let min = count(o, "minItems", path)?.unwrap_or(0);
         let max = count(o, "maxItems", path)?;
@@ -997,8 +1232,9 @@ impl<'v> Visitor<'_, 'v> {
         let sub = |part: &str| sub_name(name, part);
         if let Some((items, key)) = prefix {
             let n = items.len();
-            if n > MAX_REPETITION {
-                return Err(SchemaError::LimitExceeded { what: "number of tuple items".into(), limit: MAX_REPETITION, path: path.into() });
+            // Not a repetition (each item is written out): the component limit applies.
+            if n > MAX_ENUM {
+                return Err(SchemaError::LimitExceeded { what: "number of tuple items".into(), limit: MAX_ENUM, path: path.into() });
             }
             // Tuples are complete (as in llama.cpp): a shorter array is not generated.
             if max.is_some_and(|m| m < n) {
@@ -1017,12 +1253,12 @@ impl<'v> Visitor<'_, 'v> {
                 }
                 Some(r) => {
                     let item = self.visit(r, &sub("item"), &push(path, rest_key), depth + 1)?;
-                    let more = repetition(&format!("(\",\" space {item})"), min.saturating_sub(n), max.map(|m| m - n), "");
                     if n == 0 {
-                        rule = format!("\"[\" space {}", repetition(&item, min, max, "\",\" space"));
-                    } else if !more.is_empty() {
+                        rule = format!("\"[\" space {}", self.list(name, &item, min, max)?);
+                    } else if max != Some(n) {
+                        let next = self.next_item(name, &item)?;
                         rule.push(' ');
-                        rule.push_str(&more);
+                        rule.push_str(&repetition(&next, min.saturating_sub(n), max.map(|m| m - n)));
                     }
                 }
             }
@@ -1041,10 +1277,11 @@ impl<'v> Visitor<'_, 'v> {
             Some(Value::Object(m)) if m.is_empty() && min == 0 && max.is_none() => return Ok(Expr::Rule(self.conv.primitive("array")?)),
             Some(r) => self.visit(r, &sub("item"), &push(path, rest_key), depth + 1)?,
         };
-        Ok(Expr::Body(format!("\"[\" space {} space \"]\"", repetition(&item, min, max, "\",\" space"))))
+        let list = self.list(name, &item, min, max)?;
+        Ok(Expr::Body(format!("\"[\" space {list} space \"]\"")))
     }
 
-    fn visit_string(&mut self, o: &Map<String, Value>, name: &str, path: &str) -> Result<Expr, SchemaError> {
+    fn visit_string(&mut self, o: &'v Map<String, Value>, name: &str, path: &str) -> Result<Expr, SchemaError> {
         Self::check_keywords(o, path, &["type", "minLength", "maxLength", "pattern", "format"], Some(STR))?;
         let min = count(o, "minLength", path)?;
         let max = count(o, "maxLength", path)?;
@@ -1060,7 +1297,12 @@ impl<'v> Visitor<'_, 'v> {
             let body = pattern_to_gbnf(p).map_err(|e| match e {
                 PatternError::Unsupported(_) => unsupported("pattern", path),
                 PatternError::Invalid(why) => invalid(path, format!("pattern is not a valid regular expression: {why}")),
-                PatternError::TooMany => SchemaError::LimitExceeded { what: "pattern repetition count".into(), limit: MAX_REPETITION, path: path.into() },
+                PatternError::TooMany => SchemaError::LimitExceeded { what: "pattern repetition count {n,m}".into(), limit: MAX_REPETITION, path: path.into() },
+                PatternError::TooManyRules => SchemaError::LimitExceeded {
+                    what: "pattern repetition count times the grammar rules its group expands to (llama.cpp's limit)".into(),
+                    limit: MAX_REPETITION,
+                    path: path.into(),
+                },
             })?;
             let rule_name = if name.is_empty() { "root".to_string() } else { name.to_string() };
             return Ok(Expr::Rule(self.conv.add(&rule_name, &body)?));
@@ -1087,7 +1329,7 @@ impl<'v> Visitor<'_, 'v> {
             return Ok(Expr::Rule(self.conv.primitive("string")?));
         }
         let ch = self.conv.primitive("char")?;
-        Ok(Expr::Body(format!("\"\\\"\" {} \"\\\"\"", repetition(&ch, min, max, ""))))
+        Ok(Expr::Body(format!("\"\\\"\" {} \"\\\"\"", repetition(&ch, min, max))))
     }
 
     fn visit_integer(&mut self, o: &Map<String, Value>, path: &str) -> Result<Expr, SchemaError> {

@@ -3,7 +3,7 @@
 //! finite string) and left recursion (which llama.cpp's engine refuses).
 //! Everything here is iterative or depth-bounded: rule bodies can come from callers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Deepest parenthesis nesting accepted in one rule body.
 const MAX_GROUP_DEPTH: usize = 256;
@@ -280,25 +280,74 @@ pub(crate) struct Analysis {
     pub unproductive: Option<String>,
     /// A rule on a left-recursive cycle, or holding a `*`/`+` over something nullable.
     pub left_recursive: Option<String>,
+    /// First rule (in grammar order) with a repetition llama.cpp's parser refuses.
+    pub over_repetition: Option<String>,
+}
+
+/// llama.cpp's `MAX_REPETITION_THRESHOLD` (src/llama-grammar.cpp).
+const LLAMA_REPETITION_THRESHOLD: u64 = crate::MAX_REPETITION as u64;
+
+/// llama.cpp's accounting in `parse_sequence` over one body: returns how many symbols
+/// parsing it generates, or `Err` at a repetition it refuses or would silently unbound.
+/// It refuses a minimum above the threshold, reads a larger maximum as none, and refuses `x{m,n}` when the symbols `x` generated (1 for a terminal or rule
+/// reference; for a group, the group, its inner groups and repetition rules, and every
+/// rule name first met inside it) times n (or m when unbounded) exceeds the threshold.
+/// `seen` holds the names met so far, in grammar order. Recursion is bounded by the
+/// parser's group depth.
+fn llama_symbols<'a>(alts: &'a Alts, seen: &mut HashSet<&'a str>) -> Result<u64, ()> {
+    let mut generated = 0u64;
+    for term in alts.iter().flatten() {
+        let (n_prev, mut made) = match &term.atom {
+            Atom::Ref(r) => (1, u64::from(seen.insert(r.as_str()))),
+            Atom::Group(inner) => {
+                let g = 1 + llama_symbols(inner, seen)?;
+                (g, g)
+            }
+            _ => (1, 0),
+        };
+        if (term.min, term.max) != (1, Some(1)) {
+            let min = u64::from(term.min);
+            let max = term.max.map(u64::from);
+            // llama.cpp refuses the minimum; the maximum it would read as "none", silently
+            // unbounding the repetition, so we refuse that too.
+            if min > LLAMA_REPETITION_THRESHOLD || max.is_some_and(|m| m > LLAMA_REPETITION_THRESHOLD) {
+                return Err(());
+            }
+            let total = match max {
+                Some(m) if m > 0 => m,
+                _ if min > 0 => min,
+                _ => 1,
+            };
+            if n_prev.saturating_mul(total) > LLAMA_REPETITION_THRESHOLD {
+                return Err(());
+            }
+            made += max.map_or(1, |m| m - min);
+        }
+        generated = generated.saturating_add(made);
+    }
+    Ok(generated)
+}
+
+/// Whether llama.cpp would refuse a repetition in this body on its own (a body that
+/// refers to no rules, as a `pattern`'s).
+pub(crate) fn llama_refuses_repetition(alts: &Alts) -> bool {
+    llama_symbols(alts, &mut HashSet::new()).is_err()
 }
 
 /// Evaluates a predicate ("nullable" or "productive") over a body given the rules'
 /// current values. Recursion depth is bounded by the parser's group limit.
 fn eval(alts: &Alts, known: &HashMap<&str, bool>, productive: bool) -> bool {
-    alts.iter().any(|seq| {
-        seq.iter().all(|t| {
-            if t.min == 0 {
-                return true;
-            }
-            match &t.atom {
-                Atom::Lit(l) => productive || l.is_empty(),
-                Atom::Class { negated, ranges } => productive && (*negated || ranges.iter().any(|(a, b)| a <= b)),
-                Atom::Any => productive,
-                Atom::Ref(r) => known.get(r.as_str()).copied().unwrap_or(false),
-                Atom::Group(inner) => eval(inner, known, productive),
-            }
-        })
-    })
+    alts.iter().any(|seq| seq.iter().all(|t| t.min == 0 || eval_atom(&t.atom, known, productive)))
+}
+
+fn eval_atom(atom: &Atom, known: &HashMap<&str, bool>, productive: bool) -> bool {
+    match atom {
+        Atom::Lit(l) => productive || l.is_empty(),
+        Atom::Class { negated, ranges } => productive && (*negated || ranges.iter().any(|(a, b)| a <= b)),
+        Atom::Any => productive,
+        Atom::Ref(r) => known.get(r.as_str()).copied().unwrap_or(false),
+        Atom::Group(inner) => eval(inner, known, productive),
+    }
 }
 
 /// Least fixpoint of `eval` over all rules, driven by a worklist so that each rule is
@@ -335,6 +384,21 @@ pub(crate) fn analyse(rules: &BTreeMap<String, Alts>) -> Analysis {
             }
         });
     }
+    // Once per user: a body naming one rule many times was re-evaluated (in full) once
+    // per mention whenever that rule's value changed.
+    for u in users.values_mut() {
+        u.sort_unstable();
+        u.dedup();
+    }
+    let mut over_repetition = None;
+    let mut seen = HashSet::new();
+    for (name, alts) in rules {
+        seen.insert(name.as_str());
+        if llama_symbols(alts, &mut seen).is_err() {
+            over_repetition = Some(name.clone());
+            break;
+        }
+    }
     let productive = fixpoint(rules, &users, true);
     let unproductive = rules.keys().find(|k| !productive[k.as_str()]).cloned();
     let nullable = fixpoint(rules, &users, false);
@@ -370,12 +434,12 @@ pub(crate) fn analyse(rules: &BTreeMap<String, Alts>) -> Analysis {
     if left_recursive.is_none() {
         left_recursive = find_cycle(rules, &starts);
     }
-    Analysis { dangling, repetition_total, unproductive, left_recursive }
+    Analysis { dangling, repetition_total, unproductive, left_recursive, over_repetition }
 }
 
+/// Without cloning the atom (a group's clone, per term, per nesting level, was quadratic).
 fn atom_nullable(t: &Term, nullable: &HashMap<&str, bool>) -> bool {
-    let single = Alts::from([vec![Term { atom: t.atom.clone(), min: 1, max: Some(1) }]]);
-    eval(&single, nullable, false)
+    eval_atom(&t.atom, nullable, false)
 }
 
 /// A rule on a cycle of `edges`, found by repeatedly removing rules with no outgoing
@@ -401,25 +465,20 @@ fn find_cycle(rules: &BTreeMap<String, Alts>, edges: &HashMap<&str, Vec<&str>>) 
             }
         }
     }
-    // What remains reaches a cycle; among those, report one that can reach itself.
-    let mut left: Vec<&str> = out_degree.iter().filter(|(_, d)| **d > 0).map(|(k, _)| *k).collect();
-    left.sort_unstable();
-    left.into_iter()
-        .find(|n| edges.get(n).into_iter().flatten().any(|m| m == n) || reaches_itself(n, edges))
-        .or_else(|| out_degree.iter().filter(|(_, d)| **d > 0).map(|(k, _)| *k).min())
-        .map(str::to_string)
-}
-
-fn reaches_itself(start: &str, edges: &HashMap<&str, Vec<&str>>) -> bool {
-    let mut seen = std::collections::HashSet::new();
-    let mut stack: Vec<&str> = edges.get(start).cloned().unwrap_or_default();
-    while let Some(n) = stack.pop() {
-        if n == start {
-            return true;
+    // What remains reaches a cycle, and every rule left has an edge to another rule left:
+    // walking those edges from any of them must revisit a rule, which is on a cycle.
+    // (A search from each remaining rule was quadratic.) Report the cycle's least name,
+    // starting from the least rule left, so the answer is deterministic.
+    let start = out_degree.iter().filter(|(_, d)| **d > 0).map(|(k, _)| *k).min()?;
+    let mut order: HashMap<&str, usize> = HashMap::new();
+    let mut walk: Vec<&str> = Vec::new();
+    let mut at = start;
+    loop {
+        if let Some(&i) = order.get(at) {
+            return walk[i..].iter().min().map(|s| s.to_string());
         }
-        if seen.insert(n) {
-            stack.extend(edges.get(n).into_iter().flatten().copied());
-        }
+        order.insert(at, walk.len());
+        walk.push(at);
+        at = edges.get(at).into_iter().flatten().copied().find(|n| out_degree.get(n).is_some_and(|d| *d > 0))?;
     }
-    false
 }

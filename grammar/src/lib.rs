@@ -36,6 +36,10 @@
 //! (`{"type": "integer", "minLength": 3}`), as JSON Schema says. `uniqueItems: false`
 //! and integer `multipleOf: 1` constrain nothing and are accepted.
 //!
+//! Counts (`minLength`, `maxLength`, `minItems`, `maxItems`, regex `{n,m}`) are at most
+//! [`MAX_REPETITION`] (2,000, llama.cpp's own limit); larger ones are refused, never
+//! clamped. Conversion work is bounded by [`MAX_WORK`] as well as [`MAX_DEPTH`].
+//!
 //! `pattern`: must be anchored `^...$`; literals, `.`, classes `[...]`/`[^...]`, `\d \w \s`,
 //! escapes `\t \n \r \f \v \0 \xHH \uHHHH \<punct>`, groups `(...)`/`(?:...)`, `|`,
 //! `* + ? {n} {n,} {n,m}` (lazy forms too).
@@ -76,8 +80,14 @@ pub use error::SchemaError;
 pub const MAX_DEPTH: usize = 64;
 /// Largest grammar text, in bytes.
 pub const MAX_GRAMMAR_BYTES: usize = 1 << 20;
-/// Largest `minLength`/`maxLength`/`minItems`/`maxItems`/regex `{n,m}` count.
-pub const MAX_REPETITION: usize = 10_000;
+/// Largest `minLength`/`maxLength`/`minItems`/`maxItems`/regex `{n,m}` count: llama.cpp's
+/// `MAX_REPETITION_THRESHOLD`. Its GBNF parser reads a larger `{m,n}` maximum as "no
+/// maximum" (so `maxLength: 5000` would silently be unbounded) and refuses a larger
+/// minimum; we refuse both with [`SchemaError::LimitExceeded`] naming the keyword.
+/// llama.cpp also refuses `group{m,n}` when the rules the group expands to times the count
+/// exceed this; `finish` checks every rule the same way (the converter repeats only single
+/// rule references or terminals, so schema counts up to this limit always pass).
+pub const MAX_REPETITION: usize = 2_000;
 /// Largest sum of repetition counts over a grammar (llama.cpp expands each `x{n,m}`).
 pub const MAX_TOTAL_REPETITION: usize = 200_000;
 /// Most values in one `enum` (and components of `anyOf`/`allOf`, members of `type`).
@@ -86,6 +96,14 @@ pub const MAX_ENUM: usize = 10_000;
 pub const MAX_PROPERTIES: usize = 2_000;
 /// Most rules in one grammar.
 pub const MAX_RULES: usize = 10_000;
+/// Work budget of one [`SchemaConverter::add_schema`] call, in steps: a visit of a schema
+/// node costs one step plus one per keyword it holds and per 64 bytes of the JSON pointer
+/// and rule name built for it; `kinds` look-ups, `allOf` merge items, merged properties,
+/// enum values and `$ref` resolution are charged alike. Memoization keeps legitimate
+/// schemas far below it (work linear in their size); it stops hostile shapes whose work
+/// is super-linear in their size (a schema node reached through many `$ref`/`allOf`
+/// paths) with [`SchemaError::LimitExceeded`] instead of running for hours.
+pub const MAX_WORK: usize = 1_000_000;
 
 /// Whole schema → grammar whose `root` rule matches it.
 pub fn json_schema_to_grammar(schema: &serde_json::Value) -> Result<String, SchemaError> {

@@ -21,6 +21,9 @@ pub(crate) enum PatternError {
     Invalid(String),
     /// A `{n,m}` count above [`MAX_REPETITION`].
     TooMany,
+    /// A counted group whose count times the grammar rules llama.cpp expands the group to
+    /// exceeds [`MAX_REPETITION`] (llama.cpp would refuse the grammar).
+    TooManyRules,
 }
 
 type Alt = Vec<Vec<(Node, u32, Option<u32>)>>;
@@ -407,5 +410,10 @@ pub(crate) fn pattern_to_gbnf(pattern: &str) -> Result<String, PatternError> {
     if p.i != p.s.len() {
         return invalid("unbalanced parentheses");
     }
-    Ok(format!("\"\\\"\" ({}) \"\\\"\"", render(&alt)))
+    let body = format!("\"\\\"\" ({}) \"\\\"\"", render(&alt));
+    // Checked here, where the pattern is named, rather than only in `finish`.
+    match crate::gbnf::parse_body(&body) {
+        Ok(alts) if crate::gbnf::llama_refuses_repetition(&alts) => Err(PatternError::TooManyRules),
+        _ => Ok(body),
+    }
 }

@@ -240,6 +240,10 @@ fn bounds() {
     assert_eq!(err(json!({"$ref": "#/$defs/d0", "$defs": defs})), SchemaError::TooDeep { limit: MAX_DEPTH });
     assert!(matches!(err(json!({"type": "string", "maxLength": 100_000})), SchemaError::LimitExceeded { .. }));
     assert!(matches!(err(json!({"type": "array", "minItems": 10_001})), SchemaError::LimitExceeded { .. }));
+    // `required` names missing from `properties` count as properties (they were pushed
+    // one by one with a scan of all before: quadratic).
+    let names: Vec<String> = (0..20_000).map(|i| format!("r{i}")).collect();
+    assert!(matches!(err(json!({"type": "object", "required": names})), SchemaError::LimitExceeded { .. }));
     let many: Vec<u32> = (0..20_000).collect();
     assert!(matches!(err(json!({"enum": many})), SchemaError::LimitExceeded { .. }));
     let big = "x".repeat(MAX_GRAMMAR_BYTES + 1);
@@ -343,4 +347,150 @@ fn no_panic_on_random_values() {
         }
     }
     assert!(ok > 10, "only {ok} random schemas converted");
+}
+
+/// llama.cpp's GBNF parser reads a `{m,n}` maximum above 2,000 as "no maximum" and
+/// refuses a larger minimum: every count keyword stops at [`MAX_REPETITION`] with an
+/// error naming it, and what is allowed converts into a grammar llama.cpp accepts.
+#[test]
+fn repetition_counts_stop_at_llama_cpp_limit() {
+    assert_eq!(MAX_REPETITION, 2_000);
+    for key in ["minLength", "maxLength"] {
+        let e = err(json!({"type": "string", key: 2_001}));
+        assert_eq!(e, SchemaError::LimitExceeded { what: format!("{key} 2001"), limit: 2_000, path: String::new() });
+        assert_eq!(e.to_string(), format!("{key} 2001 exceeds the limit of 2000 at the schema root"));
+    }
+    for key in ["minItems", "maxItems"] {
+        let e = err(json!({"type": "array", "items": {"type": "integer"}, key: 5_000}));
+        assert_eq!(e, SchemaError::LimitExceeded { what: format!("{key} 5000"), limit: 2_000, path: String::new() });
+    }
+    let e = err(json!({"properties": {"s": {"type": "string", "pattern": "^a{2001}$"}}}));
+    assert!(matches!(e, SchemaError::LimitExceeded { limit: 2_000, ref path, .. } if path == "/properties/s"), "{e:?}");
+    assert!(matches!(err(json!({"type": "string", "pattern": "^a{1,2001}$"})), SchemaError::LimitExceeded { .. }));
+    // A counted group expands to several llama.cpp rules: 4 × 1000 is over its limit.
+    let e = err(json!({"type": "string", "pattern": "^(a{0,3}b){0,1000}$"}));
+    assert!(matches!(e, SchemaError::LimitExceeded { ref what, .. } if what.contains("rules its group expands to")), "{e:?}");
+
+    // At the limit everything converts and passes `finish`'s check of llama.cpp's count
+    // (the repeated thing is always a single rule reference or terminal).
+    for schema in [
+        json!({"type": "string", "maxLength": 2_000}),
+        json!({"type": "string", "minLength": 2_000, "maxLength": 2_000}),
+        json!({"type": "array", "items": {"type": "integer"}, "maxItems": 2_000}),
+        json!({"type": "array", "items": {"type": "integer"}, "minItems": 2_000}),
+        json!({"type": "array", "items": {"type": "integer"}, "minItems": 1_000, "maxItems": 2_000}),
+        json!({"type": "array", "prefixItems": [{"type": "string"}, {"type": "null"}], "items": {"type": "integer"}, "maxItems": 2_000}),
+        json!({"type": "array", "items": {"$ref": "#/$defs/x"}, "maxItems": 2_000, "$defs": {"x": {"type": "object", "properties": {"a": {"type": "integer"}}}}}),
+        json!({"type": "string", "pattern": "^(ab|c){0,2000}[a-z]{2000}$"}),
+    ] {
+        grammar(schema);
+    }
+    check(json!({"type": "array", "items": {"type": "integer"}, "maxItems": 3}), &["[]", "[1]", "[1, 2, 3]"], &["[1,2,3,4]", "[,]"]);
+    check(json!({"prefixItems": [{"const": 0}], "items": {"type": "integer"}, "minItems": 2, "maxItems": 3}), &["[0,1]", "[0,1,2]"], &["[0]", "[0,1,2,3]"]);
+
+    // The same check guards hand-written rules: a group meeting two new names repeated
+    // 1,500 times is 3,000 llama.cpp rules; a count over 2,000 would silently unbound.
+    for body in ["(x y){0,1500}", "x{0,2001}", "x{2001,}"] {
+        let mut c = SchemaConverter::new();
+        c.add_rule("root", body);
+        c.add_rule("x", "\"x\"");
+        c.add_rule("y", "\"y\"");
+        assert!(matches!(c.finish(), Err(SchemaError::LimitExceeded { .. })), "{body}");
+    }
+    let mut c = SchemaConverter::new();
+    c.add_rule("root", "x y (x y){0,1000}");
+    c.add_rule("x", "\"x\"");
+    c.add_rule("y", "\"y\"");
+    c.finish().unwrap();
+}
+
+/// Converts `schema`, which must complete (no duration asserted: an exponential walk
+/// simply never returns). Any typed result is fine here; callers say which they expect.
+fn finishes(schema: &Value) -> Result<String, SchemaError> {
+    json_schema_to_grammar(schema)
+}
+
+/// A grammar, or one of the limit errors (a count, the work budget, the grammar size).
+fn ok_or_limit(schema: Value) {
+    match finishes(&schema) {
+        Ok(_) | Err(SchemaError::LimitExceeded { .. } | SchemaError::TooLarge { .. }) => {}
+        Err(e) => panic!("{e:?}"),
+    }
+}
+
+/// Shapes whose conversion work was exponential or quadratic in their size.
+#[test]
+fn adversarial_shapes_finish() {
+    // A $defs entry whose allOf holds three $refs to itself: 3^32 `kinds` steps before.
+    let e = finishes(&json!({"$ref": "#/$defs/a", "$defs": {"a": {"allOf": [{"$ref": "#/$defs/a"}, {"$ref": "#/$defs/a"}, {"$ref": "#/$defs/a"}]}}}));
+    assert!(e.is_err(), "{e:?}");
+    // The same next to a `type` (which makes the converter ask `kinds`), and via anyOf.
+    let e = finishes(&json!({"type": "object", "$ref": "#/$defs/a", "$defs": {"a": {"allOf": [{"$ref": "#/$defs/a"}, {"$ref": "#/$defs/a"}, {"$ref": "#/$defs/a"}]}}}));
+    assert!(e.is_err(), "{e:?}");
+    let e = finishes(&json!({"type": "object", "$ref": "#/$defs/a", "$defs": {"a": {"anyOf": [{"$ref": "#/$defs/a"}, {"$ref": "#/$defs/a"}, {"type": "null"}]}}}));
+    assert!(e.is_err(), "{e:?}");
+
+    // A chain of 31 $defs, each an anyOf of two $refs to the next (2^31 before).
+    let mut defs = serde_json::Map::new();
+    for i in 0..31 {
+        let next = format!("#/$defs/d{}", i + 1);
+        defs.insert(format!("d{i}"), json!({"anyOf": [{"$ref": next}, {"$ref": next}]}));
+    }
+    defs.insert("d31".into(), json!({"type": "integer"}));
+    let s = json!({"type": "integer", "$ref": "#/$defs/d0", "$defs": defs});
+    check(s, &["12"], &["\"a\""]);
+
+    // anyOf fan-out chains: ten $refs to the next, 25 levels deep (each two of MAX_DEPTH),
+    // with types to check (10^25 before).
+    let mut defs = serde_json::Map::new();
+    for i in 0..25 {
+        let next = format!("#/$defs/d{}", i + 1);
+        defs.insert(format!("d{i}"), json!({"type": "array", "anyOf": vec![json!({"$ref": next}); 10]}));
+    }
+    defs.insert("d25".into(), json!({"type": "array", "items": {"type": "integer"}, "maxItems": 2}));
+    check(json!({"$ref": "#/$defs/d0", "$defs": defs}), &["[1, 2]"], &["[1,2,3]"]);
+
+    // Deep allOf of refs: each level's object has two properties merging the next level
+    // (2^levels merges, each making rules): stops at a limit.
+    let mut defs = serde_json::Map::new();
+    for i in 0..40 {
+        let next = json!({"allOf": [{"$ref": format!("#/$defs/d{}", i + 1)}, {"properties": {"n": {"type": "null"}}}]});
+        defs.insert(format!("d{i}"), json!({"properties": {"x": next.clone(), "y": next}}));
+    }
+    defs.insert("d40".into(), json!({"properties": {"z": {"type": "integer"}}}));
+    ok_or_limit(json!({"allOf": [{"$ref": "#/$defs/d0"}, {"required": []}], "$defs": defs}));
+
+    // One allOf with many $refs to the same object and enum components: each merged once.
+    let comps: Vec<Value> = (0..5_000).map(|i| json!({"$ref": format!("#/$defs/{}", if i % 2 == 0 { "o" } else { "p" })})).collect();
+    let big: serde_json::Map<String, Value> = (0..1_000).map(|i| (format!("k{i}"), json!({"type": "integer"}))).collect();
+    let s = json!({"allOf": comps, "$defs": {"o": {"properties": big.clone()}, "p": {"properties": big}}});
+    grammar(s);
+    let wide: Vec<u32> = (0..10_000).collect();
+    let comps: Vec<Value> = (0..5_000).map(|_| json!({"$ref": "#/$defs/e"})).collect();
+    check(json!({"allOf": comps, "$defs": {"e": {"enum": wide}}}), &["9999"], &["10000"]);
+    // A wide enum inside allOf, merged again under many properties: each merge pays for
+    // the values it reads (500 × 10,000 of them exhaust MAX_WORK; smaller here so the
+    // debug-build suite stays fast).
+    let wide: Vec<u32> = (0..2_000).collect();
+    let props: serde_json::Map<String, Value> =
+        (0..40).map(|i| (format!("p{i}"), json!({"allOf": [{"$ref": "#/$defs/e"}, {"$ref": "#/$defs/f"}]}))).collect();
+    check(json!({"properties": props, "$defs": {"e": {"enum": wide}, "f": {"enum": [0, 1]}}}), &[r#"{"p0": 1}"#], &[r#"{"p0": 2}"#]);
+    // Visits whose pointers and rule names are long pay for them: a 100 kB property name
+    // above an anyOf of 1,000 alternatives is ~3,000 steps per alternative visited.
+    let alts = vec![json!({"type": "null"}); 1_000];
+    let e = err(json!({"properties": {"n".repeat(100_000): {"anyOf": alts}}}));
+    assert!(matches!(e, SchemaError::LimitExceeded { limit: MAX_WORK, .. }), "{e:?}");
+    assert!(e.to_string().contains("work needed to convert the schema"), "{e}");
+
+    // `nullable` and type lists at every level used to deep-clone the subtree per level.
+    let mut s = json!({"type": "integer"});
+    for _ in 0..15 {
+        s = json!({"type": ["array", "null"], "nullable": true, "items": s, "description": "x".repeat(1_000)});
+    }
+    grammar(s);
+
+    // Long property names: the key trie is refused before it is rendered.
+    let props: serde_json::Map<String, Value> = (0..300).map(|i| (format!("{i}{}", "n".repeat(1_000)), json!({"type": "null"}))).collect();
+    let e = err(json!({"properties": props, "additionalProperties": {"type": "integer"}}));
+    assert!(matches!(e, SchemaError::TooLarge { .. }), "{e:?}");
 }
