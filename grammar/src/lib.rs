@@ -76,8 +76,10 @@ pub use error::SchemaError;
 pub const MAX_DEPTH: usize = 64;
 /// Largest grammar text, in bytes.
 pub const MAX_GRAMMAR_BYTES: usize = 1 << 20;
-/// Largest `minLength`/`maxLength`/`minItems`/`maxItems`/regex `{n,m}` count.
-pub const MAX_REPETITION: usize = 10_000;
+/// Largest `minLength`/`maxLength`/`minItems`/`maxItems`/regex `{n,m}` count: llama.cpp's
+/// largest repetition (a larger GBNF maximum would silently become unbounded, and
+/// `Grammar::validate` refuses it), so a schema over it is a schema error naming the limit.
+pub const MAX_REPETITION: usize = 2_000;
 /// Largest sum of repetition counts over a grammar (llama.cpp expands each `x{n,m}`).
 pub const MAX_TOTAL_REPETITION: usize = 200_000;
 /// Most values in one `enum` (and components of `anyOf`/`allOf`, members of `type`).
