@@ -318,8 +318,10 @@ pub mod grammar_bounds {
     /// Most calls llama.cpp's left-recursion check may make (one per rule, and one per
     /// leftmost path into a sub-rule, counted before llama.cpp runs it; see
     /// `check_gbnf`): that check re-explores shared sub-rules, exponentially in the worst
-    /// case, inside the uncancellable grammar construction.
-    pub const MAX_LEFT_RECURSION_CALLS: u64 = 1_000_000;
+    /// case, inside the uncancellable grammar construction. A chain of the 2,000 rules
+    /// allowed is ~2,000,000 calls already (quadratic, since every rule is checked from the
+    /// top), and parses quickly (tests/tests/grammar.rs), so the cap sits above it.
+    pub const MAX_LEFT_RECURSION_CALLS: u64 = 10_000_000;
     /// Most trigger patterns of a lazy grammar, and the longest one in bytes.
     pub const MAX_TRIGGER_PATTERNS: usize = 64;
     pub const MAX_TRIGGER_PATTERN_BYTES: usize = 1024;

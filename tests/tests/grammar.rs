@@ -82,8 +82,8 @@ fn a_grammar_that_does_not_parse_is_an_invalid_param_with_where_and_why() {
         (r#"root ::= undefined-rule"#, "line 1, column 10: undefined rule 'undefined-rule'"),
         (r#"other ::= "a""#, "no rule 'root'"),
         ("root ::= (\"a\"\n  | \"b\" ]", "line 2, column 9: expecting ')'"),
-        // What only llama.cpp checks: its message.
-        (r#"root ::= root "a" | "b""#, "left recursion"),
+        // Left recursion, refused before llama.cpp's exponential check.
+        (r#"root ::= root "a" | "b""#, "line 1, column 1: rule 'root' is left-recursive"),
     ] {
         let reason = invalid_grammar(model.check_grammar(&Grammar::new(text)));
         assert!(reason.contains(says), "{text}: {reason}");
