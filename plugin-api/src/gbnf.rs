@@ -6,17 +6,41 @@
 //! returns only "failed to parse grammar"). It also keeps the bounds of
 //! [`crate::grammar_bounds`] (nesting, repetition counts, rule count), and checks what
 //! llama.cpp checks after parsing: every referenced rule is defined, the root rule exists.
-//! Left recursion and whether a `<token>` is one token of the vocabulary stay llama.cpp's
-//! to report. One pass, each byte read a bounded number of times; the only recursion is
-//! one frame per parenthesis level, at most `MAX_NESTING` deep.
+//! Whether a `<token>` is one token of the vocabulary stays llama.cpp's to report.
+//!
+//! It also builds the rule graph llama.cpp builds (groups and repetitions become generated
+//! rules, as in `parse_sequence`/`handle_repetitions`) and does llama.cpp's
+//! left-recursion check itself, in linear time: llama.cpp's
+//! `llama_grammar_detect_left_recursion` never reads its `rules_visited`, so it re-explores
+//! a shared sub-rule on every path to it (a 1 KB chain `r0 ::= r1 | r1`, `r1 ::= r2 | r2`,
+//! ... takes 2^60 calls inside `llama_sampler_init_grammar`, uncancellable). Left recursion
+//! is refused here by name, and so is a grammar whose check would make more than
+//! [`MAX_LEFT_RECURSION_CALLS`] calls, counted by dynamic programming over the graph: what
+//! reaches llama.cpp is cheap for it to check.
+//!
+//! One pass, each byte read a bounded number of times; the only recursion is one frame per
+//! parenthesis level, at most `MAX_NESTING` deep (the graph walks are iterative).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
-use crate::grammar_bounds::{MAX_NESTING, MAX_REPETITION, MAX_REPETITION_SUM, MAX_RULES};
+use crate::grammar_bounds::{MAX_LEFT_RECURSION_CALLS, MAX_NESTING, MAX_REPETITION, MAX_REPETITION_SUM, MAX_RULES};
 
 /// Checks `text` as llama.cpp's parser would, with `root` as the rule that must exist.
 pub fn check(text: &str, root: &str) -> Result<(), String> {
-    let mut p = Parser { s: text.as_bytes(), pos: 0, depth: 0, rules: 0, rep_sum: 0, defined: HashSet::new(), refs: Vec::new() };
+    let mut p = Parser {
+        s: text.as_bytes(),
+        pos: 0,
+        depth: 0,
+        rules: 0,
+        rep_sum: 0,
+        defined: HashSet::new(),
+        refs: Vec::new(),
+        symbols: HashMap::new(),
+        n_symbols: 0,
+        graph: Vec::new(),
+        owners: Vec::new(),
+        owner: 0,
+    };
     p.grammar().map_err(|(at, what)| format!("{}: {what}", location(text, at)))?;
     // llama.cpp's checks after the parse, at the first reference of a missing rule.
     if let Some((name, at)) = p.refs.iter().find(|(name, _)| !p.defined.contains(name)) {
@@ -25,7 +49,7 @@ pub fn check(text: &str, root: &str) -> Result<(), String> {
     if !p.defined.contains(root.as_bytes()) {
         return Err(format!("no rule '{root}' (the root rule)"));
     }
-    Ok(())
+    p.left_recursion_check().map_err(|(at, what)| format!("{}: {what}", location(text, at)))
 }
 
 /// `line L, column C` of byte offset `at` (both from 1; the column counts characters).
@@ -40,6 +64,28 @@ fn location(text: &str, at: usize) -> String {
 
 type Fail = (usize, String);
 
+/// An element of a sequence as the left-recursion check sees it: a reference to rule `id`
+/// or anything else (a literal, class, token or `.`: text, which ends the leftmost walk).
+#[derive(Clone, Copy)]
+enum Elem {
+    Ref(u32),
+    Term,
+}
+
+/// One rule of llama.cpp's rule list: per alternative, the references before its first
+/// element that is not one (all llama.cpp's check can walk into), and whether it is empty.
+#[derive(Default)]
+struct Rule {
+    alts: Vec<(Vec<u32>, bool)>,
+}
+
+impl Rule {
+    fn push_alt(&mut self, seq: &[Elem]) {
+        let refs = seq.iter().map_while(|e| match e { Elem::Ref(id) => Some(*id), Elem::Term => None }).collect();
+        self.alts.push((refs, seq.is_empty()));
+    }
+}
+
 struct Parser<'a> {
     s: &'a [u8],
     pos: usize,
@@ -49,6 +95,17 @@ struct Parser<'a> {
     defined: HashSet<&'a [u8]>,
     /// Every rule reference with where it is, in text order.
     refs: Vec<(&'a [u8], usize)>,
+    /// llama.cpp's `symbol_ids`: rule name → id, in the order llama.cpp numbers them.
+    symbols: HashMap<&'a [u8], u32>,
+    /// `symbol_ids.size()`: named and generated rules so far.
+    n_symbols: u32,
+    /// llama.cpp's rule list by id (`None`: referenced, not defined yet).
+    graph: Vec<Option<Rule>>,
+    /// Per rule id, the named rule (its name and where its definition starts) whose text
+    /// it comes from, for messages about generated rules.
+    owners: Vec<(&'a [u8], usize)>,
+    /// The index in `owners` of the rule being defined.
+    owner: usize,
 }
 
 fn is_word(c: u8) -> bool {
@@ -128,7 +185,37 @@ impl<'a> Parser<'a> {
         Ok(())
     }
 
+    /// llama.cpp's `get_symbol_id`: a name's id, numbered on first sight.
+    fn symbol(&mut self, name: &'a [u8]) -> u32 {
+        if let Some(&id) = self.symbols.get(name) {
+            return id;
+        }
+        let id = self.n_symbols;
+        self.symbols.insert(name, id);
+        self.n_symbols += 1;
+        id
+    }
+
+    /// llama.cpp's `generate_symbol_id`: a fresh id for a group or repetition rule.
+    fn generated(&mut self) -> u32 {
+        let id = self.n_symbols;
+        self.n_symbols += 1;
+        id
+    }
+
+    /// llama.cpp's `add_rule` (a later definition replaces an earlier one).
+    fn add_rule(&mut self, id: u32, rule: Rule) {
+        let i = id as usize;
+        if self.graph.len() <= i {
+            self.graph.resize_with(i + 1, || None);
+            self.owners.resize(i + 1, (&[], 0));
+        }
+        self.graph[i] = Some(rule);
+        self.owners[i] = self.owners.get(self.owner).copied().unwrap_or((&[], 0));
+    }
+
     fn rule(&mut self) -> Result<(), Fail> {
+        let name_at = self.pos;
         let name = self.name()?;
         self.space(false);
         if !self.s[self.pos..].starts_with(b"::=") {
@@ -139,9 +226,17 @@ impl<'a> Parser<'a> {
             return self.fail(format!("more than {MAX_RULES} rules"));
         }
         self.defined.insert(name);
+        let id = self.symbol(name);
+        if self.owners.len() <= id as usize {
+            self.graph.resize_with(id as usize + 1, || None);
+            self.owners.resize(id as usize + 1, (&[], 0));
+        }
+        self.owners[id as usize] = (name, name_at);
+        self.owner = id as usize;
         self.pos += 3;
         self.space(true);
-        self.alternates(false)?;
+        let rule = self.alternates(false)?;
+        self.add_rule(id, rule);
         match self.peek() {
             Some(b'\r') => self.pos += if self.at(1) == Some(b'\n') { 2 } else { 1 },
             Some(b'\n') => self.pos += 1,
@@ -152,14 +247,16 @@ impl<'a> Parser<'a> {
         Ok(())
     }
 
-    fn alternates(&mut self, nested: bool) -> Result<(), Fail> {
-        self.sequence(nested)?;
+    /// The alternatives of a rule or group, as the rule llama.cpp adds for them.
+    fn alternates(&mut self, nested: bool) -> Result<Rule, Fail> {
+        let mut rule = Rule::default();
+        rule.push_alt(&self.sequence(nested)?);
         while self.peek() == Some(b'|') {
             self.pos += 1;
             self.space(true);
-            self.sequence(nested)?;
+            rule.push_alt(&self.sequence(nested)?);
         }
-        Ok(())
+        Ok(rule)
     }
 
     /// llama.cpp's `parse_char` inside a literal or class: an escape or one character.
@@ -199,14 +296,27 @@ impl<'a> Parser<'a> {
         }
     }
 
-    fn sequence(&mut self, nested: bool) -> Result<(), Fail> {
-        // Whether an item precedes, for `*`, `+`, `?` and `{...}` to repeat.
-        let mut item = false;
+    /// One alternative, as the sequence of elements llama.cpp's `parse_sequence` builds
+    /// (repetitions expanded, their generated rules added).
+    fn sequence(&mut self, nested: bool) -> Result<Vec<Elem>, Fail> {
+        let mut seq: Vec<Elem> = Vec::new();
+        // llama.cpp's `last_sym_start` (where the item a repetition repeats starts; nothing
+        // to repeat when it is the end, as after an empty literal) and `n_prev_rules`.
+        let mut last = 0;
+        let mut n_prev: u64 = 1;
         while let Some(c) = self.peek() {
             let start = self.pos;
+            // Most items start a new item to repeat, with one rule.
+            if c != b'*' && c != b'+' && c != b'?' && c != b'{' {
+                last = seq.len();
+                n_prev = 1;
+            }
             match c {
                 b'"' => {
                     self.pos += 1;
+                    if self.peek() != Some(b'"') {
+                        seq.push(Elem::Term);
+                    }
                     while self.peek() != Some(b'"') {
                         if self.peek().is_none() {
                             return Err((start, "unterminated string (no closing '\"')".into()));
@@ -219,6 +329,9 @@ impl<'a> Parser<'a> {
                     self.pos += 1;
                     if self.peek() == Some(b'^') {
                         self.pos += 1;
+                    }
+                    if self.peek() != Some(b']') {
+                        seq.push(Elem::Term);
                     }
                     let unterminated = "unterminated character class (no closing ']')";
                     while self.peek() != Some(b']') {
@@ -237,6 +350,7 @@ impl<'a> Parser<'a> {
                     self.pos += 1;
                 }
                 b'<' | b'!' => {
+                    seq.push(Elem::Term);
                     if c == b'!' {
                         self.pos += 1;
                         if self.peek() != Some(b'<') {
@@ -275,21 +389,36 @@ impl<'a> Parser<'a> {
                     }
                     self.pos += 1;
                     self.space(true);
-                    self.alternates(true)?;
+                    let before = self.n_symbols;
+                    let id = self.generated();
+                    let rule = self.alternates(true)?;
+                    self.add_rule(id, rule);
+                    // llama.cpp counts the rules the group added, for its repetition bound.
+                    n_prev = u64::from(self.n_symbols - before).max(1);
+                    seq.push(Elem::Ref(id));
                     if self.peek() != Some(b')') {
                         return self.fail(format!("expecting ')' to close the '(' at {}, found {}", location_in(self.s, start), self.found()));
                     }
                     self.depth -= 1;
                     self.pos += 1;
                 }
-                b'.' => self.pos += 1,
+                b'.' => {
+                    seq.push(Elem::Term);
+                    self.pos += 1;
+                }
                 b'*' | b'+' | b'?' | b'{' => {
-                    if !item {
+                    if last == seq.len() {
                         return self.fail(format!("nothing before '{}' to repeat", c as char));
                     }
                     self.pos += 1;
+                    let (min, max) = match c {
+                        b'*' => (0, None),
+                        b'+' => (1, None),
+                        b'?' => (0, Some(1)),
+                        _ => self.counts(nested)?,
+                    };
+                    self.repeat(&mut seq, last, &mut n_prev, min, max, start)?;
                     if c == b'{' {
-                        self.counts(nested)?;
                         // `counts` leaves the position after the blanks past the '}'.
                         continue;
                     }
@@ -297,17 +426,64 @@ impl<'a> Parser<'a> {
                 c if is_word(c) => {
                     let name = self.name()?;
                     self.refs.push((name, start));
+                    let id = self.symbol(name);
+                    seq.push(Elem::Ref(id));
                 }
                 _ => break,
             }
-            item = true;
             self.space(nested);
         }
+        Ok(seq)
+    }
+
+    /// llama.cpp's `handle_repetitions`: `S{min,max}` (`max` `None`: no maximum) becomes
+    /// `min` copies of S and a chain of generated rules `S' ::= S S'' | ` (one `S' ::= S S' | `
+    /// without a maximum). `at` is the repetition operator, for the message.
+    fn repeat(&mut self, seq: &mut Vec<Elem>, last: usize, n_prev: &mut u64, min: u64, max: Option<u64>, at: usize) -> Result<(), Fail> {
+        let total = match max {
+            Some(n) if n > 0 => n,
+            _ if min > 0 => min,
+            _ => 1,
+        };
+        // llama.cpp refuses (with MAX_REPETITION_THRESHOLD, 2,000) when the rules of the
+        // repeated item times the count would be over it.
+        if n_prev.saturating_mul(total) > MAX_REPETITION {
+            return Err((at, format!("the repeated item holds {n_prev} rules and is repeated up to {total} times: over {MAX_REPETITION} rules")));
+        }
+        let item = seq[last..].to_vec();
+        if min == 0 {
+            seq.truncate(last);
+        } else {
+            for _ in 1..min {
+                seq.extend_from_slice(&item);
+            }
+        }
+        let n_opt = max.map_or(1, |n| n - min);
+        let mut prev_id = 0;
+        for i in 0..n_opt {
+            let id = self.generated();
+            let mut alt = item.clone();
+            if max.is_none() {
+                alt.push(Elem::Ref(id));
+            } else if i > 0 {
+                alt.push(Elem::Ref(prev_id));
+            }
+            let mut rule = Rule::default();
+            rule.push_alt(&alt);
+            rule.push_alt(&[]);
+            self.add_rule(id, rule);
+            prev_id = id;
+        }
+        if n_opt > 0 {
+            seq.push(Elem::Ref(prev_id));
+        }
+        *n_prev = n_prev.saturating_mul(total);
         Ok(())
     }
 
-    /// `{m}`, `{m,}` or `{m,n}` after the '{', blanks allowed around the numbers.
-    fn counts(&mut self, nested: bool) -> Result<(), Fail> {
+    /// `{m}`, `{m,}` or `{m,n}` after the '{', blanks allowed around the numbers: the
+    /// minimum and the maximum (`None`: none).
+    fn counts(&mut self, nested: bool) -> Result<(u64, Option<u64>), Fail> {
         self.space(nested);
         if !self.peek().is_some_and(|c| c.is_ascii_digit()) {
             return self.fail(format!("expecting a count after '{{', found {}", self.found()));
@@ -317,7 +493,7 @@ impl<'a> Parser<'a> {
         self.space(nested);
         let mut n = None;
         match self.peek() {
-            Some(b'}') => {}
+            Some(b'}') => n = Some(m),
             Some(b',') => {
                 self.pos += 1;
                 self.space(nested);
@@ -331,6 +507,8 @@ impl<'a> Parser<'a> {
             }
             _ => return self.fail(format!("expecting ',' or '}}', found {}", self.found())),
         }
+        // llama.cpp refuses a minimum over 2,000 but silently drops a maximum over it (the
+        // repetition becomes unbounded): both are refused here.
         for c in [Some(m), n].into_iter().flatten() {
             if c > MAX_REPETITION {
                 return Err((count_at, format!("the repetition count {c} is over {MAX_REPETITION}")));
@@ -345,6 +523,82 @@ impl<'a> Parser<'a> {
         }
         self.pos += 1;
         self.space(nested);
+        Ok((m, n))
+    }
+
+    /// llama.cpp's left-recursion check, done linearly. llama.cpp calls
+    /// `llama_grammar_detect_left_recursion` once per rule; a call walks each alternative's
+    /// leading rule references, going on to the next only while the one before "may be
+    /// empty" (has an empty alternative), and a reference to a rule in progress is left
+    /// recursion. So left recursion is a cycle of that "leftmost reference" graph, and
+    /// without one, a rule's calls are 1 + the calls of each edge it walks: both computed
+    /// here once per rule, in a post-order of an iterative depth-first search.
+    fn left_recursion_check(&self) -> Result<(), Fail> {
+        let n = self.graph.len();
+        let may_be_empty: Vec<bool> =
+            self.graph.iter().map(|r| r.as_ref().is_some_and(|r| r.alts.iter().any(|(_, empty)| *empty))).collect();
+        let edges = |v: usize| -> Vec<usize> {
+            let mut out = Vec::new();
+            for (refs, _) in self.graph[v].iter().flat_map(|r| r.alts.iter()) {
+                for &id in refs {
+                    out.push(id as usize);
+                    if !may_be_empty[id as usize] {
+                        break;
+                    }
+                }
+            }
+            out
+        };
+        // 0: unseen, 1: on the stack, 2: done.
+        let mut state = vec![0u8; n];
+        let mut calls = vec![0u64; n];
+        for start in 0..n {
+            if state[start] != 0 {
+                continue;
+            }
+            let mut stack: Vec<(usize, Vec<usize>, usize)> = vec![(start, edges(start), 0)];
+            state[start] = 1;
+            while let Some((v, out, i)) = stack.last_mut() {
+                if let Some(&w) = out.get(*i) {
+                    *i += 1;
+                    match state[w] {
+                        0 => {
+                            state[w] = 1;
+                            let e = edges(w);
+                            stack.push((w, e, 0));
+                        }
+                        1 => {
+                            let (name, at) = self.owners[w];
+                            let name = String::from_utf8_lossy(name);
+                            return Err((at, format!("rule '{name}' is left-recursive (it can reach itself again before matching any text), which llama.cpp does not support")));
+                        }
+                        _ => {}
+                    }
+                } else {
+                    let v = *v;
+                    calls[v] = out.iter().fold(1u64, |sum, &w| sum.saturating_add(calls[w]));
+                    state[v] = 2;
+                    stack.pop();
+                }
+            }
+        }
+        let total = calls.iter().fold(0u64, |sum, &c| sum.saturating_add(c));
+        if total > MAX_LEFT_RECURSION_CALLS {
+            // Name where the paths multiply: the costliest rule that walks into two or
+            // more sub-rules (else the costliest one).
+            let costliest = |branching: bool| (0..n).filter(|&v| !branching || edges(v).len() > 1).max_by_key(|&v| calls[v]);
+            let worst = costliest(true).or_else(|| costliest(false)).unwrap_or(0);
+            let (name, at) = self.owners[worst];
+            let name = String::from_utf8_lossy(name);
+            let shown = if calls[worst] == u64::MAX { "2^64".to_string() } else { calls[worst].to_string() };
+            return Err((
+                at,
+                format!(
+                    "rule '{name}' has too many paths for the left-recursion check: llama.cpp would follow {shown} of them \
+                     (over {MAX_LEFT_RECURSION_CALLS} in the grammar; it walks a sub-rule again on every path to it)"
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -411,7 +665,7 @@ tags ::= "[" space (string ("," space string){0,9})? "]" space
         "root::=\"a\"|\"b\"\n\n\n   # only a comment\nx-Y-9 ::= root",
         "root ::= (\n  \"a\" # comment inside\n  | \"b\"\n)",
         "root ::= ",
-        "root ::= \"a\"**",
+        "root ::= \"a\"* \"b\"+*",
         // A rule defined twice: llama.cpp keeps the last.
         "root ::= \"a\"\nroot ::= \"b\"",
     ];
@@ -471,6 +725,61 @@ tags ::= "[" space (string ("," space string){0,9})? "]" space
             let e = refused(g);
             assert!(e.starts_with(says), "{g:?}:\n  got  {e}\n  want {says}");
         }
+    }
+
+    /// llama.cpp's left-recursion check re-walks a shared sub-rule on every path to it:
+    /// this 1 KB chain would take it 2^61 calls. Refused here at once, naming the rule.
+    #[test]
+    fn a_grammar_with_exponentially_many_paths_for_the_left_recursion_check_is_refused() {
+        let chain: String = (0..60).map(|i| format!("r{i} ::= r{} | r{}\n", i + 1, i + 1)).collect();
+        let g = format!("root ::= r0\n{chain}r60 ::= \"x\"\n");
+        let t = std::time::Instant::now();
+        let e = refused(&g);
+        assert!(t.elapsed() < std::time::Duration::from_secs(1), "{:?}", t.elapsed());
+        assert!(e.starts_with("line 2, column 1: rule 'r0' has too many paths for the left-recursion check"), "{e}");
+        // A short chain is cheap for llama.cpp, and accepted.
+        let chain: String = (0..10).map(|i| format!("r{i} ::= r{} | r{}\n", i + 1, i + 1)).collect();
+        assert_eq!(check(&format!("root ::= r0\n{chain}r10 ::= \"x\"\n"), "root"), Ok(()));
+        // Groups and repetitions are rules too: the same blow-up through them.
+        let chain: String = (0..40).map(|i| format!("r{i} ::= (r{} | r{})+\n", i + 1, i + 1)).collect();
+        let e = refused(&format!("root ::= r0\n{chain}r40 ::= \"x\"\n"));
+        assert!(e.starts_with("line 2, column 1: rule 'r0' has too many paths"), "{e}");
+    }
+
+    #[test]
+    fn left_recursion_is_refused_by_rule_name() {
+        for (g, says) in [
+            ("root ::= root \"a\" | \"b\"", "line 1, column 1: rule 'root' is left-recursive"),
+            ("root ::= \"a\"\nx ::= y \"a\"\ny ::= \"b\" | x", "line 2, column 1: rule 'x' is left-recursive"),
+            // Through a rule with an empty alternative, and through a group.
+            ("root ::= e root \"x\" | \"y\"\ne ::= | \"e\"", "rule 'root' is left-recursive"),
+            ("root ::= (\"x\" | root) \"y\"", "rule 'root' is left-recursive"),
+            // `S*` where S may be empty: `S' ::= S S' | ` reaches itself.
+            ("root ::= e*\ne ::= | \"e\"", "rule 'root' is left-recursive"),
+            ("root ::= \"a\"**", "rule 'root' is left-recursive"),
+        ] {
+            let e = refused(g);
+            assert!(e.starts_with(says) || e.contains(says), "{g:?}:\n  got  {e}\n  want {says}");
+        }
+        // Right recursion, and an empty rule only reached indirectly (llama.cpp's "may be
+        // empty" is an empty alternative of the rule itself), are fine.
+        for g in ["root ::= a\na ::= \"x\" a \"y\" | \"x\" a \"z\" | \"w\"", "root ::= f root | \"y\"\nf ::= g\ng ::= | \"g\""] {
+            assert_eq!(check(g, "root"), Ok(()), "{g}");
+        }
+    }
+
+    #[test]
+    fn repetitions_are_bounded_as_llama_cpp_bounds_them() {
+        assert_eq!(check("root ::= \"a\"{2000} \"b\"{0,2000} \"c\"{2000,}", "root"), Ok(()));
+        // llama.cpp refuses a minimum over 2,000 and would make a maximum over it unbounded.
+        assert_eq!(refused("root ::= \"a\"{2001}"), "line 1, column 14: the repetition count 2001 is over 2000");
+        assert_eq!(refused("root ::= \"a\"{0,2001}"), "line 1, column 14: the repetition count 2001 is over 2000");
+        // The rules of the repeated item times the count.
+        let e = refused("root ::= (\"a\"{0,1000}){0,3}");
+        assert!(e.starts_with("line 1, column 23: the repeated item holds 1001 rules and is repeated up to 3 times"), "{e}");
+        assert_eq!(check("root ::= (\"a\"{0,999}){0,2}", "root"), Ok(()));
+        // Repetitions of nothing (an empty literal or class), as llama.cpp.
+        assert!(refused("root ::= \"\"*").contains("nothing before '*'"));
     }
 
     #[test]

@@ -306,13 +306,22 @@ pub mod grammar_bounds {
     pub const MAX_GRAMMAR_BYTES: usize = 1 << 20;
     /// Deepest nesting of parentheses.
     pub const MAX_NESTING: usize = 128;
-    /// Largest count in one `{m,n}` repetition.
-    pub const MAX_REPETITION: u64 = 10_000;
+    /// Largest count in one `{m,n}` repetition, and largest (rules in the repeated item ×
+    /// count): llama.cpp's MAX_REPETITION_THRESHOLD. llama.cpp refuses a larger minimum but
+    /// silently drops a larger maximum (an unbounded repetition); both are refused here.
+    pub const MAX_REPETITION: u64 = 2_000;
     /// Largest sum of the counts of all repetitions (llama.cpp expands each into rules).
     pub const MAX_REPETITION_SUM: u64 = 100_000;
     /// Most rule definitions (`name ::= ...`): llama.cpp walks chains of rule references
     /// recursively, so a long chain is a deep native recursion.
     pub const MAX_RULES: usize = 2_000;
+    /// Most calls llama.cpp's left-recursion check may make (one per rule, and one per
+    /// leftmost path into a sub-rule, counted before llama.cpp runs it; see
+    /// `check_gbnf`): that check re-explores shared sub-rules, exponentially in the worst
+    /// case, inside the uncancellable grammar construction. A chain of the 2,000 rules
+    /// allowed is ~2,000,000 calls already (quadratic, since every rule is checked from the
+    /// top), and parses quickly (tests/tests/grammar.rs), so the cap sits above it.
+    pub const MAX_LEFT_RECURSION_CALLS: u64 = 10_000_000;
     /// Most trigger patterns of a lazy grammar, and the longest one in bytes.
     pub const MAX_TRIGGER_PATTERNS: usize = 64;
     pub const MAX_TRIGGER_PATTERN_BYTES: usize = 1024;
@@ -841,12 +850,12 @@ mod grammar_tests {
 
     #[test]
     fn repetition_counts_are_bounded_each_and_in_sum() {
-        assert!(refused(&grammar(r#"root ::= "a"{10001}"#)).contains("10001"));
+        assert!(refused(&grammar(r#"root ::= "a"{2001}"#)).contains("2001"));
         assert!(refused(&grammar(r#"root ::= "a"{1, 99999999999999999999999}"#)).contains("over"));
         assert!(refused(&grammar(r#"root ::= "a"{ 0 , 20000 }"#)).contains("20000"));
-        let many = format!("root ::= {}", "\"a\"{10000} ".repeat(11));
+        let many = format!("root ::= {}", "\"a\"{2000} ".repeat(51));
         assert!(refused(&grammar(&many)).contains("add up"));
-        assert_eq!(grammar(&format!("root ::= {}", "\"a\"{10000} ".repeat(10))).validate(), Ok(()));
+        assert_eq!(grammar(&format!("root ::= {}", "\"a\"{2000} ".repeat(50))).validate(), Ok(()));
         assert_eq!(grammar(r#"root ::= "{99999}" [{] # {99999}"#).validate(), Ok(()));
     }
 

@@ -82,8 +82,8 @@ fn a_grammar_that_does_not_parse_is_an_invalid_param_with_where_and_why() {
         (r#"root ::= undefined-rule"#, "line 1, column 10: undefined rule 'undefined-rule'"),
         (r#"other ::= "a""#, "no rule 'root'"),
         ("root ::= (\"a\"\n  | \"b\" ]", "line 2, column 9: expecting ')'"),
-        // What only llama.cpp checks: its message.
-        (r#"root ::= root "a" | "b""#, "left recursion"),
+        // Left recursion, refused before llama.cpp's exponential check.
+        (r#"root ::= root "a" | "b""#, "line 1, column 1: rule 'root' is left-recursive"),
     ] {
         let reason = invalid_grammar(model.check_grammar(&Grammar::new(text)));
         assert!(reason.contains(says), "{text}: {reason}");
@@ -283,6 +283,68 @@ fn a_dead_end_in_one_sequence_leaves_the_other_sequence_of_the_step_alone() {
     let alone = run(false);
     assert!(alone.len() > 4, "{alone:?}");
     assert_eq!(run(true), alone);
+}
+
+/// `a ::= "x" a "y" | "x" a "z"` doubles llama.cpp's grammar stacks on every `x` (and each
+/// token costs quadratic time in them, on the compute thread all sequences share): the
+/// sequence ends with a grammar error once they pass the bound, within a few tokens and
+/// quickly, while the sequence batched with it samples exactly what it samples alone.
+#[test]
+fn an_exponentially_ambiguous_grammar_ends_its_sequence_only() {
+    let model = smollm2();
+    let prompt = model.tokenize("Write x:", true).unwrap();
+    let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
+    let doubling = SamplingParams { grammar: Some(Grammar::new("root ::= a\na ::= \"x\" a \"y\" | \"x\" a \"z\"")), ..greedy.clone() };
+    let run = |with_doubling: bool| -> (Vec<i32>, Option<String>) {
+        let size = ContextSize { n_ctx: 512, n_threads: 2, n_threads_batch: 2, ..ContextSize::default() };
+        let mut ctx = model.new_context(&ContextParams { size, n_seq_max: 2, ..ContextParams::default() }).unwrap();
+        let seqs: &[i32] = if with_doubling { &[0, 1] } else { &[0] };
+        let mut batch = Vec::new();
+        let mut samples = Vec::new();
+        for &seq in seqs {
+            ctx.set_seq_sampling(seq, if seq == 0 { &greedy } else { &doubling }, &prompt).unwrap();
+            batch.extend(prompt.iter().enumerate().map(|(i, &t)| BatchToken { token: t, pos: i as i32, seq, logits: i + 1 == prompt.len() }));
+            samples.push(SampleRequest { seq, index: batch.len() as i32 - 1 });
+        }
+        let (mut out, mut error, mut pos) = (Vec::new(), None, prompt.len() as i32);
+        for _ in 0..40 {
+            if samples.is_empty() {
+                break;
+            }
+            let t = std::time::Instant::now();
+            let results = ctx.step(&batch, &samples).expect("the step as a whole succeeds");
+            assert!(t.elapsed() < std::time::Duration::from_secs(5), "a step took {:?}", t.elapsed());
+            let (mut next_batch, mut next) = (Vec::new(), Vec::new());
+            for (r, res) in samples.iter().zip(results) {
+                match res {
+                    Ok(s) if s.is_eog => {}
+                    Ok(s) => {
+                        if r.seq == 0 {
+                            out.push(s.token);
+                        }
+                        next.push(SampleRequest { seq: r.seq, index: next_batch.len() as i32 });
+                        next_batch.push(BatchToken { token: s.token, pos, seq: r.seq, logits: true });
+                    }
+                    Err(llama_host::BackendError::InvalidParam { field, reason }) if r.seq == 1 && field == "grammar" => {
+                        error = Some(reason);
+                        assert!(ctx.seq_remove(1, 0, -1));
+                    }
+                    Err(e) => panic!("sequence {}: {e:?}", r.seq),
+                }
+            }
+            batch = next_batch;
+            samples = next;
+            pos += 1;
+        }
+        (out, error)
+    };
+    let (alone, _) = run(false);
+    let t = std::time::Instant::now();
+    let (together, error) = run(true);
+    let error = error.expect("the ambiguous grammar's sequence ends with a grammar error");
+    assert!(error.contains("too ambiguous"), "{error}");
+    assert_eq!(together, alone);
+    eprintln!("both runs with the doubling grammar: {:?}; {error}", t.elapsed());
 }
 
 /// llama.cpp's own trigger search (libstdc++'s regex) recursed per character of output,

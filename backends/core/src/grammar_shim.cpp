@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <string>
+#include <vector>
 
 extern "C" {
 struct llama_sampler;
@@ -31,6 +33,60 @@ struct llama_sampler * llama_sampler_init_grammar_lazy_patterns(const struct lla
                                                                 size_t num_trigger_tokens);
 void llama_sampler_accept(struct llama_sampler * smpl, llama_token token);
 void llama_sampler_apply(struct llama_sampler * smpl, struct llama_token_data_array * cur_p);
+const char * llama_sampler_name(const struct llama_sampler * smpl);
+
+// include/llama.h's definition (a public struct of the C API).
+struct llama_sampler_i;
+struct llama_sampler {
+    struct llama_sampler_i * iface;
+    void *                   ctx;
+};
+}
+
+// The number of a grammar sampler's stacks, which can double per token (`a ::= "x" a "y" |
+// "x" a "z"`) while llama.cpp's de-duplication of them is quadratic: the Rust side bounds it.
+//
+// llama.cpp's internal C++ API (src/llama-grammar.h, exported from libllama):
+//     llama_grammar_stacks & llama_grammar_get_stacks(struct llama_grammar * grammar);
+// with llama_grammar_stacks = std::vector<std::vector<const llama_grammar_element *>>. The
+// element type is only pointed to, so a forward declaration gives the same vector type and
+// the same mangled name (a mismatched parameter would fail to link).
+struct llama_grammar;
+struct llama_grammar_element;
+using llama_rs_grammar_stacks = std::vector<std::vector<const llama_grammar_element *>>;
+llama_rs_grammar_stacks & llama_grammar_get_stacks(struct llama_grammar * grammar);
+
+// A mirror of `struct llama_sampler_grammar`, the ctx of a grammar sampler, which
+// llama.cpp defines in src/llama-sampler.cpp (no header): llama-cpp-sys-2 is pinned to
+// =0.1.161, whose definition is exactly
+//     const struct llama_vocab * vocab; std::string grammar_str; std::string grammar_root;
+//     struct llama_grammar * grammar;
+// Same compiler and standard library as libllama, so the same layout. Re-check it when the
+// pin moves. Only read for a sampler whose name is "grammar" (llama_sampler_grammar_name).
+struct llama_rs_sampler_grammar_mirror {
+    const struct llama_vocab * vocab;
+    std::string                grammar_str;
+    std::string                grammar_root;
+    struct llama_grammar *     grammar;
+};
+static_assert(offsetof(llama_rs_sampler_grammar_mirror, grammar) == sizeof(void *) + 2 * sizeof(std::string),
+              "the mirror has no padding llama.cpp's struct would not have");
+
+// The stack count of a grammar sampler built by llama_rs_grammar_init; SIZE_MAX for a
+// sampler that is not one.
+extern "C" size_t llama_rs_grammar_stack_count(struct llama_sampler * smpl) noexcept {
+    if (smpl == nullptr || smpl->ctx == nullptr) {
+        return SIZE_MAX;
+    }
+    const char * name = llama_sampler_name(smpl);
+    if (name == nullptr || std::strcmp(name, "grammar") != 0) {
+        return SIZE_MAX;
+    }
+    auto * ctx = static_cast<llama_rs_sampler_grammar_mirror *>(smpl->ctx);
+    if (ctx->grammar == nullptr) {
+        return 0;
+    }
+    return llama_grammar_get_stacks(ctx->grammar).size();
 }
 
 static void put_message(char * buf, size_t len, const char * msg) {

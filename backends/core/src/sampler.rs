@@ -37,7 +37,18 @@ extern "C" {
     ) -> i32;
     fn llama_rs_sampler_accept(smpl: *mut sys::llama_sampler, token: sys::llama_token, err: *mut c_char, err_len: usize) -> i32;
     fn llama_rs_sampler_apply(smpl: *mut sys::llama_sampler, cur: *mut sys::llama_token_data_array, err: *mut c_char, err_len: usize) -> i32;
+    fn llama_rs_grammar_stack_count(smpl: *mut sys::llama_sampler) -> usize;
 }
+
+/// Most stacks a sequence's grammar may hold after a token. llama.cpp keeps one stack per
+/// way the output so far can still be parsed; a grammar like `a ::= "x" a "y" | "x" a "z"`
+/// doubles them on every `x`, and llama.cpp de-duplicates them with a linear search per
+/// stack (quadratic per token) and checks each against the vocabulary when the chain's pick
+/// is rejected: about a second per token after ~14 tokens, minutes after ~17, on the one
+/// compute thread every sequence shares. Ordinary grammars (JSON, schemas) stay at a few
+/// dozen; over this the sequence ends with a grammar error. Measured on SmolLM2 with the
+/// doubling grammar: the steps at 512..1024 stacks took ~0.5 s each, so 256 (~30 ms).
+pub(crate) const MAX_GRAMMAR_STACKS: usize = 256;
 
 /// Room for a C++ exception's message.
 const ERR_LEN: usize = 512;
@@ -219,6 +230,18 @@ impl GrammarSampler {
         let threw = unsafe { llama_rs_sampler_accept(self.raw.as_ptr(), token, err.as_mut_ptr().cast(), ERR_LEN) };
         if threw != 0 {
             return Err(invalid("grammar", format!("the output no longer matches the grammar: {}", message(&err))));
+        }
+        // SAFETY: the grammar sampler is alive (built by llama_rs_grammar_init, so its ctx
+        // is llama.cpp's llama_sampler_grammar; the shim checks the sampler's name).
+        let stacks = unsafe { llama_rs_grammar_stack_count(self.raw.as_ptr()) };
+        if stacks > MAX_GRAMMAR_STACKS {
+            return Err(invalid(
+                "grammar",
+                format!(
+                    "the grammar is too ambiguous: {stacks} ways to parse the output so far (at most {MAX_GRAMMAR_STACKS}); \
+                     rules like `a ::= \"x\" a \"y\" | \"x\" a \"z\"` double them on every token"
+                ),
+            ));
         }
         Ok(())
     }
