@@ -322,6 +322,15 @@ pub mod grammar_bounds {
     /// allowed is ~2,000,000 calls already (quadratic, since every rule is checked from the
     /// top), and parses quickly (tests/tests/grammar.rs), so the cap sits above it.
     pub const MAX_LEFT_RECURSION_CALLS: u64 = 10_000_000;
+    /// Most leftmost paths from one rule through its sub-rules: llama.cpp builds one parse
+    /// stack per path when a grammar starts, de-duplicating them by linear search, so many
+    /// thousands would take seconds before the first token. JSON-schema grammars start in a
+    /// handful of ways; a 2,000-rule chain in 2,000.
+    pub const MAX_LEFTMOST_PATHS: u64 = 4_096;
+    /// Most grammar elements repetitions may copy in all: llama.cpp writes `x{m,n}` out as
+    /// copies of x, so `"<1 MB>"{2000}` would be gigabytes. 4,000,000 elements (each a
+    /// character or a reference) is about 32 MB.
+    pub const MAX_EXPANDED_ELEMENTS: u64 = 4_000_000;
     /// Most trigger patterns of a lazy grammar, and the longest one in bytes.
     pub const MAX_TRIGGER_PATTERNS: usize = 64;
     pub const MAX_TRIGGER_PATTERN_BYTES: usize = 1024;
