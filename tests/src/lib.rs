@@ -153,3 +153,16 @@ pub fn python_clients_path() -> String {
     assert!(out.status.success(), "scripts/fetch-openai failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// Runs a Python client script of tests/clients against a server at `base`, with the
+/// private `openai`/`jsonschema` folder on PYTHONPATH; fails the test unless the script
+/// succeeds and ends with "ok". Returns what it printed.
+pub fn run_python_client(script: &str, base: &str) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace root");
+    let o = Command::new("python3").arg(root.join("tests/clients").join(script)).arg(base).env("PYTHONPATH", python_clients_path()).output().expect("run python3");
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    eprintln!("{stdout}");
+    assert!(o.status.success(), "{script} failed:\n{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.trim_end().ends_with("ok"), "{stdout}");
+    stdout
+}

@@ -222,19 +222,8 @@ fn the_api_key_is_required_except_on_health() {
 
 #[test]
 fn the_official_openai_python_client_works() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let pythonpath = llama_tests::python_clients_path();
     let s = Server::start(&["--parallel", "2"]);
-    let o = std::process::Command::new("python3")
-        .arg(root.join("tests/clients/openai_chat.py"))
-        .arg(&s.base)
-        .env("PYTHONPATH", &pythonpath)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    eprintln!("{stdout}");
-    assert!(o.status.success(), "openai client failed:\n{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
-    assert!(stdout.trim_end().ends_with("ok"));
+    llama_tests::run_python_client("openai_chat.py", &s.base);
 }
 
 #[test]

@@ -17,19 +17,8 @@ fn smol(extra: &[&str]) -> Server {
 
 #[test]
 fn the_official_openai_client_gets_structured_output_and_tool_calls() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let pythonpath = llama_tests::python_clients_path();
     let s = smol(&[]);
-    let o = std::process::Command::new("python3")
-        .arg(root.join("tests/clients/openai_structured.py"))
-        .arg(&s.base)
-        .env("PYTHONPATH", &pythonpath)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    eprintln!("{stdout}");
-    assert!(o.status.success(), "openai client failed:\n{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
-    assert!(stdout.trim_end().ends_with("ok"));
+    llama_tests::run_python_client("openai_structured.py", &s.base);
 }
 
 /// A request that must work after each bad one: the server serves on.

@@ -108,15 +108,22 @@ pub(super) struct CompletionRequest {
     /// How long the model stays loaded once idle (Ollama's field): seconds, or a duration
     /// such as `"5m"`; 0 unloads it once idle, -1 never.
     keep_alive: Option<KeepAliveField>,
-    /// Structured output: OpenAI's `response_format`, llama-server's `grammar` (GBNF) and
-    /// `json_schema`; tool calls: `tools`, `tool_choice`, `parallel_tool_calls`.
+    #[serde(flatten)]
+    constraint: ConstraintFields,
+}
+
+/// Structured output: OpenAI's `response_format`, llama-server's `grammar` (GBNF) and
+/// `json_schema`; tool calls: `tools`, `tool_choice`, `parallel_tool_calls`; llama-server's
+/// per-request `reasoning_format` (`none`, `auto`, `deepseek`). Taken out of the request
+/// whole for the blocking thread that builds the constraint.
+#[derive(Deserialize, Default)]
+struct ConstraintFields {
     response_format: Option<ResponseFormat>,
     grammar: Option<String>,
     json_schema: Option<Value>,
     tools: Option<Vec<Value>>,
     tool_choice: Option<Value>,
     parallel_tool_calls: Option<bool>,
-    /// llama-server's per-request `reasoning_format` (`none`, `auto`, `deepseek`).
     reasoning_format: Option<String>,
 }
 
@@ -424,15 +431,7 @@ pub(super) async fn completions(state: Arc<AppState>, mut req: CompletionRequest
     let checked = check(&req)?;
     // The constraint (a JSON Schema's conversion, the tools' schemas) is CPU work a client
     // controls: on a blocking thread, never on the threads that answer HTTP.
-    let fields = OwnedFields {
-        response_format: req.response_format.take(),
-        grammar: req.grammar.take(),
-        json_schema: req.json_schema.take(),
-        tools: req.tools.take(),
-        tool_choice: req.tool_choice.take(),
-        parallel_tool_calls: req.parallel_tool_calls,
-        reasoning_format: req.reasoning_format.take(),
-    };
+    let fields = std::mem::take(&mut req.constraint);
     let reasoning = state.config.reasoning_format;
     let constraint = blocking(&state, move || Constraint::of(fields.borrowed(), chat, reasoning)).await??;
     let model_name = req.model.take();
@@ -509,18 +508,7 @@ pub(super) async fn completions(state: Arc<AppState>, mut req: CompletionRequest
     })
 }
 
-/// A request's constraint fields, taken out of it for the blocking thread.
-struct OwnedFields {
-    response_format: Option<ResponseFormat>,
-    grammar: Option<String>,
-    json_schema: Option<Value>,
-    tools: Option<Vec<Value>>,
-    tool_choice: Option<Value>,
-    parallel_tool_calls: Option<bool>,
-    reasoning_format: Option<String>,
-}
-
-impl OwnedFields {
+impl ConstraintFields {
     fn borrowed(&self) -> Fields<'_> {
         Fields {
             response_format: self.response_format.as_ref(),
