@@ -399,25 +399,3 @@ fn a_trigger_that_never_comes_costs_no_growing_time() {
     println!("{} bytes, {n} tokens: {:?} per token over the first 100, {:?} over the last 100", out.len(), per(0, 100), per(n - 101, n - 1));
 }
 
-/// Tokens per second of generation with and without a grammar the model's text mostly
-/// fits anyway (so most tokens pass the one-token check). A measurement, not a pass/fail
-/// rule (a shared machine's timings vary): `cargo test --release -p llama-tests --test
-/// grammar -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn grammar_sampling_speed() {
-    for (name, model) in models() {
-        let permissive = Grammar::new(r#"root ::= [^<]*"#);
-        let words = Grammar::new(r#"root ::= ([a-zA-Z]+ [ ,.]{1,2}){1,200}"#);
-        for (label, g) in [("none", None), ("permissive", Some(permissive)), ("words", Some(words))] {
-            let mut best = 0.0f64;
-            for _ in 0..3 {
-                let mut s = model.session(&session_params(512)).unwrap();
-                let o = GenerateOptions { max_tokens: Some(64), sampling: SamplingParams { temperature: 0.8, seed: 1, grammar: g.clone(), ..Default::default() }, ..Default::default() };
-                let stats = s.generate("Write a long story about a fox.", &o, |_| ControlFlow::Continue(())).unwrap();
-                best = best.max(stats.generation_tokens_per_s());
-            }
-            println!("{name} grammar={label}: {best:.1} tokens/s (best of 3, 64 tokens, temperature 0.8)");
-        }
-    }
-}
