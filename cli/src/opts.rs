@@ -458,6 +458,8 @@ fn flag_name(field: &str) -> &'static str {
         "frequency_penalty" => "--frequency-penalty",
         "presence_penalty" => "--presence-penalty",
         "logit_bias" => "--logit-bias",
+        // From --grammar, --grammar-file, --json-schema, --json or the config.
+        "grammar" => "grammar",
         _ => "sampling parameter",
     }
 }
