@@ -21,16 +21,10 @@ use llama_plugin_api::{BackendError, Grammar, SamplingParams};
 // The try/catch wrappers of src/grammar_shim.cpp: each returns 0, or 1 after a C++
 // exception, whose message it writes into `err` (NUL-terminated, cut to `err_len`).
 extern "C" {
-    #[allow(clippy::too_many_arguments)]
     fn llama_rs_grammar_init(
         vocab: *const sys::llama_vocab,
         text: *const c_char,
         root: *const c_char,
-        lazy: bool,
-        patterns: *mut *const c_char,
-        n_patterns: usize,
-        tokens: *const sys::llama_token,
-        n_tokens: usize,
         out: *mut *mut sys::llama_sampler,
         err: *mut c_char,
         err_len: usize,
@@ -106,24 +100,9 @@ impl GrammarSampler {
         let mut out = std::ptr::null_mut();
         let mut err = [0u8; ERR_LEN];
         log::clear_first_error();
-        // SAFETY: both strings are NUL-terminated and outlive the call; no pattern or token
-        // array is passed (lazy = false); the vocabulary belongs to the live model (the
-        // caller holds it). The shim catches C++ exceptions.
-        let threw = unsafe {
-            llama_rs_grammar_init(
-                vocab,
-                text.as_ptr(),
-                root.as_ptr(),
-                false,
-                std::ptr::null_mut(),
-                0,
-                std::ptr::null(),
-                0,
-                &mut out,
-                err.as_mut_ptr().cast(),
-                ERR_LEN,
-            )
-        };
+        // SAFETY: both strings are NUL-terminated and outlive the call; the vocabulary
+        // belongs to the live model (the caller holds it). The shim catches C++ exceptions.
+        let threw = unsafe { llama_rs_grammar_init(vocab, text.as_ptr(), root.as_ptr(), &mut out, err.as_mut_ptr().cast(), ERR_LEN) };
         let logged = log::take_first_error();
         if threw != 0 {
             return Err(invalid("grammar", format!("llama.cpp refused the grammar: {}", message(&err))));
