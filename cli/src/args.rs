@@ -44,6 +44,8 @@ pub enum Command {
     Backends(BackendsArgs),
     /// Measure prompt processing and generation speed (like llama-bench).
     Bench(BenchArgs),
+    /// Print embedding vectors of texts (like llama-embedding).
+    Embed(EmbedArgs),
     /// Serve the model over HTTP with an OpenAI-compatible API.
     Serve(ServeArgs),
     /// Show the models a running `llama serve` has loaded.
@@ -490,6 +492,44 @@ pub struct ChatArgs {
     /// Print no statistics line after each reply.
     #[arg(long)]
     pub no_stats: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EmbedArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A text to embed (repeatable: one input each).
+    #[arg(short = 'p', long = "prompt", value_name = "TEXT", required_unless_present = "file")]
+    pub prompts: Vec<String>,
+    /// Embed each line of this file (`-` reads stdin), after the -p texts.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Pooling: none (a vector per token), mean, cls, last or rank. Default: the model's.
+    #[arg(long = "pooling", value_name = "none|mean|cls|last|rank", env = "LLAMA_POOLING", value_parser = pooling_parser())]
+    pub pooling: Option<llama_host::Pooling>,
+    /// Normalisation: -1 none, 0 max-absolute (int16 range), 1 taxicab, 2 Euclidean, p > 2 p-norm.
+    #[arg(long = "embd-normalize", value_name = "N", default_value_t = 2, allow_hyphen_values = true)]
+    pub embd_normalize: i32,
+    /// Print JSON (each input's index, token count and vector) instead of one vector per line.
+    #[arg(long)]
+    pub json: bool,
+    /// Threads (default: the config's `threads`, else one per hardware thread).
+    #[arg(short = 't', long = "threads", allow_hyphen_values = true, env = "LLAMA_THREADS")]
+    pub threads: Option<i32>,
+    /// Tokens one batch holds, and so the longest input (llama.cpp pools per micro-batch).
+    #[arg(long = "ubatch-size", visible_alias = "ub", default_value_t = 512)]
+    pub ubatch_size: u32,
+    /// Inputs decoded together in one batch.
+    #[arg(long = "parallel", visible_alias = "np", default_value_t = 64)]
+    pub parallel: u32,
+    /// Print no statistics line to stderr.
+    #[arg(long)]
+    pub no_stats: bool,
+}
+
+fn pooling_parser() -> impl clap::builder::TypedValueParser<Value = llama_host::Pooling> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(llama_host::Pooling::NAMES).map(|s| s.parse().expect("clap let through only the listed names"))
 }
 
 #[derive(Args, Debug, Clone)]

@@ -40,6 +40,11 @@ pub enum CliError {
     Generate(#[from] llama_host::GenerateError),
     #[error(transparent)]
     Chat(#[from] llama_host::chat::ChatError),
+    /// An input `llama embed` cannot embed, named by where it came from.
+    #[error("{origin}: {source}")]
+    EmbedInput { origin: String, #[source] source: llama_host::EmbedError },
+    #[error(transparent)]
+    Embed(#[from] llama_host::EmbedError),
     #[error(transparent)]
     Install(#[from] llama_host::InstallError),
     #[error(transparent)]
@@ -85,7 +90,9 @@ impl CliError {
                 | llama_serve::bench::BenchError::Session(SessionError::InvalidParam { .. })
                 | llama_serve::bench::BenchError::Engine(StartError::InvalidConfig { .. }),
             )
-            | CliError::Generate(GenerateError::InvalidParam { .. } | GenerateError::PromptTooLong { .. } | GenerateError::EmptyPrompt) => 2,
+            | CliError::Generate(GenerateError::InvalidParam { .. } | GenerateError::PromptTooLong { .. } | GenerateError::EmptyPrompt)
+            | CliError::EmbedInput { .. }
+            | CliError::Embed(llama_host::EmbedError::InvalidParam { .. }) => 2,
             CliError::NoModel { .. } | CliError::UnknownModel { .. } | CliError::Load(_) | CliError::ModelName(_) => 3,
             CliError::Select(_) | CliError::Install(_) => 4,
             CliError::Ps(PsError::Unreachable { .. } | PsError::NoAnswer { .. }) => 5,

@@ -12,6 +12,7 @@ mod catalogue;
 mod chat;
 mod config;
 mod constraint;
+mod embed;
 mod error;
 mod http_client;
 mod load;
@@ -43,6 +44,7 @@ fn dispatch(o: &Options) -> Result<(), CliError> {
         CommandOpts::List(a) => models::list(a, &o.config),
         CommandOpts::Backends(a) => backends::run(g, a),
         CommandOpts::Bench(a) => bench::run(g, a),
+        CommandOpts::Embed(a) => embed::run(g, a, &ints),
         CommandOpts::Serve(a) => serve::run(g, a),
         CommandOpts::Ps(a) => ps::run(a),
     }

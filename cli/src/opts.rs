@@ -74,6 +74,7 @@ pub enum CommandOpts {
     List(ListOpts),
     Backends(BackendsOpts),
     Bench(BenchOpts),
+    Embed(EmbedOpts),
     Serve(ServeOpts),
     Ps(PsOpts),
 }
@@ -118,6 +119,18 @@ pub struct BackendsOpts {
     /// The cache types the `-m` estimate reserves KV cache for.
     pub cache: KvCacheParams,
     pub action: Option<BackendsAction>,
+}
+
+pub struct EmbedOpts {
+    pub load: LoadOpts,
+    /// The inputs: the -p texts, then the file's lines.
+    pub inputs: Vec<String>,
+    /// Where each input came from, for errors (`-p 2`, `FILE line 7`).
+    pub origins: Vec<String>,
+    pub params: llama_host::EmbedParams,
+    pub normalize: llama_host::Normalize,
+    pub json: bool,
+    pub no_stats: bool,
 }
 
 pub struct BenchOpts {
@@ -231,6 +244,7 @@ impl Options {
                 let threads = threads("threads", a.threads)?;
                 CommandOpts::Bench(BenchOpts { load, args: a, threads })
             }
+            Command::Embed(a) => CommandOpts::Embed(embed_opts(sub, a, &cfg)?),
             Command::Serve(a) => {
                 let mut a = a.clone();
                 cfg.apply_model(sub, &mut a.model);
@@ -249,6 +263,44 @@ impl Options {
         };
         Ok(Options { global, config: cfg, command, trace })
     }
+}
+
+/// Most inputs one `llama embed` takes (they are all held in memory with their vectors).
+pub const MAX_EMBED_INPUTS: usize = 1_000_000;
+
+fn embed_opts(sub: &clap::ArgMatches, a: &args::EmbedArgs, cfg: &Config) -> Result<EmbedOpts, CliError> {
+    let mut a = a.clone();
+    cfg.apply_model(sub, &mut a.model);
+    cfg.apply_threads(sub, &mut a.threads);
+    let cache = CacheArgs { cache_type_k: Default::default(), cache_type_v: Default::default(), flash_attn: Default::default() };
+    let load = load_opts(&a.model, &cache, cfg)?;
+    let normalize = llama_host::Normalize::new(a.embd_normalize).map_err(|e| CliError::InvalidArg { field: "--embd-normalize", reason: e.to_string() })?;
+    let t = threads("threads", a.threads)?;
+    let mut inputs = a.prompts.clone();
+    let mut origins: Vec<String> = (1..=inputs.len()).map(|i| format!("-p number {i}")).collect();
+    if let Some(path) = &a.file {
+        let text = if path.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin()).map_err(|source| CliError::ArgFile { flag: "--file", path: path.clone(), source })?
+        } else {
+            std::fs::read_to_string(path).map_err(|source| CliError::ArgFile { flag: "--file", path: path.clone(), source })?
+        };
+        // A final line break ends the last line; it does not start another input.
+        for (n, line) in text.strip_suffix('\n').unwrap_or(&text).split('\n').enumerate() {
+            inputs.push(line.strip_suffix('\r').unwrap_or(line).to_string());
+            origins.push(format!("{} line {}", path.display(), n + 1));
+        }
+    }
+    if inputs.len() > MAX_EMBED_INPUTS {
+        return Err(CliError::InvalidArg { field: "--file", reason: format!("{} inputs is over the limit of {MAX_EMBED_INPUTS}", inputs.len()) });
+    }
+    if !(1..=llama_host::embed::MAX_EMBED_SEQS).contains(&a.parallel) {
+        return Err(CliError::InvalidArg { field: "--parallel", reason: format!("{} is outside 1..={}", a.parallel, llama_host::embed::MAX_EMBED_SEQS) });
+    }
+    if a.ubatch_size == 0 {
+        return Err(CliError::InvalidArg { field: "--ubatch-size", reason: "must be at least 1".into() });
+    }
+    let params = llama_host::EmbedParams { n_ctx: a.ubatch_size, n_threads: t, n_threads_batch: t, n_seq_max: a.parallel, pooling: a.pooling };
+    Ok(EmbedOpts { load, inputs, origins, params, normalize, json: a.json, no_stats: a.no_stats })
 }
 
 fn load_opts(m: &ModelArgs, cache: &CacheArgs, cfg: &Config) -> Result<LoadOpts, CliError> {

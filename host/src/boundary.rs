@@ -171,6 +171,55 @@ impl ModelOps for PluginModel {
     fn check_grammar(&self, g: &Grammar) -> Result<(), BackendError> {
         result(self.0.check_grammar(grammar(g)))
     }
+    fn new_embedder(&self, p: &crate::embed::EmbedParams) -> Result<Box<dyn crate::embed::EmbedderOps>, BackendError> {
+        let params = api::EmbedParams {
+            n_ctx: p.n_ctx,
+            n_threads: p.n_threads,
+            n_threads_batch: p.n_threads_batch,
+            n_seq_max: p.n_seq_max,
+            pooling: p.pooling.map_or(api::Pooling::Model, pooling),
+        };
+        Ok(Box::new(PluginEmbedder(result(self.0.new_embedder(params))?)))
+    }
+}
+
+fn pooling(p: crate::embed::Pooling) -> api::Pooling {
+    use crate::embed::Pooling as P;
+    match p {
+        P::None => api::Pooling::None,
+        P::Mean => api::Pooling::Mean,
+        P::Cls => api::Pooling::Cls,
+        P::Last => api::Pooling::Last,
+        P::Rank => api::Pooling::Rank,
+    }
+}
+
+/// A plugin's embeddings context as [`crate::embed::EmbedderOps`].
+struct PluginEmbedder(api::EmbedderBox);
+
+impl crate::embed::EmbedderOps for PluginEmbedder {
+    fn info(&self) -> crate::embed::EmbedInfo {
+        use crate::embed::Pooling as P;
+        let i = self.0.info();
+        let pooling = match i.pooling {
+            api::Pooling::Mean => P::Mean,
+            api::Pooling::Cls => P::Cls,
+            api::Pooling::Last => P::Last,
+            api::Pooling::Rank => P::Rank,
+            // `Model` is resolved by the backend; were it not, no pooling is what llama.cpp does.
+            api::Pooling::None | api::Pooling::Model => P::None,
+        };
+        crate::embed::EmbedInfo { n_ctx: i.n_ctx, n_seq_max: i.n_seq_max, pooling, n_out: i.n_out as usize }
+    }
+    fn abort_handle(&self) -> Box<dyn AbortHandle> {
+        Box::new(PluginAbort(self.0.abort_handle()))
+    }
+    fn reset_abort(&mut self) {
+        self.0.reset_abort()
+    }
+    fn embed(&mut self, tokens: &[i32], lengths: &[u32]) -> Result<Vec<f32>, BackendError> {
+        result(self.0.embed(RSlice::from_slice(tokens), RSlice::from_slice(lengths))).map(RVec::into_vec)
+    }
 }
 
 struct PluginAbort(api::AbortBox);

@@ -22,6 +22,7 @@ pub mod offload;
 pub mod chat;
 mod boundary;
 mod cpu_note;
+pub mod embed;
 mod ops;
 mod types;
 pub mod discovery;
@@ -46,6 +47,7 @@ pub use types::{
     Accelerator, BackendError, BackendInfo, BatchToken, CacheType, ContextParams, ContextSize, DeviceInfo, FlashAttn, Grammar, KvCacheParams, LogitBias,
     ModelInfo, ModelParams, ParamError, SampleRequest, Sampled, SamplingParams, SplitMode, UnknownName, SEED_RANDOM,
 };
+pub use embed::{EmbedError, EmbedInfo, EmbedParams, Embedder, Normalize, Pooling};
 pub use model::{default_threads, Model, ModelFile, SessionParams};
 pub use session::{Canceller, FinishReason, GenerateOptions, GenerationStats, Session, Stream};
 pub use plugin::{install_backend, InstallError};

@@ -9,6 +9,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use crate::embed::{EmbedParams, Embedder, Pooling, MAX_EMBED_SEQS};
 use crate::error::{GenerateError, LoadError, SessionError};
 use crate::ops::{ContextOps, ModelOps};
 use crate::select::LoadedBackend;
@@ -22,6 +23,9 @@ pub struct Model {
     info: ModelInfo,
     path: PathBuf,
     backend: Option<LoadedBackend>,
+    /// The file has a classification head (`cls.weight` or `cls.output.weight`): rank
+    /// pooling has something to score with.
+    has_classifier: bool,
 }
 
 /// A model file checked and validated, not loaded: its header and tensor table, read once
@@ -115,14 +119,15 @@ impl Model {
         let raw: Box<dyn ModelOps> = Box::new(crate::boundary::PluginModel(raw));
         let info = raw.info();
         tracing::info!(model = %info.description, params = info.n_params, "model loaded");
-        Ok(Model { raw, info, path: path.to_path_buf(), backend: Some(backend.clone()) })
+        let has_classifier = file.gguf().tensors.iter().any(|t| t.name == "cls.weight" || t.name == "cls.output.weight");
+        Ok(Model { raw, info, path: path.to_path_buf(), backend: Some(backend.clone()), has_classifier })
     }
 
     /// A model implemented by `ops` rather than a backend plugin: the seam tests use to
     /// run sessions and the engine over a fake.
     pub fn from_ops(ops: Box<dyn ModelOps>, path: impl Into<PathBuf>) -> Model {
         let info = ops.info();
-        Model { raw: ops, info, path: path.into(), backend: None }
+        Model { raw: ops, info, path: path.into(), backend: None, has_classifier: false }
     }
 
     /// Like [`Model::load`], reporting load progress (0.0 to 1.0) to `on_progress` on this
@@ -196,6 +201,26 @@ impl Model {
         params.size.validate()?;
         validate_cache(&params.cache)?;
         Ok(self.raw.new_context(params)?)
+    }
+
+    /// A new embeddings context ([`crate::embed`]). Rank pooling needs a classification
+    /// head, which generative models lack (llama.cpp would score with a hidden state).
+    pub fn embedder(&self, params: &EmbedParams) -> Result<Embedder, SessionError> {
+        let bad = |field: &str, reason: String| Err(SessionError::InvalidParam { field: field.into(), reason });
+        if params.n_ctx == 0 {
+            return bad("micro-batch size (-ub)", "must be at least 1".into());
+        }
+        if params.n_threads < 1 || params.n_threads_batch < 1 {
+            return bad("threads (-t)", "must be at least 1".into());
+        }
+        if !(1..=MAX_EMBED_SEQS).contains(&params.n_seq_max) {
+            return bad("parallel", format!("{} inputs per batch is outside 1..={MAX_EMBED_SEQS}", params.n_seq_max));
+        }
+        if params.pooling == Some(Pooling::Rank) && !self.has_classifier && self.backend.is_some() {
+            return bad("pooling", "rank pooling needs a reranker model (a classification head, cls.weight or cls.output.weight); this model has none".into());
+        }
+        let raw = self.raw.new_embedder(params)?;
+        Ok(Embedder::new(raw, self.info.n_vocab))
     }
 
     /// A new session with its own context (KV cache).

@@ -29,6 +29,13 @@ pub trait ModelOps: Send + Sync {
     fn check_grammar(&self, grammar: &Grammar) -> Result<(), BackendError> {
         crate::boundary::validate_grammar(grammar)
     }
+
+    /// A new embeddings context. The default refuses (a model with no embeddings, such as
+    /// a fake that does not implement them).
+    fn new_embedder(&self, params: &crate::embed::EmbedParams) -> Result<Box<dyn crate::embed::EmbedderOps>, BackendError> {
+        let _ = params;
+        Err(BackendError::InvalidParam { field: "pooling".into(), reason: "this model computes no embeddings".into() })
+    }
 }
 
 /// Aborts a context's decoding from another thread.

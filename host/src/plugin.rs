@@ -245,8 +245,8 @@ mod tests {
 
     #[test]
     fn error_kinds_are_stable() {
-        let e = PluginError::AbiVersion { found: "9.0.0".into(), expected: "4.0.0".into() };
+        let e = PluginError::AbiVersion { found: "9.0.0".into(), expected: "5.0.0".into() };
         assert_eq!(e.kind(), "abi-version");
-        assert_eq!(e.to_string(), "built for plugin ABI 9.0.0, host expects 4.0.0");
+        assert_eq!(e.to_string(), "built for plugin ABI 9.0.0, host expects 5.0.0");
     }
 }

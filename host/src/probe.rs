@@ -371,7 +371,7 @@ mod tests {
     #[test]
     fn load_failures_are_not_cached_and_the_loader_path_is_in_the_key() {
         let failed = ProbeOutcome::Rejected { kind: "load-failed".into(), reason: "cannot be loaded: libcublas.so.13: …".into() };
-        let stale = ProbeOutcome::Rejected { kind: "abi-version".into(), reason: "built for plugin ABI 2.0.0, host expects 4.0.0".into() };
+        let stale = ProbeOutcome::Rejected { kind: "abi-version".into(), reason: "built for plugin ABI 2.0.0, host expects 5.0.0".into() };
         assert!(!cacheable(&failed));
         assert!(cacheable(&stale) && cacheable(&ProbeOutcome::Crashed { reason: "x".into() }));
         assert!(machine_key().contains("|cuda:[") && machine_key().contains(";libs:"), "{}", machine_key());

@@ -685,8 +685,93 @@ pub trait Model: Send + Sync {
     /// Builds the grammar sampler for `grammar` against this model's vocabulary and frees
     /// it: `InvalidParam` (field `grammar`) when it is out of bounds or llama.cpp cannot
     /// parse it. Lets a server refuse a bad grammar before queueing the request.
-    #[sabi(last_prefix_field)]
     fn check_grammar(&self, grammar: Grammar) -> RResult<(), BackendError>;
+
+    /// An embeddings context (llama.cpp's `embeddings = true`) with the pooling `params`
+    /// asks for. `InvalidParam` (field `pooling`) when the model cannot pool that way.
+    #[sabi(last_prefix_field)]
+    fn new_embedder(&self, params: EmbedParams) -> RResult<EmbedderBox, BackendError>;
+}
+
+/// How an embeddings context turns a sequence's per-token hidden states into its vector
+/// (llama.cpp's `llama_pooling_type`).
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// Whatever the model file declares (`<arch>.pooling_type`); none when it declares nothing.
+    Model,
+    /// No pooling: one vector per token.
+    None,
+    /// The average over the sequence's tokens.
+    Mean,
+    /// The first token's state.
+    Cls,
+    /// The last token's state.
+    Last,
+    /// A reranker's relevance score (a classification head over the sequence).
+    Rank,
+}
+
+impl Pooling {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pooling::Model => "model",
+            Pooling::None => "none",
+            Pooling::Mean => "mean",
+            Pooling::Cls => "cls",
+            Pooling::Last => "last",
+            Pooling::Rank => "rank",
+        }
+    }
+}
+
+/// Sizes and threads of an embeddings context.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct EmbedParams {
+    /// Tokens one `embed` call may hold in all: the batch, the micro-batch and the KV cache
+    /// are all this size, so every sequence is pooled from one micro-batch (llama.cpp pools
+    /// per micro-batch: a sequence split across two would get the second part's pooling).
+    pub n_ctx: u32,
+    pub n_threads: i32,
+    pub n_threads_batch: i32,
+    /// Most sequences (inputs) in one `embed` call.
+    pub n_seq_max: u32,
+    pub pooling: Pooling,
+}
+
+/// What an embeddings context settled on.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbedInfo {
+    /// Tokens one `embed` call may hold in all (the longest input).
+    pub n_ctx: u32,
+    pub n_seq_max: u32,
+    /// The pooling in effect (never `Model`: the model's own choice, resolved).
+    pub pooling: Pooling,
+    /// Floats per vector: the model's embedding width, or with `Rank` its score count.
+    pub n_out: u32,
+}
+
+/// An embeddings context, used by one thread at a time.
+#[sabi_trait]
+pub trait Embedder: Send {
+    fn info(&self) -> EmbedInfo;
+
+    /// A handle that aborts this context's decoding from any thread (see `Context`).
+    fn abort_handle(&self) -> AbortBox;
+
+    /// Clears the abort flag.
+    fn reset_abort(&mut self);
+
+    /// Decodes several inputs in one batch, each its own sequence: input `i` is the next
+    /// `lengths[i]` tokens of `tokens`. Returns the vectors one after another, `n_out`
+    /// floats each: one per input, or with `Pooling::None` one per token. Nothing is kept
+    /// between calls. `ContextFull` when the tokens exceed `n_ctx`; `InvalidParam` when
+    /// there are more inputs than `n_seq_max`, an input is empty or the lengths do not add
+    /// up; `InvalidToken` for an id outside the vocabulary. The vectors are not normalised.
+    #[sabi(last_prefix_field)]
+    fn embed(&mut self, tokens: RSlice<'_, i32>, lengths: RSlice<'_, u32>) -> RResult<RVec<f32>, BackendError>;
 }
 
 /// One inference context (KV cache + sampler), used by one thread at a time.
@@ -775,6 +860,7 @@ pub type AbortBox = AbortHandle_TO<'static, RBox<()>>;
 pub type BackendBox = Backend_TO<'static, RBox<()>>;
 pub type ModelBox = Model_TO<'static, RBox<()>>;
 pub type ContextBox = Context_TO<'static, RBox<()>>;
+pub type EmbedderBox = Embedder_TO<'static, RBox<()>>;
 
 /// The root module every backend library exports.
 #[repr(C)]

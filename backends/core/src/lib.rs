@@ -3,6 +3,7 @@
 //! Every function reachable from the host catches panics: nothing unwinds across the ABI.
 
 mod context;
+mod embed;
 mod guard;
 mod log;
 mod model;

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use llama_cpp_sys_2 as sys;
 use llama_plugin_api::abi_stable::sabi_trait::TD_Opaque;
 use llama_plugin_api::abi_stable::std_types::{ROption, RResult, RStr, RString, RVec};
-use llama_plugin_api::{BackendError, ContextBox, ContextParams, Grammar, ModelBox, ModelInfo, ModelParams, Model_TO, ProgressSink, SplitMode};
+use llama_plugin_api::{BackendError, ContextBox, ContextParams, EmbedParams, EmbedderBox, Grammar, ModelBox, ModelInfo, ModelParams, Model_TO, ProgressSink, SplitMode};
 
-use crate::{context, guard, invalid, log};
+use crate::{context, embed, guard, invalid, log};
 
 pub(crate) struct LlamaModel {
     raw: NonNull<sys::llama_model>,
@@ -294,6 +294,10 @@ impl llama_plugin_api::Model for ModelHandle {
     fn check_grammar(&self, grammar: Grammar) -> RResult<(), BackendError> {
         // Built and dropped (freed) at once: only whether llama.cpp accepts it matters.
         guard(|| crate::sampler::GrammarSampler::new(&grammar, self.model.vocab(), self.model.n_vocab()).map(drop))
+    }
+
+    fn new_embedder(&self, params: EmbedParams) -> RResult<EmbedderBox, BackendError> {
+        guard(|| embed::new(self.model.clone(), &params))
     }
 }
 

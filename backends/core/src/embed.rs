@@ -1,0 +1,242 @@
+//! An embeddings context: llama.cpp with `embeddings = true`, pooling one vector per
+//! sequence (or one per token without pooling). Several inputs go through one decode as
+//! separate sequences, as llama.cpp's `llama-embedding` batches them.
+
+use std::ffi::c_void;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use llama_cpp_sys_2 as sys;
+use llama_plugin_api::abi_stable::sabi_trait::TD_Opaque;
+use llama_plugin_api::abi_stable::std_types::{RResult, RSlice, RString, RVec};
+use llama_plugin_api::{AbortBox, AbortHandle_TO, BackendError, EmbedInfo, EmbedParams, EmbedderBox, Embedder_TO, Pooling};
+
+use crate::model::LlamaModel;
+use crate::{guard, invalid, log};
+
+/// llama.cpp's limit on sequences in one context (`LLAMA_MAX_SEQ`).
+const MAX_SEQ: u32 = 256;
+
+pub(crate) struct LlamaEmbedder {
+    // Field order: the batch and context go before the model they refer to.
+    batch: Batch,
+    ctx: NonNull<sys::llama_context>,
+    model: Arc<LlamaModel>,
+    abort: Arc<AtomicBool>,
+    info: EmbedInfo,
+}
+
+// SAFETY: a llama_context has no thread affinity; the trait object is `Send` but not
+// `Sync`, so one thread at a time uses it, as llama.cpp requires.
+unsafe impl Send for LlamaEmbedder {}
+
+impl Drop for LlamaEmbedder {
+    fn drop(&mut self) {
+        // SAFETY: created by llama_init_from_model, freed exactly once, before the model Arc.
+        unsafe { sys::llama_free(self.ctx.as_ptr()) }
+    }
+}
+
+struct Batch(sys::llama_batch);
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        // SAFETY: allocated by llama_batch_init, freed exactly once.
+        unsafe { sys::llama_batch_free(self.0) }
+    }
+}
+
+unsafe extern "C" fn should_abort(data: *mut c_void) -> bool {
+    // SAFETY: `data` is the AtomicBool inside the embedder's `abort` Arc, which outlives the
+    // llama_context (the context is freed in `drop`, before the Arc's last owner goes).
+    unsafe { &*(data as *const AtomicBool) }.load(Ordering::Relaxed)
+}
+
+struct Abort(Arc<AtomicBool>);
+
+impl llama_plugin_api::AbortHandle for Abort {
+    fn abort(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+fn pooling_type(p: Pooling) -> sys::llama_pooling_type {
+    match p {
+        Pooling::Model => sys::LLAMA_POOLING_TYPE_UNSPECIFIED,
+        Pooling::None => sys::LLAMA_POOLING_TYPE_NONE,
+        Pooling::Mean => sys::LLAMA_POOLING_TYPE_MEAN,
+        Pooling::Cls => sys::LLAMA_POOLING_TYPE_CLS,
+        Pooling::Last => sys::LLAMA_POOLING_TYPE_LAST,
+        Pooling::Rank => sys::LLAMA_POOLING_TYPE_RANK,
+    }
+}
+
+fn pooling_of(t: sys::llama_pooling_type) -> Option<Pooling> {
+    Some(match t {
+        sys::LLAMA_POOLING_TYPE_NONE => Pooling::None,
+        sys::LLAMA_POOLING_TYPE_MEAN => Pooling::Mean,
+        sys::LLAMA_POOLING_TYPE_CLS => Pooling::Cls,
+        sys::LLAMA_POOLING_TYPE_LAST => Pooling::Last,
+        sys::LLAMA_POOLING_TYPE_RANK => Pooling::Rank,
+        _ => return None,
+    })
+}
+
+pub(crate) fn new(model: Arc<LlamaModel>, p: &EmbedParams) -> Result<EmbedderBox, BackendError> {
+    if p.n_ctx == 0 {
+        return Err(invalid("n_ctx", "must be at least 1"));
+    }
+    if p.n_threads <= 0 || p.n_threads_batch <= 0 {
+        return Err(invalid("n_threads", "must be at least 1"));
+    }
+    if !(1..=MAX_SEQ).contains(&p.n_seq_max) {
+        return Err(invalid("n_seq_max", format!("{} is outside 1..={MAX_SEQ}", p.n_seq_max)));
+    }
+    // SAFETY: plain queries on the live model.
+    let (has_encoder, has_decoder) = unsafe { (sys::llama_model_has_encoder(model.as_ptr()), sys::llama_model_has_decoder(model.as_ptr())) };
+    if has_encoder && has_decoder {
+        return Err(invalid("pooling", "embeddings of encoder-decoder models are not supported (as in llama.cpp)"));
+    }
+    // SAFETY: returns a plain struct of defaults.
+    let mut cp = unsafe { sys::llama_context_default_params() };
+    cp.embeddings = true;
+    cp.pooling_type = pooling_type(p.pooling);
+    // One size for the batch, the micro-batch and the cache: llama.cpp pools per
+    // micro-batch, so each sequence must be decoded in one.
+    cp.n_ctx = p.n_ctx;
+    cp.n_batch = p.n_ctx;
+    cp.n_ubatch = p.n_ctx;
+    cp.n_seq_max = p.n_seq_max;
+    cp.kv_unified = true;
+    cp.n_threads = p.n_threads;
+    cp.n_threads_batch = p.n_threads_batch;
+    cp.swa_full = false;
+    let abort = Arc::new(AtomicBool::new(false));
+    cp.abort_callback = Some(should_abort);
+    cp.abort_callback_data = Arc::as_ptr(&abort) as *mut c_void;
+    log::clear_first_error();
+    // SAFETY: the model is alive (we hold an Arc for the life of the context).
+    let raw = unsafe { sys::llama_init_from_model(model.as_ptr(), cp) };
+    let ctx = NonNull::new(raw).ok_or_else(|| BackendError::ContextCreate {
+        reason: RString::from(log::take_first_error().unwrap_or_else(|| "no reason given".to_string())),
+    })?;
+    // SAFETY: plain queries on the live context and model.
+    let (pooling, n_ctx, n_embd, n_cls) = unsafe {
+        (
+            sys::llama_pooling_type(ctx.as_ptr()),
+            sys::llama_n_ctx(ctx.as_ptr()).min(sys::llama_n_batch(ctx.as_ptr())).min(sys::llama_n_ubatch(ctx.as_ptr())),
+            sys::llama_model_n_embd_out(model.as_ptr()),
+            sys::llama_model_n_cls_out(model.as_ptr()),
+        )
+    };
+    let embedder_ctx = ctx;
+    let Some(pooling) = pooling_of(pooling) else {
+        // SAFETY: freed once; nothing else holds it yet.
+        unsafe { sys::llama_free(embedder_ctx.as_ptr()) };
+        return Err(invalid("pooling", format!("llama.cpp chose an unknown pooling type {pooling}")));
+    };
+    let n_ctx = n_ctx.min(p.n_ctx);
+    let n_out = if pooling == Pooling::Rank { n_cls } else { n_embd.max(0) as u32 };
+    // SAFETY: token/pos/seq/logit arrays for n_ctx tokens, one sequence id each.
+    let batch = Batch(unsafe { sys::llama_batch_init(n_ctx as i32, 0, 1) });
+    let info = EmbedInfo { n_ctx, n_seq_max: p.n_seq_max, pooling, n_out };
+    Ok(Embedder_TO::from_value(LlamaEmbedder { batch, ctx: embedder_ctx, model, abort, info }, TD_Opaque))
+}
+
+impl LlamaEmbedder {
+    fn check(&self, tokens: &[i32], lengths: &[u32]) -> Result<(), BackendError> {
+        if lengths.is_empty() {
+            return Err(invalid("inputs", "no input"));
+        }
+        if lengths.len() > self.info.n_seq_max as usize {
+            return Err(invalid("inputs", format!("{} inputs exceed the {} sequences of one batch", lengths.len(), self.info.n_seq_max)));
+        }
+        if let Some(i) = lengths.iter().position(|&n| n == 0) {
+            return Err(invalid("inputs", format!("input {i} is empty")));
+        }
+        let total: u64 = lengths.iter().map(|&n| u64::from(n)).sum();
+        if total != tokens.len() as u64 {
+            return Err(invalid("inputs", format!("the lengths add up to {total}, not the {} tokens given", tokens.len())));
+        }
+        if total > u64::from(self.info.n_ctx) {
+            return Err(BackendError::ContextFull { n_ctx: self.info.n_ctx, needed: total.min(u64::from(u32::MAX)) as u32 });
+        }
+        let n_vocab = self.model.n_vocab();
+        if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t >= n_vocab) {
+            return Err(BackendError::InvalidToken { token: bad });
+        }
+        Ok(())
+    }
+
+    fn embed(&mut self, tokens: &[i32], lengths: &[u32]) -> Result<RVec<f32>, BackendError> {
+        self.check(tokens, lengths)?;
+        let ctx = self.ctx.as_ptr();
+        // SAFETY: the memory handle belongs to the live context; `true` clears the data too.
+        unsafe { sys::llama_memory_clear(sys::llama_get_memory(ctx), true) };
+        let b = &mut self.batch.0;
+        b.n_tokens = tokens.len() as i32;
+        let mut i = 0;
+        for (seq, &len) in lengths.iter().enumerate() {
+            for pos in 0..len as usize {
+                // SAFETY: the batch arrays hold n_ctx entries and tokens.len() <= n_ctx
+                // (checked); seq_id[i] points at an array of one id (llama_batch_init, 1).
+                unsafe {
+                    *b.token.add(i) = tokens[i];
+                    *b.pos.add(i) = pos as i32;
+                    *b.n_seq_id.add(i) = 1;
+                    **b.seq_id.add(i) = seq as i32;
+                    *b.logits.add(i) = 1;
+                }
+                i += 1;
+            }
+        }
+        // SAFETY: the context is alive and used by this thread only; the batch is filled.
+        let rc = unsafe { sys::llama_decode(ctx, *b) };
+        match rc {
+            0 => {}
+            1 => return Err(BackendError::NoKvSlot),
+            2 => return Err(BackendError::Aborted),
+            code => return Err(BackendError::Decode { code }),
+        }
+        let n_out = self.info.n_out as usize;
+        let rows = if self.info.pooling == Pooling::None { tokens.len() } else { lengths.len() };
+        let mut out = RVec::with_capacity(rows * n_out);
+        for r in 0..rows {
+            // SAFETY: the decode above output every token; with pooling each sequence id
+            // 0..lengths.len() has a pooled vector, without it each batch index a row.
+            let ptr = unsafe {
+                if self.info.pooling == Pooling::None {
+                    sys::llama_get_embeddings_ith(ctx, r as i32)
+                } else {
+                    sys::llama_get_embeddings_seq(ctx, r as i32)
+                }
+            };
+            if ptr.is_null() {
+                return Err(BackendError::Decode { code: -1 });
+            }
+            // SAFETY: llama.cpp returns `n_out` floats for the row (n_embd_out, or n_cls_out
+            // with rank pooling), alive until the next decode.
+            out.extend_from_slice(unsafe { std::slice::from_raw_parts(ptr, n_out) });
+        }
+        Ok(out)
+    }
+}
+
+impl llama_plugin_api::Embedder for LlamaEmbedder {
+    fn info(&self) -> EmbedInfo {
+        self.info
+    }
+
+    fn abort_handle(&self) -> AbortBox {
+        AbortHandle_TO::from_value(Abort(self.abort.clone()), TD_Opaque)
+    }
+
+    fn reset_abort(&mut self) {
+        self.abort.store(false, Ordering::Relaxed);
+    }
+
+    fn embed(&mut self, tokens: RSlice<'_, i32>, lengths: RSlice<'_, u32>) -> RResult<RVec<f32>, BackendError> {
+        guard(|| LlamaEmbedder::embed(self, tokens.as_slice(), lengths.as_slice()))
+    }
+}
