@@ -113,6 +113,11 @@ pub struct ServeArgs {
     /// replaces it.
     #[arg(long = "reasoning-format", value_name = "none|auto|deepseek", default_value = "auto", value_parser = reasoning_format_parser())]
     pub reasoning_format: llama_tools::ReasoningFormat,
+    /// Pooling of /v1/embeddings: mean, cls or last (none and rank give no vector per
+    /// input). Default: what the model file declares; a model that declares none (a
+    /// generative model) answers embedding requests with 400 until this is set.
+    #[arg(long = "pooling", value_name = "mean|cls|last", env = "LLAMA_POOLING", value_parser = pooling_parser())]
+    pub pooling: Option<llama_host::Pooling>,
     /// Seconds a client has to send its request body once its headers are in (408 after).
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub body_timeout: u64,

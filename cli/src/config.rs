@@ -112,6 +112,8 @@ pub struct ModelSettings {
     pub cache_type_v: Option<llama_host::CacheType>,
     pub flash_attn: Option<llama_host::FlashAttn>,
     pub chat_template: Option<String>,
+    /// Pooling of its embedding requests, over `--pooling`.
+    pub pooling: Option<llama_host::Pooling>,
     /// Seconds the model stays loaded once idle (-1: never; 0: unloaded once idle), over
     /// `--idle-unload`; a request's `keep_alive` replaces it.
     #[serde(default, deserialize_with = "keep_alive")]

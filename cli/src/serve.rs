@@ -181,6 +181,7 @@ fn engine_config(o: &ServeOpts, m: &ServedModel) -> llama_serve::engine::EngineC
         max_prompt_bytes: a.max_prompt_bytes.map(|b| b as usize),
         stall_timeout: Duration::from_secs(a.stall_timeout),
         cache: cache_params(o, m),
+        pooling: s.pooling.or(a.pooling),
         ..llama_serve::engine::EngineConfig::default()
     }
 }

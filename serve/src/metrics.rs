@@ -67,10 +67,12 @@ pub enum Outcome {
     Timeout,
     Rejected,
     Error,
+    /// An embedding request answered.
+    Embedded,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 6] = [Outcome::Stop, Outcome::Length, Outcome::Cancelled, Outcome::Timeout, Outcome::Rejected, Outcome::Error];
+    const ALL: [Outcome; 7] = [Outcome::Stop, Outcome::Length, Outcome::Cancelled, Outcome::Timeout, Outcome::Rejected, Outcome::Error, Outcome::Embedded];
     fn label(self) -> &'static str {
         match self {
             Outcome::Stop => "stop",
@@ -79,13 +81,14 @@ impl Outcome {
             Outcome::Timeout => "timeout",
             Outcome::Rejected => "rejected",
             Outcome::Error => "error",
+            Outcome::Embedded => "embedded",
         }
     }
 }
 
 /// Everything the engine measures. Shared (`Arc`) between the engine and readers.
 pub struct Metrics {
-    outcomes: [AtomicU64; 6],
+    outcomes: [AtomicU64; 7],
     pub queue_depth: AtomicI64,
     pub active_sequences: AtomicI64,
     pub kv_tokens: AtomicI64,
@@ -93,6 +96,8 @@ pub struct Metrics {
     pub prompt_tokens: AtomicU64,
     pub cached_prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
+    /// Inputs embedded (each input of an embedding request).
+    pub embedded_inputs: AtomicU64,
     pub decode_steps: AtomicU64,
     /// Busy time of the engine (decoding), microseconds: tokens/s = tokens / busy time.
     pub busy_us: AtomicU64,
@@ -112,6 +117,7 @@ impl Default for Metrics {
             prompt_tokens: AtomicU64::new(0),
             cached_prompt_tokens: AtomicU64::new(0),
             generated_tokens: AtomicU64::new(0),
+            embedded_inputs: AtomicU64::new(0),
             decode_steps: AtomicU64::new(0),
             busy_us: AtomicU64::new(0),
             time_to_first_token: Histogram::new(LATENCY_BOUNDS),
@@ -141,15 +147,16 @@ impl Metrics {
             }
         }
         type Read = fn(&Metrics) -> f64;
-        let families: [(&str, &str, &str, Read); 10] = [
+        let families: [(&str, &str, &str, Read); 11] = [
             ("llama_queue_depth", "gauge", "Requests waiting for a slot.", |m| m.queue_depth.load(Ordering::Relaxed) as f64),
             ("llama_active_sequences", "gauge", "Requests holding a slot.", |m| m.active_sequences.load(Ordering::Relaxed) as f64),
             ("llama_kv_tokens", "gauge", "Tokens held in the KV cache.", |m| m.kv_tokens.load(Ordering::Relaxed) as f64),
             ("llama_kv_capacity_tokens", "gauge", "KV cache capacity in tokens.", |m| m.kv_capacity.load(Ordering::Relaxed) as f64),
-            ("llama_prompt_tokens_total", "counter", "Prompt tokens received.", |m| m.prompt_tokens.load(Ordering::Relaxed) as f64),
+            ("llama_prompt_tokens_total", "counter", "Prompt tokens received (embedding inputs included).", |m| m.prompt_tokens.load(Ordering::Relaxed) as f64),
             ("llama_prompt_tokens_cached_total", "counter", "Prompt tokens served from the KV cache.", |m| m.cached_prompt_tokens.load(Ordering::Relaxed) as f64),
             ("llama_generated_tokens_total", "counter", "Tokens generated.", |m| m.generated_tokens.load(Ordering::Relaxed) as f64),
-            ("llama_decode_steps_total", "counter", "Batched decode steps.", |m| m.decode_steps.load(Ordering::Relaxed) as f64),
+            ("llama_embedded_inputs_total", "counter", "Inputs embedded.", |m| m.embedded_inputs.load(Ordering::Relaxed) as f64),
+            ("llama_decode_steps_total", "counter", "Batched decode steps (embedding batches included).", |m| m.decode_steps.load(Ordering::Relaxed) as f64),
             ("llama_busy_seconds_total", "counter", "Time spent decoding.", |m| m.busy_us.load(Ordering::Relaxed) as f64 / 1e6),
             ("llama_requests_in_flight", "gauge", "Requests queued or running.", |m| (m.queue_depth.load(Ordering::Relaxed) + m.active_sequences.load(Ordering::Relaxed)) as f64),
         ];

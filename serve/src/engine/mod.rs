@@ -14,6 +14,7 @@
 
 
 mod compute;
+mod embed;
 mod handle;
 mod plan;
 mod worker;
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Sender};
 use llama_host::{ContextParams, ContextSize, GenerateOptions, KvCacheParams, Model};
 
+pub use embed::{EmbedFailure, EmbedHandle, EmbedInput, EmbedOutput, EmbedRequest, MAX_EMBED_INPUTS, MAX_EMBED_TOKENS};
 pub use handle::{Event, EventStream, Finish, Handle, RequestStats};
 pub use plan::{plan_batch, plan_invariant, Part, SlotState};
 pub use worker::KvUsage;
@@ -64,6 +66,11 @@ pub struct EngineConfig {
     /// The KV cache's element types and flash attention (a quantized cache holds more
     /// tokens in the same memory).
     pub cache: KvCacheParams,
+    /// Pooling of embedding requests (`--pooling`); `None`: what the model file declares.
+    pub pooling: Option<llama_host::Pooling>,
+    /// Inputs one embedding batch decodes together. Its tokens are `size.n_ubatch`, which
+    /// is also the longest input (llama.cpp pools per micro-batch, as llama-server).
+    pub embed_seqs: u32,
 }
 
 impl Default for EngineConfig {
@@ -80,6 +87,8 @@ impl Default for EngineConfig {
             prefix_cache: true,
             batch_invariant: false,
             cache: KvCacheParams::default(),
+            pooling: None,
+            embed_seqs: 64,
         }
     }
 }
@@ -112,6 +121,9 @@ impl EngineConfig {
         if self.batch_invariant && self.size.n_batch < 2 {
             // A step is the padding token plus at least one real token.
             return bad("batch-size", "batch-invariant mode needs a batch of at least 2".into());
+        }
+        if !(1..=llama_host::embed::MAX_EMBED_SEQS).contains(&self.embed_seqs) {
+            return bad("embedding batch", format!("{} inputs is outside 1..={}", self.embed_seqs, llama_host::embed::MAX_EMBED_SEQS));
         }
         self.size.validate()?;
         self.cache.validate().map_err(|e| StartError::InvalidConfig { field: e.field, reason: e.reason })?;
@@ -154,6 +166,23 @@ pub enum SubmitError {
     InvalidParam { field: String, reason: String },
     #[error("the engine has stopped")]
     Stopped,
+    /// The model cannot answer embedding requests as served (its pooling).
+    #[error("this model cannot compute embeddings: {reason}")]
+    CannotEmbed { reason: String },
+    #[error("no input: give at least one")]
+    NoInput,
+    #[error("{count} inputs is over the limit of {limit}")]
+    TooManyInputs { count: usize, limit: usize },
+    #[error("input {index} is empty")]
+    EmptyInput { index: usize },
+    #[error("input {index} is {bytes} bytes; the limit is {limit}")]
+    InputTooLarge { index: usize, bytes: usize, limit: usize },
+    #[error("input {index} has {tokens} tokens; the limit is {limit} (the server's --ubatch-size); inputs are never truncated")]
+    InputTooLong { index: usize, tokens: usize, limit: usize },
+    #[error("input {index}: token id {token} is not in the vocabulary")]
+    InvalidToken { index: usize, token: i64 },
+    #[error("the inputs have more than {limit} tokens together; split them over several requests")]
+    TooManyTokens { limit: usize },
 }
 
 
@@ -176,6 +205,8 @@ struct Shared {
     slot_ctx: u32,
     /// Set by `shutdown`: new requests are refused.
     stopped: AtomicBool,
+    /// How embedding requests are pooled, or why they cannot be.
+    embed: embed::EmbedSetup,
 }
 
 
@@ -209,9 +240,13 @@ impl Engine {
         let limit = slots as usize + config.queue;
         let (tx, rx) = bounded(limit);
         let in_flight = Arc::new(AtomicUsize::new(0));
-        let worker = Worker::new(model.clone(), ctx, &config, rx, in_flight.clone(), metrics.clone(), slot_ctx);
+        let t = config.size.n_threads;
+        let embed_params = llama_host::EmbedParams { n_ctx: config.size.n_ubatch, n_threads: t, n_threads_batch: config.size.n_threads_batch, n_seq_max: config.embed_seqs, pooling: None };
+        let embed = embed::EmbedSetup::new(&model, config.pooling, embed_params);
+        let embeds = embed::EmbedQueue::new(model.clone(), embed.clone(), metrics.clone(), in_flight.clone());
+        let worker = Worker::new(model.clone(), ctx, &config, rx, in_flight.clone(), metrics.clone(), slot_ctx, embeds);
         let thread = std::thread::Builder::new().name("llama-engine".into()).spawn(move || worker.run()).map_err(StartError::Thread)?;
-        let shared = Shared { tx, in_flight, limit, next_id: AtomicUsize::new(1), model, config, metrics, slot_ctx, stopped: AtomicBool::new(false) };
+        let shared = Shared { tx, in_flight, limit, next_id: AtomicUsize::new(1), model, config, metrics, slot_ctx, stopped: AtomicBool::new(false), embed };
         Ok(Engine { shared: Arc::new(shared), thread: Some(thread) })
     }
 
@@ -271,6 +306,11 @@ impl Engine {
     /// text (special-token text especially), not with the tokens it makes.
     pub fn max_prompt_bytes(&self) -> usize {
         self.shared.max_prompt_bytes()
+    }
+
+    /// Why this engine cannot answer embedding requests, if it cannot (its pooling).
+    pub fn embed_refusal(&self) -> Option<&str> {
+        self.shared.embed.pooling.as_ref().err().map(String::as_str)
     }
 
     /// Whether the engine takes requests: not shut down, and its thread alive (a thread
@@ -345,6 +385,40 @@ impl Reservation {
         // The engine thread owns the place now and gives it back when the request ends.
         self.armed = false;
         Ok(Handle { id, rx, cancel: CancelOnDrop(cancel) })
+    }
+}
+
+impl Reservation {
+    /// Checks and tokenizes an embedding request and queues it. Blocking (it tokenizes):
+    /// keep it off async workers. Every input error names the input's index.
+    pub fn submit_embed(mut self, req: EmbedRequest) -> Result<EmbedHandle, SubmitError> {
+        let e = self.engine.clone();
+        let inputs = embed::prepare(&e.model, &e.embed, e.max_prompt_bytes(), &req)?;
+        let id = e.next_id.fetch_add(1, Ordering::Relaxed) as u64;
+        let tokens: usize = inputs.iter().map(Vec::len).sum();
+        let span = tracing::info_span!("embedding", id, inputs = inputs.len(), tokens);
+        span.in_scope(|| tracing::debug!("admitted"));
+        let (tx, rx) = flume::bounded(1);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let job = embed::EmbedJob {
+            span,
+            inputs,
+            normalize: req.normalize,
+            deadline: req.deadline,
+            submitted: Instant::now(),
+            tx,
+            cancel: cancel.clone(),
+            results: Vec::new(),
+            started: None,
+        };
+        e.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
+        if e.tx.send(Msg::Embed(Box::new(job))).is_err() {
+            e.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            return Err(SubmitError::Stopped);
+        }
+        // The engine thread owns the place now and gives it back when the request ends.
+        self.armed = false;
+        Ok(EmbedHandle { rx, _cancel: CancelOnDrop(cancel) })
     }
 }
 

@@ -28,6 +28,7 @@ pub(super) struct Job {
 
 pub(super) enum Msg {
     Job(Box<Job>),
+    Embed(Box<super::embed::EmbedJob>),
     /// Report KV usage as llama.cpp sees it and as the engine accounts for it.
     Inspect(Sender<KvUsage>),
     Shutdown,
@@ -100,6 +101,8 @@ pub(super) struct Worker {
     stall_timeout: Duration,
     /// Batch-invariant mode: (padding sequence, padding token).
     pad: Option<(i32, i32)>,
+    /// Embedding requests and their context.
+    embeds: super::embed::EmbedQueue,
 }
 
 fn common_prefix(a: &[i32], b: &[i32]) -> usize {
@@ -115,6 +118,7 @@ impl Worker {
         in_flight: Arc<AtomicUsize>,
         metrics: Arc<Metrics>,
         slot_ctx: u32,
+        embeds: super::embed::EmbedQueue,
     ) -> Worker {
         let slots = config.slots;
         Worker {
@@ -131,6 +135,7 @@ impl Worker {
             prefix_cache: config.prefix_cache,
             draining: Vec::new(),
             stall_timeout: config.stall_timeout,
+            embeds,
         }
     }
 
@@ -143,7 +148,7 @@ impl Worker {
                 self.cancel_everything();
                 return;
             }
-            let busy = self.slots.iter().any(|s| s.active.is_some()) || !self.waiting.is_empty();
+            let busy = self.slots.iter().any(|s| s.active.is_some()) || !self.waiting.is_empty() || !self.embeds.is_empty();
             if !busy && !self.draining.is_empty() {
                 // Only final events wait for slow consumers: poll for them and for new work.
                 if let Ok(m) = self.rx.recv_timeout(Duration::from_millis(5)) {
@@ -180,6 +185,10 @@ impl Worker {
 
             // 2. Drop what was cancelled or timed out; deliver pending text.
             self.expire();
+
+            // One embedding batch per step, beside the generation step (see `embed.rs`).
+            self.embeds.expire();
+            self.embeds.step();
 
             // 3. Give free slots to waiting requests, oldest first.
             while let Some(free) = self.pick_slot() {
@@ -219,6 +228,7 @@ impl Worker {
     /// Shutdown: every queued and running request ends `Cancelled` (paused ones too), and
     /// what can be delivered of their final events is, without waiting for anyone.
     fn cancel_everything(&mut self) {
+        self.embeds.cancel_all();
         for job in &self.waiting {
             job.cancel.store(true, Ordering::SeqCst);
         }
@@ -239,6 +249,7 @@ impl Worker {
     fn handle(&mut self, m: Msg, shutting_down: &mut bool) {
         match m {
             Msg::Job(job) => self.waiting.push_back(*job),
+            Msg::Embed(job) => self.embeds.push(*job),
             Msg::Shutdown => *shutting_down = true,
             Msg::Inspect(reply) => {
                 let backend_tokens = self.slots.iter().map(|s| (self.ctx.seq_pos_max(s.seq) + 1).max(0) as usize).sum();

@@ -18,6 +18,7 @@
 //! requests; curl and SDKs send none).
 
 mod admin;
+mod embeddings;
 mod openai;
 mod structured;
 
@@ -279,6 +280,7 @@ enum Route {
     Models,
     Completions,
     ChatCompletions,
+    Embeddings,
     Tokenize,
     Detokenize,
     LoadModel,
@@ -291,6 +293,7 @@ const ROUTES: &[(&str, &str, Route)] = &[
     ("GET", "/v1/models", Route::Models),
     ("POST", "/v1/completions", Route::Completions),
     ("POST", "/v1/chat/completions", Route::ChatCompletions),
+    ("POST", "/v1/embeddings", Route::Embeddings),
     ("POST", "/tokenize", Route::Tokenize),
     ("POST", "/detokenize", Route::Detokenize),
     ("POST", "/models/load", Route::LoadModel),
@@ -369,6 +372,7 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Result<Respon
         Route::UnloadModel => admin::unload(state.clone(), read_json(&state, req).await?).await,
         Route::Completions => openai::completions(state.clone(), read_json(&state, req).await?, false).await,
         Route::ChatCompletions => openai::completions(state.clone(), read_json(&state, req).await?, true).await,
+        Route::Embeddings => embeddings::embeddings(state.clone(), read_json(&state, req).await?).await,
         Route::Tokenize => openai::tokenize(state.clone(), read_json(&state, req).await?).await,
         Route::Detokenize => openai::detokenize(state.clone(), read_json(&state, req).await?).await,
     }
@@ -609,6 +613,15 @@ impl From<SubmitError> for ApiError {
             SubmitError::EmptyPrompt => ApiError::bad_request("the prompt is empty", Some("prompt")),
             SubmitError::InvalidParam { field, reason } => ApiError::bad_request(format!("invalid {field}: {}", clip(&reason, 200)), Some(&field)),
             SubmitError::Stopped => ApiError::shutting_down(),
+            SubmitError::CannotEmbed { .. } => ApiError::bad_request(clip(&e.to_string(), 300), Some("model")).code("embeddings_unsupported"),
+            SubmitError::InputTooLong { .. } | SubmitError::TooManyTokens { .. } => {
+                ApiError::bad_request(e.to_string(), Some("input")).code("context_length_exceeded")
+            }
+            SubmitError::NoInput
+            | SubmitError::TooManyInputs { .. }
+            | SubmitError::EmptyInput { .. }
+            | SubmitError::InputTooLarge { .. }
+            | SubmitError::InvalidToken { .. } => ApiError::bad_request(e.to_string(), Some("input")),
         }
     }
 }
