@@ -527,6 +527,10 @@ pub struct EmbedArgs {
     /// Inputs decoded together in one batch.
     #[arg(long = "parallel", visible_alias = "np", default_value_t = 64)]
     pub parallel: u32,
+    /// Flash attention (`-fa`). Off by default, unlike generation: with it on, an input's
+    /// vector moves slightly with what shares its batch.
+    #[arg(long = "flash-attn", visible_alias = "fa", value_name = "on|off|auto", default_value = "off", value_parser = flash_attn_parser())]
+    pub flash_attn: llama_host::FlashAttn,
     /// Print no statistics line to stderr.
     #[arg(long)]
     pub no_stats: bool,

@@ -299,7 +299,7 @@ fn embed_opts(sub: &clap::ArgMatches, a: &args::EmbedArgs, cfg: &Config) -> Resu
     if a.ubatch_size == 0 {
         return Err(CliError::InvalidArg { field: "--ubatch-size", reason: "must be at least 1".into() });
     }
-    let params = llama_host::EmbedParams { n_ctx: a.ubatch_size, n_threads: t, n_threads_batch: t, n_seq_max: a.parallel, pooling: a.pooling };
+    let params = llama_host::EmbedParams { n_ctx: a.ubatch_size, n_threads: t, n_threads_batch: t, n_seq_max: a.parallel, pooling: a.pooling, flash_attn: a.flash_attn };
     Ok(EmbedOpts { load, inputs, origins, params, normalize, json: a.json, no_stats: a.no_stats })
 }
 

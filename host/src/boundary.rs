@@ -178,6 +178,7 @@ impl ModelOps for PluginModel {
             n_threads_batch: p.n_threads_batch,
             n_seq_max: p.n_seq_max,
             pooling: p.pooling.map_or(api::Pooling::Model, pooling),
+            flash_attn: flash_attn(p.flash_attn),
         };
         Ok(Box::new(PluginEmbedder(result(self.0.new_embedder(params))?)))
     }

@@ -71,15 +71,18 @@ pub struct EmbedParams {
     pub n_seq_max: u32,
     /// `None`: what the model file declares (no pooling when it declares nothing).
     pub pooling: Option<Pooling>,
+    /// Flash attention; off by default: the one setting where an input's vector does not
+    /// depend on what else shares its batch (docs/ARCHITECTURE.md, "Embeddings").
+    pub flash_attn: crate::FlashAttn,
 }
 
 /// Most inputs one batch may hold (llama.cpp's `LLAMA_MAX_SEQ`).
-pub const MAX_EMBED_SEQS: u32 = 256;
+pub const MAX_EMBED_SEQS: u32 = 255;
 
 impl Default for EmbedParams {
     fn default() -> Self {
         let t = crate::default_threads();
-        EmbedParams { n_ctx: 512, n_threads: t, n_threads_batch: t, n_seq_max: 64, pooling: None }
+        EmbedParams { n_ctx: 512, n_threads: t, n_threads_batch: t, n_seq_max: 64, pooling: None, flash_attn: crate::FlashAttn::Off }
     }
 }
 

@@ -738,6 +738,11 @@ pub struct EmbedParams {
     /// Most sequences (inputs) in one `embed` call.
     pub n_seq_max: u32,
     pub pooling: Pooling,
+    /// Flash attention. Off is the one setting where an input's vector does not depend on
+    /// what shares its batch: llama.cpp's CPU flash attention takes one path below 64
+    /// queries and a tiled one from 64 on, whose sums depend on where a sequence's cells
+    /// sit in the cache (Gemma 3's vectors move by up to 6e-4 in cosine).
+    pub flash_attn: FlashAttn,
 }
 
 /// What an embeddings context settled on.

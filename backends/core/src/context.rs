@@ -152,7 +152,7 @@ fn ggml_type(t: CacheType) -> sys::ggml_type {
     }
 }
 
-fn flash_attn_type(f: FlashAttn) -> sys::llama_flash_attn_type {
+pub(crate) fn flash_attn_type(f: FlashAttn) -> sys::llama_flash_attn_type {
     match f {
         FlashAttn::Auto => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
         FlashAttn::On => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,

@@ -15,8 +15,15 @@ use llama_plugin_api::{AbortBox, AbortHandle_TO, BackendError, EmbedInfo, EmbedP
 use crate::model::LlamaModel;
 use crate::{guard, invalid, log};
 
-/// llama.cpp's limit on sequences in one context (`LLAMA_MAX_SEQ`).
-const MAX_SEQ: u32 = 256;
+/// llama.cpp's limit on sequences in one context (`LLAMA_MAX_SEQ`); one is kept for padding.
+const MAX_SEQ: u32 = 255;
+
+/// The CPU's repacked weight kernels compute rows in groups of this many (a GEMM) and the
+/// batch's last `n % ROW_GROUP` rows one by one (a GEMV), which sums in another order: a
+/// token's vector would then depend on where the batch ends. Every batch is padded to a
+/// whole number of groups with a spare sequence, so each row is computed the same way
+/// whatever shares its batch (see `embed`).
+const ROW_GROUP: usize = 4;
 
 pub(crate) struct LlamaEmbedder {
     // Field order: the batch and context go before the model they refer to.
@@ -104,14 +111,21 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &EmbedParams) -> Result<EmbedderBox
     cp.pooling_type = pooling_type(p.pooling);
     // One size for the batch, the micro-batch and the cache: llama.cpp pools per
     // micro-batch, so each sequence must be decoded in one.
-    cp.n_ctx = p.n_ctx;
-    cp.n_batch = p.n_ctx;
-    cp.n_ubatch = p.n_ctx;
-    cp.n_seq_max = p.n_seq_max;
+    // Room for the padding rows and sequence (`ROW_GROUP`), rounded up to a multiple of the
+    // sequences: llama.cpp reserves its graph for a micro-batch of n_seq_max equal parts,
+    // and with a remainder its mean-pooling matrix gets the wrong shape and aborts the
+    // process (GGML_ASSERT in ggml_mul_mat).
+    let seqs = p.n_seq_max + 1;
+    let room = p.n_ctx.saturating_add(ROW_GROUP as u32 - 1).div_ceil(seqs).saturating_mul(seqs);
+    cp.n_ctx = room;
+    cp.n_batch = room;
+    cp.n_ubatch = room;
+    cp.n_seq_max = seqs;
     cp.kv_unified = true;
     cp.n_threads = p.n_threads;
     cp.n_threads_batch = p.n_threads_batch;
     cp.swa_full = false;
+    cp.flash_attn_type = crate::context::flash_attn_type(p.flash_attn);
     let abort = Arc::new(AtomicBool::new(false));
     cp.abort_callback = Some(should_abort);
     cp.abort_callback_data = Arc::as_ptr(&abort) as *mut c_void;
@@ -136,10 +150,10 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &EmbedParams) -> Result<EmbedderBox
         unsafe { sys::llama_free(embedder_ctx.as_ptr()) };
         return Err(invalid("pooling", format!("llama.cpp chose an unknown pooling type {pooling}")));
     };
-    let n_ctx = n_ctx.min(p.n_ctx);
+    let n_ctx = n_ctx.saturating_sub(ROW_GROUP as u32 - 1).min(p.n_ctx);
     let n_out = if pooling == Pooling::Rank { n_cls } else { n_embd.max(0) as u32 };
     // SAFETY: token/pos/seq/logit arrays for n_ctx tokens, one sequence id each.
-    let batch = Batch(unsafe { sys::llama_batch_init(n_ctx as i32, 0, 1) });
+    let batch = Batch(unsafe { sys::llama_batch_init((n_ctx as usize + ROW_GROUP - 1) as i32, 0, 1) });
     let info = EmbedInfo { n_ctx, n_seq_max: p.n_seq_max, pooling, n_out };
     Ok(Embedder_TO::from_value(LlamaEmbedder { batch, ctx: embedder_ctx, model, abort, info }, TD_Opaque))
 }
@@ -175,20 +189,24 @@ impl LlamaEmbedder {
         // SAFETY: the memory handle belongs to the live context; `true` clears the data too.
         unsafe { sys::llama_memory_clear(sys::llama_get_memory(ctx), true) };
         let b = &mut self.batch.0;
-        b.n_tokens = tokens.len() as i32;
-        let mut i = 0;
-        for (seq, &len) in lengths.iter().enumerate() {
-            for pos in 0..len as usize {
-                // SAFETY: the batch arrays hold n_ctx entries and tokens.len() <= n_ctx
-                // (checked); seq_id[i] points at an array of one id (llama_batch_init, 1).
-                unsafe {
-                    *b.token.add(i) = tokens[i];
-                    *b.pos.add(i) = pos as i32;
-                    *b.n_seq_id.add(i) = 1;
-                    **b.seq_id.add(i) = seq as i32;
-                    *b.logits.add(i) = 1;
-                }
-                i += 1;
+        let pad = (ROW_GROUP - tokens.len() % ROW_GROUP) % ROW_GROUP;
+        b.n_tokens = (tokens.len() + pad) as i32;
+        let pad_seq = lengths.len() as i32;
+        let rows = lengths.iter().enumerate().flat_map(|(seq, &len)| (0..len as i32).map(move |pos| (seq as i32, pos)));
+        let pad_rows = (0..pad as i32).map(|pos| (pad_seq, pos));
+        // Token 0 pads: any id in the vocabulary will do, its sequence is never read.
+        let ids = tokens.iter().copied().chain(std::iter::repeat(0).take(pad));
+        for (i, (tok, (seq, pos))) in ids.zip(rows.chain(pad_rows)).enumerate() {
+            // SAFETY: the batch arrays hold n_ctx + ROW_GROUP - 1 entries and tokens.len() <=
+            // n_ctx (checked), pad < ROW_GROUP; seq_id[i] points at an array of one id
+            // (llama_batch_init with 1); the padding sequence is n_seq_max, within the
+            // context's n_seq_max + 1.
+            unsafe {
+                *b.token.add(i) = tok;
+                *b.pos.add(i) = pos;
+                *b.n_seq_id.add(i) = 1;
+                **b.seq_id.add(i) = seq;
+                *b.logits.add(i) = 1;
             }
         }
         // SAFETY: the context is alive and used by this thread only; the batch is filled.

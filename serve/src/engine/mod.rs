@@ -241,7 +241,7 @@ impl Engine {
         let (tx, rx) = bounded(limit);
         let in_flight = Arc::new(AtomicUsize::new(0));
         let t = config.size.n_threads;
-        let embed_params = llama_host::EmbedParams { n_ctx: config.size.n_ubatch, n_threads: t, n_threads_batch: config.size.n_threads_batch, n_seq_max: config.embed_seqs, pooling: None };
+        let embed_params = llama_host::EmbedParams { n_ctx: config.size.n_ubatch, n_threads: t, n_threads_batch: config.size.n_threads_batch, n_seq_max: config.embed_seqs, pooling: None, flash_attn: llama_host::FlashAttn::Off };
         let embed = embed::EmbedSetup::new(&model, config.pooling, embed_params);
         let embeds = embed::EmbedQueue::new(model.clone(), embed.clone(), metrics.clone(), in_flight.clone());
         let worker = Worker::new(model.clone(), ctx, &config, rx, in_flight.clone(), metrics.clone(), slot_ctx, embeds);
