@@ -107,7 +107,11 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &EmbedParams) -> Result<EmbedderBox
     cp.n_ctx = p.n_ctx;
     cp.n_batch = p.n_ctx;
     cp.n_ubatch = p.n_ctx;
-    cp.n_seq_max = p.n_seq_max;
+    // At most one input per token fits a batch; and llama.cpp aborts the process
+    // (GGML_ASSERT n_outputs_max <= n_batch) when n_seq_max exceeds n_batch, as with
+    // `llama embed -ub 8` and the default 64 inputs per batch. So no more than n_ctx.
+    let n_seq_max = p.n_seq_max.min(p.n_ctx);
+    cp.n_seq_max = n_seq_max;
     cp.kv_unified = true;
     cp.n_threads = p.n_threads;
     cp.n_threads_batch = p.n_threads_batch;
@@ -140,7 +144,7 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &EmbedParams) -> Result<EmbedderBox
     let n_out = if pooling == Pooling::Rank { n_cls } else { n_embd.max(0) as u32 };
     // SAFETY: token/pos/seq/logit arrays for n_ctx tokens, one sequence id each.
     let batch = Batch(unsafe { sys::llama_batch_init(n_ctx as i32, 0, 1) });
-    let info = EmbedInfo { n_ctx, n_seq_max: p.n_seq_max, pooling, n_out };
+    let info = EmbedInfo { n_ctx, n_seq_max, pooling, n_out };
     Ok(Embedder_TO::from_value(LlamaEmbedder { batch, ctx: embedder_ctx, model, abort, info }, TD_Opaque))
 }
 
