@@ -104,13 +104,18 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &EmbedParams) -> Result<EmbedderBox
     cp.pooling_type = pooling_type(p.pooling);
     // One size for the batch, the micro-batch and the cache: llama.cpp pools per
     // micro-batch, so each sequence must be decoded in one.
-    cp.n_ctx = p.n_ctx;
-    cp.n_batch = p.n_ctx;
-    cp.n_ubatch = p.n_ctx;
     // At most one input per token fits a batch; and llama.cpp aborts the process
     // (GGML_ASSERT n_outputs_max <= n_batch) when n_seq_max exceeds n_batch, as with
     // `llama embed -ub 8` and the default 64 inputs per batch. So no more than n_ctx.
     let n_seq_max = p.n_seq_max.min(p.n_ctx);
+    // llama.cpp reserves its worst-case graph with the micro-batch rounded up to a multiple
+    // of n_seq_max but its outputs not, and with mean pooling that aborts the process
+    // (GGML_ASSERT ggml_can_mul_mat; llama-embedding -ub 300 does it too). So the context
+    // is a multiple of n_seq_max; the longest input stays p.n_ctx (`info.n_ctx` below).
+    let n_ctx_rounded = p.n_ctx.div_ceil(n_seq_max).saturating_mul(n_seq_max);
+    cp.n_ctx = n_ctx_rounded;
+    cp.n_batch = n_ctx_rounded;
+    cp.n_ubatch = n_ctx_rounded;
     cp.n_seq_max = n_seq_max;
     cp.kv_unified = true;
     cp.n_threads = p.n_threads;
