@@ -22,11 +22,13 @@ pub fn run(g: &Global, o: &EmbedOpts, _ints: &Interrupts) -> Result<(), CliError
     let mut inputs = Vec::with_capacity(o.inputs.len());
     for (i, text) in o.inputs.iter().enumerate() {
         let origin = || format!("input {} ({})", i + 1, o.origins[i]);
+        // The error's own index counts from 1 like the origin's ("input 3 (FILE line 3):
+        // input 3 has ..."), not from 0.
         if text.is_empty() {
-            return Err(CliError::EmbedInput { origin: origin(), source: EmbedError::EmptyInput { index: i } });
+            return Err(CliError::EmbedInput { origin: origin(), source: EmbedError::EmptyInput { index: i + 1 } });
         }
         let tokens = model.tokenize(text, true)?;
-        embedder.check_input(i, &tokens).map_err(|source| CliError::EmbedInput { origin: origin(), source })?;
+        embedder.check_input(i + 1, &tokens).map_err(|source| CliError::EmbedInput { origin: origin(), source })?;
         inputs.push(tokens);
     }
     let started = Instant::now();

@@ -111,11 +111,16 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &EmbedParams) -> Result<EmbedderBox
     cp.pooling_type = pooling_type(p.pooling);
     // One size for the batch, the micro-batch and the cache: llama.cpp pools per
     // micro-batch, so each sequence must be decoded in one.
+    // At most one input per token fits a batch; and llama.cpp aborts the process
+    // (GGML_ASSERT n_outputs_max <= n_batch) when n_seq_max exceeds n_batch, as with
+    // `llama embed -ub 8` and the default 64 inputs per batch. So no more than n_ctx.
+    let n_seq_max = p.n_seq_max.min(p.n_ctx);
     // Room for the padding rows and sequence (`ROW_GROUP`), rounded up to a multiple of the
-    // sequences: llama.cpp reserves its graph for a micro-batch of n_seq_max equal parts,
-    // and with a remainder its mean-pooling matrix gets the wrong shape and aborts the
-    // process (GGML_ASSERT in ggml_mul_mat).
-    let seqs = p.n_seq_max + 1;
+    // sequences: llama.cpp reserves its worst-case graph with the micro-batch rounded up to
+    // a multiple of n_seq_max but its outputs not, and with mean pooling that aborts the
+    // process (GGML_ASSERT in ggml_mul_mat; llama-embedding -ub 300 does it too). The
+    // longest input stays p.n_ctx (`info.n_ctx` below).
+    let seqs = n_seq_max + 1;
     let room = p.n_ctx.saturating_add(ROW_GROUP as u32 - 1).div_ceil(seqs).saturating_mul(seqs);
     cp.n_ctx = room;
     cp.n_batch = room;
@@ -154,7 +159,7 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &EmbedParams) -> Result<EmbedderBox
     let n_out = if pooling == Pooling::Rank { n_cls } else { n_embd.max(0) as u32 };
     // SAFETY: token/pos/seq/logit arrays for n_ctx tokens, one sequence id each.
     let batch = Batch(unsafe { sys::llama_batch_init((n_ctx as usize + ROW_GROUP - 1) as i32, 0, 1) });
-    let info = EmbedInfo { n_ctx, n_seq_max: p.n_seq_max, pooling, n_out };
+    let info = EmbedInfo { n_ctx, n_seq_max, pooling, n_out };
     Ok(Embedder_TO::from_value(LlamaEmbedder { batch, ctx: embedder_ctx, model, abort, info }, TD_Opaque))
 }
 
