@@ -18,12 +18,14 @@ const MIN_COSINE: f64 = 0.9999;
 
 /// The least cosine accepted between an input's vectors from batches of different
 /// composition. llama.cpp's CPU kernels give a token slightly different values with the
-/// batch around it (which rows fall in the repacked multi-row tiles, for one): its own
-/// llama-embedding's vectors of a sentence alone and in the batch of ten differ by cosines
-/// down to 0.9970 (Gemma, last pooling; scripts/embed-compare prints this spread), ours
-/// down to 0.9969, while two different test sentences are at most 0.95 alike. So 0.99: a
-/// pooling or masking mix-up between sequences falls well below it. (The same batch
-/// layout is held to MIN_COSINE.)
+/// batch around it: llama-embedding's own vectors of a sentence alone and in the batch of
+/// ten differ by cosines down to 0.9970 (Gemma, last pooling, its default flash attention).
+/// `llama embed` removes the two largest causes (flash attention off, batches padded to
+/// whole row groups: docs/ARCHITECTURE.md, "Embeddings"), which leaves most vectors equal
+/// to the last bit, but one of these sentences with Gemma's last-token pooling still moves
+/// to 0.9981 in batches of three. Two different test sentences are at most 0.95 alike, so
+/// 0.99 still catches a pooling or masking mix-up between sequences. (The same batch layout
+/// is held to MIN_COSINE, and so is mean pooling over HTTP: tests/tests/embeddings_http.rs.)
 const BATCH_SPREAD_MIN_COSINE: f64 = 0.99;
 
 fn fixture(name: &str) -> PathBuf {

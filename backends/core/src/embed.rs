@@ -19,11 +19,12 @@ use crate::{guard, invalid, log};
 const MAX_SEQ: u32 = 255;
 
 /// The CPU's repacked weight kernels compute rows in groups of this many (a GEMM) and the
-/// batch's last `n % ROW_GROUP` rows one by one (a GEMV), which sums in another order: a
-/// token's vector would then depend on where the batch ends. Every batch is padded to a
-/// whole number of groups with a spare sequence, so each row is computed the same way
-/// whatever shares its batch (see `embed`).
-const ROW_GROUP: usize = 4;
+/// batch's last `n % ROW_GROUP` rows one by one (a GEMV), which sums in another order: an
+/// input alone, or last in a batch, would have its last tokens computed differently than
+/// anywhere else (Gemma 3's last-token vectors moved by 2e-3 in cosine). Every batch is
+/// padded to whole row groups with a spare sequence, never read. (llama.cpp's kernels have
+/// other, rarer dependences on the batch's shape; see docs/ARCHITECTURE.md, "Embeddings".)
+const ROW_GROUP: u32 = 4;
 
 pub(crate) struct LlamaEmbedder {
     // Field order: the batch and context go before the model they refer to.
@@ -111,17 +112,18 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &EmbedParams) -> Result<EmbedderBox
     cp.pooling_type = pooling_type(p.pooling);
     // One size for the batch, the micro-batch and the cache: llama.cpp pools per
     // micro-batch, so each sequence must be decoded in one.
+    // Rows one batch holds: the inputs' tokens, rounded up to whole row groups.
+    let capacity = p.n_ctx.saturating_add(ROW_GROUP - 1) / ROW_GROUP * ROW_GROUP;
     // At most one input per token fits a batch; and llama.cpp aborts the process
     // (GGML_ASSERT n_outputs_max <= n_batch) when n_seq_max exceeds n_batch, as with
-    // `llama embed -ub 8` and the default 64 inputs per batch. So no more than n_ctx.
+    // `llama embed -ub 8` and 64 inputs per batch. So no more than n_ctx.
     let n_seq_max = p.n_seq_max.min(p.n_ctx);
-    // Room for the padding rows and sequence (`ROW_GROUP`), rounded up to a multiple of the
+    // One more sequence for the padding rows; the size rounded up to a multiple of the
     // sequences: llama.cpp reserves its worst-case graph with the micro-batch rounded up to
     // a multiple of n_seq_max but its outputs not, and with mean pooling that aborts the
-    // process (GGML_ASSERT in ggml_mul_mat; llama-embedding -ub 300 does it too). The
-    // longest input stays p.n_ctx (`info.n_ctx` below).
+    // process (GGML_ASSERT in ggml_mul_mat; llama-embedding -ub 300 does it too).
     let seqs = n_seq_max + 1;
-    let room = p.n_ctx.saturating_add(ROW_GROUP as u32 - 1).div_ceil(seqs).saturating_mul(seqs);
+    let room = capacity.div_ceil(seqs).saturating_mul(seqs);
     cp.n_ctx = room;
     cp.n_batch = room;
     cp.n_ubatch = room;
@@ -155,10 +157,12 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &EmbedParams) -> Result<EmbedderBox
         unsafe { sys::llama_free(embedder_ctx.as_ptr()) };
         return Err(invalid("pooling", format!("llama.cpp chose an unknown pooling type {pooling}")));
     };
-    let n_ctx = n_ctx.saturating_sub(ROW_GROUP as u32 - 1).min(p.n_ctx);
+    // The longest input, and the most tokens of one batch, stay what was asked for.
+    let n_ctx = n_ctx.min(p.n_ctx);
     let n_out = if pooling == Pooling::Rank { n_cls } else { n_embd.max(0) as u32 };
-    // SAFETY: token/pos/seq/logit arrays for n_ctx tokens, one sequence id each.
-    let batch = Batch(unsafe { sys::llama_batch_init((n_ctx as usize + ROW_GROUP - 1) as i32, 0, 1) });
+    // SAFETY: token/pos/seq/logit arrays for `capacity` rows (the tokens and the padding),
+    // one sequence id each.
+    let batch = Batch(unsafe { sys::llama_batch_init(capacity as i32, 0, 1) });
     let info = EmbedInfo { n_ctx, n_seq_max, pooling, n_out };
     Ok(Embedder_TO::from_value(LlamaEmbedder { batch, ctx: embedder_ctx, model, abort, info }, TD_Opaque))
 }
@@ -194,16 +198,26 @@ impl LlamaEmbedder {
         // SAFETY: the memory handle belongs to the live context; `true` clears the data too.
         unsafe { sys::llama_memory_clear(sys::llama_get_memory(ctx), true) };
         let b = &mut self.batch.0;
-        let pad = (ROW_GROUP - tokens.len() % ROW_GROUP) % ROW_GROUP;
-        b.n_tokens = (tokens.len() + pad) as i32;
         let pad_seq = lengths.len() as i32;
-        let rows = lengths.iter().enumerate().flat_map(|(seq, &len)| (0..len as i32).map(move |pos| (seq as i32, pos)));
-        let pad_rows = (0..pad as i32).map(|pos| (pad_seq, pos));
-        // Token 0 pads: any id in the vocabulary will do, its sequence is never read.
-        let ids = tokens.iter().copied().chain(std::iter::repeat(0).take(pad));
-        for (i, (tok, (seq, pos))) in ids.zip(rows.chain(pad_rows)).enumerate() {
-            // SAFETY: the batch arrays hold n_ctx + ROW_GROUP - 1 entries and tokens.len() <=
-            // n_ctx (checked), pad < ROW_GROUP; seq_id[i] points at an array of one id
+        // The inputs, then padding rows up to the next row group (`ROW_GROUP`). Token 0
+        // pads: any id in the vocabulary will do, its sequence is never read.
+        let mut rows: Vec<(i32, i32, i32)> = Vec::with_capacity(tokens.len() + ROW_GROUP as usize);
+        let mut next = 0usize;
+        for (seq, &len) in lengths.iter().enumerate() {
+            for pos in 0..len as i32 {
+                rows.push((tokens[next], seq as i32, pos));
+                next += 1;
+            }
+        }
+        let mut pad_pos = 0;
+        while rows.len() % ROW_GROUP as usize != 0 {
+            rows.push((0, pad_seq, pad_pos));
+            pad_pos += 1;
+        }
+        b.n_tokens = rows.len() as i32;
+        for (i, &(tok, seq, pos)) in rows.iter().enumerate() {
+            // SAFETY: the batch arrays hold `capacity` entries: tokens.len() <= n_ctx (`check`)
+            // rounded up to a row group is at most that; seq_id[i] points at an array of one id
             // (llama_batch_init with 1); the padding sequence is n_seq_max, within the
             // context's n_seq_max + 1.
             unsafe {
@@ -226,8 +240,9 @@ impl LlamaEmbedder {
         let rows = if self.info.pooling == Pooling::None { tokens.len() } else { lengths.len() };
         let mut out = RVec::with_capacity(rows * n_out);
         for r in 0..rows {
-            // SAFETY: the decode above output every token; with pooling each sequence id
-            // 0..lengths.len() has a pooled vector, without it each batch index a row.
+            // SAFETY: the decode above output every row; with pooling each sequence id
+            // 0..lengths.len() has a pooled vector, without it each input token (the first
+            // tokens.len() rows) a row.
             let ptr = unsafe {
                 if self.info.pooling == Pooling::None {
                     sys::llama_get_embeddings_ith(ctx, r as i32)
