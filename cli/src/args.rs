@@ -776,7 +776,7 @@ mod tests {
             Command::Bench(b) => b.cache,
             Command::Serve(s) => s.cache,
             Command::Backends(b) => b.cache,
-            Command::List(_) | Command::Ps(_) => unreachable!(),
+            Command::List(_) | Command::Ps(_) | Command::Embed(_) => unreachable!(),
         };
         let short = ["-ctk", "q8_0", "-ctv", "q4_0", "-fa", "on"];
         for cmd in [&["llama", "run", "-p", "x"][..], &["llama", "chat"], &["llama", "bench"], &["llama", "serve"], &["llama", "backends"]] {
