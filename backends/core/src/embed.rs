@@ -32,7 +32,99 @@ pub(crate) struct LlamaEmbedder {
     ctx: NonNull<sys::llama_context>,
     model: Arc<LlamaModel>,
     abort: Arc<AtomicBool>,
+    /// Read and written by llama.cpp's eval callback during a decode (`capture_hidden`);
+    /// boxed so its address is stable, and freed after the context (`drop` frees that).
+    capture: Box<Capture>,
     info: EmbedInfo,
+}
+
+/// The final hidden states of a batch, taken as llama.cpp computes them.
+///
+/// A generative model's graph ends in its output layer, computed for every token of an
+/// embeddings batch (pooling needs every token as an output) though nothing reads the
+/// logits: for Gemma 3's 262,144-token vocabulary that layer is more work than the rest of
+/// the model. llama.cpp's scheduler asks an eval callback, node by node, whether it wants a
+/// node's data, and stops computing a graph split when the callback says so after seeing
+/// it. The callback asks for `result_norm` (the normalised last hidden state every
+/// architecture names so, which pooling reads), copies it and stops: the output layer, and
+/// llama.cpp's own pooling after it, never run; the pooling is done here (`pool`). Where
+/// the node is not found, or has another shape, nothing is stopped and llama.cpp's pooled
+/// vectors are read as before.
+struct Capture {
+    /// Off for rank pooling (it needs the classification head after the hidden state) and
+    /// for models whose pooled vector goes through further dense layers.
+    enabled: bool,
+    /// Floats per row and rows expected in the batch being decoded.
+    n_embd: usize,
+    rows: usize,
+    data: Vec<f32>,
+    /// Whether `data` holds this decode's rows.
+    got: bool,
+}
+
+const HIDDEN_NODE: &[u8] = b"result_norm";
+
+/// llama.cpp's eval callback (`cb_eval`): see [`Capture`].
+unsafe extern "C" fn capture_hidden(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_void) -> bool {
+    // SAFETY: `user` is the embedder's boxed `Capture`, alive for the context's life and
+    // touched by nothing else while llama_decode runs on this thread; `t` is a node of the
+    // graph being computed, valid for the call.
+    let (cap, t) = unsafe { (&mut *(user as *mut Capture), &*t) };
+    let name = t.name.iter().take_while(|&&c| c != 0).map(|&c| c as u8);
+    let is_hidden = name.eq(HIDDEN_NODE.iter().copied());
+    if ask {
+        return cap.enabled && !cap.got && is_hidden;
+    }
+    // Asked for, and now computed: take it if it has the expected shape, then stop.
+    let shape_ok = t.type_ == sys::GGML_TYPE_F32
+        && t.ne[0] == cap.n_embd as i64
+        && t.ne[1] == cap.rows as i64
+        && t.ne[2] == 1
+        && t.ne[3] == 1
+        && t.nb[1] == cap.n_embd * std::mem::size_of::<f32>();
+    if !shape_ok {
+        return true;
+    }
+    cap.data.resize(cap.n_embd * cap.rows, 0.0);
+    // SAFETY: the tensor holds n_embd * rows contiguous f32 (checked above), computed (the
+    // scheduler synchronised before this call); `data` has room for exactly that.
+    unsafe { sys::ggml_backend_tensor_get(t, cap.data.as_mut_ptr().cast(), 0, cap.data.len() * std::mem::size_of::<f32>()) };
+    cap.got = true;
+    false
+}
+
+/// Pools the captured hidden states of a batch as llama.cpp's graph would: the mean of a
+/// sequence's rows, its first row (cls) or its last (last); without pooling every token's
+/// row. Rows are in batch order: the inputs one after another.
+fn pool(cap: &Capture, pooling: Pooling, lengths: &[u32]) -> Vec<f32> {
+    let n = cap.n_embd;
+    let row = |i: usize| &cap.data[i * n..(i + 1) * n];
+    let total: usize = lengths.iter().map(|&l| l as usize).sum();
+    if pooling == Pooling::None {
+        return cap.data[..total * n].to_vec();
+    }
+    let mut out = Vec::with_capacity(lengths.len() * n);
+    let mut start = 0;
+    for &len in lengths {
+        let len = len as usize;
+        match pooling {
+            Pooling::Cls => out.extend_from_slice(row(start)),
+            Pooling::Last => out.extend_from_slice(row(start + len - 1)),
+            _ => {
+                // llama.cpp multiplies by 1/len and sums in f32.
+                let scale = 1.0 / len as f32;
+                let mut acc = vec![0.0f32; n];
+                for i in start..start + len {
+                    for (a, &x) in acc.iter_mut().zip(row(i)) {
+                        *a += x * scale;
+                    }
+                }
+                out.extend_from_slice(&acc);
+            }
+        }
+        start += len;
+    }
+    out
 }
 
 // SAFETY: a llama_context has no thread affinity; the trait object is `Send` but not
@@ -133,6 +225,14 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &EmbedParams) -> Result<EmbedderBox
     cp.n_threads_batch = p.n_threads_batch;
     cp.swa_full = false;
     cp.flash_attn_type = crate::context::flash_attn_type(p.flash_attn);
+    // Models whose pooled vector goes through further dense layers (sentence-transformers'
+    // modules, converted with --sentence-transformers-dense-modules) must run the graph to
+    // its end.
+    let arch = model.meta_string("general.architecture").unwrap_or_default();
+    let dense = model.meta_string(&format!("{arch}.dense_2_feat_out")).is_some() || model.meta_string(&format!("{arch}.dense_3_feat_out")).is_some();
+    let mut capture = Box::new(Capture { enabled: !dense, n_embd: 0, rows: 0, data: Vec::new(), got: false });
+    cp.cb_eval = Some(capture_hidden);
+    cp.cb_eval_user_data = (&mut *capture as *mut Capture).cast();
     let abort = Arc::new(AtomicBool::new(false));
     cp.abort_callback = Some(should_abort);
     cp.abort_callback_data = Arc::as_ptr(&abort) as *mut c_void;
@@ -160,11 +260,13 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &EmbedParams) -> Result<EmbedderBox
     // The longest input, and the most tokens of one batch, stay what was asked for.
     let n_ctx = n_ctx.min(p.n_ctx);
     let n_out = if pooling == Pooling::Rank { n_cls } else { n_embd.max(0) as u32 };
+    capture.enabled &= pooling != Pooling::Rank;
+    capture.n_embd = n_out as usize;
     // SAFETY: token/pos/seq/logit arrays for `capacity` rows (the tokens and the padding),
     // one sequence id each.
     let batch = Batch(unsafe { sys::llama_batch_init(capacity as i32, 0, 1) });
     let info = EmbedInfo { n_ctx, n_seq_max, pooling, n_out };
-    Ok(Embedder_TO::from_value(LlamaEmbedder { batch, ctx: embedder_ctx, model, abort, info }, TD_Opaque))
+    Ok(Embedder_TO::from_value(LlamaEmbedder { batch, ctx: embedder_ctx, model, abort, capture, info }, TD_Opaque))
 }
 
 impl LlamaEmbedder {
@@ -228,6 +330,8 @@ impl LlamaEmbedder {
                 *b.logits.add(i) = 1;
             }
         }
+        self.capture.rows = rows.len();
+        self.capture.got = false;
         // SAFETY: the context is alive and used by this thread only; the batch is filled.
         let rc = unsafe { sys::llama_decode(ctx, *b) };
         match rc {
@@ -235,6 +339,9 @@ impl LlamaEmbedder {
             1 => return Err(BackendError::NoKvSlot),
             2 => return Err(BackendError::Aborted),
             code => return Err(BackendError::Decode { code }),
+        }
+        if self.capture.got {
+            return Ok(RVec::from(pool(&self.capture, self.info.pooling, lengths)));
         }
         let n_out = self.info.n_out as usize;
         let rows = if self.info.pooling == Pooling::None { tokens.len() } else { lengths.len() };

@@ -51,6 +51,16 @@ impl LlamaModel {
         unsafe { sys::llama_vocab_is_eog(self.vocab(), token) }
     }
 
+    /// A GGUF metadata value as a string, if the key exists.
+    pub(crate) fn meta_string(&self, key: &str) -> Option<String> {
+        let key = CString::new(key).ok()?;
+        let raw = self.raw.as_ptr();
+        LlamaModel::read_string(|buf, len| {
+            // SAFETY: `key` is NUL-terminated; `buf` is writable for `len` bytes; the model is alive.
+            unsafe { sys::llama_model_meta_val_str(raw, key.as_ptr(), buf, len) }
+        })
+    }
+
     fn read_string(f: impl Fn(*mut c_char, usize) -> i32) -> Option<String> {
         let mut buf = vec![0u8; 256];
         loop {
@@ -277,14 +287,7 @@ impl llama_plugin_api::Model for ModelHandle {
     }
 
     fn meta(&self, key: RStr<'_>) -> ROption<RString> {
-        let Ok(key) = CString::new(key.as_str()) else { return ROption::RNone };
-        let raw = self.model.as_ptr();
-        LlamaModel::read_string(|buf, len| {
-            // SAFETY: `key` is NUL-terminated; `buf` is writable for `len` bytes; the model is alive.
-            unsafe { sys::llama_model_meta_val_str(raw, key.as_ptr(), buf, len) }
-        })
-            .map(RString::from)
-            .into()
+        self.model.meta_string(key.as_str()).map(RString::from).into()
     }
 
     fn new_context(&self, params: ContextParams) -> RResult<ContextBox, BackendError> {
