@@ -60,6 +60,8 @@ struct Capture {
     data: Vec<f32>,
     /// Whether `data` holds this decode's rows.
     got: bool,
+    /// Whether the first decode's outcome was logged.
+    reported: bool,
 }
 
 const HIDDEN_NODE: &[u8] = b"result_norm";
@@ -230,7 +232,7 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &EmbedParams) -> Result<EmbedderBox
     // its end.
     let arch = model.meta_string("general.architecture").unwrap_or_default();
     let dense = model.meta_string(&format!("{arch}.dense_2_feat_out")).is_some() || model.meta_string(&format!("{arch}.dense_3_feat_out")).is_some();
-    let mut capture = Box::new(Capture { enabled: !dense, n_embd: 0, rows: 0, data: Vec::new(), got: false });
+    let mut capture = Box::new(Capture { enabled: !dense, n_embd: 0, rows: 0, data: Vec::new(), got: false, reported: false });
     cp.cb_eval = Some(capture_hidden);
     cp.cb_eval_user_data = (&mut *capture as *mut Capture).cast();
     let abort = Arc::new(AtomicBool::new(false));
@@ -339,6 +341,14 @@ impl LlamaEmbedder {
             1 => return Err(BackendError::NoKvSlot),
             2 => return Err(BackendError::Aborted),
             code => return Err(BackendError::Decode { code }),
+        }
+        if !self.capture.reported {
+            self.capture.reported = true;
+            crate::log::info(if self.capture.got {
+                "embeddings: pooled from the final hidden states; the output layer is skipped"
+            } else {
+                "embeddings: the graph runs to its end (no result_norm node of the expected shape, or pooling that needs it)"
+            });
         }
         if self.capture.got {
             return Ok(RVec::from(pool(&self.capture, self.info.pooling, lengths)));
