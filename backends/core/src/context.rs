@@ -48,14 +48,15 @@ pub(crate) struct LlamaContext {
     n_past: u32,
 }
 
-/// llama.cpp asks this between graph nodes whether to stop.
-unsafe extern "C" fn should_abort(data: *mut c_void) -> bool {
-    // SAFETY: `data` is the `AtomicBool` inside the context's `abort` Arc, which outlives
-    // the llama_context (dropped after it, see field order and `new`).
+/// llama.cpp asks this between graph nodes whether to stop (contexts and embedders).
+pub(crate) unsafe extern "C" fn should_abort(data: *mut c_void) -> bool {
+    // SAFETY: `data` is the `AtomicBool` inside the owner's `abort` Arc, which outlives the
+    // llama_context (dropped after it: see the field order of `LlamaContext` and
+    // `LlamaEmbedder`).
     unsafe { &*(data as *const AtomicBool) }.load(Ordering::Relaxed)
 }
 
-struct Abort(Arc<AtomicBool>);
+pub(crate) struct Abort(pub(crate) Arc<AtomicBool>);
 
 impl llama_plugin_api::AbortHandle for Abort {
     fn abort(&self) {
@@ -67,7 +68,7 @@ impl llama_plugin_api::AbortHandle for Abort {
 // `Sync`, so it is used by one thread at a time as llama.cpp requires.
 unsafe impl Send for LlamaContext {}
 
-struct Batch(sys::llama_batch);
+pub(crate) struct Batch(pub(crate) sys::llama_batch);
 
 impl Drop for Batch {
     fn drop(&mut self) {

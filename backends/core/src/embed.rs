@@ -12,6 +12,7 @@ use llama_plugin_api::abi_stable::sabi_trait::TD_Opaque;
 use llama_plugin_api::abi_stable::std_types::{RResult, RSlice, RString, RVec};
 use llama_plugin_api::{AbortBox, AbortHandle_TO, BackendError, EmbedInfo, EmbedParams, EmbedderBox, Embedder_TO, Pooling};
 
+use crate::context::{should_abort, Abort, Batch};
 use crate::model::LlamaModel;
 use crate::{guard, invalid, log};
 
@@ -137,29 +138,6 @@ impl Drop for LlamaEmbedder {
     fn drop(&mut self) {
         // SAFETY: created by llama_init_from_model, freed exactly once, before the model Arc.
         unsafe { sys::llama_free(self.ctx.as_ptr()) }
-    }
-}
-
-struct Batch(sys::llama_batch);
-
-impl Drop for Batch {
-    fn drop(&mut self) {
-        // SAFETY: allocated by llama_batch_init, freed exactly once.
-        unsafe { sys::llama_batch_free(self.0) }
-    }
-}
-
-unsafe extern "C" fn should_abort(data: *mut c_void) -> bool {
-    // SAFETY: `data` is the AtomicBool inside the embedder's `abort` Arc, which outlives the
-    // llama_context (the context is freed in `drop`, before the Arc's last owner goes).
-    unsafe { &*(data as *const AtomicBool) }.load(Ordering::Relaxed)
-}
-
-struct Abort(Arc<AtomicBool>);
-
-impl llama_plugin_api::AbortHandle for Abort {
-    fn abort(&self) {
-        self.0.store(true, Ordering::Relaxed);
     }
 }
 
