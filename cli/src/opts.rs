@@ -285,10 +285,14 @@ fn embed_opts(sub: &clap::ArgMatches, a: &args::EmbedArgs, cfg: &Config) -> Resu
             std::fs::read_to_string(path).map_err(|source| CliError::ArgFile { flag: "--file", path: path.clone(), source })?
         };
         // A final line break ends the last line; it does not start another input.
-        for (n, line) in text.strip_suffix('\n').unwrap_or(&text).split('\n').enumerate() {
+        let body = text.strip_suffix('\n').unwrap_or(&text);
+        for (n, line) in body.split('\n').enumerate().filter(|_| !text.is_empty()) {
             inputs.push(line.strip_suffix('\r').unwrap_or(line).to_string());
             origins.push(format!("{} line {}", path.display(), n + 1));
         }
+    }
+    if inputs.is_empty() {
+        return Err(CliError::InvalidArg { field: "--file", reason: "no input: the file is empty".into() });
     }
     if inputs.len() > MAX_EMBED_INPUTS {
         return Err(CliError::InvalidArg { field: "--file", reason: format!("{} inputs is over the limit of {MAX_EMBED_INPUTS}", inputs.len()) });
@@ -299,7 +303,7 @@ fn embed_opts(sub: &clap::ArgMatches, a: &args::EmbedArgs, cfg: &Config) -> Resu
     if a.ubatch_size == 0 {
         return Err(CliError::InvalidArg { field: "--ubatch-size", reason: "must be at least 1".into() });
     }
-    let params = llama_host::EmbedParams { n_ctx: a.ubatch_size, n_threads: t, n_threads_batch: t, n_seq_max: a.parallel, pooling: a.pooling, flash_attn: a.flash_attn };
+    let params = llama_host::EmbedParams { n_ctx: a.ubatch_size, n_threads: t, n_threads_batch: t, n_seq_max: a.parallel, pooling: a.pooling, flash_attn: a.flash_attn, may_skip_output: false };
     Ok(EmbedOpts { load, inputs, origins, params, normalize, json: a.json, no_stats: a.no_stats })
 }
 

@@ -179,6 +179,7 @@ impl ModelOps for PluginModel {
             n_seq_max: p.n_seq_max,
             pooling: p.pooling.map_or(api::Pooling::Model, pooling),
             flash_attn: flash_attn(p.flash_attn),
+            may_skip_output: p.may_skip_output,
         };
         Ok(Box::new(PluginEmbedder(result(self.0.new_embedder(params))?)))
     }

@@ -71,9 +71,26 @@ pub struct EmbedParams {
     pub n_seq_max: u32,
     /// `None`: what the model file declares (no pooling when it declares nothing).
     pub pooling: Option<Pooling>,
-    /// Flash attention; off by default: the one setting where an input's vector does not
-    /// depend on what else shares its batch (docs/ARCHITECTURE.md, "Embeddings").
+    /// Flash attention; off by default: with it on an input's vector moves more with what
+    /// else shares its batch (docs/ARCHITECTURE.md, "Embeddings").
     pub flash_attn: crate::FlashAttn,
+    /// Whether the backend may skip the output layer; [`Model::embedder`] decides it from
+    /// the file's tensors (`false` where layers follow the hidden state), whatever is set.
+    ///
+    /// [`Model::embedder`]: crate::Model::embedder
+    pub may_skip_output: bool,
+}
+
+/// Most bytes llama.cpp's logits buffer of an embeddings context may take: it holds
+/// `n_ctx × n_vocab` floats (llama.cpp reserves it whether or not the output layer runs),
+/// 1 MiB per token for a 262k vocabulary.
+pub const MAX_EMBED_LOGIT_BYTES: u64 = 2 << 30;
+
+/// The most tokens an embeddings context may hold for a vocabulary of `n_vocab` tokens
+/// ([`MAX_EMBED_LOGIT_BYTES`], and at most 65,536), a multiple of 4.
+pub fn max_embed_tokens(n_vocab: i32) -> u32 {
+    let per_token = u64::from(n_vocab.max(1) as u32) * 4;
+    ((MAX_EMBED_LOGIT_BYTES / per_token).min(65_536) as u32 / 4 * 4).max(4)
 }
 
 /// Most inputs one batch may hold (llama.cpp's `LLAMA_MAX_SEQ`).
@@ -82,7 +99,7 @@ pub const MAX_EMBED_SEQS: u32 = 255;
 impl Default for EmbedParams {
     fn default() -> Self {
         let t = crate::default_threads();
-        EmbedParams { n_ctx: 512, n_threads: t, n_threads_batch: t, n_seq_max: 64, pooling: None, flash_attn: crate::FlashAttn::Off }
+        EmbedParams { n_ctx: 512, n_threads: t, n_threads_batch: t, n_seq_max: 64, pooling: None, flash_attn: crate::FlashAttn::Off, may_skip_output: false }
     }
 }
 

@@ -26,6 +26,9 @@ pub struct Model {
     /// The file has a classification head (`cls.weight` or `cls.output.weight`): rank
     /// pooling has something to score with.
     has_classifier: bool,
+    /// The file has layers that may apply after the final hidden state when embedding
+    /// (a classification head, dense projections: tensors `cls*`, `dense_*`).
+    post_hidden_layers: bool,
 }
 
 /// A model file checked and validated, not loaded: its header and tensor table, read once
@@ -119,15 +122,17 @@ impl Model {
         let raw: Box<dyn ModelOps> = Box::new(crate::boundary::PluginModel(raw));
         let info = raw.info();
         tracing::info!(model = %info.description, params = info.n_params, "model loaded");
-        let has_classifier = file.gguf().tensors.iter().any(|t| t.name == "cls.weight" || t.name == "cls.output.weight");
-        Ok(Model { raw, info, path: path.to_path_buf(), backend: Some(backend.clone()), has_classifier })
+        let tensors = &file.gguf().tensors;
+        let has_classifier = tensors.iter().any(|t| t.name == "cls.weight" || t.name == "cls.output.weight");
+        let post_hidden_layers = tensors.iter().any(|t| t.name.starts_with("cls") || t.name.starts_with("dense_"));
+        Ok(Model { raw, info, path: path.to_path_buf(), backend: Some(backend.clone()), has_classifier, post_hidden_layers })
     }
 
     /// A model implemented by `ops` rather than a backend plugin: the seam tests use to
     /// run sessions and the engine over a fake.
     pub fn from_ops(ops: Box<dyn ModelOps>, path: impl Into<PathBuf>) -> Model {
         let info = ops.info();
-        Model { raw: ops, info, path: path.into(), backend: None, has_classifier: false }
+        Model { raw: ops, info, path: path.into(), backend: None, has_classifier: false, post_hidden_layers: true }
     }
 
     /// Like [`Model::load`], reporting load progress (0.0 to 1.0) to `on_progress` on this
@@ -210,6 +215,18 @@ impl Model {
         if params.n_ctx == 0 {
             return bad("micro-batch size (-ub)", "must be at least 1".into());
         }
+        let most = crate::embed::max_embed_tokens(self.info.n_vocab);
+        if params.n_ctx > most {
+            return bad(
+                "micro-batch size (-ub)",
+                format!(
+                    "{} tokens is over {most} for embeddings with this model: llama.cpp reserves n_vocab ({}) floats per token for logits, at most {} GiB",
+                    params.n_ctx,
+                    self.info.n_vocab,
+                    crate::embed::MAX_EMBED_LOGIT_BYTES >> 30
+                ),
+            );
+        }
         if params.n_threads < 1 || params.n_threads_batch < 1 {
             return bad("threads (-t)", "must be at least 1".into());
         }
@@ -219,7 +236,8 @@ impl Model {
         if params.pooling == Some(Pooling::Rank) && !self.has_classifier && self.backend.is_some() {
             return bad("pooling", "rank pooling needs a reranker model (a classification head, cls.weight or cls.output.weight); this model has none".into());
         }
-        let raw = self.raw.new_embedder(params)?;
+        let params = EmbedParams { may_skip_output: !self.post_hidden_layers, ..*params };
+        let raw = self.raw.new_embedder(&params)?;
         Ok(Embedder::new(raw, self.info.n_vocab))
     }
 

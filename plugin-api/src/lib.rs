@@ -743,6 +743,11 @@ pub struct EmbedParams {
     /// queries and a tiled one from 64 on, whose sums depend on where a sequence's cells
     /// sit in the cache (Gemma 3's vectors move by up to 6e-4 in cosine).
     pub flash_attn: FlashAttn,
+    /// The host found nothing after the final hidden state that pooling needs (no
+    /// classification head, no dense projection layers in the file): the backend may stop
+    /// the graph there and pool the hidden states itself instead of running the output
+    /// layer (see `backends/core/src/embed.rs`, `Capture`).
+    pub may_skip_output: bool,
 }
 
 /// What an embeddings context settled on.

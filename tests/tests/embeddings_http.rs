@@ -82,6 +82,8 @@ fn bad_input_gets_400_naming_the_problem_and_the_server_serves_on() {
         ("a token id that is not an integer", json!({"input": [[1.5]]}), "1.5 is not a token id"),
         ("an input longer than the context", json!({"input": ["short", long]}), "input 1 has"),
         ("100,000 inputs", json!({"input": many}), "100000 inputs is over the limit of 2048"),
+        ("3,000 token ids: one input, too long", json!({"input": vec![5; 3000]}), "input 0 has 3000 tokens; the limit is 512"),
+        ("token ids mixed with a string", json!({"input": [5, "a"]}), "mixes token ids"),
         ("no input", json!({"model": "gemma"}), "'input' is required"),
         ("a number as input", json!({"input": 5}), "must be a string"),
         ("another model's width", json!({"input": "a", "dimensions": 17}), "cannot give 17"),
@@ -148,6 +150,36 @@ fn embeddings_and_a_generation_stream_share_the_model_without_stalling_each_othe
     let m = s.metrics();
     assert_eq!(m.get("llama_requests_in_flight"), 0.0);
     assert_eq!(m.get("llama_requests_total{outcome=\"embedded\"}"), 1.0);
+}
+
+#[test]
+fn a_small_request_is_not_held_back_by_a_large_one_queued_before_it() {
+    let s = both_models(&["--pooling", "mean"]);
+    let base = s.base.clone();
+    let big = std::thread::spawn(move || {
+        let texts = sentences(1024);
+        ureq::post(&format!("{base}/v1/embeddings")).send_json(json!({"model": "gemma", "input": texts})).map(|r| r.status()).unwrap_or(0)
+    });
+    wait_for("the large request is running", || (s.metric("llama_embedded_inputs_total") >= 1.0).then_some(()));
+    let (code, v) = s.post("/v1/embeddings", &json!({"model": "gemma", "input": "a small one"}));
+    assert_eq!(code, 200, "{v}");
+    // The small one was answered while the large one was still in flight: batches are
+    // shared between queued requests, not given to the oldest until it is done.
+    let m = s.metrics();
+    assert_eq!(m.get("llama_requests_total{outcome=\"embedded\"}"), 1.0, "{}", m.0);
+    assert!(m.get("llama_requests_in_flight") >= 1.0);
+    assert!(m.get("llama_embedded_inputs_total") < 1025.0);
+    assert_eq!(big.join().unwrap(), 200);
+}
+
+#[test]
+fn pooling_that_gives_no_vector_per_input_is_refused_at_start() {
+    for pooling in ["none", "rank"] {
+        let o = llama_tests::llama(&["serve", "-m", model_path().to_str().unwrap(), "--port", "0", "--pooling", pooling]);
+        llama_tests::assert_exit(&o, 2);
+        let err = llama_tests::stderr(&o);
+        assert!(err.contains("pooling") && err.contains("mean, cls or last"), "{err}");
+    }
 }
 
 #[test]

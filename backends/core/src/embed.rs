@@ -33,9 +33,11 @@ pub(crate) struct LlamaEmbedder {
     ctx: NonNull<sys::llama_context>,
     model: Arc<LlamaModel>,
     abort: Arc<AtomicBool>,
-    /// Read and written by llama.cpp's eval callback during a decode (`capture_hidden`);
-    /// boxed so its address is stable, and freed after the context (`drop` frees that).
-    capture: Box<Capture>,
+    /// Read and written by llama.cpp's eval callback during a decode (`capture_hidden`),
+    /// and by `embed` between decodes, always through this pointer (from `Box::into_raw`,
+    /// so its address is stable and no Rust reference to it outlives a use); freed in
+    /// `drop` after the context.
+    capture: NonNull<Capture>,
     info: EmbedInfo,
 }
 
@@ -69,9 +71,10 @@ const HIDDEN_NODE: &[u8] = b"result_norm";
 
 /// llama.cpp's eval callback (`cb_eval`): see [`Capture`].
 unsafe extern "C" fn capture_hidden(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_void) -> bool {
-    // SAFETY: `user` is the embedder's boxed `Capture`, alive for the context's life and
-    // touched by nothing else while llama_decode runs on this thread; `t` is a node of the
-    // graph being computed, valid for the call.
+    // SAFETY: `user` is the embedder's `Capture` (a leaked Box), alive for the context's
+    // life; while llama_decode runs, this callback is the only code using it (`embed` holds
+    // no reference across the decode); `t` is a node of the graph being computed, valid
+    // for the call.
     let (cap, t) = unsafe { (&mut *(user as *mut Capture), &*t) };
     let name = t.name.iter().take_while(|&&c| c != 0).map(|&c| c as u8);
     let is_hidden = name.eq(HIDDEN_NODE.iter().copied());
@@ -138,6 +141,9 @@ impl Drop for LlamaEmbedder {
     fn drop(&mut self) {
         // SAFETY: created by llama_init_from_model, freed exactly once, before the model Arc.
         unsafe { sys::llama_free(self.ctx.as_ptr()) }
+        // SAFETY: from Box::into_raw in `new`, freed exactly once, after the context that
+        // held a pointer to it (its callback can no longer run).
+        drop(unsafe { Box::from_raw(self.capture.as_ptr()) });
     }
 }
 
@@ -210,18 +216,25 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &EmbedParams) -> Result<EmbedderBox
     // its end.
     let arch = model.meta_string("general.architecture").unwrap_or_default();
     let dense = model.meta_string(&format!("{arch}.dense_2_feat_out")).is_some() || model.meta_string(&format!("{arch}.dense_3_feat_out")).is_some();
-    let mut capture = Box::new(Capture { enabled: !dense, n_embd: 0, rows: 0, data: Vec::new(), got: false, reported: false });
+    let capture = Box::new(Capture { enabled: p.may_skip_output && !dense, n_embd: 0, rows: 0, data: Vec::new(), got: false, reported: false });
+    // Freed by the embedder's `drop`, or below when no embedder is made.
+    let capture = NonNull::from(Box::leak(capture));
+    let free_capture = || {
+        // SAFETY: from Box::leak above, freed once, on a path where no context holds it.
+        drop(unsafe { Box::from_raw(capture.as_ptr()) })
+    };
     cp.cb_eval = Some(capture_hidden);
-    cp.cb_eval_user_data = (&mut *capture as *mut Capture).cast();
+    cp.cb_eval_user_data = capture.as_ptr().cast();
     let abort = Arc::new(AtomicBool::new(false));
     cp.abort_callback = Some(should_abort);
     cp.abort_callback_data = Arc::as_ptr(&abort) as *mut c_void;
     log::clear_first_error();
     // SAFETY: the model is alive (we hold an Arc for the life of the context).
     let raw = unsafe { sys::llama_init_from_model(model.as_ptr(), cp) };
-    let ctx = NonNull::new(raw).ok_or_else(|| BackendError::ContextCreate {
-        reason: RString::from(log::take_first_error().unwrap_or_else(|| "no reason given".to_string())),
-    })?;
+    let Some(ctx) = NonNull::new(raw) else {
+        free_capture();
+        return Err(BackendError::ContextCreate { reason: RString::from(log::take_first_error().unwrap_or_else(|| "no reason given".to_string())) });
+    };
     // SAFETY: plain queries on the live context and model.
     let (pooling, n_ctx, n_embd, n_cls) = unsafe {
         (
@@ -235,13 +248,17 @@ pub(crate) fn new(model: Arc<LlamaModel>, p: &EmbedParams) -> Result<EmbedderBox
     let Some(pooling) = pooling_of(pooling) else {
         // SAFETY: freed once; nothing else holds it yet.
         unsafe { sys::llama_free(embedder_ctx.as_ptr()) };
+        free_capture();
         return Err(invalid("pooling", format!("llama.cpp chose an unknown pooling type {pooling}")));
     };
     // The longest input, and the most tokens of one batch, stay what was asked for.
     let n_ctx = n_ctx.min(p.n_ctx);
     let n_out = if pooling == Pooling::Rank { n_cls } else { n_embd.max(0) as u32 };
-    capture.enabled &= pooling != Pooling::Rank;
-    capture.n_embd = n_out as usize;
+    // SAFETY: the capture is live (freed only by the embedder's drop) and nothing else
+    // touches it: no decode has run on the new context yet.
+    let cap = unsafe { &mut *capture.as_ptr() };
+    cap.enabled &= pooling != Pooling::Rank;
+    cap.n_embd = n_out as usize;
     // SAFETY: token/pos/seq/logit arrays for `capacity` rows (the tokens and the padding),
     // one sequence id each.
     let batch = Batch(unsafe { sys::llama_batch_init(capacity as i32, 0, 1) });
@@ -310,8 +327,14 @@ impl LlamaEmbedder {
                 *b.logits.add(i) = 1;
             }
         }
-        self.capture.rows = rows.len();
-        self.capture.got = false;
+        {
+            // SAFETY: the capture is live for the embedder's life; no decode is running
+            // (this thread runs them), so this is its only reference; it ends before the
+            // decode below.
+            let cap = unsafe { &mut *self.capture.as_ptr() };
+            cap.rows = rows.len();
+            cap.got = false;
+        }
         // SAFETY: the context is alive and used by this thread only; the batch is filled.
         let rc = unsafe { sys::llama_decode(ctx, *b) };
         match rc {
@@ -320,16 +343,18 @@ impl LlamaEmbedder {
             2 => return Err(BackendError::Aborted),
             code => return Err(BackendError::Decode { code }),
         }
-        if !self.capture.reported {
-            self.capture.reported = true;
-            crate::log::info(if self.capture.got {
+        // SAFETY: as above: the decode has returned, so the callback is done with it.
+        let cap = unsafe { &mut *self.capture.as_ptr() };
+        if !cap.reported {
+            cap.reported = true;
+            crate::log::info(if cap.got {
                 "embeddings: pooled from the final hidden states; the output layer is skipped"
             } else {
                 "embeddings: the graph runs to its end (no result_norm node of the expected shape, or pooling that needs it)"
             });
         }
-        if self.capture.got {
-            return Ok(RVec::from(pool(&self.capture, self.info.pooling, lengths)));
+        if cap.got {
+            return Ok(RVec::from(pool(cap, self.info.pooling, lengths)));
         }
         let n_out = self.info.n_out as usize;
         let rows = if self.info.pooling == Pooling::None { tokens.len() } else { lengths.len() };

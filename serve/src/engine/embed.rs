@@ -243,7 +243,9 @@ impl EmbedQueue {
 
     /// Runs one batch: the next inputs in arrival order, as many as fit. The context is
     /// made first if there is none; when that fails every queued job ends with the reason.
-    pub(super) fn step(&mut self) {
+    /// `budget`: the most tokens this batch may take (the engine gives less while streams
+    /// generate, so one embedding batch never holds them up for long).
+    pub(super) fn step(&mut self, budget: u32) {
         if self.jobs.is_empty() {
             return;
         }
@@ -267,26 +269,17 @@ impl EmbedQueue {
         let mut embedder = self.embedder.take().expect("made above");
         let info = embedder.info();
         // (job, first input, count) runs in batch order.
-        let mut picks: Vec<(usize, usize, usize)> = Vec::new();
-        let (mut tokens, mut seqs) = (0usize, 0usize);
-        'fill: for (j, job) in self.jobs.iter().enumerate() {
-            let first = job.results.len();
-            let mut n = 0;
-            for t in &job.inputs[first..] {
-                if seqs >= info.n_seq_max as usize || tokens + t.len() > info.n_ctx as usize {
-                    if n > 0 {
-                        picks.push((j, first, n));
-                    }
-                    break 'fill;
-                }
-                tokens += t.len();
-                seqs += 1;
-                n += 1;
-            }
-            if n > 0 {
-                picks.push((j, first, n));
-            }
+        let mut picks = fill(&self.jobs, info.n_ctx.min(budget) as usize, info.n_seq_max as usize);
+        if picks.is_empty() {
+            // The oldest job's next input is longer than the budget: it goes alone, so a
+            // long input still gets through while streams generate.
+            picks = fill(&self.jobs, info.n_ctx as usize, 1);
         }
+        if picks.is_empty() {
+            self.embedder = Some(embedder);
+            return;
+        }
+        let tokens: usize = picks.iter().map(|&(j, first, n)| self.jobs[j].inputs[first..first + n].iter().map(Vec::len).sum::<usize>()).sum();
         let now = Instant::now();
         for &(j, _, _) in &picks {
             let job = &mut self.jobs[j];
@@ -347,5 +340,59 @@ impl EmbedQueue {
                 j += 1;
             }
         }
+    }
+}
+
+/// The inputs of one batch: (job, first input, count) per job, taking one input from each
+/// queued job in turn (oldest first) while they fit `n_ctx` tokens and `n_seq_max` inputs,
+/// so a large request cannot hold back the small ones queued after it: each gets its share
+/// of every batch. A job's inputs are taken in order. A job whose next input does not fit
+/// takes no more this batch; the others go on filling it.
+fn fill(jobs: &VecDeque<EmbedJob>, n_ctx: usize, n_seq_max: usize) -> Vec<(usize, usize, usize)> {
+    let lens: Vec<Vec<usize>> = jobs.iter().map(|j| j.inputs[j.results.len()..].iter().map(Vec::len).collect()).collect();
+    fill_lens(&lens, n_ctx, n_seq_max).into_iter().map(|(j, _, n)| (j, jobs[j].results.len(), n)).collect()
+}
+
+/// [`fill`] over the remaining inputs' lengths of each job.
+fn fill_lens(lens: &[Vec<usize>], n_ctx: usize, n_seq_max: usize) -> Vec<(usize, usize, usize)> {
+    let mut taken = vec![0usize; lens.len()];
+    let mut open = vec![true; lens.len()];
+    let (mut tokens, mut seqs) = (0usize, 0usize);
+    while seqs < n_seq_max && open.iter().any(|&o| o) {
+        for j in 0..lens.len() {
+            if !open[j] || seqs >= n_seq_max {
+                continue;
+            }
+            match lens[j].get(taken[j]) {
+                Some(&len) if tokens + len <= n_ctx => {
+                    tokens += len;
+                    seqs += 1;
+                    taken[j] += 1;
+                }
+                _ => open[j] = false,
+            }
+        }
+    }
+    (0..lens.len()).filter(|&j| taken[j] > 0).map(|j| (j, 0, taken[j])).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fill_lens;
+
+    #[test]
+    fn a_large_request_shares_each_batch_with_the_small_ones_behind_it() {
+        let big = vec![10usize; 1000];
+        let small = vec![3usize];
+        // 100 tokens: the small request gets its input in the first batch.
+        let picks = fill_lens(&[big.clone(), small.clone()], 100, 64);
+        assert_eq!(picks, vec![(0, 0, 9), (1, 0, 1)]);
+        // Inputs are bounded too.
+        assert_eq!(fill_lens(&[big.clone(), big.clone()], 10_000, 5), vec![(0, 0, 3), (1, 0, 2)]);
+        // A job whose next input does not fit stops; the rest still fill.
+        assert_eq!(fill_lens(&[vec![90, 90], vec![5, 5, 5]], 100, 64), vec![(0, 0, 1), (1, 0, 2)]);
+        // Nothing fits: nothing is picked.
+        assert_eq!(fill_lens(&[vec![200]], 100, 64), vec![]);
+        assert_eq!(fill_lens(&[], 100, 64), vec![]);
     }
 }

@@ -122,6 +122,9 @@ impl EngineConfig {
             // A step is the padding token plus at least one real token.
             return bad("batch-size", "batch-invariant mode needs a batch of at least 2".into());
         }
+        if let Some(p @ (llama_host::Pooling::None | llama_host::Pooling::Rank)) = self.pooling {
+            return bad("pooling", format!("{p} gives no single vector per input; use mean, cls or last"));
+        }
         if !(1..=llama_host::embed::MAX_EMBED_SEQS).contains(&self.embed_seqs) {
             return bad("embedding batch", format!("{} inputs is outside 1..={}", self.embed_seqs, llama_host::embed::MAX_EMBED_SEQS));
         }
@@ -241,7 +244,7 @@ impl Engine {
         let (tx, rx) = bounded(limit);
         let in_flight = Arc::new(AtomicUsize::new(0));
         let t = config.size.n_threads;
-        let embed_params = llama_host::EmbedParams { n_ctx: config.size.n_ubatch, n_threads: t, n_threads_batch: config.size.n_threads_batch, n_seq_max: config.embed_seqs, pooling: None, flash_attn: llama_host::FlashAttn::Off };
+        let embed_params = llama_host::EmbedParams { n_ctx: config.size.n_ubatch.min(llama_host::embed::max_embed_tokens(model.info().n_vocab)), n_threads: t, n_threads_batch: config.size.n_threads_batch, n_seq_max: config.embed_seqs, pooling: None, flash_attn: llama_host::FlashAttn::Off, may_skip_output: false };
         let embed = embed::EmbedSetup::new(&model, config.pooling, embed_params);
         let embeds = embed::EmbedQueue::new(model.clone(), embed.clone(), metrics.clone(), in_flight.clone());
         let worker = Worker::new(model.clone(), ctx, &config, rx, in_flight.clone(), metrics.clone(), slot_ctx, embeds);

@@ -14,6 +14,9 @@ use super::handle::{Event, Finish, RequestStats};
 use super::plan::{plan_batch, plan_invariant, Part, SlotState};
 use crate::metrics::{Metrics, Outcome};
 
+/// Most tokens of an embedding batch while streams generate (`Worker::embed_turn`).
+const EMBED_BUDGET_BESIDE_STREAMS: u32 = 128;
+
 pub(super) struct Job {
     /// `request{id}`: every log line about this request is inside it.
     pub(super) span: tracing::Span,
@@ -103,6 +106,11 @@ pub(super) struct Worker {
     pad: Option<(i32, i32)>,
     /// Embedding requests and their context.
     embeds: super::embed::EmbedQueue,
+    /// Time spent on embedding batches and on generation steps while both had work: an
+    /// embedding batch runs only while it has had no more than generation (see
+    /// `embed_turn`).
+    embed_us: u64,
+    gen_us: u64,
 }
 
 fn common_prefix(a: &[i32], b: &[i32]) -> usize {
@@ -136,6 +144,8 @@ impl Worker {
             draining: Vec::new(),
             stall_timeout: config.stall_timeout,
             embeds,
+            embed_us: 0,
+            gen_us: 0,
         }
     }
 
@@ -186,9 +196,9 @@ impl Worker {
             // 2. Drop what was cancelled or timed out; deliver pending text.
             self.expire();
 
-            // One embedding batch per step, beside the generation step (see `embed.rs`).
+            // Embedding batches take turns with generation steps (see `embed.rs`).
             self.embeds.expire();
-            self.embeds.step();
+            self.embed_turn();
 
             // 3. Give free slots to waiting requests, oldest first.
             while let Some(free) = self.pick_slot() {
@@ -221,8 +231,40 @@ impl Worker {
                 }
                 continue;
             }
+            let t = Instant::now();
             self.step(&plan);
+            if !self.embeds.is_empty() {
+                self.gen_us += t.elapsed().as_micros() as u64;
+            }
         }
+    }
+
+    /// Runs an embedding batch when it is embeddings' turn. With no stream generating, every
+    /// loop runs one of up to the context's size. While streams generate, batches are
+    /// smaller ([`EMBED_BUDGET_BESIDE_STREAMS`] tokens) and run only while embeddings have
+    /// had no more time than generation: a large embedding request slows the streams to
+    /// about half their speed at worst, never to a stop, and still progresses.
+    fn embed_turn(&mut self) {
+        if self.embeds.is_empty() {
+            self.embed_us = 0;
+            self.gen_us = 0;
+            return;
+        }
+        // Streams that can step now; one paused on a slow reader does not count (it would
+        // never add generation time, and embeddings would wait for its stall timeout).
+        let streams = self.slots.iter().any(|s| matches!(s.state(), SlotState::Prefill { .. } | SlotState::Generate { ready: true }));
+        if !streams {
+            self.embed_us = 0;
+            self.gen_us = 0;
+            self.embeds.step(u32::MAX);
+            return;
+        }
+        if self.embed_us > self.gen_us {
+            return;
+        }
+        let t = Instant::now();
+        self.embeds.step(EMBED_BUDGET_BESIDE_STREAMS);
+        self.embed_us += t.elapsed().as_micros() as u64;
     }
 
     /// Shutdown: every queued and running request ends `Cancelled` (paused ones too), and

@@ -81,12 +81,16 @@ fn inputs(input: Option<Value>) -> Result<Vec<EmbedInput>, ApiError> {
             if items.is_empty() {
                 return Err(ApiError::bad_request("'input' is an empty array: give at least one input", param));
             }
-            if items.len() > MAX_EMBED_INPUTS {
-                return Err(ApiError::bad_request(format!("{} inputs is over the limit of {MAX_EMBED_INPUTS}", items.len()), param));
-            }
-            // A flat array of numbers is one input of token ids.
+            // A flat array of numbers is one input of token ids (its length is checked
+            // against the token limit by the engine).
             if items.iter().all(Value::is_number) {
                 return Ok(vec![EmbedInput::Tokens(ids(0, items)?)]);
+            }
+            if items.iter().any(Value::is_number) {
+                return Err(ApiError::bad_request("'input' mixes token ids with other values: give one array of token ids, or an array of inputs", param));
+            }
+            if items.len() > MAX_EMBED_INPUTS {
+                return Err(ApiError::bad_request(format!("{} inputs is over the limit of {MAX_EMBED_INPUTS}", items.len()), param));
             }
             items
                 .into_iter()
@@ -102,10 +106,13 @@ fn inputs(input: Option<Value>) -> Result<Vec<EmbedInput>, ApiError> {
     }
 }
 
-/// The model's embedding width from its file (`<arch>.embedding_length`), if it says.
+/// The width of the model's vectors from its file: `<arch>.embedding_length_out` where a
+/// model's output width differs from its hidden size (llama.cpp's `n_embd_out`), else
+/// `<arch>.embedding_length`.
 fn width(model: &llama_host::Model) -> Option<u64> {
     let arch = model.meta("general.architecture")?;
-    model.meta(&format!("{arch}.embedding_length"))?.trim().parse().ok()
+    let key = |k: &str| model.meta(&format!("{arch}.{k}")).and_then(|v| v.trim().parse().ok());
+    key("embedding_length_out").or_else(|| key("embedding_length"))
 }
 
 pub(super) async fn embeddings(state: Arc<AppState>, req: EmbeddingsRequest) -> Result<Response<Body>, ApiError> {
@@ -192,12 +199,17 @@ mod tests {
         assert!(shape(serde_json::json!([])).unwrap_err().contains("empty array"));
         assert!(shape(serde_json::json!(7)).unwrap_err().contains("must be a string"));
         assert!(shape(serde_json::json!({"a": 1})).unwrap_err().contains("must be a string"));
-        assert!(shape(serde_json::json!(["a", 7.5])).unwrap_err().contains("input 1"));
+        assert!(shape(serde_json::json!(["a", 7.5])).unwrap_err().contains("mixes token ids"));
+        assert!(shape(serde_json::json!([1, null])).unwrap_err().contains("mixes token ids"));
+        assert!(shape(serde_json::json!(["a", null])).unwrap_err().contains("input 1: null"));
         assert!(shape(serde_json::json!([[1, "x"]])).unwrap_err().contains("input 0: \"x\" is not a token id"));
         assert!(shape(serde_json::json!([1.5])).unwrap_err().contains("1.5"));
         assert!(inputs(None).unwrap_err().message.contains("required"));
         let many: Vec<&str> = vec!["a"; MAX_EMBED_INPUTS + 1];
         assert!(shape(serde_json::json!(many)).unwrap_err().contains("over the limit of 2048"));
+        // One input of 3,000 token ids is one input, not 3,000.
+        let ids: Vec<u32> = vec![5; 3000];
+        assert_eq!(shape(serde_json::json!(ids)).unwrap().len(), 1);
         // A huge id stays an id the engine refuses by name, never a wrapped-around one.
         assert_eq!(shape(serde_json::json!([u64::MAX])).unwrap(), vec![format!("Tokens([{}])", i64::MAX)]);
     }
