@@ -7,6 +7,16 @@ use llama_host::chat::{ChatTemplate, Conversation};
 use llama_host::{GenerateOptions, SamplingParams};
 use llama_tests::{assert_exit, llama_bin, llama_cmd, model, model_path, session_params, stderr, stdout};
 
+/// One test of this file at a time: each decodes with llama.cpp's thread pool (in this
+/// process or a `llama` child), and two at once on 2 cores slow each other down many times
+/// over (OpenMP threads spin while they wait): the interactive test once waited 180 s for
+/// a 100-token reply beside another test's decoding.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn greedy(max: u32) -> GenerateOptions {
     GenerateOptions {
         max_tokens: Some(max),
@@ -18,6 +28,7 @@ fn greedy(max: u32) -> GenerateOptions {
 
 #[test]
 fn turn_three_decodes_only_its_new_tokens() {
+    let _serial = serial();
     let m = model();
     let tmpl = ChatTemplate::for_model(m).unwrap();
     let mut s = m.session(&session_params(4096)).unwrap();
@@ -55,6 +66,7 @@ fn turn_three_decodes_only_its_new_tokens() {
 
 #[test]
 fn an_edited_history_drops_exactly_what_no_longer_matches() {
+    let _serial = serial();
     let m = model();
     let mut s = m.session(&session_params(2048)).unwrap();
     let base = "The history of the Roman empire is long. ".repeat(4);
@@ -74,6 +86,7 @@ fn an_edited_history_drops_exactly_what_no_longer_matches() {
 
 #[test]
 fn time_to_first_token_with_and_without_the_cache() {
+    let _serial = serial();
     // Reported in the notes (not asserted): a turn after 1,000+ tokens of history.
     let m = model();
     let tmpl = ChatTemplate::for_model(m).unwrap();
@@ -109,6 +122,7 @@ fn time_to_first_token_with_and_without_the_cache() {
 
 #[test]
 fn piped_chat_reads_one_turn_per_line_and_reuses_the_cache() {
+    let _serial = serial();
     let model = model_path();
     let mut child = llama_cmd(&["chat", "-m", model.to_str().unwrap(), "-n", "8", "--temp", "0", "-t", "2"])
         .stdin(std::process::Stdio::piped())
@@ -132,6 +146,7 @@ fn piped_chat_reads_one_turn_per_line_and_reuses_the_cache() {
 
 #[test]
 fn interactive_chat_through_a_terminal() {
+    let _serial = serial();
     let model = model_path();
     let mut cmd = std::process::Command::new(llama_bin());
     cmd.args(["chat", "-m", model.to_str().unwrap(), "-n", "100", "--temp", "0", "-t", "2"])
@@ -170,6 +185,7 @@ fn interactive_chat_through_a_terminal() {
 
 #[test]
 fn save_and_load_a_conversation() {
+    let _serial = serial();
     let model = model_path();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("conv.json");

@@ -170,8 +170,10 @@ fn pooling_of(t: sys::llama_pooling_type) -> Option<Pooling> {
 }
 
 pub(crate) fn new(model: Arc<LlamaModel>, p: &EmbedParams) -> Result<EmbedderBox, BackendError> {
-    if p.n_ctx == 0 {
-        return Err(invalid("n_ctx", "must be at least 1"));
+    // The host bounds it far lower (by the logits buffer, `max_embed_tokens`); this keeps
+    // every size below, and the batch's i32 length, in range for any host.
+    if p.n_ctx == 0 || p.n_ctx > 1 << 20 {
+        return Err(invalid("n_ctx", format!("{} is outside 1..={}", p.n_ctx, 1u32 << 20)));
     }
     if p.n_threads <= 0 || p.n_threads_batch <= 0 {
         return Err(invalid("n_threads", "must be at least 1"));
