@@ -15,7 +15,10 @@ use super::plan::{plan_batch, plan_invariant, Part, SlotState};
 use crate::metrics::{Metrics, Outcome};
 
 /// Most tokens of an embedding batch while streams generate (`Worker::embed_turn`).
-const EMBED_BUDGET_BESIDE_STREAMS: u32 = 128;
+const EMBED_BUDGET_BESIDE_STREAMS: u32 = 64;
+/// Most tokens of an embedding batch otherwise: a stream that arrives waits for at most one
+/// such batch (on this machine 256 tokens embed as fast per token as 512, or faster).
+const EMBED_BUDGET: u32 = 256;
 
 pub(super) struct Job {
     /// `request{id}`: every log line about this request is inside it.
@@ -256,7 +259,7 @@ impl Worker {
         if !streams {
             self.embed_us = 0;
             self.gen_us = 0;
-            self.embeds.step(u32::MAX);
+            self.embeds.step(EMBED_BUDGET);
             return;
         }
         if self.embed_us > self.gen_us {
