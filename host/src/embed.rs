@@ -133,9 +133,9 @@ pub enum EmbedError {
 
 impl From<BackendError> for EmbedError {
     fn from(e: BackendError) -> Self {
-        match e {
-            BackendError::InvalidParam { field, reason } => EmbedError::InvalidParam { field, reason },
-            other => EmbedError::Backend(other),
+        match crate::error::invalid_param(e) {
+            Ok((field, reason)) => EmbedError::InvalidParam { field, reason },
+            Err(other) => EmbedError::Backend(other),
         }
     }
 }

@@ -48,7 +48,7 @@ pub enum SessionError {
 }
 
 /// Splits a backend's parameter error (field, reason) from its other errors.
-fn invalid_param(e: BackendError) -> Result<(String, String), BackendError> {
+pub(crate) fn invalid_param(e: BackendError) -> Result<(String, String), BackendError> {
     match e {
         BackendError::InvalidParam { field, reason } => Ok((field, reason)),
         other => Err(other),
