@@ -89,15 +89,51 @@ pub(crate) struct FileFacts {
     pub size_bytes: Option<u64>,
     pub architecture: Option<String>,
     pub quantization: Option<String>,
+    /// Weights in the file (the elements of every tensor).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<u64>,
+    /// The context the model was trained for (`{arch}.context_length`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<u64>,
+    /// The file's modification time, in seconds since 1970.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub modified: Option<u64>,
+    /// The chat template in the file (`tokenizer.chat_template`); not listed (it is long).
+    #[serde(skip)]
+    pub chat_template: Option<String>,
+    /// Whether the file names a pooling type (`{arch}.pooling_type`): an embedding model.
+    #[serde(skip)]
+    pub pooling: bool,
     /// Why the header could not be read, when it could not.
     pub error: Option<String>,
 }
 
 pub(crate) fn file_facts(path: &Path) -> FileFacts {
-    let size_bytes = std::fs::metadata(path).ok().map(|m| m.len());
+    let meta = std::fs::metadata(path).ok();
+    let size_bytes = meta.as_ref().map(|m| m.len());
+    let modified = meta.and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs());
+    let none = FileFacts {
+        size_bytes,
+        architecture: None,
+        quantization: None,
+        parameters: None,
+        context_length: None,
+        modified,
+        chat_template: None,
+        pooling: false,
+        error: None,
+    };
     match gguf::read(path) {
-        Ok(h) => FileFacts { size_bytes, architecture: h.architecture().map(str::to_string), quantization: h.quantization().map(str::to_string), error: None },
-        Err(e) => FileFacts { size_bytes, architecture: None, quantization: None, error: Some(e.to_string()) },
+        Ok(h) => FileFacts {
+            architecture: h.architecture().map(str::to_string),
+            quantization: h.quantization().map(str::to_string),
+            parameters: Some(h.parameter_count()).filter(|&n| n > 0),
+            context_length: h.arch_key("context_length").and_then(gguf::MetaValue::as_u64),
+            chat_template: h.get("tokenizer.chat_template").and_then(gguf::MetaValue::as_str).map(str::to_string),
+            pooling: h.arch_key("pooling_type").is_some(),
+            ..none
+        },
+        Err(e) => FileFacts { error: Some(e.to_string()), ..none },
     }
 }
 

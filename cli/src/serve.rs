@@ -144,7 +144,16 @@ pub fn run(g: &Global, o: &ServeOpts) -> Result<(), CliError> {
 /// still listed (its load will say why).
 fn facts(path: &std::path::Path) -> ModelFacts {
     let f = crate::models::file_facts(path);
-    ModelFacts { size_bytes: f.size_bytes, arch: f.architecture, quantization: f.quantization }
+    ModelFacts {
+        size_bytes: f.size_bytes,
+        arch: f.architecture,
+        quantization: f.quantization,
+        parameters: f.parameters,
+        context_length: f.context_length,
+        modified: f.modified,
+        chat_template: f.chat_template,
+        embedding_model: f.pooling,
+    }
 }
 
 fn registry_config(o: &ServeOpts) -> RegistryConfig {

@@ -347,6 +347,16 @@ impl GgufFile {
         self.get("general.architecture").and_then(MetaValue::as_str)
     }
 
+    /// The number of weights: the elements of every tensor (what Ollama shows as "268M").
+    pub fn parameter_count(&self) -> u64 {
+        self.tensors.iter().map(|t| t.dims.iter().fold(1u64, |n, &d| n.saturating_mul(d))).fold(0u64, u64::saturating_add)
+    }
+
+    /// A per-architecture key (`{arch}.{suffix}`), e.g. `context_length`.
+    pub fn arch_key(&self, suffix: &str) -> Option<&MetaValue> {
+        self.get(&format!("{}.{suffix}", self.architecture()?))
+    }
+
     /// The quantization as llama.cpp names it (`Q4_K_M`), from `general.file_type`.
     pub fn quantization(&self) -> Option<&'static str> {
         self.get("general.file_type").and_then(MetaValue::as_u64).and_then(file_type_name)

@@ -5,11 +5,13 @@
 pub(crate) struct StopMatcher {
     stops: Vec<String>,
     held: String,
+    /// The stop string that ended the output, once one did.
+    matched: Option<String>,
 }
 
 impl StopMatcher {
     pub fn new(stops: &[String]) -> Self {
-        StopMatcher { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), held: String::new() }
+        StopMatcher { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), held: String::new(), matched: None }
     }
 
     /// Adds generated text. Returns the text safe to emit and whether a stop string was hit
@@ -19,9 +21,11 @@ impl StopMatcher {
             return (text.to_string(), false);
         }
         self.held.push_str(text);
-        if let Some(pos) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        // The earliest match wins; at one position, the first stop given.
+        if let Some((pos, i)) = self.stops.iter().enumerate().filter_map(|(i, s)| self.held.find(s.as_str()).map(|p| (p, i))).min() {
             let out = self.held[..pos].to_string();
             self.held.clear();
+            self.matched = Some(self.stops[i].clone());
             return (out, true);
         }
         // Keep the longest tail that is a prefix of some stop string.
@@ -40,6 +44,11 @@ impl StopMatcher {
         let out = self.held[..self.held.len() - keep].to_string();
         self.held.drain(..self.held.len() - keep);
         (out, false)
+    }
+
+    /// The stop string that ended the output (Anthropic's `stop_sequence`), if one did.
+    pub fn matched(&self) -> Option<&str> {
+        self.matched.as_deref()
     }
 
     /// The held-back text at the end of generation (it did not become a stop string).
@@ -86,6 +95,16 @@ mod tests {
     #[test]
     fn the_earliest_of_several_stops_wins() {
         assert_eq!(run(&["b", "a"], &["xxab"]), ("xx".into(), true));
+    }
+
+    #[test]
+    fn the_matched_stop_is_remembered() {
+        let stops = vec!["b".to_string(), "xa".to_string()];
+        let mut m = StopMatcher::new(&stops);
+        assert_eq!(m.matched(), None);
+        assert_eq!(m.push("1x"), ("1".into(), false));
+        assert_eq!(m.push("ab"), (String::new(), true));
+        assert_eq!(m.matched(), Some("xa"));
     }
 
     #[test]

@@ -22,6 +22,11 @@ impl TextOutput {
         self.stop.push(&text)
     }
 
+    /// The stop string that ended the output, if one did.
+    pub fn stopped_by(&self) -> Option<&str> {
+        self.stop.matched()
+    }
+
     /// Everything still held back, at the end of generation: an incomplete UTF-8 tail (as
     /// replacement characters) and text that could have begun a stop string but did not.
     pub fn flush(&mut self) -> String {

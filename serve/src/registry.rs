@@ -26,6 +26,20 @@ pub struct ModelFacts {
     pub size_bytes: Option<u64>,
     pub arch: Option<String>,
     pub quantization: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<u64>,
+    /// The context the model was trained for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<u64>,
+    /// The file's modification time, in seconds since 1970.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub modified: Option<u64>,
+    /// The file's chat template (Ollama's `/api/show` returns it); not in /v1/models.
+    #[serde(skip)]
+    pub chat_template: Option<String>,
+    /// The file names a pooling type: an embedding model.
+    #[serde(skip)]
+    pub embedding_model: bool,
 }
 
 /// One model the server may load.

@@ -146,11 +146,11 @@ pub fn session_params(n_ctx: u32) -> SessionParams {
 }
 
 /// The private Python folder with the official `openai` client and `jsonschema`, installed
-/// (once, from PyPI, pinned) by the project's own `scripts/fetch-openai`: for PYTHONPATH.
+/// (once, from PyPI, pinned) by the project's own `scripts/fetch-clients`: for PYTHONPATH.
 pub fn python_clients_path() -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace root");
-    let out = Command::new(root.join("scripts/fetch-openai")).output().expect("run scripts/fetch-openai");
-    assert!(out.status.success(), "scripts/fetch-openai failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(root.join("scripts/fetch-clients")).output().expect("run scripts/fetch-clients");
+    assert!(out.status.success(), "scripts/fetch-clients failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 

@@ -56,7 +56,7 @@ fn bad_constraints_get_400_naming_the_problem() {
         ("an undefined rule", chat(json!({"grammar": "root ::= answer"})).to_string(), "answer"),
         ("an unsupported schema keyword", chat(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "not": {}}}}})).to_string(), "'not'"),
         ("a schema nested 10,000 deep", format!("{{\"prompt\": \"x\", \"json_schema\": {}}}", nested(10_000)), "nested deeper than 128"),
-        ("a schema nested 100 deep", format!("{{\"prompt\": \"x\", \"json_schema\": {}}}", nested(100)), "deep"),
+        ("a schema nested 100 deep", format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"x\"}}], \"json_schema\": {}}}", nested(100)), "deep"),
         (
             "a $ref cycle with no base case",
             chat(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}}}})).to_string(),

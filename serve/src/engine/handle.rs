@@ -30,6 +30,8 @@ pub struct RequestStats {
     pub finish: Finish,
     /// For `Finish::Error`: what went wrong.
     pub error: Option<String>,
+    /// For `Finish::Stop` by a stop string: which one (Anthropic's `stop_sequence`).
+    pub stop_sequence: Option<String>,
 }
 
 /// What a request's handle yields.
@@ -137,6 +139,7 @@ impl Handle {
             total: Duration::ZERO,
             finish: Finish::Error,
             error: Some("the engine stopped".into()),
+            stop_sequence: None,
         }
     }
 }

@@ -405,6 +405,7 @@ impl Worker {
                     total: job.submitted.elapsed(),
                     finish,
                     error: None,
+                    stop_sequence: None,
                 }));
                 job.span.in_scope(|| tracing::info!(?finish, "ended while queued"));
                 false
@@ -609,6 +610,7 @@ impl Worker {
             total: a.job.submitted.elapsed(),
             finish,
             error,
+            stop_sequence: a.text.stopped_by().map(str::to_string),
         };
         a.job.span.in_scope(|| {
             tracing::info!(?finish, generated = stats.generated_tokens, total_ms = stats.total.as_secs_f64() * 1e3, "finished")

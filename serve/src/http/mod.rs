@@ -1,7 +1,9 @@
 //! `llama serve`'s HTTP layer on hyper, shared by every API dialect: connections and their
 //! bounds, the routing table, the checks no dialect can bypass (Host, Origin, API key), and
 //! the error shape. One module per dialect translates its requests into engine requests and
-//! back (`openai.rs` now).
+//! back: `openai.rs` (and `embeddings.rs`), `ollama.rs`, `anthropic.rs`; the pipeline they
+//! share (checks, the model's lease, admission, rendering, submission, the answer's events)
+//! is `generate.rs`, and every error is answered in the shape of the route's dialect.
 //!
 //! Bounded everywhere: connections, header read time, body size and body read time, prompt
 //! bytes (checked before tokenizing), and the blocking work (template rendering and
@@ -18,7 +20,10 @@
 //! requests; curl and SDKs send none).
 
 mod admin;
+mod anthropic;
 mod embeddings;
+mod generate;
+mod ollama;
 mod openai;
 mod structured;
 
@@ -272,6 +277,27 @@ pub fn bound(listener: &tokio::net::TcpListener) -> Option<SocketAddr> {
     listener.local_addr().ok()
 }
 
+/// The API a route belongs to: its errors (the routing's and the checks' included) are
+/// answered in that API's shape, so each client can read them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    OpenAi,
+    Ollama,
+    Anthropic,
+}
+
+impl Dialect {
+    fn of_path(path: &str) -> Dialect {
+        if path == "/api" || path.starts_with("/api/") {
+            Dialect::Ollama
+        } else if path == "/v1/messages" || path.starts_with("/v1/messages/") {
+            Dialect::Anthropic
+        } else {
+            Dialect::OpenAi
+        }
+    }
+}
+
 /// Every route, its method and its handler, in one place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
@@ -285,6 +311,9 @@ enum Route {
     Detokenize,
     LoadModel,
     UnloadModel,
+    Ollama(ollama::Route),
+    Messages,
+    CountTokens,
 }
 
 const ROUTES: &[(&str, &str, Route)] = &[
@@ -298,6 +327,23 @@ const ROUTES: &[(&str, &str, Route)] = &[
     ("POST", "/detokenize", Route::Detokenize),
     ("POST", "/models/load", Route::LoadModel),
     ("POST", "/models/unload", Route::UnloadModel),
+    ("GET", "/api/version", Route::Ollama(ollama::Route::Version)),
+    ("HEAD", "/api/version", Route::Ollama(ollama::Route::Version)),
+    ("GET", "/api/tags", Route::Ollama(ollama::Route::Tags)),
+    ("HEAD", "/api/tags", Route::Ollama(ollama::Route::Tags)),
+    ("POST", "/api/show", Route::Ollama(ollama::Route::Show)),
+    ("GET", "/api/ps", Route::Ollama(ollama::Route::Ps)),
+    ("POST", "/api/generate", Route::Ollama(ollama::Route::Generate)),
+    ("POST", "/api/chat", Route::Ollama(ollama::Route::Chat)),
+    ("POST", "/api/embed", Route::Ollama(ollama::Route::Embed)),
+    ("POST", "/api/embeddings", Route::Ollama(ollama::Route::Embeddings)),
+    ("POST", "/api/pull", Route::Ollama(ollama::Route::Registry("pull"))),
+    ("POST", "/api/push", Route::Ollama(ollama::Route::Registry("push"))),
+    ("POST", "/api/create", Route::Ollama(ollama::Route::Registry("create"))),
+    ("POST", "/api/copy", Route::Ollama(ollama::Route::Registry("copy"))),
+    ("DELETE", "/api/delete", Route::Ollama(ollama::Route::Registry("delete"))),
+    ("POST", "/v1/messages", Route::Messages),
+    ("POST", "/v1/messages/count_tokens", Route::CountTokens),
 ];
 
 /// The route for a method and path: 404 for an unknown path, 405 for a known path with
@@ -321,31 +367,32 @@ fn route_of(method: &Method, path: &str) -> Result<Route, ApiError> {
 }
 
 async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let dialect = Dialect::of_path(req.uri().path());
     let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
     if state.config.loopback_hosts_only && !is_loopback_host(&host) {
-        return Ok(ApiError::forbidden("this server only answers requests addressed to localhost", "host_not_allowed").into_response());
+        return Ok(ApiError::forbidden("this server only answers requests addressed to localhost", "host_not_allowed").into_response_in(dialect));
     }
     let origin = match check_origin(&state.config, &req, &host) {
         Ok(o) => o,
-        Err(e) => return Ok(e.into_response()),
+        Err(e) => return Ok(e.into_response_in(dialect)),
     };
     if req.method() == Method::OPTIONS {
         // A CORS preflight: answered only for allowed origins.
         let Some(origin) = origin else {
-            return Ok(ApiError::forbidden("cross-origin requests are not allowed", "cors_not_allowed").into_response());
+            return Ok(ApiError::forbidden("cross-origin requests are not allowed", "cors_not_allowed").into_response_in(dialect));
         };
         let mut r = full(StatusCode::NO_CONTENT, "text/plain", Bytes::new());
         let h = r.headers_mut();
         h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-        h.insert(ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
-        h.insert(ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("authorization, content-type"));
+        h.insert(ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, HEAD, POST, DELETE, OPTIONS"));
+        h.insert(ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("authorization, content-type, x-api-key, anthropic-version, anthropic-beta"));
         h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
         h.insert(VARY, HeaderValue::from_static("origin"));
         return Ok(r);
     }
     let mut resp = match dispatch(state, req).await {
         Ok(r) => r,
-        Err(e) => e.into_response(),
+        Err(e) => e.into_response_in(dialect),
     };
     if let Some(origin) = origin {
         resp.headers_mut().insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
@@ -375,6 +422,9 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Result<Respon
         Route::Embeddings => embeddings::embeddings(state.clone(), read_json(&state, req).await?).await,
         Route::Tokenize => openai::tokenize(state.clone(), read_json(&state, req).await?).await,
         Route::Detokenize => openai::detokenize(state.clone(), read_json(&state, req).await?).await,
+        Route::Ollama(route) => ollama::dispatch(state, route, req).await,
+        Route::Messages => anthropic::messages(state.clone(), read_json(&state, req).await?).await,
+        Route::CountTokens => anthropic::count_tokens(state.clone(), read_json(&state, req).await?).await,
     }
 }
 
@@ -431,9 +481,12 @@ async fn read_json<T: serde::de::DeserializeOwned>(state: &AppState, req: Reques
     })
 }
 
+/// The API key, as `Authorization: Bearer KEY` (OpenAI, Ollama) or `x-api-key: KEY`
+/// (Anthropic), on every route of every dialect.
 fn check_key(config: &ServerConfig, req: &Request<Incoming>) -> Result<(), ApiError> {
     let Some(key) = &config.api_key else { return Ok(()) };
-    let given = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    let bearer = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let given = bearer.or_else(|| req.headers().get("x-api-key").and_then(|v| v.to_str().ok())).unwrap_or("");
     if constant_time_eq(given.as_bytes(), key.as_bytes()) {
         Ok(())
     } else {
@@ -515,8 +568,9 @@ fn json_response(status: StatusCode, v: &impl Serialize) -> Response<Body> {
     full(status, "application/json", serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec()))
 }
 
-/// An error as every dialect answers it today: OpenAI's error object. Messages never
-/// carry paths or internals, and quote client text only clipped.
+/// An error, answered in the shape of the route's dialect ([`ApiError::into_response_in`]):
+/// OpenAI's error object, Ollama's `{"error": "…"}`, Anthropic's `{"type": "error", …}`.
+/// Messages never carry paths or internals, and quote client text only clipped.
 #[derive(Debug)]
 pub(crate) struct ApiError {
     status: StatusCode,
@@ -586,8 +640,33 @@ impl ApiError {
         ErrorBody { error: ErrorObject { message: &self.message, kind: self.kind, param: self.param.as_deref(), code: self.code } }
     }
 
-    fn into_response(self) -> Response<Body> {
-        let mut r = json_response(self.status, &self.body());
+    /// Ollama's error object: `{"error": "…"}` (also a streamed line).
+    fn ollama_body(&self) -> serde_json::Value {
+        serde_json::json!({ "error": self.message })
+    }
+
+    /// Anthropic's error object (also the data of a streamed `error` event); its error
+    /// type follows the status, as Anthropic's API documents them.
+    fn anthropic_body(&self) -> serde_json::Value {
+        let kind = match self.status.as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 if self.kind == "server_overloaded" => "overloaded_error",
+            400..=499 => "invalid_request_error",
+            _ => "api_error",
+        };
+        serde_json::json!({ "type": "error", "error": { "type": kind, "message": self.message } })
+    }
+
+    fn into_response_in(self, dialect: Dialect) -> Response<Body> {
+        let mut r = match dialect {
+            Dialect::OpenAi => json_response(self.status, &self.body()),
+            Dialect::Ollama => json_response(self.status, &self.ollama_body()),
+            Dialect::Anthropic => json_response(self.status, &self.anthropic_body()),
+        };
         if self.retry_after {
             r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -13,20 +13,16 @@ use hyper::body::{Bytes, Frame};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 use llama_host::chat::{Message, ToolCall};
-use llama_host::{GenerateOptions, SamplingParams};
-use llama_tools::{OutputEvent, ParsedMessage, ToolCallParser};
+use llama_tools::{OutputEvent, ToolCallParser};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_stream::StreamExt;
 
-use super::structured::{Constraint, Fields, ResponseFormat};
-use super::{blocking, blocking_or_busy, clip, json_response, now_secs, ApiError, AppState, Body};
-use crate::engine::{Event, Finish, Handle, Request, RequestStats};
+use super::generate::{self, check_max_tokens, check_seed, check_stops, generation_failed, Answer, GenRequest, Input, Output, Sampling};
+use super::structured::ConstraintFields;
+use super::{blocking_or_busy, clip, json_response, now_secs, ApiError, AppState, Body};
+use crate::engine::{Finish, Handle, RequestStats};
 use crate::registry::{KeepAlive, ModelStatus};
-
-/// Most stop strings a request may give, and their longest length in bytes.
-const MAX_STOPS: usize = 16;
-const MAX_STOP_BYTES: usize = 1024;
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -110,21 +106,6 @@ pub(super) struct CompletionRequest {
     keep_alive: Option<KeepAliveField>,
     #[serde(flatten)]
     constraint: ConstraintFields,
-}
-
-/// Structured output: OpenAI's `response_format`, llama-server's `grammar` (GBNF) and
-/// `json_schema`; tool calls: `tools`, `tool_choice`, `parallel_tool_calls`; llama-server's
-/// per-request `reasoning_format` (`none`, `auto`, `deepseek`). Taken out of the request
-/// whole for the blocking thread that builds the constraint.
-#[derive(Deserialize, Default)]
-struct ConstraintFields {
-    response_format: Option<ResponseFormat>,
-    grammar: Option<String>,
-    json_schema: Option<Value>,
-    tools: Option<Vec<Value>>,
-    tool_choice: Option<Value>,
-    parallel_tool_calls: Option<bool>,
-    reasoning_format: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -332,66 +313,39 @@ pub(super) fn models(state: &AppState) -> Response<Body> {
     json_response(StatusCode::OK, &ModelList { object: "list", data })
 }
 
-/// What a request asks for, checked before any model is loaded for it: everything but
-/// the prompt. The model's own defaults fill what it leaves out ([`Checked::options`]).
-struct Checked {
-    max_tokens: Option<u32>,
-    seed: Option<u32>,
-    stop: Option<Vec<String>>,
-    stream: bool,
-    include_usage: bool,
-    keep_alive: Option<KeepAlive>,
-}
-
-fn check(req: &CompletionRequest) -> Result<Checked, ApiError> {
+/// The request in no dialect: everything but the prompt is checked here, before a model
+/// is loaded for it.
+fn translate(mut req: CompletionRequest, chat: bool) -> Result<(GenRequest, bool, bool), ApiError> {
     if req.n.is_some_and(|n| n != 1) {
         return Err(ApiError::bad_request("only n = 1 is supported", Some("n")));
     }
-    let max_tokens = match req.max_completion_tokens.or(req.max_tokens) {
+    let max_tokens = check_max_tokens(req.max_completion_tokens.or(req.max_tokens), "max_tokens")?;
+    let seed = check_seed(req.seed)?;
+    let stop = match req.stop.take() {
         None => None,
-        Some(n) if (0..=u32::MAX as i64).contains(&n) => Some(n as u32),
-        Some(n) => return Err(ApiError::bad_request(format!("max_tokens must be >= 0, got {n}"), Some("max_tokens"))),
+        Some(Stop::One(s)) => Some(vec![s]),
+        Some(Stop::Many(v)) => Some(v),
     };
-    let seed = match req.seed {
-        None | Some(-1) => None,
-        Some(s) if (0..u32::MAX as i64).contains(&s) => Some(s as u32),
-        Some(s) => return Err(ApiError::bad_request(format!("seed {s} is out of range"), Some("seed"))),
+    let stop = stop.map(|s| check_stops(s, "stop")).transpose()?;
+    let keep_alive = req.keep_alive.as_ref().map(KeepAliveField::parse).transpose()?;
+    let input = if chat {
+        Input::Chat(messages(&mut req)?)
+    } else {
+        Input::Prompt(req.prompt.take().ok_or_else(|| ApiError::bad_request("'prompt' is required", Some("prompt")))?)
     };
-    let stop = match &req.stop {
-        None => None,
-        Some(Stop::One(s)) => Some(vec![s.clone()]),
-        Some(Stop::Many(v)) => Some(v.clone()),
+    let sampling = Sampling {
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        min_p: req.min_p,
+        repeat_penalty: req.repeat_penalty,
+        repeat_last_n: None,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
     };
-    if stop.as_ref().is_some_and(|stop| stop.len() > MAX_STOPS || stop.iter().any(|s| s.len() > MAX_STOP_BYTES)) {
-        return Err(ApiError::bad_request(format!("at most {MAX_STOPS} stop strings of at most {MAX_STOP_BYTES} bytes each"), Some("stop")));
-    }
-    Ok(Checked {
-        max_tokens,
-        seed,
-        stop,
-        stream: req.stream,
-        include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
-        keep_alive: req.keep_alive.as_ref().map(KeepAliveField::parse).transpose()?,
-    })
-}
-
-impl Checked {
-    /// The generation options: the request's values, else the model's defaults.
-    fn options(&self, req: &CompletionRequest, d: &GenerateOptions, chat: bool) -> GenerateOptions {
-        let ds = &d.sampling;
-        let sampling = SamplingParams {
-            temperature: req.temperature.unwrap_or(ds.temperature),
-            top_p: req.top_p.unwrap_or(ds.top_p),
-            top_k: req.top_k.unwrap_or(ds.top_k),
-            min_p: req.min_p.unwrap_or(ds.min_p),
-            repeat_penalty: req.repeat_penalty.unwrap_or(ds.repeat_penalty),
-            presence_penalty: req.presence_penalty.unwrap_or(ds.presence_penalty),
-            frequency_penalty: req.frequency_penalty.unwrap_or(ds.frequency_penalty),
-            seed: self.seed.unwrap_or(ds.seed),
-            ..ds.clone()
-        };
-        GenerateOptions { max_tokens: self.max_tokens.or(d.max_tokens), sampling, add_special: !chat, stop: self.stop.clone().unwrap_or_else(|| d.stop.clone()) }
-    }
+    let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let gen = GenRequest { model: req.model.take(), input, sampling, max_tokens, seed, stop, keep_alive, constraint: std::mem::take(&mut req.constraint) };
+    Ok((gen, req.stream, include_usage))
 }
 
 /// The conversation as the template's messages.
@@ -425,70 +379,18 @@ fn messages(req: &mut CompletionRequest) -> Result<Vec<Message>, ApiError> {
         .collect())
 }
 
-pub(super) async fn completions(state: Arc<AppState>, mut req: CompletionRequest, chat: bool) -> Result<Response<Body>, ApiError> {
+pub(super) async fn completions(state: Arc<AppState>, req: CompletionRequest, chat: bool) -> Result<Response<Body>, ApiError> {
     state.serving()?;
-    // Everything that can be checked without the model is, before a model is loaded for it.
-    let checked = check(&req)?;
-    // The constraint (a JSON Schema's conversion, the tools' schemas) is CPU work a client
-    // controls: on a blocking thread, never on the threads that answer HTTP.
-    let fields = std::mem::take(&mut req.constraint);
-    let reasoning = state.config.reasoning_format;
-    let constraint = blocking(&state, move || Constraint::of(fields.borrowed(), chat, reasoning)).await??;
-    let model_name = req.model.take();
-    let input = if chat { Err(messages(&mut req)?) } else { Ok(req.prompt.take().ok_or_else(|| ApiError::bad_request("'prompt' is required", Some("prompt")))?) };
-    // The model stays loaded while the lease lives: to the end of the answer or stream.
-    let lease = state.registry.acquire(model_name.as_deref(), checked.keep_alive).await?;
-    let ready = lease.ready.clone();
-    if chat && ready.template.is_none() {
-        return Err(ApiError::bad_request("this model has no chat template", Some("messages")));
-    }
-    let mut opts = checked.options(&req, &ready.defaults, chat);
-    let Checked { stream, include_usage, .. } = checked;
-    // Admission before any work: a full engine answers 503 at once.
-    let reservation = ready.engine.reserve()?;
-    let model = lease.name().to_string();
-    let (handle, parser) = blocking(&state, move || -> Result<(Handle, Option<ToolCallParser>), ApiError> {
-        let template = if chat { ready.template.as_ref() } else { None };
-        let prompt = match input {
-            Ok(prompt) => prompt,
-            Err(msgs) => {
-                let template = template.expect("checked above");
-                template
-                    .render_with(&msgs, true, constraint.template_tools(), None)
-                    .map_err(|e| ApiError::bad_request(clip(&e.to_string(), 300), Some("messages")))?
-            }
-        };
-        let plan = constraint.plan(ready.engine.model(), template, &prompt)?;
-        if let Some(format) = plan.format {
-            tracing::info!(model = %model, format = format.name(), lazy = plan.grammar.as_ref().is_some_and(|g| g.lazy), "tool-call format");
-        }
-        opts.sampling.grammar = plan.grammar;
-        Ok((reservation.submit(Request { prompt, opts, deadline: None })?, plan.parser))
-    })
-    .await??;
-    let id = format!("{}-{}", if chat { "chatcmpl" } else { "cmpl" }, handle.id());
-    let model = lease.name().to_string();
+    let (gen, stream, include_usage) = translate(req, chat)?;
+    let started = generate::start(&state, gen).await?;
+    let id = format!("{}-{}", if chat { "chatcmpl" } else { "cmpl" }, started.handle.id());
+    let model = started.model.clone();
     if stream {
-        return Ok(stream_response(handle, id, model, chat, include_usage, parser, lease));
+        return Ok(stream_response(started.handle, started.parser, started.lease, id, model, chat, include_usage));
     }
-    // If the client goes away, hyper drops this future and with it the handle, which
-    // cancels the request.
-    let (text, stats) = handle.collect_async().await;
-    match stats.finish {
-        Finish::Error => return Err(generation_failed(&stats)),
-        // Cut short by the server (shutdown): not an answer to pass off as complete.
-        Finish::Cancelled | Finish::Timeout => return Err(ApiError::cancelled()),
-        Finish::Stop | Finish::Length => {}
-    }
+    let Answer { message, stats } = generate::collect(started).await?;
     let usage = Some(Usage::of(&stats));
     Ok(if chat {
-        let message = match parser {
-            Some(mut p) => {
-                p.push(&text);
-                answer(p)
-            }
-            None => ParsedMessage { content: Some(text), ..ParsedMessage::default() },
-        };
         let finish_reason = Some(finish_reason(&stats, !message.tool_calls.is_empty()));
         let message = AssistantMessage {
             role: "assistant",
@@ -503,41 +405,10 @@ pub(super) async fn completions(state: Arc<AppState>, mut req: CompletionRequest
         let choice = ChatChoice { index: 0, message, finish_reason };
         json_response(StatusCode::OK, &Completion { id, object: "chat.completion", created: now_secs(), model, choices: vec![choice], usage })
     } else {
+        let text = message.content.unwrap_or_default();
         let choice = TextChoice { index: 0, text, logprobs: None, finish_reason: Some(finish_reason(&stats, false)) };
         json_response(StatusCode::OK, &Completion { id, object: "text_completion", created: now_secs(), model, choices: vec![choice], usage })
     })
-}
-
-impl ConstraintFields {
-    fn borrowed(&self) -> Fields<'_> {
-        Fields {
-            response_format: self.response_format.as_ref(),
-            grammar: self.grammar.as_deref(),
-            json_schema: self.json_schema.as_ref(),
-            tools: self.tools.as_deref(),
-            tool_choice: self.tool_choice.as_ref(),
-            parallel_tool_calls: self.parallel_tool_calls,
-            reasoning_format: self.reasoning_format.as_deref(),
-        }
-    }
-}
-
-/// The parsed answer; output the parser could not read as calls (a generation cut short
-/// by `max_tokens` mid-call) is kept as content, never lost.
-fn answer(p: ToolCallParser) -> ParsedMessage {
-    match p.finish() {
-        Ok(f) => f.message,
-        Err(failure) => {
-            tracing::debug!(problem = %failure.problem, "the answer's tool calls could not be read; kept as content");
-            failure.recovered.message
-        }
-    }
-}
-
-/// A generation that failed after it was admitted: the reason, as a server error.
-fn generation_failed(stats: &RequestStats) -> ApiError {
-    let why = stats.error.as_deref().unwrap_or("unknown error");
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", format!("generation failed: {}", clip(why, 300))).code("generation_failed")
 }
 
 fn finish_reason(s: &RequestStats, tool_calls: bool) -> &'static str {
@@ -550,25 +421,19 @@ fn finish_reason(s: &RequestStats, tool_calls: bool) -> &'static str {
 
 /// Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. A generation
 /// that fails mid-stream sends an `error` object (as llama-server does) before `[DONE]`,
-/// never a chunk that claims it stopped normally.
+/// never a chunk that claims it stopped normally; so does a stream whose engine stopped.
 ///
-/// The body is the request's event stream itself, mapped to SSE frames: the engine thread
-/// wakes this connection's task directly. When the client goes away hyper drops the body,
-/// and with it the event stream, which cancels the request (also while it is queued).
-///
-/// A chat answer goes through `parser` (when the request has one): content, reasoning and
-/// tool calls stream as their own deltas, and text that may start a call's marker is held
-/// until it is known.
-///
-/// `lease` keeps the model loaded until the stream ends (or the client goes away).
+/// A chat answer goes through the request's parser: content, reasoning and tool calls
+/// stream as their own deltas, and text that may start a call's marker is held until it is
+/// known.
 fn stream_response(
     handle: Handle,
+    parser: Option<ToolCallParser>,
+    lease: impl Send + Sync + 'static,
     id: String,
     model: String,
     chat: bool,
     include_usage: bool,
-    parser: Option<ToolCallParser>,
-    lease: impl Send + Sync + 'static,
 ) -> Response<Body> {
     let created = now_secs();
     let object = if chat { "chat.completion.chunk" } else { "text_completion" };
@@ -588,67 +453,34 @@ fn stream_response(
         }
     };
     let head = chat.then(|| Bytes::from(chunk(Delta { role: Some("assistant"), content: Some(String::new()), ..Delta::default() }, None)));
-    let mut parser = parser;
-    let mut called = false;
-    // Whether the request's end arrived; if its channel closes without one (the engine
-    // stopped), the stream still ends with an error and `[DONE]`, never silently.
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let seen = done.clone();
-    let events = handle.into_stream().filter_map(move |ev| match ev {
-        Event::Text(t) => {
-            let _holds = &lease;
-            let Some(p) = parser.as_mut() else { return Some(Bytes::from(chunk(Delta { content: Some(t), ..Delta::default() }, None))) };
-            let mut out = Vec::new();
-            for ev in p.push(&t) {
-                out.extend_from_slice(&chunk(Delta::of(ev), None));
-            }
-            // Text held back (a possible marker) sends nothing yet.
-            (!out.is_empty()).then(|| Bytes::from(out))
-        }
-        Event::Done(stats) => {
-            seen.store(true, std::sync::atomic::Ordering::SeqCst);
-            // What the parser still holds, the last chunk (or the error), the usage and the
-            // terminator go out as one frame.
-            let mut tail = Vec::new();
-            if let Some(p) = parser.take() {
-                let finished = match p.finish() {
-                    Ok(f) => f,
-                    Err(failure) => {
-                        tracing::debug!(problem = %failure.problem, "the answer's tool calls could not be read; kept as content");
-                        *failure.recovered
+    let events = generate::outputs(handle, parser, lease).filter_map(move |batch| {
+        let mut out = Vec::new();
+        for o in batch {
+            match o {
+                Output::Event(ev) => out.extend_from_slice(&chunk(Delta::of(ev), None)),
+                Output::Done { stats, called } => {
+                    // The last chunk (or the error), the usage and the terminator.
+                    out.extend_from_slice(&match stats.finish {
+                        Finish::Error => sse(&generation_failed(&stats).body()),
+                        Finish::Cancelled | Finish::Timeout => sse(&ApiError::cancelled().body()),
+                        Finish::Stop | Finish::Length => chunk(Delta::default(), Some(finish_reason(&stats, called))),
+                    });
+                    if include_usage {
+                        let usage: Completion<ChunkChoice> =
+                            Completion { id: "usage".into(), object, created, model: String::new(), choices: Vec::new(), usage: Some(Usage::of(&stats)) };
+                        out.extend_from_slice(&sse(&usage));
                     }
-                };
-                // As the unstreamed answer: `tool_calls` only when calls were read whole.
-                called = !finished.message.tool_calls.is_empty();
-                for ev in finished.events {
-                    tail.extend_from_slice(&chunk(Delta::of(ev), None));
+                    out.extend_from_slice(b"data: [DONE]\n\n");
+                }
+                Output::Lost => {
+                    out.extend_from_slice(&sse(&generate::engine_lost().body()));
+                    out.extend_from_slice(b"data: [DONE]\n\n");
                 }
             }
-            tail.extend_from_slice(&match stats.finish {
-                Finish::Error => sse(&generation_failed(&stats).body()),
-                Finish::Cancelled | Finish::Timeout => sse(&ApiError::cancelled().body()),
-                Finish::Stop | Finish::Length => chunk(Delta::default(), Some(finish_reason(&stats, called))),
-            });
-            if include_usage {
-                let usage: Completion<ChunkChoice> =
-                    Completion { id: "usage".into(), object, created, model: String::new(), choices: Vec::new(), usage: Some(Usage::of(&stats)) };
-                tail.extend_from_slice(&sse(&usage));
-            }
-            tail.extend_from_slice(b"data: [DONE]\n\n");
-            Some(Bytes::from(tail))
         }
+        // Text held back (a possible marker) sends nothing yet.
+        (!out.is_empty()).then(|| Bytes::from(out))
     });
-    let end = tokio_stream::iter(std::iter::from_fn(move || {
-        // Runs only once the events are exhausted, and then once.
-        if done.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            return None;
-        }
-        let e = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the engine stopped before the request ended").code("generation_failed");
-        let mut tail = sse(&e.body());
-        tail.extend_from_slice(b"data: [DONE]\n\n");
-        Some(Bytes::from(tail))
-    }));
-    let events = events.chain(end);
     let frames = tokio_stream::iter(head).chain(events).map(|b| Ok::<_, Infallible>(Frame::data(b)));
     let mut r = Response::new(BodyExt::boxed(StreamBody::new(frames)));
     r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -716,8 +548,10 @@ mod tests {
     use llama_host::fake::{FakeBehaviour, FakeModel};
     use llama_host::ContextSize;
 
+    use llama_host::GenerateOptions;
+
     use super::*;
-    use crate::engine::{Engine, EngineConfig};
+    use crate::engine::{Engine, EngineConfig, Request};
 
     fn engine(reply: &str, stream_capacity: usize) -> (Engine, Arc<FakeBehaviour>) {
         let (model, fake) = FakeModel::new(reply).into_model();
@@ -740,7 +574,7 @@ mod tests {
         let (engine, fake) = engine("hi", 16);
         fake.short_samples.store(1, Ordering::SeqCst);
         let h = submit(&engine, GenerateOptions { max_tokens: Some(4), ..GenerateOptions::default() });
-        body(stream_response(h, "id-1".into(), "m".into(), chat, true, None, ()))
+        body(stream_response(h, None, (), "id-1".into(), "m".into(), chat, true))
     }
 
     #[test]
@@ -760,7 +594,7 @@ mod tests {
     fn a_stream_cut_off_by_shutdown_ends_with_an_error_and_done() {
         let (engine, _) = engine("", 1);
         let h = submit(&engine, GenerateOptions::default());
-        let resp = stream_response(h, "id-1".into(), "m".into(), true, false, None, ());
+        let resp = stream_response(h, None, (), "id-1".into(), "m".into(), true, false);
         drop(engine);
         let text = body(resp);
         assert!(text.ends_with("data: [DONE]\n\n"), "{text}");

@@ -51,6 +51,35 @@ pub(super) struct JsonSchemaFormat {
     strict: Option<bool>,
 }
 
+/// Structured output: OpenAI's `response_format`, llama-server's `grammar` (GBNF) and
+/// `json_schema`; tool calls: `tools`, `tool_choice`, `parallel_tool_calls`; llama-server's
+/// per-request `reasoning_format` (`none`, `auto`, `deepseek`). Taken out of the request
+/// whole for the blocking thread that builds the constraint.
+#[derive(Deserialize, Default)]
+pub(super) struct ConstraintFields {
+    pub response_format: Option<ResponseFormat>,
+    pub grammar: Option<String>,
+    pub json_schema: Option<Value>,
+    pub tools: Option<Vec<Value>>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
+    pub reasoning_format: Option<String>,
+}
+
+impl ConstraintFields {
+    pub(super) fn borrowed(&self) -> Fields<'_> {
+        Fields {
+            response_format: self.response_format.as_ref(),
+            grammar: self.grammar.as_deref(),
+            json_schema: self.json_schema.as_ref(),
+            tools: self.tools.as_deref(),
+            tool_choice: self.tool_choice.as_ref(),
+            parallel_tool_calls: self.parallel_tool_calls,
+            reasoning_format: self.reasoning_format.as_deref(),
+        }
+    }
+}
+
 /// The constraint fields of a request, as it sent them.
 pub(super) struct Fields<'a> {
     pub response_format: Option<&'a ResponseFormat>,
