@@ -44,6 +44,8 @@ pub enum Event {
 /// A submitted request: iterate it for text, then its `Done`. Dropping it cancels.
 pub struct Handle {
     pub(super) id: u64,
+    /// The prompt's length in tokens, known at submission.
+    pub(super) prompt_tokens: usize,
     pub(super) rx: flume::Receiver<Event>,
     pub(super) cancel: CancelOnDrop,
 }
@@ -74,6 +76,11 @@ impl tokio_stream::Stream for EventStream {
 impl Handle {
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The prompt's length in tokens (what the request's usage will report).
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt_tokens
     }
 
     /// Cancels the request (also from another thread, via [`Handle::canceller`]).

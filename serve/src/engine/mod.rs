@@ -379,6 +379,7 @@ impl Reservation {
         let cancel = Arc::new(AtomicBool::new(false));
         let span = tracing::info_span!("request", id, prompt_tokens = tokens.len());
         span.in_scope(|| tracing::debug!("admitted"));
+        let prompt_tokens = tokens.len();
         let job = Job { span, id, tokens, opts, deadline: req.deadline, submitted: Instant::now(), tx, cancel: cancel.clone() };
         e.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
         if e.tx.send(Msg::Job(Box::new(job))).is_err() {
@@ -387,7 +388,7 @@ impl Reservation {
         }
         // The engine thread owns the place now and gives it back when the request ends.
         self.armed = false;
-        Ok(Handle { id, rx, cancel: CancelOnDrop(cancel) })
+        Ok(Handle { id, prompt_tokens, rx, cancel: CancelOnDrop(cancel) })
     }
 }
 
