@@ -4,6 +4,7 @@
 //! engine like a completion (admission, limits, metrics; `engine::embed`).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use hyper::{Response, StatusCode};
@@ -13,6 +14,7 @@ use serde_json::Value;
 use super::openai::KeepAliveField;
 use super::{blocking, clip, json_response, ApiError, AppState, Body};
 use crate::engine::{EmbedFailure, EmbedInput, EmbedRequest, MAX_EMBED_INPUTS};
+use crate::registry::KeepAlive;
 
 #[derive(Deserialize)]
 pub(super) struct EmbeddingsRequest {
@@ -129,7 +131,52 @@ pub(super) async fn embeddings(state: Arc<AppState>, req: EmbeddingsRequest) -> 
     };
     let keep_alive = req.keep_alive.as_ref().map(KeepAliveField::parse).transpose()?;
     let inputs = inputs(req.input)?;
-    let lease = state.registry.acquire(req.model.as_deref(), keep_alive).await?;
+    let out = embed(&state, req.model.as_deref(), keep_alive, inputs, normalize, dimensions).await?;
+    let data = out
+        .vectors
+        .into_iter()
+        .enumerate()
+        .map(|(index, v)| Embedding {
+            object: "embedding",
+            index,
+            embedding: if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                Encoded::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                Encoded::Float(v)
+            },
+        })
+        .collect();
+    let usage = Usage { prompt_tokens: out.prompt_tokens, total_tokens: out.prompt_tokens };
+    Ok(json_response(StatusCode::OK, &EmbeddingsResponse { object: "list", data, model: &out.model, usage }))
+}
+
+/// What an embedding request gave, in no dialect.
+pub(super) struct Embedded {
+    /// One vector per input, in input order.
+    pub vectors: Vec<Vec<f32>>,
+    pub prompt_tokens: usize,
+    /// The model's name, as the request should be answered with it.
+    pub model: String,
+    /// How long the request waited for its model to be loaded (Ollama's `load_duration`).
+    pub load: Duration,
+}
+
+/// The embedding path every dialect shares (OpenAI's /v1/embeddings, Ollama's /api/embed
+/// and /api/embeddings): the model's lease (loading it on demand), the pooling check, the
+/// width check when `dimensions` is given, admission (503 at once when full), submission on
+/// a blocking thread (tokenizing), and the wait. `inputs` are already checked for shape.
+pub(super) async fn embed(
+    state: &Arc<AppState>,
+    model: Option<&str>,
+    keep_alive: Option<KeepAlive>,
+    inputs: Vec<EmbedInput>,
+    normalize: llama_host::Normalize,
+    dimensions: Option<u64>,
+) -> Result<Embedded, ApiError> {
+    let asked = Instant::now();
+    let lease = state.registry.acquire(model, keep_alive).await?;
+    let load = asked.elapsed();
     let engine = lease.ready.engine.clone();
     if let Some(reason) = engine.embed_refusal() {
         return Err(ApiError::bad_request(format!("the model '{}' cannot compute embeddings as served: {}", clip(lease.name(), 64), clip(reason, 300)), Some("model"))
@@ -149,32 +196,16 @@ pub(super) async fn embeddings(state: Arc<AppState>, req: EmbeddingsRequest) -> 
     }
     // Admission before any work: a full engine answers 503 at once.
     let reservation = engine.reserve()?;
-    let handle = blocking(&state, move || reservation.submit_embed(EmbedRequest { inputs, normalize, deadline: None })).await??;
+    let handle = blocking(state, move || reservation.submit_embed(EmbedRequest { inputs, normalize, deadline: None })).await??;
     // A client that goes away drops this future and the handle with it: the request is
     // cancelled before its next batch.
     let out = handle.wait().await.map_err(|e| match e {
         EmbedFailure::Cancelled | EmbedFailure::Timeout => ApiError::cancelled(),
         EmbedFailure::Error(why) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", clip(&why, 300)).code("embedding_failed"),
     })?;
-    let data = out
-        .vectors
-        .into_iter()
-        .enumerate()
-        .map(|(index, v)| Embedding {
-            object: "embedding",
-            index,
-            embedding: if base64 {
-                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                Encoded::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
-            } else {
-                Encoded::Float(v)
-            },
-        })
-        .collect();
-    let usage = Usage { prompt_tokens: out.prompt_tokens, total_tokens: out.prompt_tokens };
     let model = lease.name().to_string();
     drop(lease);
-    Ok(json_response(StatusCode::OK, &EmbeddingsResponse { object: "list", data, model: &model, usage }))
+    Ok(Embedded { vectors: out.vectors, prompt_tokens: out.prompt_tokens, model, load })
 }
 
 #[cfg(test)]
