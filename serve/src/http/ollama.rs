@@ -305,6 +305,15 @@ fn not_found(name: &str) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("model '{}' not found", clip(name, 64))).code("model_not_found")
 }
 
+/// The pipeline's 404 for a model not in the catalogue, in Ollama's words (clients match
+/// on "not found" to offer a pull); every other error as it is.
+fn ollama_words(e: ApiError, model: Option<&str>) -> ApiError {
+    match model {
+        Some(name) if e.code == Some("model_not_found") => not_found(name),
+        _ => e,
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Generation.
 
@@ -435,7 +444,7 @@ async fn load_or_unload(state: &Arc<AppState>, model: Option<String>, keep_alive
             })?;
         (name, "unload")
     } else {
-        let lease = state.registry.acquire(model.as_deref(), keep_alive).await?;
+        let lease = state.registry.acquire(model.as_deref(), keep_alive).await.map_err(|e| ollama_words(e.into(), model.as_deref()))?;
         (lease.name().to_string(), "load")
     };
     let mut v = json!({ "model": name, "created_at": now(), "done": true, "done_reason": reason });
@@ -471,7 +480,7 @@ async fn generate(state: Arc<AppState>, mut f: Fields) -> Result<Response<Body>,
     // load it) first. The pipeline's own lease is taken while this one is held, so the
     // model cannot be evicted in between.
     let asked = Instant::now();
-    let lease = state.registry.acquire(common.model.as_deref(), common.keep_alive).await?;
+    let lease = state.registry.acquire(common.model.as_deref(), common.keep_alive).await.map_err(|e| ollama_words(e.into(), common.model.as_deref()))?;
     let load = asked.elapsed();
     let input = if !raw && lease.ready.template.is_some() {
         let mut msgs: Vec<Message> = system.into_iter().map(|s| Message::new("system", s)).collect();
@@ -559,7 +568,8 @@ async fn chat(state: Arc<AppState>, mut f: Fields) -> Result<Response<Body>, Api
     // Ollama's tools are OpenAI's; the model chooses whether to call (tool_choice auto).
     common.constraint.tools = tools.filter(|t| !t.is_empty());
     let stream = common.stream;
-    let started = generate::start(&state, common.request(Input::Chat(msgs))).await?;
+    let model = common.model.clone();
+    let started = generate::start(&state, common.request(Input::Chat(msgs))).await.map_err(|e| ollama_words(e, model.as_deref()))?;
     answer(started, stream, Kind::Chat).await
 }
 
@@ -745,7 +755,8 @@ async fn embed(state: Arc<AppState>, mut f: Fields) -> Result<Response<Body>, Ap
     }
     let started = Instant::now();
     // Euclidean (L2) normalisation, as Ollama's /api/embed.
-    let Embedded { vectors, prompt_tokens, model, load } = embeddings::embed(&state, model.as_deref(), keep_alive, inputs, llama_host::Normalize::EUCLIDEAN, dimensions).await?;
+    let Embedded { vectors, prompt_tokens, model, load } =
+        embeddings::embed(&state, model.as_deref(), keep_alive, inputs, llama_host::Normalize::EUCLIDEAN, dimensions).await.map_err(|e| ollama_words(e, model.as_deref()))?;
     Ok(json_response(
         StatusCode::OK,
         &json!({
@@ -767,7 +778,9 @@ async fn legacy_embeddings(state: Arc<AppState>, mut f: Fields) -> Result<Respon
         // Ollama answers an empty prompt with an empty vector.
         return Ok(json_response(StatusCode::OK, &json!({ "embedding": [] })));
     }
-    let out = embeddings::embed(&state, model.as_deref(), keep_alive, vec![EmbedInput::Text(prompt)], llama_host::Normalize::NONE, None).await?;
+    let out = embeddings::embed(&state, model.as_deref(), keep_alive, vec![EmbedInput::Text(prompt)], llama_host::Normalize::NONE, None)
+        .await
+        .map_err(|e| ollama_words(e, model.as_deref()))?;
     let vector = out.vectors.into_iter().next().unwrap_or_default();
     Ok(json_response(StatusCode::OK, &json!({ "embedding": vector })))
 }
