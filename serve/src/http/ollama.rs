@@ -24,7 +24,7 @@ use hyper::body::{Bytes, Frame, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use llama_host::chat::{Message, ToolCall};
-use llama_tools::{OutputEvent, ParsedMessage};
+use llama_tools::{OutputEvent, ParsedMessage, ToolCallParser};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -35,7 +35,7 @@ use super::generate::{self, check_max_tokens, check_seed, check_stops, generatio
 use super::openai::KeepAliveField;
 use super::structured::{ConstraintFields, ResponseFormat};
 use super::{clip, json_response, read_json, ApiError, AppState, Body};
-use crate::engine::{EmbedInput, Finish, RequestStats, MAX_EMBED_INPUTS};
+use crate::engine::{EmbedInput, Finish, Handle, RequestStats, MAX_EMBED_INPUTS};
 use crate::registry::{KeepAlive, ModelFacts, ModelStatus};
 
 /// The Ollama API level this server speaks (what `/api/version` answers): clients check it
@@ -600,7 +600,7 @@ async fn answer(started: generate::Started, stream: bool, kind: Kind) -> Result<
     let model = started.model.clone();
     let load = started.load;
     if stream {
-        return Ok(stream_response(started, model, load, kind));
+        return Ok(stream_response(started.handle, started.parser, started.lease, model, load, kind));
     }
     let Answer { message, stats } = generate::collect(started).await?;
     let ParsedMessage { content, reasoning_content, tool_calls } = message;
@@ -637,8 +637,7 @@ fn line(v: &Value) -> Vec<u8> {
 /// Ollama's stream: a line per piece of the answer (`response`, or `message.content`;
 /// reasoning as `thinking`), the calls (chat) on one line once the answer is complete, then
 /// the last line with `done: true` and the statistics, or an `{"error": …}` line.
-fn stream_response(started: generate::Started, model: String, load: Duration, kind: Kind) -> Response<Body> {
-    let generate::Started { handle, parser, lease, .. } = started;
+fn stream_response(handle: Handle, parser: Option<ToolCallParser>, lease: impl Send + Sync + 'static, model: String, load: Duration, kind: Kind) -> Response<Body> {
     let piece = move |content: &str, thinking: Option<&str>| -> Value {
         let mut v = json!({ "model": model, "created_at": now(), "done": false });
         match kind {
@@ -787,7 +786,78 @@ async fn legacy_embeddings(state: Arc<AppState>, mut f: Fields) -> Result<Respon
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
+    use llama_host::fake::{FakeBehaviour, FakeModel};
+    use llama_host::{ContextSize, GenerateOptions};
+
     use super::*;
+    use crate::engine::{Engine, EngineConfig, Request as EngineRequest};
+
+    fn engine(reply: &str, stream_capacity: usize) -> (Engine, Arc<FakeBehaviour>) {
+        let (model, fake) = FakeModel::new(reply).into_model();
+        let size = ContextSize { n_ctx: 512, n_batch: 64, n_ubatch: 64, n_threads: 1, n_threads_batch: 1 };
+        (Engine::start(Arc::new(model), EngineConfig { slots: 1, queue: 0, size, stream_capacity, ..EngineConfig::default() }).unwrap(), fake)
+    }
+
+    fn submit(engine: &Engine, max_tokens: u32) -> Handle {
+        engine.submit(EngineRequest { prompt: "x".into(), opts: GenerateOptions { max_tokens: Some(max_tokens), ..GenerateOptions::default() }, deadline: None }).unwrap()
+    }
+
+    /// The stream's lines, each parsed.
+    fn lines(resp: Response<Body>) -> Vec<Value> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let bytes = rt.block_on(resp.into_body().collect()).unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        assert!(text.ends_with('\n'), "{text}");
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
+    }
+
+    #[test]
+    fn a_stream_is_pieces_then_one_done_line_with_statistics() {
+        for kind in [Kind::Generate, Kind::Chat] {
+            let (engine, _) = engine("hello there", 16);
+            let all = lines(stream_response(submit(&engine, 64), None, (), "m".into(), Duration::from_millis(3), kind));
+            let (last, pieces) = all.split_last().unwrap();
+            assert!(!pieces.is_empty() && pieces.iter().all(|p| p["done"] == false && p["model"] == "m"), "{all:?}");
+            assert_eq!(last["done"], true);
+            assert_eq!(last["load_duration"], 3_000_000);
+            assert!(last["eval_count"].as_u64().unwrap() > 0 && last["prompt_eval_count"].as_u64().unwrap() > 0, "{last}");
+            for k in ["total_duration", "prompt_eval_duration", "eval_duration"] {
+                assert!(last[k].is_u64(), "{k}: {last}");
+            }
+            let text: String = match kind {
+                Kind::Generate => pieces.iter().map(|p| p["response"].as_str().unwrap().to_string()).collect(),
+                Kind::Chat => pieces.iter().map(|p| p["message"]["content"].as_str().unwrap().to_string()).collect(),
+            };
+            assert!(!text.is_empty(), "{all:?}");
+        }
+    }
+
+    #[test]
+    fn a_failed_generation_streams_an_error_line_not_a_done_line() {
+        for kind in [Kind::Generate, Kind::Chat] {
+            let (engine, fake) = engine("hi", 16);
+            fake.short_samples.store(1, Ordering::SeqCst);
+            let all = lines(stream_response(submit(&engine, 4), None, (), "m".into(), Duration::ZERO, kind));
+            let last = all.last().unwrap();
+            assert!(last["error"].as_str().unwrap().contains("generation failed"), "{all:?}");
+            assert!(all.iter().all(|l| l["done"] != true), "{all:?}");
+        }
+    }
+
+    // A stream whose engine stopped before the request ended: an error line, never a
+    // done line that clients would read as a complete answer.
+    #[test]
+    fn a_stream_cut_off_by_shutdown_ends_with_an_error_line() {
+        let (engine, _) = engine("", 1);
+        let h = submit(&engine, 64);
+        let resp = stream_response(h, None, (), "m".into(), Duration::ZERO, Kind::Chat);
+        drop(engine);
+        let all = lines(resp);
+        assert!(all.last().unwrap()["error"].is_string(), "{all:?}");
+        assert!(all.iter().all(|l| l["done"] != true), "{all:?}");
+    }
 
     fn at(secs: u64, micros: u32) -> String {
         rfc3339(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(u64::from(micros)))
