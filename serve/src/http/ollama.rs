@@ -305,12 +305,19 @@ fn not_found(name: &str) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("model '{}' not found", clip(name, 64))).code("model_not_found")
 }
 
-/// The pipeline's 404 for a model not in the catalogue, in Ollama's words (clients match
-/// on "not found" to offer a pull); every other error as it is.
-fn ollama_words(e: ApiError, model: Option<&str>) -> ApiError {
+/// The pipeline's errors in Ollama's words: a model not in the catalogue is "not found"
+/// (clients match on it to offer a pull), and the schema of `format` is called `format`,
+/// not by the OpenAI field it was passed on as; every other error as it is.
+fn ollama_words(mut e: ApiError, model: Option<&str>) -> ApiError {
     match model {
         Some(name) if e.code == Some("model_not_found") => not_found(name),
-        _ => e,
+        _ => {
+            if matches!(e.param.as_deref(), Some("json_schema" | "response_format")) {
+                e.message = e.message.replacen("invalid json_schema", "invalid format", 1).replacen("invalid response_format", "invalid format", 1);
+                e.param = Some("format".into());
+            }
+            e
+        }
     }
 }
 
@@ -493,7 +500,8 @@ async fn generate(state: Arc<AppState>, mut f: Fields) -> Result<Response<Body>,
         })
     };
     let stream = common.stream;
-    let mut started = generate::start(&state, common.request(input)).await?;
+    let model = common.model.clone();
+    let mut started = generate::start(&state, common.request(input)).await.map_err(|e| ollama_words(e, model.as_deref()))?;
     drop(lease);
     started.load = started.load.max(load);
     answer(started, stream, Kind::Generate).await
