@@ -69,6 +69,7 @@ fn bad_input_gets_an_ollama_error_with_its_status_and_the_server_serves_on() {
         ("a bad keep_alive", "POST", "/api/generate", gen(json!({"keep_alive": "soon"})), 400, "keep_alive"),
         ("a bad format", "POST", "/api/chat", chat(json!({"format": "yaml"})), 400, "format must be"),
         ("a schema that is not one", "POST", "/api/chat", chat(json!({"format": {"type": "strange"}})), 400, "invalid format"),
+        ("format with tools", "POST", "/api/chat", chat(json!({"format": "json", "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]})), 400, "format and tools"),
         ("an unknown model", "POST", "/api/generate", gen(json!({"model": "nope"})), 404, "model 'nope' not found"),
         ("an unknown model in chat", "POST", "/api/chat", chat(json!({"model": "nope"})), 404, "model 'nope' not found"),
         ("an unknown model shown", "POST", "/api/show", json!({"model": "nope"}).to_string(), 404, "model 'nope' not found"),

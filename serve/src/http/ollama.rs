@@ -312,6 +312,9 @@ fn ollama_words(mut e: ApiError, model: Option<&str>) -> ApiError {
     match model {
         Some(name) if e.code == Some("model_not_found") => not_found(name),
         _ => {
+            if e.message.contains(" and tools cannot be used together") {
+                e.message = "format and tools cannot be used together: give one".into();
+            }
             if matches!(e.param.as_deref(), Some("json_schema" | "response_format")) {
                 e.message = e.message.replacen("invalid json_schema", "invalid format", 1).replacen("invalid response_format", "invalid format", 1);
                 e.param = Some("format".into());
