@@ -74,6 +74,7 @@ fn bad_input_gets_an_ollama_error_with_its_status_and_the_server_serves_on() {
         ("an unknown model in chat", "POST", "/api/chat", chat(json!({"model": "nope"})), 404, "model 'nope' not found"),
         ("an unknown model shown", "POST", "/api/show", json!({"model": "nope"}).to_string(), 404, "model 'nope' not found"),
         ("an unknown model embedded", "POST", "/api/embed", json!({"model": "nope", "input": "a"}).to_string(), 404, "model 'nope' not found"),
+        ("an unknown model in the legacy route", "POST", "/api/embeddings", json!({"model": "nope", "prompt": ""}).to_string(), 404, "model 'nope' not found"),
         ("unloading an unknown model", "POST", "/api/generate", json!({"model": "nope", "keep_alive": 0}).to_string(), 404, "model 'nope' not found"),
         ("images", "POST", "/api/generate", gen(json!({"images": ["aGVsbG8="]})), 400, "images"),
         ("images in a message", "POST", "/api/chat", chat(json!({"messages": [{"role": "user", "content": "Hi", "images": ["aGVsbG8="]}]})), 400, "images"),

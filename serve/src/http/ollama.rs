@@ -359,7 +359,7 @@ fn options(map: Option<Map<String, Value>>) -> Result<Options, ApiError> {
             "repeat_last_n" => s.repeat_last_n = Some(typed(&field, value)?),
             "presence_penalty" => s.presence_penalty = Some(typed(&field, value)?),
             "frequency_penalty" => s.frequency_penalty = Some(typed(&field, value)?),
-            "seed" => o.seed = check_seed(Some(typed(&field, value)?))?,
+            "seed" => o.seed = check_seed(Some(typed(&field, value)?)).map_err(|e| named(e, &field))?,
             "num_predict" => {
                 o.max_tokens = match typed::<i64>(&field, value)? {
                     -1 | -2 => None,
@@ -371,7 +371,7 @@ fn options(map: Option<Map<String, Value>>) -> Result<Options, ApiError> {
                     Value::String(s) => vec![s],
                     v => typed(&field, v)?,
                 };
-                o.stop = Some(check_stops(stop, &field)?);
+                o.stop = Some(check_stops(stop, &field).map_err(|e| named(e, &field))?);
             }
             "num_ctx" => {
                 typed::<u64>(&field, value)?;
@@ -380,6 +380,11 @@ fn options(map: Option<Map<String, Value>>) -> Result<Options, ApiError> {
         }
     }
     Ok(o)
+}
+
+/// A shared check's 400, naming the option (Ollama's errors have no `param`).
+fn named(e: ApiError, field: &str) -> ApiError {
+    ApiError::bad_request(format!("invalid {field}: {}", e.message), Some(field))
 }
 
 /// `format`: `"json"` is any JSON object, an object is a JSON Schema, `""` is none.
@@ -784,6 +789,9 @@ async fn legacy_embeddings(state: Arc<AppState>, mut f: Fields) -> Result<Respon
     state.serving()?;
     let (model, keep_alive) = embed_common(&mut f)?;
     let prompt: String = f.take("prompt")?.unwrap_or_default();
+    if let Some(name) = model.as_deref().filter(|n| !state.registry.knows(n)) {
+        return Err(not_found(name));
+    }
     if prompt.is_empty() {
         // Ollama answers an empty prompt with an empty vector.
         return Ok(json_response(StatusCode::OK, &json!({ "embedding": [] })));
@@ -935,8 +943,8 @@ mod tests {
             (json!({ "num_predict": -3 }), "options.num_predict"),
             (json!({ "num_ctx": "big" }), "options.num_ctx"),
             (json!({ "stop": [1] }), "options.stop"),
-            (json!({ "stop": vec!["s"; 17] }), "at most 16 stop strings"),
-            (json!({ "seed": 1u64 << 40 }), "out of range"),
+            (json!({ "stop": vec!["s"; 17] }), "invalid options.stop: at most 16 stop strings"),
+            (json!({ "seed": 1u64 << 40 }), "invalid options.seed: seed 1099511627776 is out of range"),
         ] {
             let e = opts(v.clone()).err().unwrap_or_else(|| panic!("{v} was accepted"));
             assert!(e.contains(needle), "{v}: {e}");
