@@ -69,7 +69,14 @@ fn bad_input_gets_an_ollama_error_with_its_status_and_the_server_serves_on() {
         ("a bad keep_alive", "POST", "/api/generate", gen(json!({"keep_alive": "soon"})), 400, "keep_alive"),
         ("a bad format", "POST", "/api/chat", chat(json!({"format": "yaml"})), 400, "format must be"),
         ("a schema that is not one", "POST", "/api/chat", chat(json!({"format": {"type": "strange"}})), 400, "invalid format"),
-        ("format with tools", "POST", "/api/chat", chat(json!({"format": "json", "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]})), 400, "format and tools"),
+        (
+            "format with tools",
+            "POST",
+            "/api/chat",
+            chat(json!({"format": "json", "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]})),
+            400,
+            "format and tools",
+        ),
         ("an unknown model", "POST", "/api/generate", gen(json!({"model": "nope"})), 404, "model 'nope' not found"),
         ("an unknown model in chat", "POST", "/api/chat", chat(json!({"model": "nope"})), 404, "model 'nope' not found"),
         ("an unknown model shown", "POST", "/api/show", json!({"model": "nope"}).to_string(), 404, "model 'nope' not found"),
@@ -136,7 +143,10 @@ fn streams_are_ndjson_pieces_then_one_done_line_and_match_the_whole_answer() {
         for k in ["total_duration", "load_duration", "prompt_eval_duration", "eval_duration"] {
             assert!(last[k].is_u64(), "{k}: {last}");
         }
-        let text: String = pieces.iter().map(|p| if path == "/api/generate" { p["response"].as_str() } else { p["message"]["content"].as_str() }.unwrap().to_string()).collect();
+        let text: String = pieces
+            .iter()
+            .map(|p| if path == "/api/generate" { p["response"].as_str() } else { p["message"]["content"].as_str() }.unwrap().to_string())
+            .collect();
         body["stream"] = json!(false);
         let (code, whole) = s.post(path, &body);
         assert_eq!(code, 200, "{whole}");
@@ -153,13 +163,17 @@ fn generate_renders_like_the_openai_routes_raw_and_templated() {
     for model in ["smol", "gemma"] {
         let opts = json!({"temperature": 0, "num_predict": 10});
         // raw: the prompt as is, as /v1/completions.
-        let (code, raw) = s.post("/api/generate", &json!({"model": model, "prompt": "The capital of France is", "raw": true, "stream": false, "options": opts}));
+        let (code, raw) =
+            s.post("/api/generate", &json!({"model": model, "prompt": "The capital of France is", "raw": true, "stream": false, "options": opts}));
         assert_eq!(code, 200, "{raw}");
         let (code, openai) = s.post("/v1/completions", &json!({"model": model, "prompt": "The capital of France is", "temperature": 0, "max_tokens": 10}));
         assert_eq!(code, 200, "{openai}");
         assert_eq!(raw["response"], openai["choices"][0]["text"], "{model} raw");
         // Not raw: system and prompt through the chat template, as /v1/chat/completions.
-        let (code, templated) = s.post("/api/generate", &json!({"model": model, "system": "Answer briefly.", "prompt": "What is the capital of France?", "stream": false, "options": opts}));
+        let (code, templated) = s.post(
+            "/api/generate",
+            &json!({"model": model, "system": "Answer briefly.", "prompt": "What is the capital of France?", "stream": false, "options": opts}),
+        );
         assert_eq!(code, 200, "{templated}");
         let messages = json!([{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is the capital of France?"}]);
         let (code, openai) = s.post("/v1/chat/completions", &json!({"model": model, "messages": messages, "temperature": 0, "max_tokens": 10}));

@@ -482,7 +482,10 @@ async fn generate(state: Arc<AppState>, mut f: Fields) -> Result<Response<Body>,
         return Err(refuse("suffix", "fill-in-the-middle is not offered; put the whole text in 'prompt'"));
     }
     if f.take::<String>("template")?.is_some_and(|s| !s.is_empty()) {
-        return Err(refuse("template", "the model's own chat template is used (set another one in the server's config); or render the prompt yourself and send it with 'raw': true"));
+        return Err(refuse(
+            "template",
+            "the model's own chat template is used (set another one in the server's config); or render the prompt yourself and send it with 'raw': true",
+        ));
     }
     if f.take::<Vec<Value>>("context")?.is_some_and(|c| !c.is_empty()) {
         return Err(refuse("context", "send the conversation with /api/chat, or the whole text in 'prompt'"));
@@ -653,7 +656,14 @@ fn line(v: &Value) -> Vec<u8> {
 /// Ollama's stream: a line per piece of the answer (`response`, or `message.content`;
 /// reasoning as `thinking`), the calls (chat) on one line once the answer is complete, then
 /// the last line with `done: true` and the statistics, or an `{"error": …}` line.
-fn stream_response(handle: Handle, parser: Option<ToolCallParser>, lease: impl Send + Sync + 'static, model: String, load: Duration, kind: Kind) -> Response<Body> {
+fn stream_response(
+    handle: Handle,
+    parser: Option<ToolCallParser>,
+    lease: impl Send + Sync + 'static,
+    model: String,
+    load: Duration,
+    kind: Kind,
+) -> Response<Body> {
     let piece = move |content: &str, thinking: Option<&str>| -> Value {
         let mut v = json!({ "model": model, "created_at": now(), "done": false });
         match kind {
@@ -771,7 +781,9 @@ async fn embed(state: Arc<AppState>, mut f: Fields) -> Result<Response<Body>, Ap
     let started = Instant::now();
     // Euclidean (L2) normalisation, as Ollama's /api/embed.
     let Embedded { vectors, prompt_tokens, model, load } =
-        embeddings::embed(&state, model.as_deref(), keep_alive, inputs, llama_host::Normalize::EUCLIDEAN, dimensions).await.map_err(|e| ollama_words(e, model.as_deref()))?;
+        embeddings::embed(&state, model.as_deref(), keep_alive, inputs, llama_host::Normalize::EUCLIDEAN, dimensions)
+            .await
+            .map_err(|e| ollama_words(e, model.as_deref()))?;
     Ok(json_response(
         StatusCode::OK,
         &json!({
@@ -820,7 +832,9 @@ mod tests {
     }
 
     fn submit(engine: &Engine, max_tokens: u32) -> Handle {
-        engine.submit(EngineRequest { prompt: "x".into(), opts: GenerateOptions { max_tokens: Some(max_tokens), ..GenerateOptions::default() }, deadline: None }).unwrap()
+        engine
+            .submit(EngineRequest { prompt: "x".into(), opts: GenerateOptions { max_tokens: Some(max_tokens), ..GenerateOptions::default() }, deadline: None })
+            .unwrap()
     }
 
     /// The stream's lines, each parsed.
