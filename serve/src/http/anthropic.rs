@@ -62,6 +62,22 @@ pub(super) struct MessagesRequest {
     top_k: Option<i32>,
     #[serde(default)]
     stream: bool,
+    /// `format` (a JSON Schema the answer must match) is honoured; `effort` is ignored.
+    #[serde(default)]
+    output_config: Option<OutputConfig>,
+}
+
+#[derive(Deserialize)]
+struct OutputConfig {
+    #[serde(default)]
+    format: Option<OutputFormat>,
+}
+
+/// Structured output: the only kind Anthropic has is a JSON Schema.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum OutputFormat {
+    JsonSchema { schema: Value },
 }
 
 #[derive(Deserialize)]
@@ -302,7 +318,13 @@ fn translate(req: MessagesRequest) -> Result<(GenRequest, Vec<String>, bool), Ap
     if stops.iter().any(String::is_empty) {
         return Err(field_error("stop_sequences", "a stop sequence must not be empty"));
     }
-    let conv = conversation(req.system, req.messages, req.tools, req.tool_choice)?;
+    let mut conv = conversation(req.system, req.messages, req.tools, req.tool_choice)?;
+    if let Some(OutputFormat::JsonSchema { schema }) = req.output_config.and_then(|c| c.format) {
+        if conv.constraint.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Err(field_error("output_config.format", "cannot be used together with tools here: give one"));
+        }
+        conv.constraint.json_schema = Some(schema);
+    }
     let sampling = Sampling { temperature: req.temperature, top_p: req.top_p, top_k: req.top_k, ..Sampling::default() };
     let gen = GenRequest {
         model: req.model,
