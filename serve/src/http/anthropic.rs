@@ -18,7 +18,7 @@ use hyper::body::{Bytes, Frame};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 use llama_host::chat::{Message, ToolCall};
-use llama_tools::{OutputEvent, ParsedMessage};
+use llama_tools::{OutputEvent, ParsedMessage, ToolCallParser};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio_stream::StreamExt;
@@ -26,7 +26,7 @@ use tokio_stream::StreamExt;
 use super::generate::{self, check_stops, generation_failed, Answer, GenRequest, Input, Output, Sampling};
 use super::structured::{Constraint, ConstraintFields};
 use super::{blocking, blocking_or_busy, clip, json_response, ApiError, AppState, Body};
-use crate::engine::{Finish, RequestStats};
+use crate::engine::{Finish, Handle, RequestStats};
 
 /// Most turns a conversation may have, and most content blocks in one turn (or in a
 /// system prompt, or a tool result): the body's size bounds them too, but a client that
@@ -61,7 +61,7 @@ pub(super) struct MessagesRequest {
     #[serde(default)]
     top_k: Option<i32>,
     #[serde(default)]
-    stream: bool,
+    stream: Option<bool>,
     /// `format` (a JSON Schema the answer must match) is honoured; `effort` is ignored.
     #[serde(default)]
     output_config: Option<OutputConfig>,
@@ -338,7 +338,7 @@ fn translate(req: MessagesRequest) -> Result<(GenRequest, Vec<String>, bool), Ap
         keep_alive: None,
         constraint: conv.constraint,
     };
-    Ok((gen, stops, req.stream))
+    Ok((gen, stops, req.stream.unwrap_or(false)))
 }
 
 /// Why the answer ended, and the stop sequence that ended it (only one the request gave:
@@ -400,7 +400,7 @@ pub(super) async fn messages(state: Arc<AppState>, req: MessagesRequest) -> Resu
     if stream {
         let input_tokens = started.handle.prompt_tokens();
         let head = StreamState::start(&id, &model, input_tokens);
-        return Ok(stream_response(started, head, stops));
+        return Ok(stream_response(started.handle, started.parser, started.lease, head, stops));
     }
     let Answer { message, stats } = generate::collect(started).await?;
     let called = !message.tool_calls.is_empty();
@@ -525,8 +525,7 @@ impl StreamState {
 /// Server-sent events in Anthropic's sequence. A generation that fails, is cut short, or
 /// whose engine stops ends with an `error` event, never with `message_stop` (SDKs would
 /// read that as a complete answer).
-fn stream_response(started: generate::Started, head: Vec<Sse>, stops: Vec<String>) -> Response<Body> {
-    let generate::Started { handle, parser, lease, .. } = started;
+fn stream_response(handle: Handle, parser: Option<ToolCallParser>, lease: impl Send + Sync + 'static, head: Vec<Sse>, stops: Vec<String>) -> Response<Body> {
     let mut state = StreamState::default();
     let head = Bytes::from(sse_bytes(&head));
     let events = generate::outputs(handle, parser, lease).filter_map(move |batch| {
@@ -601,7 +600,69 @@ pub(super) async fn count_tokens(state: Arc<AppState>, req: CountTokensRequest) 
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
+    use llama_host::fake::FakeModel;
+    use llama_host::{ContextSize, GenerateOptions};
+
     use super::*;
+    use crate::engine::{Engine, EngineConfig, Request};
+
+    fn engine(reply: &str, stream_capacity: usize) -> (Engine, Arc<llama_host::fake::FakeBehaviour>) {
+        let (model, fake) = FakeModel::new(reply).into_model();
+        let size = ContextSize { n_ctx: 512, n_batch: 64, n_ubatch: 64, n_threads: 1, n_threads_batch: 1 };
+        (Engine::start(Arc::new(model), EngineConfig { slots: 1, queue: 0, size, stream_capacity, ..EngineConfig::default() }).unwrap(), fake)
+    }
+
+    /// The whole body of a streamed response.
+    fn body(resp: Response<Body>) -> String {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        String::from_utf8_lossy(&rt.block_on(resp.into_body().collect()).unwrap().to_bytes()).into_owned()
+    }
+
+    fn event_names(text: &str) -> Vec<&str> {
+        text.lines().filter_map(|l| l.strip_prefix("event: ")).collect()
+    }
+
+    #[test]
+    fn a_generation_that_fails_mid_stream_ends_with_an_error_event() {
+        let (engine, fake) = engine("hi", 16);
+        fake.short_samples.store(1, Ordering::SeqCst);
+        let h = engine.submit(Request { prompt: "x".into(), opts: GenerateOptions { max_tokens: Some(4), ..GenerateOptions::default() }, deadline: None }).unwrap();
+        let text = body(stream_response(h, None, (), StreamState::start("msg_1", "m", 1), Vec::new()));
+        let names = event_names(&text);
+        assert_eq!(names.first(), Some(&"message_start"), "{text}");
+        assert_eq!(names.last(), Some(&"error"), "{text}");
+        assert!(!names.contains(&"message_stop") && !names.contains(&"message_delta"), "{text}");
+        let data = text.rsplit("data: ").next().unwrap().trim();
+        let v: Value = serde_json::from_str(data).unwrap();
+        assert_eq!(v["type"], "error", "{v}");
+        assert_eq!(v["error"]["type"], "api_error", "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("generation failed"), "{v}");
+    }
+
+    #[test]
+    fn a_stream_cut_off_by_the_engine_stopping_ends_with_an_error_event() {
+        let (engine, _) = engine("", 1);
+        let h = engine.submit(Request { prompt: "x".into(), opts: GenerateOptions::default(), deadline: None }).unwrap();
+        let resp = stream_response(h, None, (), StreamState::start("msg_1", "m", 1), Vec::new());
+        drop(engine);
+        let text = body(resp);
+        let names = event_names(&text);
+        assert_eq!(names.last(), Some(&"error"), "{text}");
+        assert!(!names.contains(&"message_stop"), "{text}");
+    }
+
+    #[test]
+    fn a_finished_stream_ends_with_message_delta_and_stop() {
+        let (engine, _) = engine("hello", 16);
+        let h = engine.submit(Request { prompt: "x".into(), opts: GenerateOptions { max_tokens: Some(3), ..GenerateOptions::default() }, deadline: None }).unwrap();
+        let text = body(stream_response(h, None, (), StreamState::start("msg_1", "m", 1), Vec::new()));
+        let names = event_names(&text);
+        assert_eq!(names[..3], ["message_start", "ping", "content_block_start"], "{text}");
+        assert_eq!(names[names.len() - 3..], ["content_block_stop", "message_delta", "message_stop"], "{text}");
+        assert!(text.contains("\"stop_reason\":\"max_tokens\""), "{text}");
+    }
 
     fn turns(v: Value) -> Vec<InMessage> {
         serde_json::from_value::<Vec<Value>>(v).unwrap().into_iter().map(|m| InMessage { role: m["role"].as_str().unwrap().into(), content: m["content"].clone() }).collect()
