@@ -158,8 +158,14 @@ pub fn python_clients_path() -> String {
 /// private `openai`/`jsonschema` folder on PYTHONPATH; fails the test unless the script
 /// succeeds and ends with "ok". Returns what it printed.
 pub fn run_python_client(script: &str, base: &str) -> String {
+    run_python_client_with(script, &[base])
+}
+
+/// [`run_python_client`] with the script's arguments given whole (a base URL and an API
+/// key, say).
+pub fn run_python_client_with(script: &str, args: &[&str]) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace root");
-    let o = Command::new("python3").arg(root.join("tests/clients").join(script)).arg(base).env("PYTHONPATH", python_clients_path()).output().expect("run python3");
+    let o = Command::new("python3").arg(root.join("tests/clients").join(script)).args(args).env("PYTHONPATH", python_clients_path()).output().expect("run python3");
     let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
     eprintln!("{stdout}");
     assert!(o.status.success(), "{script} failed:\n{stdout}\n{}", String::from_utf8_lossy(&o.stderr));

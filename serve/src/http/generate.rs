@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use llama_host::chat::Message;
+use llama_host::chat::{ChatTemplate, Message};
 use llama_host::{GenerateOptions, SamplingParams};
 use llama_tools::{OutputEvent, ParsedMessage, ToolCallParser};
 use tokio_stream::{Stream, StreamExt};
@@ -163,9 +163,7 @@ pub(super) async fn start(state: &Arc<AppState>, mut req: GenRequest) -> Result<
             Input::Prompt(prompt) => prompt,
             Input::Chat(msgs) => {
                 let template = template.expect("checked above");
-                template
-                    .render_with(&msgs, true, constraint.template_tools(), None)
-                    .map_err(|e| ApiError::bad_request(clip(&e.to_string(), 300), Some("messages")))?
+                render_chat(template, &msgs, &constraint)?
             }
         };
         let plan = constraint.plan(ready.engine.model(), template, &prompt)?;
@@ -177,6 +175,13 @@ pub(super) async fn start(state: &Arc<AppState>, mut req: GenRequest) -> Result<
     })
     .await??;
     Ok(Started { handle, parser, lease, model, load })
+}
+
+/// A conversation's prompt as [`start`] renders it: the model's template, with the tools
+/// the constraint gives it. Anthropic's count_tokens renders through here too, so its
+/// count is the prompt the same request would get.
+pub(super) fn render_chat(template: &ChatTemplate, msgs: &[Message], constraint: &Constraint) -> Result<String, ApiError> {
+    template.render_with(msgs, true, constraint.template_tools(), None).map_err(|e| ApiError::bad_request(clip(&e.to_string(), 300), Some("messages")))
 }
 
 /// A whole answer.

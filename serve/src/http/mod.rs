@@ -768,6 +768,36 @@ mod tests {
     }
 
     #[test]
+    fn the_dialect_is_the_paths() {
+        assert_eq!(Dialect::of_path("/api/chat"), Dialect::Ollama);
+        assert_eq!(Dialect::of_path("/api/nothing-here"), Dialect::Ollama);
+        assert_eq!(Dialect::of_path("/v1/messages"), Dialect::Anthropic);
+        assert_eq!(Dialect::of_path("/v1/messages/count_tokens"), Dialect::Anthropic);
+        for p in ["/v1/chat/completions", "/v1/messagesX", "/apix", "/health", "/"] {
+            assert_eq!(Dialect::of_path(p), Dialect::OpenAi, "{p}");
+        }
+    }
+
+    #[test]
+    fn errors_take_each_dialects_shape() {
+        let e = ApiError::bad_request("no", Some("x"));
+        assert_eq!(e.ollama_body(), serde_json::json!({"error": "no"}));
+        assert_eq!(e.anthropic_body(), serde_json::json!({"type": "error", "error": {"type": "invalid_request_error", "message": "no"}}));
+        let kinds = [
+            (ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "k"), "authentication_error"),
+            (ApiError::forbidden("h", "host_not_allowed"), "permission_error"),
+            (ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "m"), "not_found_error"),
+            (ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "b"), "request_too_large"),
+            (ApiError::overloaded(), "overloaded_error"),
+            (ApiError::shutting_down(), "api_error"),
+            (ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "g"), "api_error"),
+        ];
+        for (e, kind) in kinds {
+            assert_eq!(e.anthropic_body()["error"]["type"], kind, "{}", e.message);
+        }
+    }
+
+    #[test]
     fn the_routing_table_answers_404_and_405() {
         assert_eq!(route_of(&Method::GET, "/health").unwrap(), Route::Health);
         assert_eq!(route_of(&Method::POST, "/v1/chat/completions").unwrap(), Route::ChatCompletions);
