@@ -602,23 +602,8 @@ pub(super) async fn count_tokens(state: Arc<AppState>, req: CountTokensRequest) 
 mod tests {
     use std::sync::atomic::Ordering;
 
-    use llama_host::fake::FakeModel;
-    use llama_host::{ContextSize, GenerateOptions};
-
     use super::*;
-    use crate::engine::{Engine, EngineConfig, Request};
-
-    fn engine(reply: &str, stream_capacity: usize) -> (Engine, Arc<llama_host::fake::FakeBehaviour>) {
-        let (model, fake) = FakeModel::new(reply).into_model();
-        let size = ContextSize { n_ctx: 512, n_batch: 64, n_ubatch: 64, n_threads: 1, n_threads_batch: 1 };
-        (Engine::start(Arc::new(model), EngineConfig { slots: 1, queue: 0, size, stream_capacity, ..EngineConfig::default() }).unwrap(), fake)
-    }
-
-    /// The whole body of a streamed response.
-    fn body(resp: Response<Body>) -> String {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        String::from_utf8_lossy(&rt.block_on(resp.into_body().collect()).unwrap().to_bytes()).into_owned()
-    }
+    use crate::http::generate::testing::{body, engine, submit};
 
     fn event_names(text: &str) -> Vec<&str> {
         text.lines().filter_map(|l| l.strip_prefix("event: ")).collect()
@@ -628,7 +613,7 @@ mod tests {
     fn a_generation_that_fails_mid_stream_ends_with_an_error_event() {
         let (engine, fake) = engine("hi", 16);
         fake.short_samples.store(1, Ordering::SeqCst);
-        let h = engine.submit(Request { prompt: "x".into(), opts: GenerateOptions { max_tokens: Some(4), ..GenerateOptions::default() }, deadline: None }).unwrap();
+        let h = submit(&engine, Some(4));
         let text = body(stream_response(h, None, (), StreamState::start("msg_1", "m", 1), Vec::new()));
         let names = event_names(&text);
         assert_eq!(names.first(), Some(&"message_start"), "{text}");
@@ -644,7 +629,7 @@ mod tests {
     #[test]
     fn a_stream_cut_off_by_the_engine_stopping_ends_with_an_error_event() {
         let (engine, _) = engine("", 1);
-        let h = engine.submit(Request { prompt: "x".into(), opts: GenerateOptions::default(), deadline: None }).unwrap();
+        let h = submit(&engine, None);
         let resp = stream_response(h, None, (), StreamState::start("msg_1", "m", 1), Vec::new());
         drop(engine);
         let text = body(resp);
@@ -656,7 +641,7 @@ mod tests {
     #[test]
     fn a_finished_stream_ends_with_message_delta_and_stop() {
         let (engine, _) = engine("hello", 16);
-        let h = engine.submit(Request { prompt: "x".into(), opts: GenerateOptions { max_tokens: Some(3), ..GenerateOptions::default() }, deadline: None }).unwrap();
+        let h = submit(&engine, Some(3));
         let text = body(stream_response(h, None, (), StreamState::start("msg_1", "m", 1), Vec::new()));
         let names = event_names(&text);
         assert_eq!(names[..3], ["message_start", "ping", "content_block_start"], "{text}");

@@ -291,3 +291,35 @@ pub(super) fn outputs(handle: Handle, parser: Option<ToolCallParser>, lease: imp
     }));
     events.chain(end)
 }
+
+/// What the dialects' unit tests share: an engine over the fake backend, a submitted
+/// request, and a response's whole body.
+#[cfg(test)]
+pub(super) mod testing {
+    use std::sync::Arc;
+
+    use http_body_util::BodyExt;
+    use hyper::Response;
+    use llama_host::fake::{FakeBehaviour, FakeModel};
+    use llama_host::{ContextSize, GenerateOptions};
+
+    use crate::engine::{Engine, EngineConfig, Handle, Request};
+    use crate::http::Body;
+
+    /// One slot, no queue, the fake backend answering `reply`.
+    pub fn engine(reply: &str, stream_capacity: usize) -> (Engine, Arc<FakeBehaviour>) {
+        let (model, fake) = FakeModel::new(reply).into_model();
+        let size = ContextSize { n_ctx: 512, n_batch: 64, n_ubatch: 64, n_threads: 1, n_threads_batch: 1 };
+        (Engine::start(Arc::new(model), EngineConfig { slots: 1, queue: 0, size, stream_capacity, ..EngineConfig::default() }).unwrap(), fake)
+    }
+
+    pub fn submit(engine: &Engine, max_tokens: Option<u32>) -> Handle {
+        engine.submit(Request { prompt: "x".into(), opts: GenerateOptions { max_tokens, ..GenerateOptions::default() }, deadline: None }).unwrap()
+    }
+
+    /// The whole body of a (streamed) response.
+    pub fn body(resp: Response<Body>) -> String {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        String::from_utf8_lossy(&rt.block_on(resp.into_body().collect()).unwrap().to_bytes()).into_owned()
+    }
+}

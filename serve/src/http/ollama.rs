@@ -819,29 +819,12 @@ async fn legacy_embeddings(state: Arc<AppState>, mut f: Fields) -> Result<Respon
 mod tests {
     use std::sync::atomic::Ordering;
 
-    use llama_host::fake::{FakeBehaviour, FakeModel};
-    use llama_host::{ContextSize, GenerateOptions};
-
     use super::*;
-    use crate::engine::{Engine, EngineConfig, Request as EngineRequest};
-
-    fn engine(reply: &str, stream_capacity: usize) -> (Engine, Arc<FakeBehaviour>) {
-        let (model, fake) = FakeModel::new(reply).into_model();
-        let size = ContextSize { n_ctx: 512, n_batch: 64, n_ubatch: 64, n_threads: 1, n_threads_batch: 1 };
-        (Engine::start(Arc::new(model), EngineConfig { slots: 1, queue: 0, size, stream_capacity, ..EngineConfig::default() }).unwrap(), fake)
-    }
-
-    fn submit(engine: &Engine, max_tokens: u32) -> Handle {
-        engine
-            .submit(EngineRequest { prompt: "x".into(), opts: GenerateOptions { max_tokens: Some(max_tokens), ..GenerateOptions::default() }, deadline: None })
-            .unwrap()
-    }
+    use crate::http::generate::testing::{body, engine, submit};
 
     /// The stream's lines, each parsed.
     fn lines(resp: Response<Body>) -> Vec<Value> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let bytes = rt.block_on(resp.into_body().collect()).unwrap().to_bytes();
-        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let text = body(resp);
         assert!(text.ends_with('\n'), "{text}");
         text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
     }
@@ -850,7 +833,7 @@ mod tests {
     fn a_stream_is_pieces_then_one_done_line_with_statistics() {
         for kind in [Kind::Generate, Kind::Chat] {
             let (engine, _) = engine("hello there", 16);
-            let all = lines(stream_response(submit(&engine, 64), None, (), "m".into(), Duration::from_millis(3), kind));
+            let all = lines(stream_response(submit(&engine, Some(64)), None, (), "m".into(), Duration::from_millis(3), kind));
             let (last, pieces) = all.split_last().unwrap();
             assert!(!pieces.is_empty() && pieces.iter().all(|p| p["done"] == false && p["model"] == "m"), "{all:?}");
             assert_eq!(last["done"], true);
@@ -872,7 +855,7 @@ mod tests {
         for kind in [Kind::Generate, Kind::Chat] {
             let (engine, fake) = engine("hi", 16);
             fake.short_samples.store(1, Ordering::SeqCst);
-            let all = lines(stream_response(submit(&engine, 4), None, (), "m".into(), Duration::ZERO, kind));
+            let all = lines(stream_response(submit(&engine, Some(4)), None, (), "m".into(), Duration::ZERO, kind));
             let last = all.last().unwrap();
             assert!(last["error"].as_str().unwrap().contains("generation failed"), "{all:?}");
             assert!(all.iter().all(|l| l["done"] != true), "{all:?}");
@@ -884,7 +867,7 @@ mod tests {
     #[test]
     fn a_stream_cut_off_by_shutdown_ends_with_an_error_line() {
         let (engine, _) = engine("", 1);
-        let h = submit(&engine, 64);
+        let h = submit(&engine, Some(64));
         let resp = stream_response(h, None, (), "m".into(), Duration::ZERO, Kind::Chat);
         drop(engine);
         let all = lines(resp);

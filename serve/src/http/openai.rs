@@ -545,35 +545,14 @@ pub(super) async fn detokenize(state: Arc<AppState>, req: DetokenizeRequest) -> 
 mod tests {
     use std::sync::atomic::Ordering;
 
-    use llama_host::fake::{FakeBehaviour, FakeModel};
-    use llama_host::ContextSize;
-
-    use llama_host::GenerateOptions;
-
     use super::*;
-    use crate::engine::{Engine, EngineConfig, Request};
-
-    fn engine(reply: &str, stream_capacity: usize) -> (Engine, Arc<FakeBehaviour>) {
-        let (model, fake) = FakeModel::new(reply).into_model();
-        let size = ContextSize { n_ctx: 512, n_batch: 64, n_ubatch: 64, n_threads: 1, n_threads_batch: 1 };
-        (Engine::start(Arc::new(model), EngineConfig { slots: 1, queue: 0, size, stream_capacity, ..EngineConfig::default() }).unwrap(), fake)
-    }
-
-    fn submit(engine: &Engine, opts: GenerateOptions) -> Handle {
-        engine.submit(Request { prompt: "x".into(), opts, deadline: None }).unwrap()
-    }
-
-    /// The whole body of a streamed response.
-    fn body(resp: Response<Body>) -> String {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        String::from_utf8_lossy(&rt.block_on(resp.into_body().collect()).unwrap().to_bytes()).into_owned()
-    }
+    use crate::http::generate::testing::{body, engine, submit};
 
     /// The whole SSE body of a request the fake backend fails (it returns too few tokens).
     fn failed_stream(chat: bool) -> String {
         let (engine, fake) = engine("hi", 16);
         fake.short_samples.store(1, Ordering::SeqCst);
-        let h = submit(&engine, GenerateOptions { max_tokens: Some(4), ..GenerateOptions::default() });
+        let h = submit(&engine, Some(4));
         body(stream_response(h, None, (), "id-1".into(), "m".into(), chat, true))
     }
 
@@ -593,7 +572,7 @@ mod tests {
     #[test]
     fn a_stream_cut_off_by_shutdown_ends_with_an_error_and_done() {
         let (engine, _) = engine("", 1);
-        let h = submit(&engine, GenerateOptions::default());
+        let h = submit(&engine, None);
         let resp = stream_response(h, None, (), "id-1".into(), "m".into(), true, false);
         drop(engine);
         let text = body(resp);
