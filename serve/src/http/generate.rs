@@ -23,6 +23,25 @@ use super::{blocking, clip, ApiError, AppState};
 use crate::engine::{Event, Finish, Handle, Request, RequestStats};
 use crate::registry::{KeepAlive, Lease};
 
+/// An id for an answer (`chatcmpl-…`, `msg_…`): unique across the server's models and
+/// runs, which the engines' own request numbers (per model, from 1 at each start) are not.
+/// A random prefix drawn once per process (from the standard library's randomly keyed
+/// hasher: no extra crate for 64 random bits), then a counter.
+pub(super) fn answer_id(prefix: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::AtomicU64;
+    use std::sync::OnceLock;
+    static RUN: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let run = *RUN.get_or_init(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+        h.write_u32(std::process::id());
+        h.finish()
+    });
+    format!("{prefix}{run:016x}{:08x}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
 /// Most stop strings a request may give, and their longest length in bytes.
 pub(super) const MAX_STOPS: usize = 16;
 pub(super) const MAX_STOP_BYTES: usize = 1024;

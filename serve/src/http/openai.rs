@@ -383,7 +383,7 @@ pub(super) async fn completions(state: Arc<AppState>, req: CompletionRequest, ch
     state.serving()?;
     let (gen, stream, include_usage) = translate(req, chat)?;
     let started = generate::start(&state, gen).await?;
-    let id = format!("{}-{}", if chat { "chatcmpl" } else { "cmpl" }, started.handle.id());
+    let id = generate::answer_id(if chat { "chatcmpl-" } else { "cmpl-" });
     let model = started.model.clone();
     if stream {
         return Ok(stream_response(started.handle, started.parser, started.lease, id, model, chat, include_usage));
