@@ -381,8 +381,9 @@ impl Registry {
 
     /// The loaded model `name` (the default model for `None`), loading it first if needed.
     /// Waits for a load already under way rather than starting a second one.
+    /// An empty name is no name (clients send `"model": ""` for "the default").
     pub async fn acquire(self: &Arc<Self>, name: Option<&str>, keep_alive: Option<KeepAlive>) -> Result<Lease, AcquireError> {
-        let index = self.index(name)?;
+        let index = self.index(name.filter(|n| !n.is_empty()))?;
         let mut waiting: Option<Waiting> = None;
         loop {
             let notified = self.notify.notified();

@@ -85,9 +85,70 @@ fn the_key_host_and_origin_checks_hold_on_every_dialect_in_its_shape() {
     let (code, v, _) = raw(&addr, "POST", "/v1/messages", &[("Authorization", "Bearer sekrit"), ("Content-Type", "application/json")], "{");
     assert_eq!(code, 400, "{v}");
     assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    // The scheme's name is case-insensitive; the key is not.
+    let (code, v, _) = raw(&addr, "GET", "/v1/models", &[("Authorization", "bearer sekrit")], "");
+    assert_eq!(code, 200, "{v}");
+    let (code, v, _) = raw(&addr, "GET", "/v1/models", &[("Authorization", "Bearer SEKRIT")], "");
+    assert_eq!(code, 401, "{v}");
     // /health needs no key.
     let (code, _, _) = raw(&addr, "GET", "/health", &[], "");
     assert_eq!(code, 200);
+}
+
+/// Reads a streamed answer to its end (the server closes it): the body as text, chunk
+/// framing included.
+fn read_to_end(mut c: TcpStream) -> String {
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+// Review finding: past the drain deadline the server cancelled open streams and exited
+// before their connections wrote the error that says so: clients got a cut-off body.
+#[test]
+fn streams_cut_short_by_shutdown_end_with_their_dialects_error() {
+    let mut s = Server::start(&["--parallel", "3", "--drain-timeout", "1", "-c", "12288"]);
+    let addr = s.addr();
+    let streams: Vec<(&str, String)> = vec![
+        ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"Tell me a very long story."}],"max_tokens":4000,"stream":true}"#.into()),
+        ("/api/generate", r#"{"prompt":"Tell me a very long story.","options":{"num_predict":4000}}"#.into()),
+        ("/v1/messages", r#"{"max_tokens":4000,"stream":true,"messages":[{"role":"user","content":"Tell me a very long story."}]}"#.into()),
+    ];
+    let conns: Vec<TcpStream> = streams
+        .iter()
+        .map(|(path, body)| {
+            let mut c = TcpStream::connect(&addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+            let req = format!("POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            c.write_all(req.as_bytes()).unwrap();
+            let mut first = [0u8; 12];
+            c.read_exact(&mut first).unwrap();
+            assert_eq!(&first, b"HTTP/1.1 200", "{path}");
+            c
+        })
+        .collect();
+    let pid = s.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let bodies: Vec<String> = conns.into_iter().map(read_to_end).collect();
+    let status = llama_tests::server::wait_for("the server exits", || s.child.try_wait().unwrap());
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    // Each ends with its dialect's error, and the chunked body is complete.
+    assert!(bodies[0].contains(r#""code":"cancelled""#) && bodies[0].contains("data: [DONE]"), "{}", bodies[0]);
+    assert!(bodies[1].contains(r#"{"error":"the request was cancelled: the server is shutting down"}"#), "{}", bodies[1]);
+    assert!(!bodies[1].contains(r#""done":true"#), "{}", bodies[1]);
+    assert!(bodies[2].contains("event: error") && !bodies[2].contains("message_stop"), "{}", bodies[2]);
+    for b in &bodies {
+        assert!(b.ends_with("0\r\n\r\n"), "the chunked body did not end: {}", &b[b.len().saturating_sub(200)..]);
+    }
+}
+
+#[test]
+fn an_empty_model_name_is_the_default_model() {
+    let s = Server::start(&["--parallel", "1"]);
+    let (code, v) = s.post("/v1/chat/completions", &serde_json::json!({"model": "", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}));
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = s.post("/v1/messages", &serde_json::json!({"model": "", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}));
+    assert_eq!(code, 200, "{v}");
 }
 
 #[test]
@@ -119,4 +180,15 @@ fn unknown_paths_and_wrong_methods_answer_in_the_paths_dialect() {
     );
     assert_eq!(code, 204, "{head}");
     assert!(head.to_ascii_lowercase().contains("x-api-key"), "{head}");
+    // What an SDK in a browser asks to send is allowed for an allowed origin.
+    let asked = "content-type,x-api-key,anthropic-version,anthropic-dangerous-direct-browser-access,x-stainless-os";
+    let (code, _, head) = raw(
+        &s.addr(),
+        "OPTIONS",
+        "/v1/messages",
+        &[("Origin", "http://app.test"), ("Access-Control-Request-Method", "POST"), ("Access-Control-Request-Headers", asked)],
+        "",
+    );
+    assert_eq!(code, 204, "{head}");
+    assert!(head.to_ascii_lowercase().contains(&format!("access-control-allow-headers: {asked}")), "{head}");
 }

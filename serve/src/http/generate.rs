@@ -117,7 +117,7 @@ pub(super) fn check_max_tokens(n: Option<i64>, field: &str) -> Result<Option<u32
     match n {
         None => Ok(None),
         Some(n) if (0..=u32::MAX as i64).contains(&n) => Ok(Some(n as u32)),
-        Some(n) => Err(ApiError::bad_request(format!("{field} must be >= 0, got {n}"), Some(field))),
+        Some(n) => Err(ApiError::bad_request(format!("{field} must be between 0 and {}, got {n}", u32::MAX), Some(field))),
     }
 }
 

@@ -35,7 +35,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{
-    HeaderValue, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_MAX_AGE, AUTHORIZATION,
+    HeaderValue, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_REQUEST_HEADERS, ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_MAX_AGE, AUTHORIZATION,
     CONNECTION, CONTENT_TYPE, HOST, ORIGIN, RETRY_AFTER, VARY,
 };
 use hyper::server::conn::http1;
@@ -152,6 +152,10 @@ impl AppState {
     }
 }
 
+/// How long, after the drain deadline cancelled what was left, connections get to write
+/// their last frame (the error that says the answer was cut short).
+const FINAL_WRITE_GRACE: Duration = Duration::from_millis(500);
+
 /// Serves until `shutdown` completes; then stops accepting, gives open requests
 /// `drain_timeout` to finish, cancels what is left (paused streams included) and returns.
 pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>, shutdown: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
@@ -194,8 +198,10 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>, shut
     // New connections are refused from now on, not left waiting until exit.
     drop(listener);
     tracing::info!("shutting down: no new connections, draining open ones");
+    let drain = graceful.shutdown();
+    tokio::pin!(drain);
     let drained = tokio::select! {
-        _ = graceful.shutdown() => true,
+        _ = &mut drain => true,
         _ = tokio::time::sleep(state.config.drain_timeout) => false,
     };
     if !drained {
@@ -204,6 +210,14 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>, shut
     // Whatever is still running or paused ends now; the engine threads stop.
     let st = state.clone();
     let _ = tokio::task::spawn_blocking(move || st.shutdown()).await;
+    if !drained {
+        // Each cancelled request's stream now ends with its dialect's error (an SSE error
+        // event, an Ollama error line): give the connections a moment to write it, so a
+        // client sees why its answer stopped rather than a cut-off body.
+        if tokio::time::timeout(FINAL_WRITE_GRACE, drain).await.is_err() {
+            tracing::debug!("some connections did not finish writing their last frame");
+        }
+    }
     Ok(())
 }
 
@@ -385,9 +399,13 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response
         let h = r.headers_mut();
         h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
         h.insert(ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, HEAD, POST, DELETE, OPTIONS"));
-        h.insert(ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("authorization, content-type, x-api-key, anthropic-version, anthropic-beta"));
+        // The headers the page's client asks to send (SDKs add their own, such as
+        // `x-stainless-*` and `anthropic-dangerous-direct-browser-access`): any is fine for
+        // an allowed origin, since the key check does not depend on them.
+        let asked = req.headers().get(ACCESS_CONTROL_REQUEST_HEADERS).cloned();
+        h.insert(ACCESS_CONTROL_ALLOW_HEADERS, asked.unwrap_or(HeaderValue::from_static("authorization, content-type, x-api-key, anthropic-version, anthropic-beta")));
         h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
-        h.insert(VARY, HeaderValue::from_static("origin"));
+        h.insert(VARY, HeaderValue::from_static("origin, access-control-request-headers"));
         return Ok(r);
     }
     let mut resp = match dispatch(state, req).await {
@@ -485,7 +503,8 @@ async fn read_json<T: serde::de::DeserializeOwned>(state: &AppState, req: Reques
 /// (Anthropic), on every route of every dialect.
 fn check_key(config: &ServerConfig, req: &Request<Incoming>) -> Result<(), ApiError> {
     let Some(key) = &config.api_key else { return Ok(()) };
-    let bearer = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    // The scheme's name is case-insensitive (RFC 9110), the key is not.
+    let bearer = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.get(..7).filter(|p| p.eq_ignore_ascii_case("bearer ")).map(|_| &v[7..]));
     let given = bearer.or_else(|| req.headers().get("x-api-key").and_then(|v| v.to_str().ok())).unwrap_or("");
     if constant_time_eq(given.as_bytes(), key.as_bytes()) {
         Ok(())

@@ -122,18 +122,7 @@ impl KeepAliveField {
     pub(super) fn parse(&self) -> Result<KeepAlive, ApiError> {
         let secs = match self {
             KeepAliveField::Seconds(s) => Some(*s),
-            KeepAliveField::Text(t) => {
-                let t = t.trim();
-                let (num, unit) = t.find(|c: char| c.is_ascii_alphabetic()).map_or((t, "s"), |i| t.split_at(i));
-                let scale = match unit {
-                    "ms" => Some(0.001),
-                    "s" => Some(1.0),
-                    "m" => Some(60.0),
-                    "h" => Some(3600.0),
-                    _ => None,
-                };
-                num.trim().parse::<f64>().ok().zip(scale).map(|(n, k)| n * k)
-            }
+            KeepAliveField::Text(t) => go_duration_secs(t),
         };
         match secs {
             Some(s) if s < 0.0 && s.is_finite() => Ok(KeepAlive::Never),
@@ -144,6 +133,44 @@ impl KeepAliveField {
             )),
         }
     }
+}
+
+/// A duration as Go writes and parses them (what Ollama's clients send): an optional sign,
+/// then one or more number-and-unit pairs (`5m`, `1h30m`, `5m0s`, `1.5h`, `300ms`; units
+/// `ns`, `us`/`µs`, `ms`, `s`, `m`, `h`), in seconds. A bare number is seconds, as a JSON
+/// number is. At most 64 bytes: no duration needs more.
+fn go_duration_secs(text: &str) -> Option<f64> {
+    let t = text.trim();
+    if t.is_empty() || t.len() > 64 {
+        return None;
+    }
+    let (sign, mut rest) = match t.as_bytes()[0] {
+        b'-' => (-1.0, &t[1..]),
+        b'+' => (1.0, &t[1..]),
+        _ => (1.0, t),
+    };
+    if let Ok(n) = rest.parse::<f64>() {
+        return Some(sign * n);
+    }
+    let mut total = 0.0;
+    while !rest.is_empty() {
+        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).filter(|&i| i > 0)?;
+        let n: f64 = rest[..num_end].parse().ok()?;
+        rest = &rest[num_end..];
+        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let scale = match &rest[..unit_end] {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += n * scale;
+        rest = &rest[unit_end..];
+    }
+    Some(sign * total)
 }
 
 #[derive(Serialize)]
@@ -554,6 +581,24 @@ mod tests {
         fake.short_samples.store(1, Ordering::SeqCst);
         let h = submit(&engine, Some(4));
         body(stream_response(h, None, (), "id-1".into(), "m".into(), chat, true))
+    }
+
+    #[test]
+    fn keep_alive_takes_go_durations() {
+        for (t, secs) in [("5m", 300.0), ("5m0s", 300.0), ("1h30m", 5400.0), ("1.5h", 5400.0), ("300ms", 0.3), ("90", 90.0), ("0", 0.0), (" 2s ", 2.0), ("1m1.5s", 61.5)] {
+            assert_eq!(go_duration_secs(t), Some(secs), "{t}");
+        }
+        assert_eq!(go_duration_secs("-1m"), Some(-60.0));
+        for t in ["", "m", "5", "5x", "5mm", "h5", "1.2.3s", "--1s", &"9".repeat(65)] {
+            if t == "5" {
+                continue;
+            }
+            assert_eq!(go_duration_secs(t), None, "{t}");
+        }
+        assert_eq!(KeepAliveField::Text("-5m".into()).parse().unwrap(), KeepAlive::Never);
+        assert_eq!(KeepAliveField::Text("1h30m".into()).parse().unwrap(), KeepAlive::After(std::time::Duration::from_secs(5400)));
+        assert!(KeepAliveField::Text("2000h0m0s".into()).parse().is_ok());
+        assert!(KeepAliveField::Text("9000h".into()).parse().is_err());
     }
 
     #[test]
