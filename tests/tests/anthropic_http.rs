@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader};
 
 use llama_tests::server::Server;
-use llama_tests::smollm2_model_path;
+use llama_tests::{model_path, smollm2_model_path};
 use serde_json::{json, Value};
 
 fn smol(extra: &[&str]) -> Server {
@@ -93,6 +93,14 @@ fn bad_input_gets_anthropics_error_shape_and_the_server_serves_on() {
             400,
             "invalid_request_error",
             "'g'",
+        ),
+        (
+            "a schema in output_config.format that is not one",
+            "/v1/messages",
+            json!({"max_tokens": 5, "messages": user, "output_config": {"format": {"type": "json_schema", "schema": {"type": "strange"}}}}).to_string(),
+            400,
+            "invalid_request_error",
+            "invalid output_config.format",
         ),
         ("too many stop sequences", "/v1/messages", json!({"max_tokens": 5, "messages": user, "stop_sequences": vec!["x"; 17]}).to_string(), 400, "invalid_request_error", "stop"),
         ("a body over --max-body", "/v1/messages", json!({"max_tokens": 5, "messages": [{"role": "user", "content": "x".repeat(10_000)}]}).to_string(), 413, "request_too_large", "8192"),
@@ -188,4 +196,63 @@ fn a_full_server_answers_overloaded_with_retry_after() {
     drop(reader);
     llama_tests::server::wait_for("the slot is freed", || Some(s.metric("llama_active_sequences")).filter(|n| *n == 0.0));
     still_serving(&s, &[]);
+}
+
+/// The events of a streamed answer, `ping`s left out.
+fn stream_events(s: &Server, body: &Value) -> Vec<(String, Value)> {
+    let r = ureq::post(&s.url("/v1/messages")).send_json(body.clone()).unwrap();
+    let lines: Vec<String> = BufReader::new(r.into_reader()).lines().map_while(Result::ok).collect();
+    lines
+        .split(|l| l.is_empty())
+        .filter(|p| p.len() == 2)
+        .map(|p| (p[0].trim_start_matches("event: ").to_string(), serde_json::from_str(p[1].trim_start_matches("data: ")).unwrap()))
+        .filter(|(n, _): &(String, Value)| n != "ping")
+        .collect()
+}
+
+/// A call cut short by `max_tokens`: its partial `tool_use` block, then `max_tokens`,
+/// never the call's text again as a `text` block (as Anthropic streams it). Ids are the
+/// server's, unique per answer.
+#[test]
+fn a_streamed_call_cut_short_by_max_tokens_is_not_repeated_as_text() {
+    let s = smol(&[]);
+    let tools = json!([{"name": "weather", "description": "Describe the weather.", "input_schema": {"type": "object", "properties": {"a_very_long_description_of_the_weather_in_the_city": {"type": "string"}}, "required": ["a_very_long_description_of_the_weather_in_the_city"]}}]);
+    let body = json!({"max_tokens": 20, "temperature": 0, "stream": true, "tools": tools, "tool_choice": {"type": "any"}, "messages": [{"role": "user", "content": "Describe the weather in Paris at length."}]});
+    let events = stream_events(&s, &body);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    eprintln!("{names:?}");
+    let starts: Vec<&str> = events.iter().filter(|(n, _)| n == "content_block_start").map(|(_, d)| d["content_block"]["type"].as_str().unwrap()).collect();
+    let first_call = starts.iter().position(|t| *t == "tool_use").unwrap_or_else(|| panic!("no tool_use block: {events:?}"));
+    assert!(starts[first_call..].iter().all(|t| *t == "tool_use"), "a block after the call: {starts:?}");
+    let (_, delta) = events.iter().find(|(n, _)| n == "message_delta").unwrap();
+    assert_eq!(delta["delta"]["stop_reason"], "max_tokens", "{events:?}");
+    assert_eq!(names[names.len() - 3..], ["content_block_stop", "message_delta", "message_stop"]);
+    // Message ids: the server's, a new one per answer.
+    let id = |events: &[(String, Value)]| events[0].1["message"]["id"].as_str().unwrap().to_string();
+    let again = stream_events(&s, &body);
+    assert!(id(&events).starts_with("msg_") && id(&events) != id(&again), "{} {}", id(&events), id(&again));
+    let mut whole = body.clone();
+    whole["stream"] = json!(false);
+    whole["max_tokens"] = json!(200);
+    let (code, a) = s.post("/v1/messages", &whole);
+    let (_, b) = s.post("/v1/messages", &whole);
+    assert_eq!(code, 200, "{a}");
+    assert_ne!(a["id"], b["id"]);
+    let (ca, cb) = (&a["content"].as_array().unwrap().last().unwrap()["id"], &b["content"].as_array().unwrap().last().unwrap()["id"]);
+    assert!(ca.as_str().unwrap().starts_with("toolu_") && ca != cb, "{a} {b}");
+}
+
+/// Consecutive turns of one role are one turn (as Anthropic merges them): Gemma's
+/// template, which requires the roles to alternate, takes them.
+#[test]
+fn consecutive_user_turns_are_merged_for_a_template_that_needs_alternation() {
+    let gemma = format!("gemma={}", model_path().display());
+    let s = Server::start_with(&gemma, &[]);
+    s.wait_ready();
+    let body = json!({"model": "gemma", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "there"}]});
+    let (code, v) = s.post("/v1/messages", &body);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["type"], "message", "{v}");
+    let (code, v) = s.post("/v1/messages/count_tokens", &body);
+    assert_eq!(code, 200, "{v}");
 }

@@ -61,6 +61,8 @@ fn bad_input_gets_an_ollama_error_with_its_status_and_the_server_serves_on() {
         ("a body that is not an object", "POST", "/api/chat", "[1, 2]".into(), 400, "invalid request"),
         ("options.temperature as a string", "POST", "/api/generate", gen(json!({"options": {"temperature": "hot"}})), 400, "options.temperature"),
         ("options.num_predict below -2", "POST", "/api/generate", gen(json!({"options": {"num_predict": -3}})), 400, "options.num_predict"),
+        ("options.temperature below 0", "POST", "/api/generate", gen(json!({"options": {"temperature": -1}})), 400, "invalid options.temperature"),
+        ("options.top_k not a whole number", "POST", "/api/generate", gen(json!({"options": {"top_k": 1.5}})), 400, "options.top_k"),
         ("options as an array", "POST", "/api/generate", gen(json!({"options": [1]})), 400, "invalid options"),
         ("seventeen stop strings", "POST", "/api/chat", chat(json!({"options": {"stop": vec!["x"; 17]}})), 400, "options.stop"),
         ("messages not an array", "POST", "/api/chat", chat(json!({"messages": "Hello"})), 400, "invalid messages"),
@@ -224,4 +226,37 @@ fn an_empty_prompt_loads_keep_alive_zero_unloads_and_embed_matches_v1() {
     assert_eq!(code, 200, "{legacy}");
     let norm: f64 = legacy["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap().powi(2)).sum::<f64>().sqrt();
     assert!((norm - 1.0).abs() > 1e-3, "{norm}");
+}
+
+/// Integer options as whole floats (as Go's Ollama takes them); `/api/show` of a model
+/// whose file has no template (Gemma: the server's built-in one chats and calls tools);
+/// `/api/embed` of nothing loads the model and answers no vectors.
+#[test]
+fn whole_float_options_show_without_a_file_template_and_an_empty_embed() {
+    let s = both_models();
+    let (code, v) = s.post("/api/generate", &json!({"model": "smol", "prompt": "Hi", "stream": false, "options": {"num_predict": 2.0, "top_k": 5.0, "seed": 1.0, "repeat_last_n": 64.0, "num_ctx": 2048.0}}));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["eval_count"], 2, "{v}");
+    let (code, v) = s.post("/api/show", &json!({"model": "gemma"}));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["capabilities"], json!(["completion", "tools"]), "{v}");
+    let (code, v) = s.post("/api/show", &json!({"model": "smol"}));
+    assert_eq!((code, &v["capabilities"]), (200, &json!(["completion", "tools"])), "{v}");
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+    let (code, v) = s.post("/api/chat", &json!({"model": "gemma", "stream": false, "tools": tools, "options": {"num_predict": 4}, "messages": [{"role": "user", "content": "Weather in Paris?"}]}));
+    assert_eq!(code, 200, "{v}");
+    let loaded = |s: &Server| -> Vec<String> {
+        let v: Value = ureq::get(&s.url("/api/ps")).call().unwrap().into_json().unwrap();
+        v["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_string()).collect()
+    };
+    for input in [json!(""), json!([])] {
+        let (code, v) = s.post("/api/generate", &json!({"model": "gemma", "keep_alive": 0}));
+        assert_eq!(code, 200, "{v}");
+        assert!(!loaded(&s).contains(&"gemma".to_string()));
+        let (code, v) = s.post("/api/embed", &json!({"model": "gemma", "input": input}));
+        assert_eq!(code, 200, "{input}: {v}");
+        assert_eq!((v["model"].as_str(), &v["embeddings"]), (Some("gemma"), &json!([])), "{v}");
+        assert!(v["load_duration"].is_u64() && v["total_duration"].is_u64(), "{v}");
+        assert!(loaded(&s).contains(&"gemma".to_string()), "{input}");
+    }
 }

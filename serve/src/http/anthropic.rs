@@ -230,7 +230,32 @@ fn translate_messages(system: Option<System>, turns: Vec<InMessage>) -> Result<V
             out.push(Message::new("user", text.join("\n")));
         }
     }
-    Ok(out)
+    Ok(merge_turns(out))
+}
+
+/// Consecutive turns of one role (`user` after `user`, `assistant` after `assistant`) as
+/// one turn, as Anthropic's API merges them: their texts joined by a newline, their calls
+/// in order. Templates that require the roles to alternate would refuse them otherwise.
+/// `system` and `tool` messages are never merged.
+fn merge_turns(msgs: Vec<Message>) -> Vec<Message> {
+    let mut out: Vec<Message> = Vec::with_capacity(msgs.len());
+    for m in msgs {
+        match out.last_mut() {
+            Some(prev) if prev.role == m.role && matches!(m.role.as_str(), "user" | "assistant") => {
+                if !m.content.is_empty() {
+                    if !prev.content.is_empty() {
+                        prev.content.push('\n');
+                    }
+                    prev.content.push_str(&m.content);
+                }
+                if let Some(calls) = m.tool_calls {
+                    prev.tool_calls.get_or_insert_with(Vec::new).extend(calls);
+                }
+            }
+            _ => out.push(m),
+        }
+    }
+    out
 }
 
 /// Anthropic's tools (`{name, description, input_schema}`) as OpenAI's functions. Server
@@ -341,6 +366,16 @@ fn translate(req: MessagesRequest) -> Result<(GenRequest, Vec<String>, bool), Ap
     Ok((gen, stops, req.stream.unwrap_or(false)))
 }
 
+/// The pipeline's errors in Anthropic's words: the schema of `output_config.format` is
+/// called that, not by the OpenAI field it was passed on as; every other error as it is.
+fn anthropic_words(mut e: ApiError) -> ApiError {
+    if matches!(e.param.as_deref(), Some("json_schema" | "response_format")) {
+        e.message = e.message.replacen("invalid json_schema", "invalid output_config.format", 1).replacen("invalid response_format", "invalid output_config.format", 1);
+        e.param = Some("output_config.format".into());
+    }
+    e
+}
+
 /// Why the answer ended, and the stop sequence that ended it (only one the request gave:
 /// the model's own stop strings are its end of turn).
 fn stop_reason(stats: &RequestStats, called: bool, stops: &[String]) -> (&'static str, Option<String>) {
@@ -362,7 +397,7 @@ fn tool_use_id(id: &str) -> String {
 /// A call's arguments (JSON text) as `input`. The grammar makes them an object; text that
 /// is not one (a model without the grammar) is never passed off as one: it is kept whole
 /// under `_raw` rather than lost.
-fn tool_input(arguments: &str) -> Value {
+pub(super) fn tool_input(arguments: &str) -> Value {
     match serde_json::from_str::<Value>(arguments) {
         Ok(v @ Value::Object(_)) => v,
         _ => {
@@ -387,15 +422,12 @@ fn content_blocks(m: ParsedMessage) -> Vec<Value> {
     out
 }
 
-fn message_id(handle_id: u64) -> String {
-    format!("msg_{handle_id:024}")
-}
-
 pub(super) async fn messages(state: Arc<AppState>, req: MessagesRequest) -> Result<Response<Body>, ApiError> {
     state.serving()?;
     let (gen, stops, stream) = translate(req)?;
-    let started = generate::start(&state, gen).await?;
-    let id = message_id(started.handle.id());
+    let started = generate::start(&state, gen).await.map_err(anthropic_words)?;
+    // Unique across models and runs (the engine's request numbers are per model).
+    let id = generate::answer_id("msg_");
     let model = started.model.clone();
     if stream {
         let input_tokens = started.handle.prompt_tokens();
@@ -450,6 +482,8 @@ struct StreamState {
     open: Option<Open>,
     /// The index the next block gets.
     next: usize,
+    /// Whether a `tool_use` block was opened in this stream.
+    tool_opened: bool,
 }
 
 impl StreamState {
@@ -497,6 +531,7 @@ impl StreamState {
             OutputEvent::ToolCallBegin { index, id, name } => {
                 // Always a new block, even for a call index seen before.
                 self.close(out);
+                self.tool_opened = true;
                 self.ensure(Open::Tool(index), || json!({"type": "tool_use", "id": tool_use_id(&id), "name": name, "input": {}}), out);
             }
             OutputEvent::ToolCallArgs { fragment, .. } if fragment.is_empty() => {}
@@ -507,6 +542,29 @@ impl StreamState {
                 _ => tracing::debug!(index, "tool-call arguments outside their block; dropped"),
             },
         }
+    }
+
+    /// One batch of the pipeline's outputs as events. The batch that ends the answer
+    /// without calls read whole (`called` false: one cut short by `max_tokens` mid-call)
+    /// after a `tool_use` block was opened carries the parser's recovered text, which
+    /// repeats the call's own text: it is dropped, as Anthropic sends the partial
+    /// `tool_use` block and `max_tokens` without it.
+    fn batch(&mut self, batch: Vec<Output>, stops: &[String]) -> Vec<Sse> {
+        let mut out = Vec::new();
+        let recovered = self.tool_opened && batch.iter().any(|o| matches!(o, Output::Done { called: false, .. }));
+        for o in batch {
+            match o {
+                Output::Event(OutputEvent::Content(_)) if recovered => {}
+                Output::Event(ev) => self.event(ev, &mut out),
+                Output::Done { stats, called } => match stats.finish {
+                    Finish::Error => out.push(("error", generation_failed(&stats).anthropic_body())),
+                    Finish::Cancelled | Finish::Timeout => out.push(("error", ApiError::cancelled().anthropic_body())),
+                    Finish::Stop | Finish::Length => self.finish(&stats, called, stops, &mut out),
+                },
+                Output::Lost => out.push(("error", generate::engine_lost().anthropic_body())),
+            }
+        }
+        out
     }
 
     /// The end of a generation that finished: the open block's stop, `message_delta` with
@@ -529,18 +587,7 @@ fn stream_response(handle: Handle, parser: Option<ToolCallParser>, lease: impl S
     let mut state = StreamState::default();
     let head = Bytes::from(sse_bytes(&head));
     let events = generate::outputs(handle, parser, lease).filter_map(move |batch| {
-        let mut out = Vec::new();
-        for o in batch {
-            match o {
-                Output::Event(ev) => state.event(ev, &mut out),
-                Output::Done { stats, called } => match stats.finish {
-                    Finish::Error => out.push(("error", generation_failed(&stats).anthropic_body())),
-                    Finish::Cancelled | Finish::Timeout => out.push(("error", ApiError::cancelled().anthropic_body())),
-                    Finish::Stop | Finish::Length => state.finish(&stats, called, &stops, &mut out),
-                },
-                Output::Lost => out.push(("error", generate::engine_lost().anthropic_body())),
-            }
-        }
+        let out = state.batch(batch, &stops);
         // Text held back (a possible tool-call marker) sends nothing yet.
         (!out.is_empty()).then(|| Bytes::from(sse_bytes(&out)))
     });
@@ -891,5 +938,71 @@ mod tests {
         assert_eq!(starts, [(json!(0), json!("thinking")), (json!(1), json!("tool_use")), (json!(2), json!("tool_use"))]);
         assert_eq!(out[1].1["delta"], json!({"type": "thinking_delta", "thinking": "hm"}));
         assert_eq!(out.last().unwrap().1["index"], 2);
+    }
+    #[test]
+    fn a_call_cut_short_is_its_partial_block_and_max_tokens_without_its_text_again() {
+        let mut s = StreamState::default();
+        let ev = |e: OutputEvent| Output::Event(e);
+        let mut out = s.batch(vec![ev(OutputEvent::Content("Let me see.".into()))], &[]);
+        out.extend(s.batch(
+            vec![ev(OutputEvent::ToolCallBegin { index: 0, id: "call_x".into(), name: "f".into() }), ev(OutputEvent::ToolCallArgs { index: 0, fragment: "{\"a\":".into() })],
+            &[],
+        ));
+        // The parser's recovered text (the call's own text) comes with the end.
+        out.extend(s.batch(vec![ev(OutputEvent::Content("<tool_call>{\"name\": \"f\", \"arguments\": {\"a\":".into())), Output::Done { stats: stats(Finish::Length, None), called: false }], &[]));
+        let names: Vec<&str> = out.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            [
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ],
+            "{out:?}"
+        );
+        assert_eq!(out[3].1["content_block"]["type"], "tool_use");
+        assert_eq!(out[6].1["delta"]["stop_reason"], "max_tokens");
+        // Without a call opened, the end's text is the answer's own: kept.
+        let mut s = StreamState::default();
+        let out = s.batch(vec![ev(OutputEvent::Content("tail".into())), Output::Done { stats: stats(Finish::Length, None), called: false }], &[]);
+        assert_eq!(out[1].1["delta"], json!({"type": "text_delta", "text": "tail"}));
+    }
+    #[test]
+    fn consecutive_turns_of_one_role_are_merged() {
+        let msgs = translate_messages(
+            Some(System::Text("sys".into())),
+            turns(json!([
+                {"role": "user", "content": "hi"},
+                {"role": "user", "content": [{"type": "text", "text": "there"}]},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "a", "name": "f", "input": {}}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "and"}, {"type": "tool_use", "id": "b", "name": "g", "input": {}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "a", "content": "1"}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "b", "content": "2"}]},
+                {"role": "user", "content": "so?"},
+                {"role": "user", "content": "well?"}
+            ])),
+        )
+        .unwrap();
+        let roles: Vec<&str> = msgs.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["system", "user", "assistant", "tool", "tool", "user"]);
+        assert_eq!(msgs[1].content, "hi\nthere");
+        assert_eq!(msgs[2].content, "and");
+        let ids: Vec<&str> = msgs[2].tool_calls.as_ref().unwrap().iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert_eq!((msgs[3].content.as_str(), msgs[4].content.as_str()), ("1", "2"));
+        assert_eq!(msgs[5].content, "so?\nwell?");
+    }
+
+    #[test]
+    fn a_bad_output_format_schema_is_named_output_config_format() {
+        let e = anthropic_words(ApiError::bad_request("invalid json_schema: not a schema", Some("json_schema")));
+        assert_eq!((e.message.as_str(), e.param.as_deref()), ("invalid output_config.format: not a schema", Some("output_config.format")));
+        let e = anthropic_words(ApiError::bad_request("invalid temperature: x", Some("temperature")));
+        assert_eq!(e.param.as_deref(), Some("temperature"));
     }
 }

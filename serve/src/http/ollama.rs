@@ -280,18 +280,15 @@ fn show(state: &AppState, mut f: Fields) -> Result<Response<Body>, ApiError> {
     if let Some(n) = facts.parameters {
         info.insert("general.parameter_count".into(), json!(n));
     }
-    let capabilities: Vec<&str> = if facts.embedding_model {
-        vec!["embedding"]
-    } else if facts.chat_template.is_some() {
-        vec!["completion", "tools"]
-    } else {
-        vec!["completion"]
-    };
+    // A model whose file has no template still chats (and calls tools) with the server's
+    // built-in or configured one: every generating model can.
+    let capabilities: Vec<&str> = if facts.embedding_model { vec!["embedding"] } else { vec!["completion", "tools"] };
     Ok(json_response(
         StatusCode::OK,
         &json!({
             "modelfile": format!("# {} is served from a GGUF file by llama serve; it has no Modelfile.\n", m.name),
             "parameters": "",
+            // The file's own template: empty when the server uses a built-in or configured one.
             "template": facts.chat_template.clone().unwrap_or_default(),
             "details": Details::of(facts),
             "model_info": info,
@@ -304,6 +301,9 @@ fn show(state: &AppState, mut f: Fields) -> Result<Response<Body>, ApiError> {
 fn not_found(name: &str) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("model '{}' not found", clip(name, 64))).code("model_not_found")
 }
+
+/// The options the shared pipeline checks the range of, under their own names.
+const SAMPLING_OPTIONS: &[&str] = &["temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "presence_penalty", "frequency_penalty"];
 
 /// The pipeline's errors in Ollama's words: a model not in the catalogue is "not found"
 /// (clients match on it to offer a pull), and the schema of `format` is called `format`,
@@ -318,6 +318,14 @@ fn ollama_words(mut e: ApiError, model: Option<&str>) -> ApiError {
             if matches!(e.param.as_deref(), Some("json_schema" | "response_format")) {
                 e.message = e.message.replacen("invalid json_schema", "invalid format", 1).replacen("invalid response_format", "invalid format", 1);
                 e.param = Some("format".into());
+            }
+            // The shared range checks name a sampling value as OpenAI's field; here it is an option.
+            if let Some(p) = e.param.clone().filter(|p| SAMPLING_OPTIONS.contains(&p.as_str())) {
+                let option = format!("options.{p}");
+                if let Some(at) = e.message.find(p.as_str()) {
+                    e.message.replace_range(at..at + p.len(), &option);
+                }
+                e.param = Some(option);
             }
             e
         }
@@ -352,16 +360,16 @@ fn options(map: Option<Map<String, Value>>) -> Result<Options, ApiError> {
         let s = &mut o.sampling;
         match key.as_str() {
             "temperature" => s.temperature = Some(typed(&field, value)?),
-            "top_k" => s.top_k = Some(typed(&field, value)?),
+            "top_k" => s.top_k = Some(int_option(&field, value)?),
             "top_p" => s.top_p = Some(typed(&field, value)?),
             "min_p" => s.min_p = Some(typed(&field, value)?),
             "repeat_penalty" => s.repeat_penalty = Some(typed(&field, value)?),
-            "repeat_last_n" => s.repeat_last_n = Some(typed(&field, value)?),
+            "repeat_last_n" => s.repeat_last_n = Some(int_option(&field, value)?),
             "presence_penalty" => s.presence_penalty = Some(typed(&field, value)?),
             "frequency_penalty" => s.frequency_penalty = Some(typed(&field, value)?),
-            "seed" => o.seed = check_seed(Some(typed(&field, value)?)).map_err(|e| named(e, &field))?,
+            "seed" => o.seed = check_seed(Some(int_option(&field, value)?)).map_err(|e| named(e, &field))?,
             "num_predict" => {
-                o.max_tokens = match typed::<i64>(&field, value)? {
+                o.max_tokens = match int_option::<i64>(&field, value)? {
                     -1 | -2 => None,
                     n => check_max_tokens(Some(n), &field)?,
                 }
@@ -374,12 +382,27 @@ fn options(map: Option<Map<String, Value>>) -> Result<Options, ApiError> {
                 o.stop = Some(check_stops(stop, &field).map_err(|e| named(e, &field))?);
             }
             "num_ctx" => {
-                typed::<u64>(&field, value)?;
+                int_option::<u64>(&field, value)?;
             }
             _ => {}
         }
     }
     Ok(o)
+}
+
+/// An integer option: a JSON integer, or a float that is a whole number (`5.0`, which
+/// Ollama accepts); any other float, or a value out of the type's range, is a 400 naming it.
+fn int_option<T: DeserializeOwned>(field: &str, value: Value) -> Result<T, ApiError> {
+    let value = match value.as_f64() {
+        Some(x) if !value.is_i64() && !value.is_u64() => {
+            if x.fract() != 0.0 || !x.is_finite() || x.abs() > 9.007_199_254_740_992e15 {
+                return Err(ApiError::bad_request(format!("invalid {field}: {x} is not a whole number"), Some(field)));
+            }
+            json!(x as i64)
+        }
+        _ => value,
+    };
+    typed(field, value)
 }
 
 /// A shared check's 400, naming the option (Ollama's errors have no `param`).
@@ -608,10 +631,10 @@ fn statistics(v: &mut Value, stats: &RequestStats, load: Duration) {
 
 /// A call as Ollama returns it: arguments as an object.
 fn tool_call(name: &str, arguments: &str) -> Value {
-    // The parser only returns calls whose arguments are JSON; should one not be, the text
-    // is kept as a string rather than lost.
-    let arguments = serde_json::from_str::<Value>(arguments).unwrap_or_else(|_| Value::String(arguments.to_string()));
-    json!({ "function": { "name": name, "arguments": arguments } })
+    // Clients read `arguments` as a mapping: text that is not a JSON object (not JSON, or
+    // JSON of another kind) is kept whole under `_raw` rather than lost, as on the
+    // Anthropic dialect.
+    json!({ "function": { "name": name, "arguments": super::anthropic::tool_input(arguments) } })
 }
 
 /// The answer, whole or streamed.
@@ -737,11 +760,10 @@ fn embed_inputs(input: Option<Value>) -> Result<Vec<EmbedInput>, ApiError> {
     let param = Some("input");
     match input {
         None | Some(Value::Null) => Err(ApiError::bad_request("'input' is required", param)),
+        // Nothing to embed: no vectors (the model is still loaded, as Ollama does).
+        Some(Value::String(s)) if s.is_empty() => Ok(Vec::new()),
         Some(Value::String(s)) => Ok(vec![EmbedInput::Text(s)]),
         Some(Value::Array(items)) => {
-            if items.is_empty() {
-                return Err(ApiError::bad_request("'input' is an empty array: give at least one input", param));
-            }
             if items.len() > MAX_EMBED_INPUTS {
                 return Err(ApiError::bad_request(format!("{} inputs is over the limit of {MAX_EMBED_INPUTS}", items.len()), param));
             }
@@ -779,6 +801,22 @@ async fn embed(state: Arc<AppState>, mut f: Fields) -> Result<Response<Body>, Ap
         return Err(ApiError::bad_request("dimensions must be above 0", Some("dimensions")));
     }
     let started = Instant::now();
+    if inputs.is_empty() {
+        // `""` or `[]`: the model is loaded (clients use it to preload one) and no vectors
+        // are answered, as Ollama does.
+        let lease = state.registry.acquire(model.as_deref(), keep_alive).await.map_err(|e| ollama_words(e.into(), model.as_deref()))?;
+        let load = started.elapsed();
+        return Ok(json_response(
+            StatusCode::OK,
+            &json!({
+                "model": lease.name(),
+                "embeddings": [],
+                "total_duration": nanos(started.elapsed()),
+                "load_duration": nanos(load),
+                "prompt_eval_count": 0,
+            }),
+        ));
+    }
     // Euclidean (L2) normalisation, as Ollama's /api/embed.
     let Embedded { vectors, prompt_tokens, model, load } =
         embeddings::embed(&state, model.as_deref(), keep_alive, inputs, llama_host::Normalize::EUCLIDEAN, dimensions)
@@ -980,5 +1018,44 @@ mod tests {
         let call = &m[0].tool_calls.as_ref().unwrap()[0];
         assert_eq!(call.function.arguments, r#"{"a":1}"#);
         assert_eq!(m[1].name.as_deref(), Some("f"));
+    }
+    #[test]
+    fn integer_options_may_be_whole_floats() {
+        let o = opts(json!({ "top_k": 5.0, "repeat_last_n": -1.0, "seed": 42.0, "num_predict": 7.0, "num_ctx": 4096.0 })).unwrap();
+        assert_eq!((o.sampling.top_k, o.sampling.repeat_last_n, o.seed, o.max_tokens), (Some(5), Some(-1), Some(42), Some(7)));
+        assert_eq!(opts(json!({ "num_predict": -1.0 })).unwrap().max_tokens, None);
+        for (k, v) in [("top_k", json!(5.5)), ("repeat_last_n", json!(0.1)), ("seed", json!(1e300)), ("num_predict", json!(2.5)), ("num_ctx", json!(-1.0)), ("top_k", json!(1e10))] {
+            let e = opts(json!({ k: v })).err().unwrap_or_else(|| panic!("{k}: {v} was accepted"));
+            assert!(e.contains(&format!("options.{k}")), "{k}: {e}");
+        }
+    }
+
+    #[test]
+    fn range_errors_of_the_shared_checks_name_the_option() {
+        let e = ollama_words(ApiError::bad_request("invalid temperature: must be >= 0", Some("temperature")), None);
+        assert_eq!((e.message.as_str(), e.param.as_deref()), ("invalid options.temperature: must be >= 0", Some("options.temperature")));
+        let e = ollama_words(ApiError::bad_request("repeat_last_n must be -1 (the whole context) or more", Some("repeat_last_n")), None);
+        assert_eq!((e.message.as_str(), e.param.as_deref()), ("options.repeat_last_n must be -1 (the whole context) or more", Some("options.repeat_last_n")));
+        let e = ollama_words(ApiError::bad_request("invalid json_schema: x", Some("json_schema")), None);
+        assert_eq!((e.message.as_str(), e.param.as_deref()), ("invalid format: x", Some("format")));
+        let e = ollama_words(ApiError::bad_request("invalid prompt: x", Some("prompt")), None);
+        assert_eq!(e.param.as_deref(), Some("prompt"));
+    }
+
+    #[test]
+    fn call_arguments_are_always_an_object() {
+        assert_eq!(tool_call("f", r#"{"a":1}"#), json!({ "function": { "name": "f", "arguments": { "a": 1 } } }));
+        for text in ["[1, 2]", "\"x\"", "3", "null", "not json"] {
+            assert_eq!(tool_call("f", text)["function"]["arguments"], json!({ "_raw": text }), "{text}");
+        }
+    }
+
+    #[test]
+    fn an_empty_embed_input_is_no_inputs() {
+        assert!(embed_inputs(Some(json!(""))).unwrap().is_empty());
+        assert!(embed_inputs(Some(json!([]))).unwrap().is_empty());
+        assert_eq!(embed_inputs(Some(json!(["a", "b"]))).unwrap().len(), 2);
+        assert!(embed_inputs(None).is_err());
+        assert!(embed_inputs(Some(json!(3))).is_err());
     }
 }
