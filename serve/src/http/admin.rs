@@ -31,11 +31,16 @@ pub(super) async fn load(state: Arc<AppState>, req: AdminRequest) -> Result<Resp
 
 pub(super) async fn unload(state: Arc<AppState>, req: AdminRequest) -> Result<Response<Body>, ApiError> {
     state.serving()?;
-    let registry = state.registry.clone();
-    let name = req.model.clone();
-    // Unloading joins the engine thread and frees the model: not on an async worker.
-    let now = tokio::task::spawn_blocking(move || registry.unload(&name))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the unload failed"))??;
+    let now = unload_model(&state, req.model.clone()).await?;
     Ok(json_response(StatusCode::OK, &AdminResponse { model: &req.model, status: if now { "unloaded" } else { "unloading" } }))
+}
+
+/// Unloads `name` now when idle, else once its requests end (`Ok(true)`: now, or it was
+/// not loaded); Ollama's `keep_alive: 0` unloads through here too. Unloading joins the
+/// engine thread and frees the model: on a blocking thread, not an async worker.
+pub(super) async fn unload_model(state: &Arc<AppState>, name: String) -> Result<bool, ApiError> {
+    let registry = state.registry.clone();
+    Ok(tokio::task::spawn_blocking(move || registry.unload(&name))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the unload failed"))??)
 }

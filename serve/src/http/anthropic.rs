@@ -24,7 +24,7 @@ use serde_json::{json, Map, Value};
 use tokio_stream::StreamExt;
 
 use super::generate::{self, check_stops, generation_failed, Answer, GenRequest, Input, Output, Sampling};
-use super::structured::{Constraint, ConstraintFields};
+use super::structured::{schema_field_named, Constraint, ConstraintFields};
 use super::{blocking, blocking_or_busy, clip, json_response, ApiError, AppState, Body};
 use crate::engine::{Finish, Handle, RequestStats};
 
@@ -368,12 +368,8 @@ fn translate(req: MessagesRequest) -> Result<(GenRequest, Vec<String>, bool), Ap
 
 /// The pipeline's errors in Anthropic's words: the schema of `output_config.format` is
 /// called that, not by the OpenAI field it was passed on as; every other error as it is.
-fn anthropic_words(mut e: ApiError) -> ApiError {
-    if matches!(e.param.as_deref(), Some("json_schema" | "response_format")) {
-        e.message = e.message.replacen("invalid json_schema", "invalid output_config.format", 1).replacen("invalid response_format", "invalid output_config.format", 1);
-        e.param = Some("output_config.format".into());
-    }
-    e
+fn anthropic_words(e: ApiError) -> ApiError {
+    schema_field_named(e, "output_config.format")
 }
 
 /// Why the answer ended, and the stop sequence that ended it (only one the request gave:

@@ -53,6 +53,20 @@ pub(super) enum Input {
     Prompt(String),
     /// A conversation, rendered by the model's chat template.
     Chat(Vec<Message>),
+    /// Ollama's `generate`: a system and a user turn through the chat template when the
+    /// model has one, else the text as is (the system text, a blank line, the prompt).
+    /// Decided here, where the model is known, under the request's one lease.
+    Templated { system: Option<String>, prompt: String },
+}
+
+impl Input {
+    /// Text as is, with a system text first when there is one (then a blank line).
+    pub(super) fn text(system: Option<String>, prompt: String) -> Input {
+        Input::Prompt(match system {
+            Some(s) => format!("{s}\n\n{prompt}"),
+            None => prompt,
+        })
+    }
 }
 
 /// Sampling settings a request may set; what it leaves out comes from the model's defaults.
@@ -122,10 +136,6 @@ pub(super) fn check_max_tokens(n: Option<i64>, field: &str) -> Result<Option<u32
 }
 
 impl GenRequest {
-    fn repeat_last_n_invalid(&self) -> bool {
-        self.sampling.repeat_last_n.is_some_and(|n| n < -1)
-    }
-
     /// The generation options: the request's values, else the model's defaults.
     fn options(&self, d: &GenerateOptions) -> GenerateOptions {
         let (s, ds) = (&self.sampling, &d.sampling);
@@ -153,10 +163,9 @@ impl GenRequest {
 /// Checks, loads, admits, renders and submits `req`.
 pub(super) async fn start(state: &Arc<AppState>, mut req: GenRequest) -> Result<Started, ApiError> {
     state.serving()?;
-    let chat = matches!(req.input, Input::Chat(_));
-    if req.repeat_last_n_invalid() {
-        return Err(ApiError::bad_request("repeat_last_n must be -1 (the whole context) or more", Some("repeat_last_n")));
-    }
+    // Sampling values are range-checked with the rest of the request at submission
+    // (`SamplingParams::validate`), as on every route.
+    let chat = !matches!(req.input, Input::Prompt(_));
     // The constraint (a JSON Schema's conversion, the tools' schemas) is CPU work a client
     // controls: on a blocking thread, never on the threads that answer HTTP.
     let fields = std::mem::take(&mut req.constraint);
@@ -167,6 +176,14 @@ pub(super) async fn start(state: &Arc<AppState>, mut req: GenRequest) -> Result<
     let lease = state.registry.acquire(req.model.as_deref(), req.keep_alive).await?;
     let load = asked.elapsed();
     let ready = lease.ready.clone();
+    req.input = match req.input {
+        Input::Templated { system, prompt } if ready.template.is_some() => {
+            Input::Chat(system.into_iter().map(|s| Message::new("system", s)).chain([Message::new("user", prompt)]).collect())
+        }
+        Input::Templated { system, prompt } => Input::text(system, prompt),
+        other => other,
+    };
+    let chat = matches!(req.input, Input::Chat(_));
     if chat && ready.template.is_none() {
         return Err(ApiError::bad_request("this model has no chat template", Some("messages")));
     }
@@ -184,6 +201,7 @@ pub(super) async fn start(state: &Arc<AppState>, mut req: GenRequest) -> Result<
                 let template = template.expect("checked above");
                 render_chat(template, &msgs, &constraint)?
             }
+            Input::Templated { .. } => unreachable!("resolved above"),
         };
         let plan = constraint.plan(ready.engine.model(), template, &prompt)?;
         if let Some(format) = plan.format {

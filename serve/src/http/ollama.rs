@@ -33,7 +33,7 @@ use tokio_stream::StreamExt;
 use super::embeddings::{self, Embedded};
 use super::generate::{self, check_max_tokens, check_seed, check_stops, generation_failed, Answer, GenRequest, Input, Output, Sampling};
 use super::openai::KeepAliveField;
-use super::structured::{ConstraintFields, ResponseFormat};
+use super::structured::{schema_field_named, ConstraintFields, ResponseFormat};
 use super::{clip, json_response, read_json, ApiError, AppState, Body};
 use crate::engine::{EmbedInput, Finish, Handle, RequestStats, MAX_EMBED_INPUTS};
 use crate::registry::{KeepAlive, ModelFacts, ModelStatus};
@@ -315,10 +315,7 @@ fn ollama_words(mut e: ApiError, model: Option<&str>) -> ApiError {
             if e.message.contains(" and tools cannot be used together") {
                 e.message = "format and tools cannot be used together: give one".into();
             }
-            if matches!(e.param.as_deref(), Some("json_schema" | "response_format")) {
-                e.message = e.message.replacen("invalid json_schema", "invalid format", 1).replacen("invalid response_format", "invalid format", 1);
-                e.param = Some("format".into());
-            }
+            e = schema_field_named(e, "format");
             // The shared range checks name a sampling value as OpenAI's field; here it is an option.
             if let Some(p) = e.param.clone().filter(|p| SAMPLING_OPTIONS.contains(&p.as_str())) {
                 let option = format!("options.{p}");
@@ -469,17 +466,8 @@ enum Kind {
 async fn load_or_unload(state: &Arc<AppState>, model: Option<String>, keep_alive: Option<KeepAlive>, kind: Kind) -> Result<Response<Body>, ApiError> {
     let (name, reason) = if keep_alive == Some(KeepAlive::After(Duration::ZERO)) {
         let name = model.ok_or_else(|| ApiError::bad_request("'model' is required to unload a model", Some("model")))?;
-        let registry = state.registry.clone();
-        let n = name.clone();
-        // Unloading joins the engine thread and frees the model: not on an async worker.
         // A busy model unloads once its requests end; one not loaded stays unloaded.
-        tokio::task::spawn_blocking(move || registry.unload(&n))
-            .await
-            .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the unload failed"))?
-            .map_err(|e| match e {
-                crate::registry::AcquireError::UnknownModel(n) => not_found(&n),
-                other => ApiError::from(other),
-            })?;
+        super::admin::unload_model(state, name.clone()).await.map_err(|e| ollama_words(e, Some(&name)))?;
         (name, "unload")
     } else {
         let lease = state.registry.acquire(model.as_deref(), keep_alive).await.map_err(|e| ollama_words(e.into(), model.as_deref()))?;
@@ -517,27 +505,10 @@ async fn generate(state: Arc<AppState>, mut f: Fields) -> Result<Response<Body>,
     if prompt.is_empty() {
         return load_or_unload(&state, common.model, common.keep_alive, Kind::Generate).await;
     }
-    // Whether the prompt goes through the chat template depends on the model: hold it (and
-    // load it) first. The pipeline's own lease is taken while this one is held, so the
-    // model cannot be evicted in between.
-    let asked = Instant::now();
-    let lease = state.registry.acquire(common.model.as_deref(), common.keep_alive).await.map_err(|e| ollama_words(e.into(), common.model.as_deref()))?;
-    let load = asked.elapsed();
-    let input = if !raw && lease.ready.template.is_some() {
-        let mut msgs: Vec<Message> = system.into_iter().map(|s| Message::new("system", s)).collect();
-        msgs.push(Message::new("user", prompt));
-        Input::Chat(msgs)
-    } else {
-        Input::Prompt(match system {
-            Some(s) => format!("{s}\n\n{prompt}"),
-            None => prompt,
-        })
-    };
+    let input = if raw { Input::text(system, prompt) } else { Input::Templated { system, prompt } };
     let stream = common.stream;
     let model = common.model.clone();
-    let mut started = generate::start(&state, common.request(input)).await.map_err(|e| ollama_words(e, model.as_deref()))?;
-    drop(lease);
-    started.load = started.load.max(load);
+    let started = generate::start(&state, common.request(input)).await.map_err(|e| ollama_words(e, model.as_deref()))?;
     answer(started, stream, Kind::Generate).await
 }
 

@@ -114,6 +114,18 @@ pub(super) struct Plan {
     pub format: Option<ToolFormat>,
 }
 
+/// A constraint's error under the name a dialect gives its schema field (Ollama's
+/// `format`, Anthropic's `output_config.format`) rather than the OpenAI field the schema
+/// was passed on as (`json_schema`, `response_format`); any other error as it is.
+pub(super) fn schema_field_named(mut e: ApiError, name: &str) -> ApiError {
+    if matches!(e.param.as_deref(), Some("json_schema" | "response_format")) {
+        let named = format!("invalid {name}");
+        e.message = e.message.replacen("invalid json_schema", &named, 1).replacen("invalid response_format", &named, 1);
+        e.param = Some(name.into());
+    }
+    e
+}
+
 fn schema_error(e: llama_grammar::SchemaError, param: &str) -> ApiError {
     ApiError::bad_request(format!("invalid {param}: {}", clip(&e.to_string(), 300)), Some(param))
 }
