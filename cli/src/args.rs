@@ -451,6 +451,33 @@ pub struct SamplingArgs {
     pub json: bool,
 }
 
+/// Speculative decoding (llama.cpp's `--spec-*` flags under their older, shorter names; the
+/// new names are aliases).
+#[derive(Args, Debug, Clone, Default)]
+pub struct SpecArgs {
+    /// Draft tokens and verify them in each step: `ngram` (prompt lookup: what followed the
+    /// last tokens earlier in the prompt and output), `draft` (a small model with the same
+    /// vocabulary, --draft-model), or `none`. The output is the same; edits, quotes and
+    /// rewrites come faster. Default: none (draft with --draft-model).
+    #[arg(long = "spec", value_name = "none|ngram|draft", env = "LLAMA_SPEC")]
+    pub spec: Option<String>,
+    /// The draft model for `--spec draft`.
+    #[arg(long = "draft-model", visible_alias = "model-draft", alias = "spec-draft-model", value_name = "FILE", env = "LLAMA_DRAFT_MODEL")]
+    pub draft_model: Option<PathBuf>,
+    /// Most tokens drafted per step (1..=64; default 16 for ngram, 8 for draft).
+    #[arg(long = "draft-max", alias = "spec-draft-n-max", alias = "draft", value_name = "N")]
+    pub draft_max: Option<u32>,
+    /// Drafts shorter than this are not verified (default 1).
+    #[arg(long = "draft-min", alias = "spec-draft-n-min", value_name = "N")]
+    pub draft_min: Option<u32>,
+    /// Draft model: stop a draft at a token less likely than this (default 0.5).
+    #[arg(long = "draft-p-min", alias = "spec-draft-p-min", value_name = "P")]
+    pub draft_p_min: Option<f32>,
+    /// ngram: how many last tokens are looked up (1..=16, default 3).
+    #[arg(long = "spec-ngram-n", alias = "spec-ngram-simple-size-n", value_name = "N")]
+    pub spec_ngram_n: Option<u32>,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     #[command(flatten)]
@@ -475,6 +502,8 @@ pub struct RunArgs {
     pub ctx: ContextArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub spec: SpecArgs,
     /// Print no statistics line to stderr.
     #[arg(long)]
     pub no_stats: bool,
@@ -494,6 +523,8 @@ pub struct ChatArgs {
     pub ctx: ContextArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub spec: SpecArgs,
     /// Print no statistics line after each reply.
     #[arg(long)]
     pub no_stats: bool,

@@ -66,6 +66,7 @@ pub fn run(g: &Global, a: &ChatOpts, ints: &Interrupts) -> Result<(), CliError> 
     let tmpl = template(&model, a.chat_template.as_deref(), a.system.as_deref())?;
     tracing::info!(template = %tmpl.source, "chat template");
     let mut session = model.session(params)?;
+    let _draft = crate::load::attach_draft(&backend, &a.load, &a.gen, &mut session)?;
     let mut conv = Conversation::new(a.system.as_deref());
 
     let interactive = std::io::stdin().is_terminal();

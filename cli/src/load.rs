@@ -64,6 +64,16 @@ pub fn load_model(backend: &LoadedBackend, l: &LoadOpts, n_ctx: u32) -> Result<M
     load_with_params(backend, &file, &params)
 }
 
+/// With `--draft-model`: loads the draft model (offloaded as the model is) and gives its
+/// context to `session`, after the vocabulary check. The model must outlive the session's
+/// use of it, so it is returned.
+pub fn attach_draft(backend: &LoadedBackend, l: &LoadOpts, g: &crate::opts::Generation, session: &mut llama_host::Session<'_>) -> Result<Option<Model>, CliError> {
+    let Some(path) = &g.draft_model else { return Ok(None) };
+    let draft = load_model(backend, &LoadOpts { path: path.clone(), ..l.clone() }, g.session.size.n_ctx)?;
+    session.set_draft_model(&draft)?;
+    Ok(Some(draft))
+}
+
 pub fn load_with_params(backend: &LoadedBackend, file: &ModelFile, params: &ModelParams) -> Result<Model, CliError> {
     let label = file.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     tracing::debug!(n_gpu_layers = params.n_gpu_layers, split_mode = params.split_mode.as_str(), main_gpu = params.main_gpu, "model parameters");

@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use llama_host::spec::{SpecMode, SpecParams};
 use llama_host::{BackendChoice, ContextSize, DiscoveryOptions, GenerateOptions, KvCacheParams, SamplingParams, SessionParams};
 
 use crate::args::{self, BackendsAction, CacheArgs, Cli, Command, ContextArgs, LogFormat, ModelArgs, SamplingArgs};
@@ -66,6 +67,8 @@ pub struct LoadOpts {
 pub struct Generation {
     pub session: SessionParams,
     pub generate: GenerateOptions,
+    /// `--draft-model`: loaded beside the model for `--spec draft`.
+    pub draft_model: Option<std::path::PathBuf>,
 }
 
 pub enum CommandOpts {
@@ -188,12 +191,13 @@ impl Options {
                     (None, Some(f)) => std::fs::read_to_string(f).map_err(|source| CliError::ArgFile { flag: "--file", path: f.clone(), source })?,
                     (None, None) => unreachable!("clap requires -p or -f"),
                 };
-                let generate = generate_options(&a.sampling, !a.chat)?;
+                let mut generate = generate_options(&a.sampling, !a.chat)?;
+                generate.spec = spec_options(&a.spec)?;
                 let session = session_params(&a.ctx, load.cache)?;
                 session.validate()?;
                 CommandOpts::Run(RunOpts {
                     load,
-                    gen: Generation { session, generate },
+                    gen: Generation { session, generate, draft_model: draft_path(&a.spec, &cfg)? },
                     prompt,
                     chat: a.chat,
                     system: a.system,
@@ -208,12 +212,13 @@ impl Options {
                 cfg.text_default(sub, "system", &mut a.system);
                 cfg.text_default(sub, "chat_template", &mut a.chat_template);
                 let load = load_opts(&a.model, &a.ctx.cache, &cfg)?;
-                let generate = generate_options(&a.sampling, false)?;
+                let mut generate = generate_options(&a.sampling, false)?;
+                generate.spec = spec_options(&a.spec)?;
                 let session = session_params(&a.ctx, load.cache)?;
                 session.validate()?;
                 CommandOpts::Chat(ChatOpts {
                     load,
-                    gen: Generation { session, generate },
+                    gen: Generation { session, generate, draft_model: draft_path(&a.spec, &cfg)? },
                     system: a.system,
                     chat_template: a.chat_template,
                     no_stats: a.no_stats,
@@ -478,6 +483,50 @@ pub fn seed(v: i64) -> Option<u32> {
     }
 }
 
+/// `--spec` and its sizes: `None` without speculation. `--draft-model` alone means
+/// `--spec draft`; `--spec draft` needs one.
+pub fn spec_options(a: &args::SpecArgs) -> Result<Option<SpecParams>, CliError> {
+    let bad = |field: &'static str, reason: String| CliError::InvalidArg { field, reason };
+    let mode = match (a.spec.as_deref(), a.draft_model.is_some()) {
+        (Some("none"), _) | (None, false) => return Ok(None),
+        (None, true) => SpecMode::Draft,
+        (Some(s), _) => s.parse::<SpecMode>().map_err(|reason| bad("spec", reason))?,
+    };
+    if mode == SpecMode::Draft && a.draft_model.is_none() {
+        return Err(bad("spec", "draft speculation needs a draft model: --draft-model FILE".into()));
+    }
+    let d = SpecParams::new(mode);
+    let p = SpecParams {
+        mode,
+        draft_max: a.draft_max.unwrap_or(d.draft_max),
+        draft_min: a.draft_min.unwrap_or(d.draft_min),
+        p_min: a.draft_p_min.unwrap_or(d.p_min),
+        ngram_n: a.spec_ngram_n.unwrap_or(d.ngram_n),
+    };
+    p.validate().map_err(|e| match e {
+        llama_host::GenerateError::InvalidParam { field, reason } => bad(spec_flag(&field), reason),
+        other => bad("spec", other.to_string()),
+    })?;
+    Ok(Some(p))
+}
+
+/// `--draft-model`, resolved like `-m` (a path, a configured name or a file in a models
+/// directory).
+fn draft_path(a: &args::SpecArgs, cfg: &Config) -> Result<Option<PathBuf>, CliError> {
+    a.draft_model.as_ref().map(|p| crate::models::resolve_name(&p.to_string_lossy(), cfg)).transpose()
+}
+
+/// The flag of a speculation field as `SpecParams::validate` names it.
+fn spec_flag(field: &str) -> &'static str {
+    match field {
+        "draft-max" => "draft-max",
+        "draft-min" => "draft-min",
+        "draft-p-min" => "draft-p-min",
+        "spec-ngram-n" => "spec-ngram-n",
+        _ => "spec",
+    }
+}
+
 pub fn generate_options(s: &SamplingArgs, add_special: bool) -> Result<GenerateOptions, CliError> {
     let seed = seed(s.seed).ok_or_else(|| CliError::InvalidArg { field: "seed", reason: format!("{} is outside 0..4294967294 (or -1 for random)", s.seed) })?;
     let sampling = SamplingParams {
@@ -499,7 +548,7 @@ pub fn generate_options(s: &SamplingArgs, add_special: bool) -> Result<GenerateO
     };
     // Checked here too, so a bad value fails before the model loads and names the flag.
     sampling.validate().map_err(|e| CliError::InvalidArg { field: flag_name(e.field), reason: e.reason })?;
-    Ok(GenerateOptions { max_tokens: u32::try_from(s.n_predict).ok(), sampling, add_special, stop: s.stop.clone() })
+    Ok(GenerateOptions { max_tokens: u32::try_from(s.n_predict).ok(), sampling, add_special, stop: s.stop.clone(), spec: None })
 }
 
 /// The command-line flag for a sampling field.

@@ -44,8 +44,12 @@ use llama_host::{FinishReason, GenerationStats};
 use crate::CliError;
 
 pub fn stats_line(stats: &GenerationStats, backend: &str) -> String {
+    let spec = match stats.spec.acceptance() {
+        Some(rate) => format!(" | drafts {} accepted of {} ({:.0}%)", stats.spec.accepted, stats.spec.drafted, rate * 100.0),
+        None => String::new(),
+    };
     format!(
-        "llama: prompt {} tokens ({} cached, {} decoded), {:.2} tokens/s | generated {} tokens, {:.2} tokens/s | finish {} | backend {}",
+        "llama: prompt {} tokens ({} cached, {} decoded), {:.2} tokens/s | generated {} tokens, {:.2} tokens/s{spec} | finish {} | backend {}",
         stats.prompt_tokens,
         stats.cached_tokens,
         stats.decoded_prompt_tokens,

@@ -13,6 +13,7 @@ pub fn run(g: &Global, a: &RunOpts, ints: &Interrupts) -> Result<(), CliError> {
     let backend = select_backend(g, &a.load)?;
     let model = load_model(&backend, &a.load, a.gen.session.size.n_ctx)?;
     let mut session = model.session(&a.gen.session)?;
+    let _draft = crate::load::attach_draft(&backend, &a.load, &a.gen, &mut session)?;
     let prompt = if a.chat {
         let mut conv = Conversation::new(a.system.as_deref());
         conv.push("user", a.prompt.as_str());

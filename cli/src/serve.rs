@@ -223,7 +223,7 @@ fn generation_defaults(m: &ServedModel) -> Result<GenerateOptions, CliError> {
     };
     sampling.validate().map_err(|e| bad_setting(m, e.field, e.reason))?;
     let stop = s.stop.clone().unwrap_or_default();
-    Ok(GenerateOptions { max_tokens: s.n_predict.and_then(|n| u32::try_from(n).ok()), sampling, add_special: true, stop })
+    Ok(GenerateOptions { max_tokens: s.n_predict.and_then(|n| u32::try_from(n).ok()), sampling, add_special: true, stop, spec: None })
 }
 
 fn bad_setting(m: &ServedModel, key: &str, reason: String) -> CliError {

@@ -134,7 +134,7 @@ fn result<T>(r: abi_stable::std_types::RResult<T, api::BackendError>) -> Result<
 }
 
 fn sampled(s: api::Sampled) -> Sampled {
-    Sampled { token: s.token, is_eog: s.is_eog }
+    Sampled { token: s.token, is_eog: s.is_eog, accepted: s.accepted }
 }
 
 /// A plugin's model as [`ModelOps`].
@@ -265,9 +265,12 @@ impl ContextOps for PluginContext {
     }
     fn step(&mut self, batch: &[BatchToken], samples: &[SampleRequest]) -> Result<Vec<Result<Sampled, BackendError>>, BackendError> {
         let batch: Vec<api::BatchToken> = batch.iter().map(|t| api::BatchToken { token: t.token, pos: t.pos, seq: t.seq, logits: t.logits }).collect();
-        let samples: Vec<api::SampleRequest> = samples.iter().map(|s| api::SampleRequest { seq: s.seq, index: s.index }).collect();
+        let samples: Vec<api::SampleRequest> = samples.iter().map(|s| api::SampleRequest { seq: s.seq, index: s.index, n_draft: s.n_draft }).collect();
         result(self.0.step(RSlice::from_slice(&batch), RSlice::from_slice(&samples)))
             .map(|v| v.into_iter().map(|r| r.into_result().map(sampled).map_err(error)).collect())
+    }
+    fn draft(&mut self, seq: i32, tokens: &[i32], pos: i32, n_max: u32, p_min: f32) -> Result<Vec<i32>, BackendError> {
+        result(self.0.draft(seq, RSlice::from_slice(tokens), pos, n_max, p_min)).map(|v| v.into_vec())
     }
     fn seq_remove(&mut self, seq: i32, p0: i32, p1: i32) -> bool {
         self.0.seq_remove(seq, p0, p1)

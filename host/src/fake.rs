@@ -104,14 +104,31 @@ impl FakeContext {
         let reply = self.behaviour.reply.lock().expect("not poisoned").clone();
         let (_, at) = self.seqs.entry(seq).or_default();
         if reply.is_empty() {
-            return Sampled { token: i32::from(b'x'), is_eog: false };
+            return Sampled { token: i32::from(b'x'), is_eog: false, accepted: 0 };
         }
         let s = match reply.get(*at) {
-            Some(&b) => Sampled { token: i32::from(b), is_eog: false },
-            None => Sampled { token: EOG, is_eog: true },
+            Some(&b) => Sampled { token: i32::from(b), is_eog: false, accepted: 0 },
+            None => Sampled { token: EOG, is_eog: true, accepted: 0 },
         };
         *at += 1;
         s
+    }
+
+    /// The reply's next tokens, accepting the drafts that match them (the backend's rule);
+    /// the rejected drafts leave the sequence.
+    fn verify(&mut self, batch: &[BatchToken], s: &SampleRequest) -> Sampled {
+        let mut accepted = 0;
+        loop {
+            let next = self.next(s.seq);
+            let draft = (accepted < s.n_draft).then(|| batch[(s.index as u32 + 1 + accepted) as usize]);
+            if next.is_eog || draft.map(|d| d.token) != Some(next.token) {
+                if let Some(d) = draft {
+                    self.seq_remove(s.seq, d.pos, -1);
+                }
+                return Sampled { accepted, ..next };
+            }
+            accepted += 1;
+        }
     }
 
     fn append(&mut self, seq: i32, tokens: &[i32]) -> Result<(), BackendError> {
@@ -177,10 +194,15 @@ impl ContextOps for FakeContext {
                         field: "grammar".into(),
                         reason: format!("sequence {}: the grammar admits no token here (a dead end)", s.seq),
                     }),
-                    _ => Ok(self.next(s.seq)),
+                    _ => Ok(self.verify(batch, s)),
                 }
             })
             .collect())
+    }
+    fn draft(&mut self, seq: i32, tokens: &[i32], pos: i32, _n_max: u32, _p_min: f32) -> Result<Vec<i32>, BackendError> {
+        self.seq_remove(seq, pos, -1);
+        self.append(seq, tokens)?;
+        Ok(Vec::new())
     }
     fn seq_remove(&mut self, seq: i32, p0: i32, p1: i32) -> bool {
         if let Some((t, _)) = self.seqs.get_mut(&seq) {

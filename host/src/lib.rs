@@ -36,6 +36,7 @@ mod plugin;
 pub mod report;
 mod select;
 mod session;
+pub mod spec;
 mod stop;
 mod text;
 pub use text::TextOutput;

@@ -68,6 +68,10 @@ pub trait ContextOps: Send {
     /// exactly one result per request, and a sequence whose sampling failed (a grammar dead
     /// end) has its own error there while the others were sampled.
     fn step(&mut self, batch: &[BatchToken], samples: &[SampleRequest]) -> Result<Vec<Result<Sampled, BackendError>>, BackendError>;
+    /// A draft model's drafting: decodes `tokens` into `seq` at `pos..` (after dropping
+    /// what it held from `pos` on), then up to `n_max` greedy tokens while their
+    /// probability is at least `p_min`; the drafts leave the cache again.
+    fn draft(&mut self, seq: i32, tokens: &[i32], pos: i32, n_max: u32, p_min: f32) -> Result<Vec<i32>, BackendError>;
     /// Removes positions `[p0, p1)` of `seq` (`p1 < 0`: to the end); false if it cannot.
     fn seq_remove(&mut self, seq: i32, p0: i32, p1: i32) -> bool;
     /// The last position `seq` holds, or -1.

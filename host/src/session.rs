@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::ops::{AbortHandle, ContextOps};
-use crate::types::{BackendError, Sampled, SamplingParams};
+use crate::spec::{ngram_draft, Drafter, SpecMode, SpecParams, SpecStats};
+use crate::types::{BackendError, BatchToken, SampleRequest, Sampled, SamplingParams};
 
 use crate::error::{GenerateError, SessionError};
 use crate::text::TextOutput;
@@ -32,11 +33,14 @@ pub struct GenerateOptions {
     pub add_special: bool,
     /// Generation ends before any of these strings; they never appear in the output.
     pub stop: Vec<String>,
+    /// Speculative decoding: drafted tokens verified in each step (`None`: one token per
+    /// step). The output is the same either way; see [`crate::spec`].
+    pub spec: Option<SpecParams>,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_tokens: None, sampling: SamplingParams::default(), add_special: true, stop: Vec::new() }
+        GenerateOptions { max_tokens: None, sampling: SamplingParams::default(), add_special: true, stop: Vec::new(), spec: None }
     }
 }
 
@@ -66,8 +70,12 @@ pub struct GenerationStats {
     pub prompt_time: Duration,
     /// Decoding the generated tokens after the first.
     pub generation_time: Duration,
-    /// Single-token decode steps timed in `generation_time`.
+    /// Decode steps timed in `generation_time`.
     pub decode_steps: usize,
+    /// Tokens those steps produced (more than the steps when drafts were accepted).
+    pub timed_tokens: usize,
+    /// Drafted and accepted tokens (speculative decoding).
+    pub spec: SpecStats,
     pub finish: Option<FinishReason>,
 }
 
@@ -76,7 +84,7 @@ impl GenerationStats {
         rate(self.decoded_prompt_tokens, self.prompt_time)
     }
     pub fn generation_tokens_per_s(&self) -> f64 {
-        rate(self.decode_steps, self.generation_time)
+        rate(self.timed_tokens, self.generation_time)
     }
 }
 
@@ -114,6 +122,11 @@ pub struct Session<'m> {
     /// whenever no generation is running.
     cached: Vec<i32>,
     cache_tokens: u32,
+    params: SessionParams,
+    /// The draft model's context, once [`Session::set_draft_model`] gave one.
+    drafter: Option<Drafter>,
+    /// Drafts sent in the last speculative step.
+    last_drafted: usize,
 }
 
 impl<'m> Session<'m> {
@@ -121,7 +134,25 @@ impl<'m> Session<'m> {
         params.validate()?;
         let ctx = model.new_context(&params.to_context_params())?;
         let abort: Arc<dyn AbortHandle> = Arc::from(ctx.abort_handle());
-        Ok(Session { model, ctx, abort, cancel: Arc::new(AtomicBool::new(false)), cached: Vec::new(), cache_tokens: params.cache_tokens })
+        Ok(Session {
+            model,
+            ctx,
+            abort,
+            cancel: Arc::new(AtomicBool::new(false)),
+            cached: Vec::new(),
+            cache_tokens: params.cache_tokens,
+            params: params.clone(),
+            drafter: None,
+            last_drafted: 0,
+        })
+    }
+
+    /// Lets generations with `SpecMode::Draft` draft with `draft`, a model with the same
+    /// vocabulary (checked: a different one is an `InvalidParam` naming both files). Its
+    /// context has this session's sizes.
+    pub fn set_draft_model(&mut self, draft: &Model) -> Result<(), GenerateError> {
+        self.drafter = Some(Drafter::new(self.model, draft, &self.params.to_context_params())?);
+        Ok(())
     }
 
     pub fn n_ctx(&self) -> u32 {
@@ -169,7 +200,17 @@ impl<'m> Session<'m> {
         if tokens.len() > n_ctx as usize {
             return Err(GenerateError::PromptTooLong { tokens: tokens.len(), n_ctx });
         }
-        self.ctx.set_sampling(&opts.sampling)?;
+        if let Some(spec) = &opts.spec {
+            spec.validate()?;
+            if spec.mode == SpecMode::Draft && self.drafter.is_none() {
+                return Err(GenerateError::InvalidParam { field: "spec".into(), reason: "draft speculation needs a draft model (--draft-model)".into() });
+            }
+            // Speculative steps sample through the sequence API (sequence 0); the prompt
+            // is the penalties' history, as for the single-sequence sampler.
+            self.ctx.set_seq_sampling(0, &opts.sampling, &tokens)?;
+        } else {
+            self.ctx.set_sampling(&opts.sampling)?;
+        }
         // A cancel aimed at an earlier generation must not stop this one.
         self.cancel.store(false, Ordering::SeqCst);
         self.ctx.reset_abort();
@@ -178,6 +219,7 @@ impl<'m> Session<'m> {
             session: self,
             state: State::Prefill(tokens),
             max_tokens: opts.max_tokens,
+            spec: opts.spec,
             text: TextOutput::new(&opts.stop),
             stats,
             gen_start: None,
@@ -221,6 +263,59 @@ impl<'m> Session<'m> {
                 other => return other,
             }
         }
+    }
+
+    /// Decodes `tokens` after the cache without logits (a prompt's first part), keeping
+    /// `cached` equal to what the KV cache holds.
+    fn decode_prefix(&mut self, tokens: &[i32]) -> Result<(), BackendError> {
+        let before = self.ctx.n_past() as usize;
+        let r = self.ctx.decode(tokens, false);
+        let landed = (self.ctx.n_past() as usize).saturating_sub(before).min(tokens.len());
+        self.cached.extend_from_slice(&tokens[..landed]);
+        r
+    }
+
+    /// One speculative step: decodes `next` (sampled, not yet in the cache) and the drafts
+    /// that follow it, verifies them, and returns the accepted drafts and the token sampled
+    /// after them. `left`: tokens the generation may still produce (drafts never reach past
+    /// it, nor past the context).
+    fn spec_step(&mut self, next: i32, spec: &SpecParams, left: Option<usize>) -> Result<(Vec<i32>, Sampled), BackendError> {
+        let pos = self.cached.len();
+        // Room after `next`: the context (one cell stays free for the token sampled after
+        // the drafts), the batch, the token limit (the last token of the limit is sampled,
+        // never drafted).
+        let room = (self.ctx.n_ctx() as usize).saturating_sub(pos + 2).min(self.params.size.n_batch as usize - 1);
+        let room = left.map_or(room, |l| room.min(l.saturating_sub(1))).min(spec.draft_max as usize);
+        self.cached.push(next);
+        let drafts = match spec.mode {
+            _ if room < spec.draft_min.max(1) as usize => Vec::new(),
+            SpecMode::Ngram => ngram_draft(&self.cached, spec.ngram_n as usize, room),
+            SpecMode::Draft => match self.drafter.as_mut() {
+                Some(d) => d.draft(0, &self.cached, room as u32, spec.p_min)?,
+                None => Vec::new(),
+            },
+        };
+        self.cached.pop();
+        let drafts = if drafts.len() < spec.draft_min as usize { Vec::new() } else { drafts };
+        self.last_drafted = drafts.len();
+        let mut batch = Vec::with_capacity(1 + drafts.len());
+        batch.push(BatchToken { token: next, pos: pos as i32, seq: 0, logits: true });
+        batch.extend(drafts.iter().enumerate().map(|(k, &token)| BatchToken { token, pos: (pos + 1 + k) as i32, seq: 0, logits: true }));
+        let request = SampleRequest { seq: 0, index: 0, n_draft: drafts.len() as u32 };
+        let mut result = self.ctx.step(&batch, &[request]);
+        if matches!(result, Err(BackendError::Aborted)) && !self.cancel.load(Ordering::SeqCst) {
+            // An abort meant for an earlier generation (see `decode_sample`): once more.
+            self.ctx.seq_remove(0, pos as i32, -1);
+            self.ctx.reset_abort();
+            result = self.ctx.step(&batch, &[request]);
+        }
+        // What the cache holds now: `next` and the accepted drafts, or after a failure
+        // whatever landed (the backend keeps the count true).
+        let held = (self.ctx.n_past() as usize).saturating_sub(pos).min(batch.len());
+        self.cached.extend(batch[..held].iter().map(|t| t.token));
+        let sampled = result?.pop().ok_or(BackendError::InvalidParam { field: "samples".into(), reason: "the backend returned no sampled token".into() })??;
+        let accepted = drafts[..(sampled.accepted as usize).min(drafts.len())].to_vec();
+        Ok((accepted, sampled))
     }
 
     /// Reuses the longest cached prefix of `tokens`; returns how many tokens were reused.
@@ -268,6 +363,7 @@ pub struct Stream<'s, 'm> {
     session: &'s mut Session<'m>,
     state: State,
     max_tokens: Option<u32>,
+    spec: Option<SpecParams>,
     text: TextOutput,
     stats: GenerationStats,
     gen_start: Option<Instant>,
@@ -331,14 +427,33 @@ impl Stream<'_, '_> {
                         r => r.map(|_| None).map_err(Into::into),
                     };
                 }
+                if let Some(spec) = self.spec {
+                    // All but the last prompt token without logits; the last one starts the
+                    // first speculative step (the prompt itself can be drafted from).
+                    let (last, rest) = tokens[reused..].split_last().expect("a prompt keeps at least one token to decode");
+                    let r = self.session.decode_prefix(rest).and_then(|()| self.session.spec_step(*last, &spec, self.max_tokens.map(|m| m as usize)));
+                    self.stats.prompt_time = t.elapsed();
+                    self.gen_start = Some(Instant::now());
+                    return self.take_spec(r);
+                }
                 let r = self.session.decode_sample(&tokens[reused..]);
                 self.stats.prompt_time = t.elapsed();
                 self.gen_start = Some(Instant::now());
                 r
             }
             State::Next(prev) => {
+                if let Some(spec) = self.spec {
+                    let left = self.max_tokens.map(|m| (m as usize).saturating_sub(self.stats.generated_tokens));
+                    let r = self.session.spec_step(prev.token, &spec, left);
+                    self.stats.decode_steps += 1;
+                    let before = self.stats.generated_tokens;
+                    let out = self.take_spec(r);
+                    self.stats.timed_tokens += self.stats.generated_tokens - before;
+                    return out;
+                }
                 let r = self.session.decode_sample(&[prev.token]);
                 self.stats.decode_steps += 1;
+                self.stats.timed_tokens += 1;
                 r
             }
         };
@@ -357,26 +472,70 @@ impl Stream<'_, '_> {
             self.finish(FinishReason::Cancelled);
             return Ok(None);
         }
+        let mut text = String::new();
+        match self.take(next, &mut text)? {
+            Some(reason) => self.finish(reason),
+            None => self.state = State::Next(next),
+        }
+        Ok(Some(text))
+    }
+
+    /// One output token: appends its text to `text`; `Some(reason)` when generation ends
+    /// with it (end of generation, a stop string, the token limit or a full context).
+    fn take(&mut self, next: Sampled, text: &mut String) -> Result<Option<FinishReason>, GenerateError> {
         if next.is_eog {
-            let rest = self.text.flush();
-            self.finish(FinishReason::Stop);
-            return Ok(Some(rest));
+            text.push_str(&self.text.flush());
+            return Ok(Some(FinishReason::Stop));
         }
         self.stats.generated_tokens += 1;
         let bytes = self.session.model.token_bytes(next.token, false)?;
-        let (text, stopped) = self.text.push(&bytes);
+        let (piece, stopped) = self.text.push(&bytes);
+        text.push_str(&piece);
         if stopped {
-            self.finish(FinishReason::Stop);
-            return Ok(Some(text));
+            return Ok(Some(FinishReason::Stop));
         }
         let at_limit = self.max_tokens.is_some_and(|m| self.stats.generated_tokens >= m as usize);
         let ctx_full = self.session.ctx.n_past() >= self.session.ctx.n_ctx();
         if at_limit || ctx_full {
-            let text = text + &self.text.flush();
-            self.finish(FinishReason::Length);
-            return Ok(Some(text));
+            text.push_str(&self.text.flush());
+            return Ok(Some(FinishReason::Length));
         }
-        self.state = State::Next(next);
+        Ok(None)
+    }
+
+    /// The tokens of one speculative step: the accepted drafts, then the sampled token,
+    /// each through [`Stream::take`] as if it had been its own step, so a stop string or
+    /// the token limit inside the accepted drafts ends the output exactly where it would
+    /// have without them.
+    fn take_spec(&mut self, r: Result<(Vec<i32>, Sampled), BackendError>) -> Result<Option<String>, GenerateError> {
+        let (accepted, next) = match r {
+            Ok(r) => r,
+            Err(BackendError::Aborted) if self.cancelled() => {
+                self.finish(FinishReason::Cancelled);
+                return Ok(None);
+            }
+            Err(e) => {
+                self.finish(FinishReason::Cancelled);
+                return Err(e.into());
+            }
+        };
+        if self.cancelled() {
+            self.finish(FinishReason::Cancelled);
+            return Ok(None);
+        }
+        self.stats.spec.drafted += self.session.last_drafted;
+        self.stats.spec.accepted += accepted.len();
+        let mut text = String::new();
+        for token in accepted {
+            if let Some(reason) = self.take(Sampled { token, is_eog: false, accepted: 0 }, &mut text)? {
+                self.finish(reason);
+                return Ok(Some(text));
+            }
+        }
+        match self.take(next, &mut text)? {
+            Some(reason) => self.finish(reason),
+            None => self.state = State::Next(next),
+        }
         Ok(Some(text))
     }
 }

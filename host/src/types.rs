@@ -408,19 +408,32 @@ pub struct BatchToken {
     pub logits: bool,
 }
 
-/// Sample the next token of `seq` with its sampler from batch entry `index`'s logits.
+/// Sample the next token of `seq` with its sampler from batch entry `index`'s logits, after
+/// verifying the `n_draft` drafted tokens that follow that entry in the batch (speculative
+/// decoding: each draft is accepted only if the sampler, fed the same history, picks it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SampleRequest {
     pub seq: i32,
     pub index: i32,
+    pub n_draft: u32,
+}
+
+impl SampleRequest {
+    /// A request without drafts.
+    pub fn new(seq: i32, index: i32) -> SampleRequest {
+        SampleRequest { seq, index, n_draft: 0 }
+    }
 }
 
 /// What a decode step produced for one sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sampled {
+    /// The token sampled after the accepted drafts.
     pub token: i32,
     /// The token ends generation (end of turn / end of sequence).
     pub is_eog: bool,
+    /// Drafts accepted before `token` (their KV cells stay; the rejected ones' are gone).
+    pub accepted: u32,
 }
 
 /// Every error a backend can return.

@@ -581,20 +581,35 @@ pub struct BatchToken {
 }
 
 /// Sample the next token of `seq` with its sampler from batch entry `index`'s logits.
+///
+/// With `n_draft > 0` the request also verifies drafted tokens (speculative decoding):
+/// batch entries `index + 1 ..= index + n_draft` are the drafts, in order, at the positions
+/// after entry `index`, all of `seq` and all with logits. The backend samples at `index`; while
+/// the sampled token equals the next draft it accepts that draft and samples again from the
+/// draft's logits (the same sampler, fed the same history as without drafts, so greedy output
+/// and a seeded sampler's draws are what one token per step would give). The first mismatch,
+/// an end-of-generation token, or the last draft's logits end it. The rejected drafts' KV
+/// cells are removed before `step` returns.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SampleRequest {
     pub seq: i32,
     pub index: i32,
+    /// Drafted tokens following entry `index` to verify (0: none).
+    pub n_draft: u32,
 }
 
 /// What a decode step produced.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sampled {
+    /// The token sampled after the accepted drafts (the next token to decode).
     pub token: i32,
     /// The token ends generation (end of turn / end of sequence).
     pub is_eog: bool,
+    /// How many of the request's drafts were accepted, in order, before `token`: the
+    /// sequence's output grew by those drafts and then `token`.
+    pub accepted: u32,
 }
 
 /// Every error a backend can return. Typed: the host maps each kind to its own error.
@@ -822,7 +837,8 @@ pub trait Context: Send {
     fn set_seq_sampling(&mut self, seq: i32, params: SamplingParams, history: RSlice<'_, i32>) -> RResult<(), BackendError>;
 
     /// One decode step over several sequences (continuous batching): decodes `batch`
-    /// (at most n_batch tokens) and samples each request in `samples`, in order.
+    /// (at most n_batch tokens) and samples each request in `samples`, in order, verifying
+    /// the drafts a request carries (see [`SampleRequest`]).
     ///
     /// The outer error fails the whole step (the decode itself failed, or the arguments are
     /// wrong). Otherwise there is exactly one result per request: a sequence whose sampling
@@ -834,6 +850,14 @@ pub trait Context: Send {
         batch: RSlice<'_, BatchToken>,
         samples: RSlice<'_, SampleRequest>,
     ) -> RResult<RVec<RResult<Sampled, BackendError>>, BackendError>;
+
+    /// Drafts tokens for sequence `seq` of this context (a draft model's context, for
+    /// speculative decoding): removes the sequence's positions from `pos` on, decodes
+    /// `tokens` at positions `pos..`, then picks the most likely next token (greedy) up to
+    /// `n_max` times, stopping early when its probability is below `p_min`. The drafted
+    /// tokens are removed from the KV cache again before returning, so the sequence holds
+    /// exactly `pos + tokens.len()` positions. `tokens` must not be empty.
+    fn draft(&mut self, seq: i32, tokens: RSlice<'_, i32>, pos: i32, n_max: u32, p_min: f32) -> RResult<RVec<i32>, BackendError>;
 
     /// Removes positions `[p0, p1)` of sequence `seq` (`p1 < 0`: to the end) from the KV
     /// cache. Returns false if that cannot be done (see `truncate`).

@@ -99,6 +99,9 @@ pub struct Metrics {
     /// Inputs embedded (each input of an embedding request).
     pub embedded_inputs: AtomicU64,
     pub decode_steps: AtomicU64,
+    /// Speculative decoding: drafted tokens verified, and of those accepted.
+    pub spec_draft_tokens: AtomicU64,
+    pub spec_accepted_tokens: AtomicU64,
     /// Busy time of the engine (decoding), microseconds: tokens/s = tokens / busy time.
     pub busy_us: AtomicU64,
     pub time_to_first_token: Histogram,
@@ -119,6 +122,8 @@ impl Default for Metrics {
             generated_tokens: AtomicU64::new(0),
             embedded_inputs: AtomicU64::new(0),
             decode_steps: AtomicU64::new(0),
+            spec_draft_tokens: AtomicU64::new(0),
+            spec_accepted_tokens: AtomicU64::new(0),
             busy_us: AtomicU64::new(0),
             time_to_first_token: Histogram::new(LATENCY_BOUNDS),
             inter_token_latency: Histogram::new(ITL_BOUNDS),
@@ -147,7 +152,7 @@ impl Metrics {
             }
         }
         type Read = fn(&Metrics) -> f64;
-        let families: [(&str, &str, &str, Read); 11] = [
+        let families: [(&str, &str, &str, Read); 13] = [
             ("llama_queue_depth", "gauge", "Requests waiting for a slot.", |m| m.queue_depth.load(Ordering::Relaxed) as f64),
             ("llama_active_sequences", "gauge", "Requests holding a slot.", |m| m.active_sequences.load(Ordering::Relaxed) as f64),
             ("llama_kv_tokens", "gauge", "Tokens held in the KV cache.", |m| m.kv_tokens.load(Ordering::Relaxed) as f64),
@@ -157,6 +162,8 @@ impl Metrics {
             ("llama_generated_tokens_total", "counter", "Tokens generated.", |m| m.generated_tokens.load(Ordering::Relaxed) as f64),
             ("llama_embedded_inputs_total", "counter", "Inputs embedded.", |m| m.embedded_inputs.load(Ordering::Relaxed) as f64),
             ("llama_decode_steps_total", "counter", "Batched decode steps (embedding batches included).", |m| m.decode_steps.load(Ordering::Relaxed) as f64),
+            ("llama_spec_draft_tokens_total", "counter", "Drafted tokens verified (speculative decoding).", |m| m.spec_draft_tokens.load(Ordering::Relaxed) as f64),
+            ("llama_spec_accepted_tokens_total", "counter", "Drafted tokens accepted (speculative decoding).", |m| m.spec_accepted_tokens.load(Ordering::Relaxed) as f64),
             ("llama_busy_seconds_total", "counter", "Time spent decoding.", |m| m.busy_us.load(Ordering::Relaxed) as f64 / 1e6),
             ("llama_requests_in_flight", "gauge", "Requests queued or running.", |m| (m.queue_depth.load(Ordering::Relaxed) + m.active_sequences.load(Ordering::Relaxed)) as f64),
         ];

@@ -200,7 +200,7 @@ fn two_sequences_of_one_context_keep_their_own_grammars() {
                 batch.push(BatchToken { token: t, pos: i as i32, seq, logits: i + 1 == prompt.len() });
             }
         }
-        let mut samples = vec![SampleRequest { seq: 0, index: prompt.len() as i32 - 1 }, SampleRequest { seq: 1, index: 2 * prompt.len() as i32 - 1 }];
+        let mut samples = vec![SampleRequest::new(0, prompt.len() as i32 - 1), SampleRequest::new(1, 2 * prompt.len() as i32 - 1)];
         let mut texts = [Vec::new(), Vec::new()];
         let mut pos = prompt.len() as i32;
         for _ in 0..12 {
@@ -215,7 +215,7 @@ fn two_sequences_of_one_context_keep_their_own_grammars() {
                     continue;
                 }
                 texts[r.seq as usize].extend(model.token_bytes(s.token, false).unwrap());
-                next.push(SampleRequest { seq: r.seq, index: batch.len() as i32 });
+                next.push(SampleRequest::new(r.seq, batch.len() as i32));
                 batch.push(BatchToken { token: s.token, pos, seq: r.seq, logits: true });
             }
             pos += 1;
@@ -248,11 +248,11 @@ fn a_dead_end_in_one_sequence_leaves_the_other_sequence_of_the_step_alone() {
         ctx.set_seq_sampling(0, &greedy, &prompt).unwrap();
         let mut batch: Vec<BatchToken> =
             prompt.iter().enumerate().map(|(i, &t)| BatchToken { token: t, pos: i as i32, seq: 0, logits: i + 1 == prompt.len() }).collect();
-        let mut samples = vec![SampleRequest { seq: 0, index: prompt.len() as i32 - 1 }];
+        let mut samples = vec![SampleRequest::new(0, prompt.len() as i32 - 1)];
         if with_dead_end {
             ctx.set_seq_sampling(1, &dead, &prompt).unwrap();
             batch.extend(prompt.iter().enumerate().map(|(i, &t)| BatchToken { token: t, pos: i as i32, seq: 1, logits: i + 1 == prompt.len() }));
-            samples.push(SampleRequest { seq: 1, index: batch.len() as i32 - 1 });
+            samples.push(SampleRequest::new(1, batch.len() as i32 - 1));
         }
         let mut first = ctx.step(&batch, &samples).expect("the step as a whole succeeds");
         assert_eq!(first.len(), samples.len());
@@ -271,7 +271,7 @@ fn a_dead_end_in_one_sequence_leaves_the_other_sequence_of_the_step_alone() {
         let mut pos = prompt.len() as i32;
         while out.len() < 16 {
             let batch = [BatchToken { token: *out.last().unwrap(), pos, seq: 0, logits: true }];
-            let s = ctx.step(&batch, &[SampleRequest { seq: 0, index: 0 }]).unwrap().pop().unwrap().unwrap();
+            let s = ctx.step(&batch, &[SampleRequest::new(0, 0)]).unwrap().pop().unwrap().unwrap();
             if s.is_eog {
                 break;
             }
@@ -304,7 +304,7 @@ fn an_exponentially_ambiguous_grammar_ends_its_sequence_only() {
         for &seq in seqs {
             ctx.set_seq_sampling(seq, if seq == 0 { &greedy } else { &doubling }, &prompt).unwrap();
             batch.extend(prompt.iter().enumerate().map(|(i, &t)| BatchToken { token: t, pos: i as i32, seq, logits: i + 1 == prompt.len() }));
-            samples.push(SampleRequest { seq, index: batch.len() as i32 - 1 });
+            samples.push(SampleRequest::new(seq, batch.len() as i32 - 1));
         }
         let (mut out, mut error, mut pos) = (Vec::new(), None, prompt.len() as i32);
         for _ in 0..40 {
@@ -322,7 +322,7 @@ fn an_exponentially_ambiguous_grammar_ends_its_sequence_only() {
                         if r.seq == 0 {
                             out.push(s.token);
                         }
-                        next.push(SampleRequest { seq: r.seq, index: next_batch.len() as i32 });
+                        next.push(SampleRequest::new(r.seq, next_batch.len() as i32));
                         next_batch.push(BatchToken { token: s.token, pos, seq: r.seq, logits: true });
                     }
                     Err(llama_host::BackendError::InvalidParam { field, reason }) if r.seq == 1 && field == "grammar" => {

@@ -175,30 +175,13 @@ impl LlamaContext {
     }
 
     fn decode_chunk(&mut self, chunk: &[i32], logits_last: bool) -> Result<(), BackendError> {
-        let b = &mut self.batch.0;
-        b.n_tokens = chunk.len() as i32;
-        for (i, &tok) in chunk.iter().enumerate() {
-            // SAFETY: the batch arrays hold n_batch entries and chunk.len() <= n_batch;
-            // seq_id[i] points at an array of one seq id (llama_batch_init with n_seq_max 1).
-            unsafe {
-                *b.token.add(i) = tok;
-                *b.pos.add(i) = (self.n_past as usize + i) as i32;
-                *b.n_seq_id.add(i) = 1;
-                **b.seq_id.add(i) = 0;
-                *b.logits.add(i) = (logits_last && i + 1 == chunk.len()) as i8;
-            }
-        }
-        // SAFETY: the context is alive and used by this thread only; the batch is filled.
-        let rc = unsafe { sys::llama_decode(self.ctx.0.as_ptr(), *b) };
-        match rc {
-            0 => {
+        match self.decode_seq(0, chunk, self.n_past as i32, logits_last) {
+            Ok(()) => {
                 self.n_past += chunk.len() as u32;
                 Ok(())
             }
             // A failed or aborted decode may leave some micro-batches in the cache.
-            1 => Err(self.resync(BackendError::NoKvSlot)),
-            2 => Err(self.resync(BackendError::Aborted)),
-            code => Err(self.resync(BackendError::Decode { code })),
+            Err(e) => Err(self.resync(e)),
         }
     }
 
@@ -266,6 +249,15 @@ impl LlamaContext {
             if r.index < 0 || !ok {
                 return Err(invalid("samples", format!("entry {} of sequence {} has no logits in this batch", r.index, r.seq)));
             }
+            // Drafts follow their sequence's entry, one position after another, with logits.
+            let first = &tokens[r.index as usize];
+            let drafts = tokens.get(r.index as usize + 1..).and_then(|rest| rest.get(..r.n_draft as usize));
+            let ok = drafts.is_some_and(|d| {
+                d.iter().enumerate().all(|(k, t)| t.seq == r.seq && t.logits && i64::from(t.pos) == i64::from(first.pos) + k as i64 + 1)
+            });
+            if !ok {
+                return Err(invalid("samples", format!("the {} drafts of sequence {} do not follow entry {} in order with logits", r.n_draft, r.seq, r.index)));
+            }
             if self.seq_samplers[r.seq as usize].is_none() {
                 return Err(invalid("samples", format!("sequence {} has no sampler (set_seq_sampling)", r.seq)));
             }
@@ -293,23 +285,140 @@ impl LlamaContext {
             code => return Err(BackendError::Decode { code }),
         }
         let mut out = RVec::with_capacity(samples.len());
-        let ctx = self.ctx.0.as_ptr();
         for r in samples {
-            let sampler = self.seq_samplers[r.seq as usize].as_mut().expect("checked above");
-            // Entry `r.index` of the batch just decoded computed logits (checked above).
             // One sequence's failure (a grammar dead end, a C++ exception the shim caught)
             // is that sequence's result only: the sequences batched with it belong to
             // other clients and are sampled as if it were not there.
-            let result = match sampler.sample(ctx, r.index, n_vocab) {
-                Ok(token) => RResult::ROk(Sampled { token, is_eog: self.model.is_eog(token) }),
+            let result = match self.verify(tokens, r) {
+                Ok(s) => RResult::ROk(s),
                 Err(BackendError::InvalidParam { field, reason }) => {
                     RResult::RErr(BackendError::InvalidParam { field, reason: RString::from(format!("sequence {}: {reason}", r.seq)) })
                 }
                 Err(other) => RResult::RErr(other),
             };
+            if r.n_draft > 0 {
+                // The rejected drafts leave the KV cache (on an error too: the sequence
+                // keeps only what was accepted).
+                let accepted = match &result { RResult::ROk(s) => s.accepted, RResult::RErr(_) => 0 };
+                if accepted < r.n_draft {
+                    let first_rejected = tokens[r.index as usize + 1 + accepted as usize].pos;
+                    // SAFETY: valid memory handle; the sequence id was checked above.
+                    unsafe { sys::llama_memory_seq_rm(self.memory(), r.seq, first_rejected, -1) };
+                }
+            }
             out.push(result);
         }
+        self.resync(());
         Ok(out)
+    }
+
+    /// Samples request `r` from the batch just decoded (its entries computed logits:
+    /// checked by the caller), verifying its drafts in order: llama.cpp's rule
+    /// (`common_sampler_sample_and_accept_n`). Each sample goes through the sequence's
+    /// sampler exactly as one-token steps would, grammar and penalties included, so the
+    /// output does not depend on the drafts, only the number of steps does.
+    fn verify(&mut self, tokens: &[BatchToken], r: &SampleRequest) -> Result<Sampled, BackendError> {
+        let ctx = self.ctx.0.as_ptr();
+        let n_vocab = self.model.n_vocab();
+        let sampler = self.seq_samplers[r.seq as usize].as_mut().expect("checked by the caller");
+        let mut accepted = 0u32;
+        loop {
+            let token = sampler.sample(ctx, r.index + accepted as i32, n_vocab)?;
+            let is_eog = self.model.is_eog(token);
+            let draft = (accepted < r.n_draft).then(|| tokens[r.index as usize + 1 + accepted as usize].token);
+            if is_eog || draft != Some(token) {
+                return Ok(Sampled { token, is_eog, accepted });
+            }
+            accepted += 1;
+        }
+    }
+
+    /// Greedy drafting on this (draft model's) context: see `Context::draft`.
+    fn draft_tokens(&mut self, seq: i32, tokens: &[i32], pos: i32, n_max: u32, p_min: f32) -> Result<RVec<i32>, BackendError> {
+        if seq < 0 || seq as u32 >= self.n_seq_max {
+            return Err(invalid("seq", format!("{seq} is outside 0..{}", self.n_seq_max)));
+        }
+        if tokens.is_empty() {
+            return Err(invalid("tokens", "nothing to decode"));
+        }
+        if pos < 0 {
+            return Err(invalid("pos", format!("{pos} is below 0")));
+        }
+        if !(0.0..=1.0).contains(&p_min) {
+            return Err(invalid("p_min", format!("{p_min} is outside 0..=1")));
+        }
+        let n_vocab = self.model.n_vocab();
+        if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t >= n_vocab) {
+            return Err(BackendError::InvalidToken { token: bad });
+        }
+        let end = i64::from(pos) + tokens.len() as i64 + i64::from(n_max);
+        if end > i64::from(self.n_ctx) {
+            return Err(BackendError::ContextFull { n_ctx: self.n_ctx, needed: end.min(i64::from(u32::MAX)) as u32 });
+        }
+        let mem = self.memory();
+        // SAFETY: valid memory handle; the sequence id is in range (checked).
+        unsafe { sys::llama_memory_seq_rm(mem, seq, pos, -1) };
+        let held = pos + tokens.len() as i32;
+        let mut drafts = RVec::new();
+        let result = (|| {
+            let mut p = pos;
+            let n = self.n_batch as usize;
+            for chunk in tokens.chunks(n) {
+                let last = p + chunk.len() as i32 == held;
+                self.decode_seq(seq, chunk, p, last)?;
+                p += chunk.len() as i32;
+            }
+            while (drafts.len() as u32) < n_max {
+                // SAFETY: the last decode computed logits for its last entry (index -1).
+                let logits = unsafe { sys::llama_get_logits_ith(self.ctx.0.as_ptr(), -1) };
+                if logits.is_null() {
+                    return Err(invalid("draft", "llama.cpp returned no logits"));
+                }
+                // SAFETY: a logits row holds n_vocab floats.
+                let logits = unsafe { std::slice::from_raw_parts(logits, n_vocab as usize) };
+                let (best, p_best) = top_probability(logits);
+                if p_best < p_min || self.model.is_eog(best) {
+                    break;
+                }
+                drafts.push(best);
+                if drafts.len() as u32 == n_max {
+                    break;
+                }
+                self.decode_seq(seq, &[best], p, true)?;
+                p += 1;
+            }
+            Ok(())
+        })();
+        // The drafted tokens leave the cache: the caller's history decides what stays.
+        // SAFETY: as above.
+        unsafe { sys::llama_memory_seq_rm(mem, seq, held, -1) };
+        self.resync(());
+        result.map(|()| drafts)
+    }
+
+    /// Decodes `chunk` into sequence `seq` at positions `pos..`, with logits for the last
+    /// entry only when `logits_last`.
+    fn decode_seq(&mut self, seq: i32, chunk: &[i32], pos: i32, logits_last: bool) -> Result<(), BackendError> {
+        let b = &mut self.batch.0;
+        b.n_tokens = chunk.len() as i32;
+        for (i, &tok) in chunk.iter().enumerate() {
+            // SAFETY: the batch arrays hold n_batch entries and chunk.len() <= n_batch
+            // (callers chunk by n_batch); seq_id[i] points at an array of one seq id.
+            unsafe {
+                *b.token.add(i) = tok;
+                *b.pos.add(i) = pos + i as i32;
+                *b.n_seq_id.add(i) = 1;
+                **b.seq_id.add(i) = seq;
+                *b.logits.add(i) = (logits_last && i + 1 == chunk.len()) as i8;
+            }
+        }
+        // SAFETY: the context is alive and used by this thread only; the batch is filled.
+        match unsafe { sys::llama_decode(self.ctx.0.as_ptr(), *b) } {
+            0 => Ok(()),
+            1 => Err(BackendError::NoKvSlot),
+            2 => Err(BackendError::Aborted),
+            code => Err(BackendError::Decode { code }),
+        }
     }
 }
 
@@ -375,6 +484,10 @@ impl llama_plugin_api::Context for LlamaContext {
         guard(|| self.step_batch(batch.as_slice(), samples.as_slice()))
     }
 
+    fn draft(&mut self, seq: i32, tokens: RSlice<'_, i32>, pos: i32, n_max: u32, p_min: f32) -> RResult<RVec<i32>, BackendError> {
+        guard(|| self.draft_tokens(seq, tokens.as_slice(), pos, n_max, p_min))
+    }
+
     fn seq_remove(&mut self, seq: i32, p0: i32, p1: i32) -> bool {
         if seq < 0 || seq as u32 >= self.n_seq_max {
             return false;
@@ -422,15 +535,34 @@ impl llama_plugin_api::Context for LlamaContext {
             // The last decode produced logits for its last token (index -1); sampling also
             // accepts the token (into the grammar and the chain's penalties).
             let token = self.sampler.sample(self.ctx.0.as_ptr(), -1, self.model.n_vocab())?;
-            Ok(Sampled { token, is_eog: self.model.is_eog(token) })
+            Ok(Sampled { token, is_eog: self.model.is_eog(token), accepted: 0 })
         })
     }
+}
+
+/// The most likely token of a logits row and its probability (a softmax over the row).
+fn top_probability(logits: &[f32]) -> (i32, f32) {
+    let (best, max) = logits.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |acc, (i, &l)| if l > acc.1 { (i, l) } else { acc });
+    if !max.is_finite() {
+        return (best as i32, 0.0);
+    }
+    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    (best as i32, (1.0 / sum) as f32)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::ffi::CStr;
+
+    #[test]
+    fn top_probability_is_a_softmax_of_the_best() {
+        let (t, p) = top_probability(&[0.0, 2.0, 0.0]);
+        assert_eq!(t, 1);
+        let e2 = 2f64.exp();
+        assert!((f64::from(p) - e2 / (e2 + 2.0)).abs() < 1e-6, "{p}");
+        assert_eq!(top_probability(&[f32::NEG_INFINITY; 3]).1, 0.0);
+    }
 
     fn params(type_k: CacheType, type_v: CacheType, flash_attn: FlashAttn) -> ContextParams {
         ContextParams { n_ctx: 512, n_batch: 512, n_ubatch: 512, n_threads: 1, n_threads_batch: 1, n_seq_max: 1, kv_unified: false, type_k, type_v, flash_attn }

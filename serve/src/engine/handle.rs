@@ -32,6 +32,8 @@ pub struct RequestStats {
     pub error: Option<String>,
     /// For `Finish::Stop` by a stop string: which one (Anthropic's `stop_sequence`).
     pub stop_sequence: Option<String>,
+    /// Speculative decoding: drafted and accepted tokens.
+    pub spec: llama_host::spec::SpecStats,
 }
 
 /// What a request's handle yields.
@@ -147,6 +149,7 @@ impl Handle {
             finish: Finish::Error,
             error: Some("the engine stopped".into()),
             stop_sequence: None,
+            spec: Default::default(),
         }
     }
 }

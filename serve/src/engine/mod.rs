@@ -71,6 +71,19 @@ pub struct EngineConfig {
     /// Inputs one embedding batch decodes together. Its tokens are `size.n_ubatch`, which
     /// is also the longest input (llama.cpp pools per micro-batch, as llama-server).
     pub embed_seqs: u32,
+    /// A draft model for requests speculating with `SpecMode::Draft` (same vocabulary as
+    /// the model: checked at start).
+    pub draft: Option<DraftModel>,
+}
+
+/// A draft model shared with an engine (`EngineConfig::draft`).
+#[derive(Clone)]
+pub struct DraftModel(pub Arc<Model>);
+
+impl std::fmt::Debug for DraftModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DraftModel({})", self.0.path().display())
+    }
 }
 
 impl Default for EngineConfig {
@@ -89,6 +102,7 @@ impl Default for EngineConfig {
             cache: KvCacheParams::default(),
             pooling: None,
             embed_seqs: 64,
+            draft: None,
         }
     }
 }
@@ -143,6 +157,10 @@ pub enum StartError {
     Session(#[from] llama_host::SessionError),
     #[error("cannot start the engine thread")]
     Thread(#[source] std::io::Error),
+    /// The draft model cannot draft for this model (another vocabulary) or its context
+    /// could not be made.
+    #[error(transparent)]
+    Draft(llama_host::GenerateError),
 }
 
 /// One request to the engine.
@@ -237,6 +255,10 @@ impl Engine {
             cache: config.cache,
         };
         let ctx = model.new_context(&params)?;
+        let drafter = match &config.draft {
+            Some(d) => Some(llama_host::spec::Drafter::new(&model, &d.0, &params).map_err(StartError::Draft)?),
+            None => None,
+        };
         let slot_ctx = ctx.n_ctx() / n_seq;
         metrics.kv_capacity.store(i64::from(slot_ctx) * i64::from(slots), Ordering::Relaxed);
         // Both bounded by `validate`, so this cannot overflow.
@@ -247,7 +269,7 @@ impl Engine {
         let embed_params = llama_host::EmbedParams { n_ctx: config.size.n_ubatch.min(llama_host::embed::max_embed_tokens(model.info().n_vocab)), n_threads: t, n_threads_batch: config.size.n_threads_batch, n_seq_max: config.embed_seqs, pooling: None, flash_attn: llama_host::FlashAttn::Off, may_skip_output: false };
         let embed = embed::EmbedSetup::new(&model, config.pooling, embed_params);
         let embeds = embed::EmbedQueue::new(model.clone(), embed.clone(), metrics.clone(), in_flight.clone());
-        let worker = Worker::new(model.clone(), ctx, &config, rx, in_flight.clone(), metrics.clone(), slot_ctx, embeds);
+        let worker = Worker::new(model.clone(), ctx, drafter, &config, rx, in_flight.clone(), metrics.clone(), slot_ctx, embeds);
         let thread = std::thread::Builder::new().name("llama-engine".into()).spawn(move || worker.run()).map_err(StartError::Thread)?;
         let shared = Shared { tx, in_flight, limit, next_id: AtomicUsize::new(1), model, config, metrics, slot_ctx, stopped: AtomicBool::new(false), embed };
         Ok(Engine { shared: Arc::new(shared), thread: Some(thread) })
@@ -361,6 +383,15 @@ impl Reservation {
             return Err(SubmitError::PromptTooLarge { bytes: req.prompt.len(), limit });
         }
         req.opts.sampling.validate().map_err(|err| SubmitError::InvalidParam { field: err.field.into(), reason: err.reason })?;
+        if let Some(spec) = &req.opts.spec {
+            spec.validate().map_err(|err| match err {
+                llama_host::GenerateError::InvalidParam { field, reason } => SubmitError::InvalidParam { field, reason },
+                other => SubmitError::InvalidParam { field: "speculative".into(), reason: other.to_string() },
+            })?;
+            if spec.mode == llama_host::spec::SpecMode::Draft && e.config.draft.is_none() {
+                return Err(SubmitError::InvalidParam { field: "speculative.mode".into(), reason: "draft speculation needs a draft model, and this model is served without one (--draft-model)".into() });
+            }
+        }
         let tokens = e.model.tokenize(&req.prompt, req.opts.add_special).map_err(|err| SubmitError::InvalidParam { field: "prompt".into(), reason: err.to_string() })?;
         if tokens.is_empty() {
             return Err(SubmitError::EmptyPrompt);

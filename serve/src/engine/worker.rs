@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use flume::TrySendError;
+use llama_host::spec::{ngram_draft, Drafter, SpecMode, SpecStats};
 use llama_host::{BatchToken, ContextOps, GenerateOptions, Model, SampleRequest, TextOutput};
 
 use super::handle::{Event, Finish, RequestStats};
@@ -19,6 +20,10 @@ const EMBED_BUDGET_BESIDE_STREAMS: u32 = 64;
 /// Most tokens of an embedding batch otherwise: a stream that arrives waits for at most one
 /// such batch (on this machine 256 tokens embed as fast per token as 512, or faster).
 const EMBED_BUDGET: u32 = 256;
+/// Most tokens of a generation step in batch-invariant mode, padding included: from 64
+/// queries on (`GGML_FA_TILE_Q`) llama.cpp's CPU flash attention takes its tiled path,
+/// whose sums differ from the one a lone token takes, so drafts stay below it.
+const INVARIANT_STEP_TOKENS: usize = 63;
 
 pub(super) struct Job {
     /// `request{id}`: every log line about this request is inside it.
@@ -67,6 +72,8 @@ struct Active {
     first_token: Option<Instant>,
     last_token: Option<Instant>,
     order: u64,
+    /// Drafted and accepted tokens so far (speculative decoding).
+    spec: SpecStats,
 }
 
 struct Slot {
@@ -114,6 +121,8 @@ pub(super) struct Worker {
     /// `embed_turn`).
     embed_us: u64,
     gen_us: u64,
+    /// The draft model's context, for requests speculating with it.
+    drafter: Option<Drafter>,
 }
 
 fn common_prefix(a: &[i32], b: &[i32]) -> usize {
@@ -124,6 +133,7 @@ impl Worker {
     pub(super) fn new(
         model: Arc<Model>,
         ctx: Box<dyn ContextOps>,
+        drafter: Option<Drafter>,
         config: &super::EngineConfig,
         rx: Receiver<Msg>,
         in_flight: Arc<AtomicUsize>,
@@ -149,6 +159,7 @@ impl Worker {
             embeds,
             embed_us: 0,
             gen_us: 0,
+            drafter,
         }
     }
 
@@ -349,6 +360,7 @@ impl Worker {
             first_token: None,
             last_token: None,
             order,
+            spec: SpecStats::default(),
         });
         if let Err(e) = sampler {
             self.finish(i, Finish::Error, Some(e.to_string()));
@@ -406,6 +418,7 @@ impl Worker {
                     finish,
                     error: None,
                     stop_sequence: None,
+                    spec: Default::default(),
                 }));
                 job.span.in_scope(|| tracing::info!(?finish, "ended while queued"));
                 false
@@ -435,20 +448,96 @@ impl Worker {
         }
     }
 
+    /// The drafts of every generating slot of `plan` that speculates, within what the
+    /// batch has left after the plan (`drafts[k]` for `plan[k]`).
+    fn drafts(&mut self, plan: &[(usize, Part)]) -> Vec<Vec<i32>> {
+        let mut drafts = vec![Vec::new(); plan.len()];
+        let planned: usize = plan.iter().map(|(_, p)| match p {
+            Part::Token => 1,
+            Part::Prompt(n) => *n,
+        }).sum();
+        let mut spare = match self.pad {
+            None => (self.n_batch as usize).saturating_sub(planned),
+            // The padding token counts, and the step stays under flash attention's tile.
+            Some(_) => (self.n_batch as usize - 1).min(INVARIANT_STEP_TOKENS - 1).saturating_sub(planned),
+        };
+        // Draft-model requests: (plan index, sequence, history, most drafts, p_min).
+        let mut wanted = Vec::new();
+        for (k, &(i, part)) in plan.iter().enumerate() {
+            if part != Part::Token || spare == 0 {
+                continue;
+            }
+            let slot = &self.slots[i];
+            let a = slot.active.as_ref().expect("planned slots are active");
+            let Some(spec) = a.job.opts.spec else { continue };
+            // Position of the token to decode (`last`); the drafts follow it. One cell stays
+            // for the token sampled after them, and the token limit's last token is always
+            // sampled, never drafted, so no draft reaches past the limit.
+            let pos = slot.cached.len();
+            let mut room = (self.slot_ctx as usize).saturating_sub(pos + 2).min(spare).min(spec.draft_max as usize);
+            if let Some(m) = a.job.opts.max_tokens {
+                room = room.min((m as usize).saturating_sub(a.generated + 1));
+            }
+            if room < spec.draft_min.max(1) as usize {
+                continue;
+            }
+            let mut history = Vec::with_capacity(pos + 1);
+            history.extend_from_slice(&slot.cached);
+            history.push(a.last.expect("a generating slot has a token"));
+            match spec.mode {
+                SpecMode::Ngram => {
+                    let d = ngram_draft(&history, spec.ngram_n as usize, room);
+                    if d.len() >= spec.draft_min as usize {
+                        spare -= d.len();
+                        drafts[k] = d;
+                    }
+                }
+                SpecMode::Draft => {
+                    spare -= room;
+                    wanted.push((k, slot.seq, history, room as u32, spec.p_min, spec.draft_min as usize));
+                }
+            }
+        }
+        let drafter = if wanted.is_empty() { None } else { self.drafter.take() };
+        if let Some(drafter) = drafter {
+            // Drafting decodes on the draft model's context: on the compute thread, as steps.
+            let (drafter, results) = super::compute::run(move || {
+                let mut drafter = drafter;
+                let results: Vec<_> = wanted.into_iter().map(|(k, seq, history, n, p_min, min)| (k, min, drafter.draft(seq, &history, n, p_min))).collect();
+                (drafter, results)
+            });
+            self.drafter = Some(drafter);
+            for (k, min, r) in results {
+                match r {
+                    Ok(d) if d.len() >= min => drafts[k] = d,
+                    Ok(_) => {}
+                    // Drafting is an optimisation: a failure costs speed, never the request.
+                    Err(e) => tracing::warn!(error = %e, "drafting failed; this step verifies no drafts"),
+                }
+            }
+        }
+        drafts
+    }
+
     fn step(&mut self, plan: &[(usize, Part)]) {
+        let drafts = self.drafts(plan);
         let mut batch = Vec::new();
         let mut samples = Vec::new();
-        // The slot each sample request is for, in the same order as `samples`.
+        // The slot each sample request is for, in the same order as `samples`, and the
+        // drafts it carries.
         let mut sampled_slots = Vec::new();
-        for &(i, part) in plan {
+        for (k, &(i, part)) in plan.iter().enumerate() {
             let slot = &self.slots[i];
             let a = slot.active.as_ref().expect("planned slots are active");
             match part {
                 Part::Token => {
                     let pos = (a.job.tokens.len() + a.generated - 1) as i32;
                     batch.push(BatchToken { token: a.last.expect("a generating slot has a token"), pos, seq: slot.seq, logits: true });
-                    samples.push(SampleRequest { seq: slot.seq, index: batch.len() as i32 - 1 });
-                    sampled_slots.push(i);
+                    let index = batch.len() as i32 - 1;
+                    let d = &drafts[k];
+                    batch.extend(d.iter().enumerate().map(|(j, &token)| BatchToken { token, pos: pos + 1 + j as i32, seq: slot.seq, logits: true }));
+                    samples.push(SampleRequest { seq: slot.seq, index, n_draft: d.len() as u32 });
+                    sampled_slots.push((i, k));
                 }
                 Part::Prompt(n) => {
                     let start = a.prompt_done;
@@ -458,8 +547,8 @@ impl Worker {
                         batch.push(BatchToken { token: t, pos: (start + k) as i32, seq: slot.seq, logits: last });
                     }
                     if end == a.job.tokens.len() {
-                        samples.push(SampleRequest { seq: slot.seq, index: batch.len() as i32 - 1 });
-                        sampled_slots.push(i);
+                        samples.push(SampleRequest::new(slot.seq, batch.len() as i32 - 1));
+                        sampled_slots.push((i, k));
                     }
                 }
             }
@@ -502,9 +591,24 @@ impl Worker {
                 }
             }
         }
-        for (i, s) in sampled_slots.into_iter().zip(sampled) {
+        for ((i, k), s) in sampled_slots.into_iter().zip(sampled) {
             match s {
-                Ok(s) => self.accept(i, s),
+                Ok(s) => {
+                    // The accepted drafts are in the cache after `last`; the backend removed
+                    // the rejected ones.
+                    let d = &drafts[k];
+                    let accepted = &d[..(s.accepted as usize).min(d.len())];
+                    self.slots[i].cached.extend_from_slice(accepted);
+                    if !d.is_empty() {
+                        self.metrics.spec_draft_tokens.fetch_add(d.len() as u64, Ordering::Relaxed);
+                        self.metrics.spec_accepted_tokens.fetch_add(accepted.len() as u64, Ordering::Relaxed);
+                        if let Some(a) = self.slots[i].active.as_mut() {
+                            a.spec.drafted += d.len();
+                            a.spec.accepted += accepted.len();
+                        }
+                    }
+                    self.accept(i, accepted.to_vec(), s)
+                }
                 // One sequence's sampling failed (its grammar reached a dead end): only its
                 // request ends; the others of the step got their tokens and carry on.
                 Err(e) => {
@@ -527,8 +631,31 @@ impl Worker {
         }
     }
 
-    /// Handles one sampled token of slot `i`.
-    fn accept(&mut self, i: usize, s: llama_host::Sampled) {
+    /// Handles the accepted drafts and then the sampled token of slot `i`, each as if it
+    /// had been its own step: the first stop string, the token limit or a full slot ends
+    /// the output exactly where it would have without drafts. The text of the step goes to
+    /// the consumer as one piece.
+    fn accept(&mut self, i: usize, accepted: Vec<i32>, s: llama_host::Sampled) {
+        let mut text = String::new();
+        for token in accepted {
+            if let Some((finish, error)) = self.take(i, llama_host::Sampled { token, is_eog: false, accepted: 0 }, &mut text) {
+                return self.end_with(i, text, finish, error);
+            }
+        }
+        match self.take(i, s, &mut text) {
+            Some((finish, error)) => self.end_with(i, text, finish, error),
+            None => self.emit(i, text),
+        }
+    }
+
+    fn end_with(&mut self, i: usize, text: String, finish: Finish, error: Option<String>) {
+        self.emit(i, text);
+        self.finish(i, finish, error);
+    }
+
+    /// One output token of slot `i`: its text is appended to `text`; `Some` when the
+    /// request ends with it.
+    fn take(&mut self, i: usize, s: llama_host::Sampled, text: &mut String) -> Option<(Finish, Option<String>)> {
         let now = Instant::now();
         let slot_ctx = self.slot_ctx as usize;
         let a = self.slots[i].active.as_mut().expect("active");
@@ -542,37 +669,29 @@ impl Worker {
         }
         a.last_token = Some(now);
         if s.is_eog {
-            let rest = a.text.flush();
-            self.emit(i, rest);
-            self.finish(i, Finish::Stop, None);
-            return;
+            text.push_str(&a.text.flush());
+            return Some((Finish::Stop, None));
         }
         a.generated += 1;
         a.last = Some(s.token);
         self.metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
         let bytes = match self.model.token_bytes(s.token, false) {
             Ok(b) => b,
-            Err(e) => {
-                self.finish(i, Finish::Error, Some(e.to_string()));
-                return;
-            }
+            Err(e) => return Some((Finish::Error, Some(e.to_string()))),
         };
         let a = self.slots[i].active.as_mut().expect("active");
-        let (text, stopped) = a.text.push(&bytes);
+        let (piece, stopped) = a.text.push(&bytes);
+        text.push_str(&piece);
         if stopped {
-            self.emit(i, text);
-            self.finish(i, Finish::Stop, None);
-            return;
+            return Some((Finish::Stop, None));
         }
         let at_limit = a.job.opts.max_tokens.is_some_and(|m| a.generated >= m as usize);
         let full = a.job.tokens.len() + a.generated >= slot_ctx;
         if at_limit || full {
-            let tail = a.text.flush();
-            self.emit(i, text + &tail);
-            self.finish(i, Finish::Length, None);
-            return;
+            text.push_str(&a.text.flush());
+            return Some((Finish::Length, None));
         }
-        self.emit(i, text);
+        None
     }
 
     /// Hands text to the consumer, or parks it (pausing the sequence) if it is not reading.
@@ -611,6 +730,7 @@ impl Worker {
             finish,
             error,
             stop_sequence: a.text.stopped_by().map(str::to_string),
+            spec: a.spec,
         };
         a.job.span.in_scope(|| {
             tracing::info!(?finish, generated = stats.generated_tokens, total_ms = stats.total.as_secs_f64() * 1e3, "finished")

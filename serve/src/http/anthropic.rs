@@ -827,6 +827,7 @@ mod tests {
             finish,
             error: None,
             stop_sequence: stop.map(str::to_string),
+            spec: Default::default(),
         }
     }
 

@@ -156,6 +156,7 @@ impl GenRequest {
             sampling,
             add_special: matches!(self.input, Input::Prompt(_)),
             stop: self.stop.clone().unwrap_or_else(|| d.stop.clone()),
+            spec: d.spec,
         }
     }
 }

@@ -1,0 +1,276 @@
+//! Speculative decoding: where drafted tokens come from.
+//!
+//! A generation step can carry, after a sequence's next token, a few drafted tokens that
+//! probably follow it. The backend decodes them in the same batch and verifies them in
+//! order with the sequence's own sampler ([`crate::SampleRequest::n_draft`]): each is kept
+//! only if the sampler, fed the same history, picks it, so the output is the one a
+//! token-per-step generation gives; only the number of steps changes. On this hardware a
+//! step is bound by reading the weights, so checking several tokens costs little more than
+//! one.
+//!
+//! Two sources:
+//! - **n-gram (prompt lookup)** ([`ngram_draft`]): the last `n` tokens of prompt plus
+//!   output are looked up earlier in the same sequence, and what followed them there is
+//!   proposed. No second model; edits, refactors, quotes and JSON rewrites repeat most of
+//!   their prompt.
+//! - **draft model** ([`Drafter`]): a small model with the same vocabulary proposes its
+//!   greedy continuation, stopping where its confidence falls below `p_min`.
+
+use crate::error::GenerateError;
+use crate::ops::ContextOps;
+use crate::types::{BackendError, ContextParams};
+use crate::Model;
+
+/// Most tokens drafted per step. A step decodes the drafts as one batch: past a few dozen
+/// the verification costs more than the weights it saves reading.
+pub const MAX_DRAFT: u32 = 64;
+/// Longest n-gram looked up.
+pub const MAX_NGRAM: u32 = 16;
+
+/// Where drafts come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpecMode {
+    /// Prompt lookup: the sequence's own earlier tokens.
+    Ngram,
+    /// A draft model (the engine's or session's, loaded with `--draft-model`).
+    Draft,
+}
+
+impl SpecMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpecMode::Ngram => "ngram",
+            SpecMode::Draft => "draft",
+        }
+    }
+}
+
+impl std::str::FromStr for SpecMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ngram" => Ok(SpecMode::Ngram),
+            "draft" => Ok(SpecMode::Draft),
+            other => Err(format!("unknown speculation mode {other:?} (ngram, draft, or none)")),
+        }
+    }
+}
+
+/// How one generation speculates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SpecParams {
+    pub mode: SpecMode,
+    /// Most tokens drafted per step (`--draft-max`).
+    pub draft_max: u32,
+    /// Fewer drafted tokens than this are not verified at all (`--draft-min`): a short
+    /// draft of a weak match costs a wider step for little gain.
+    pub draft_min: u32,
+    /// Draft model: stop drafting at a token whose probability is below this
+    /// (`--draft-p-min`).
+    pub p_min: f32,
+    /// n-gram: tokens matched (`--spec-ngram-n`).
+    pub ngram_n: u32,
+}
+
+impl SpecParams {
+    /// The defaults for `mode` (measured on this project's workloads: see
+    /// docs/ARCHITECTURE.md, "Speculative decoding").
+    pub fn new(mode: SpecMode) -> SpecParams {
+        match mode {
+            SpecMode::Ngram => SpecParams { mode, draft_max: 16, draft_min: 1, p_min: 0.0, ngram_n: 3 },
+            SpecMode::Draft => SpecParams { mode, draft_max: 8, draft_min: 1, p_min: 0.5, ngram_n: 3 },
+        }
+    }
+
+    /// Checks every value; the error names the flag.
+    pub fn validate(&self) -> Result<(), GenerateError> {
+        let bad = |field: &str, reason: String| Err(GenerateError::InvalidParam { field: field.into(), reason });
+        if !(1..=MAX_DRAFT).contains(&self.draft_max) {
+            return bad("draft-max", format!("{} is outside 1..={MAX_DRAFT}", self.draft_max));
+        }
+        if self.draft_min > self.draft_max {
+            return bad("draft-min", format!("{} is above draft-max ({})", self.draft_min, self.draft_max));
+        }
+        if !(0.0..=1.0).contains(&self.p_min) {
+            return bad("draft-p-min", format!("{} is outside 0..=1", self.p_min));
+        }
+        if !(1..=MAX_NGRAM).contains(&self.ngram_n) {
+            return bad("spec-ngram-n", format!("{} is outside 1..={MAX_NGRAM}", self.ngram_n));
+        }
+        Ok(())
+    }
+}
+
+/// Prompt lookup: the tokens that followed the most recent earlier occurrence of the last
+/// `n` tokens of `history`, at most `max`. Empty when there is no earlier occurrence.
+///
+/// One backward scan, newest first (a repeated passage is most likely continuing the way
+/// it went last time): O(history × n), microseconds for a full context.
+pub fn ngram_draft(history: &[i32], n: usize, max: usize) -> Vec<i32> {
+    if n == 0 || max == 0 || history.len() <= n {
+        return Vec::new();
+    }
+    let key = &history[history.len() - n..];
+    // Candidate starts from the newest that leaves at least one token after the match.
+    for start in (0..history.len() - n).rev() {
+        if &history[start..start + n] == key {
+            let from = start + n;
+            let to = (from + max).min(history.len());
+            return history[from..to].to_vec();
+        }
+    }
+    Vec::new()
+}
+
+/// Whether `draft` can draft for `target`: the same vocabulary, token for token (the drafts
+/// are token ids the target verifies). The error names both models.
+pub fn check_vocab(target: &Model, draft: &Model) -> Result<(), GenerateError> {
+    let mismatch = |reason: String| {
+        Err(GenerateError::InvalidParam {
+            field: "draft-model".into(),
+            reason: format!(
+                "{} cannot draft for {}: {reason}; a draft model must share the target's vocabulary",
+                draft.path().display(),
+                target.path().display()
+            ),
+        })
+    };
+    let (t, d) = (target.info(), draft.info());
+    if t.n_vocab != d.n_vocab {
+        return mismatch(format!("its vocabulary has {} tokens, the target's {}", d.n_vocab, t.n_vocab));
+    }
+    if t.bos != d.bos {
+        return mismatch(format!("its beginning-of-sequence token is {}, the target's {}", d.bos, t.bos));
+    }
+    for token in 0..t.n_vocab {
+        let (a, b) = (target.token_bytes(token, true)?, draft.token_bytes(token, true)?);
+        if a != b {
+            return mismatch(format!(
+                "token {token} is {:?} in the target and {:?} in the draft model",
+                String::from_utf8_lossy(&a),
+                String::from_utf8_lossy(&b)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A draft model's context with what each of its sequences holds, so a sequence's next
+/// draft decodes only the tokens its history gained since the last one.
+pub struct Drafter {
+    ctx: Box<dyn ContextOps>,
+    /// Per sequence: the tokens the draft context holds.
+    held: Vec<Vec<i32>>,
+}
+
+impl Drafter {
+    /// A context of `draft` shaped like the target's (`params`: the same length, sequences
+    /// and layout), after checking the vocabularies match.
+    pub fn new(target: &Model, draft: &Model, params: &ContextParams) -> Result<Drafter, GenerateError> {
+        check_vocab(target, draft)?;
+        let ctx = draft.new_context(params).map_err(|e| match e {
+            crate::SessionError::InvalidParam { field, reason } => GenerateError::InvalidParam { field, reason },
+            crate::SessionError::Backend(b) => GenerateError::Backend(b),
+        })?;
+        let held = vec![Vec::new(); ctx.n_seq_max() as usize];
+        Ok(Drafter { ctx, held })
+    }
+
+    /// Up to `n_max` drafted tokens to follow `history` (all of the sequence's tokens: the
+    /// prompt, the output, and the token about to be decoded) in sequence `seq`.
+    pub fn draft(&mut self, seq: i32, history: &[i32], n_max: u32, p_min: f32) -> Result<Vec<i32>, BackendError> {
+        let Some(held) = self.held.get_mut(seq as usize) else { return Ok(Vec::new()) };
+        if history.is_empty() || n_max == 0 {
+            return Ok(Vec::new());
+        }
+        let common = held.iter().zip(history).take_while(|(a, b)| a == b).count();
+        // At least one token is decoded, for logits to draft from.
+        let mut keep = common.min(history.len() - 1);
+        if !self.ctx.seq_can_continue(seq, keep as i32) {
+            keep = 0;
+        }
+        held.truncate(keep);
+        let drafts = self.ctx.draft(seq, &history[keep..], keep as i32, n_max, p_min);
+        match &drafts {
+            Ok(_) => held.extend_from_slice(&history[keep..]),
+            // What the context holds after a failure is unknown: start the sequence over.
+            Err(_) => {
+                held.clear();
+                self.ctx.seq_remove(seq, 0, -1);
+            }
+        }
+        drafts
+    }
+
+    /// Forgets sequence `seq` (its request ended and its cells may be reused).
+    pub fn forget(&mut self, seq: i32) {
+        if let Some(held) = self.held.get_mut(seq as usize) {
+            held.clear();
+            self.ctx.seq_remove(seq, 0, -1);
+        }
+    }
+}
+
+/// Counts of one generation's speculation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SpecStats {
+    /// Drafted tokens sent for verification.
+    pub drafted: usize,
+    /// Of those, the ones accepted.
+    pub accepted: usize,
+}
+
+impl SpecStats {
+    /// Accepted / drafted, or `None` before any draft.
+    pub fn acceptance(&self) -> Option<f64> {
+        (self.drafted > 0).then(|| self.accepted as f64 / self.drafted as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_earlier_occurrence_is_followed() {
+        // "a b c d | a b c e | a b c" → the newest earlier "a b c" was followed by "e ...".
+        let h = [1, 2, 3, 4, 1, 2, 3, 5, 6, 1, 2, 3];
+        assert_eq!(ngram_draft(&h, 3, 2), vec![5, 6]);
+        assert_eq!(ngram_draft(&h, 3, 10), vec![5, 6, 1, 2, 3]);
+    }
+
+    #[test]
+    fn no_match_or_too_short_drafts_nothing() {
+        assert!(ngram_draft(&[1, 2, 3, 4], 2, 5).is_empty());
+        assert!(ngram_draft(&[1, 2], 2, 5).is_empty());
+        assert!(ngram_draft(&[1, 1], 1, 5) == vec![1]);
+        assert!(ngram_draft(&[1, 2, 1], 1, 0).is_empty());
+        assert!(ngram_draft(&[], 1, 4).is_empty());
+    }
+
+    #[test]
+    fn a_repeat_drafts_up_to_the_end_of_the_history() {
+        // A run of one token: the match one back proposes the single token after it.
+        assert_eq!(ngram_draft(&[7, 7, 7, 7], 2, 8), vec![7]);
+    }
+
+    #[test]
+    fn params_are_bounded_and_named() {
+        let ok = SpecParams::new(SpecMode::Ngram);
+        assert!(ok.validate().is_ok());
+        for (p, field) in [
+            (SpecParams { draft_max: 0, ..ok }, "draft-max"),
+            (SpecParams { draft_max: MAX_DRAFT + 1, ..ok }, "draft-max"),
+            (SpecParams { draft_min: 17, ..ok }, "draft-min"),
+            (SpecParams { p_min: 1.5, ..ok }, "draft-p-min"),
+            (SpecParams { p_min: f32::NAN, ..ok }, "draft-p-min"),
+            (SpecParams { ngram_n: 0, ..ok }, "spec-ngram-n"),
+        ] {
+            match p.validate() {
+                Err(GenerateError::InvalidParam { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{p:?}: {other:?}"),
+            }
+        }
+    }
+}
