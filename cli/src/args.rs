@@ -58,6 +58,10 @@ pub struct ServeArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub cache: CacheArgs,
+    /// Speculative decoding for every served model without its own `spec` setting;
+    /// requests may change it with their `speculative` field.
+    #[command(flatten)]
+    pub spec: SpecArgs,
     /// Address to bind; anything but loopback without an API key gets a warning.
     #[arg(long, default_value = "127.0.0.1", env = "LLAMA_HOST")]
     pub host: String,

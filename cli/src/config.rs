@@ -134,6 +134,14 @@ pub struct ModelSettings {
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub stop: Option<Vec<String>>,
+    /// Speculative decoding for this model (`"none"`, `"ngram"`, `"draft"`) over `--spec`,
+    /// and its sizes and draft model over the flags of the same names.
+    pub spec: Option<String>,
+    pub draft_model: Option<PathBuf>,
+    pub draft_max: Option<u32>,
+    pub draft_min: Option<u32>,
+    pub draft_p_min: Option<f32>,
+    pub spec_ngram_n: Option<u32>,
 }
 
 impl<'de> Deserialize<'de> for ModelEntry {

@@ -153,6 +153,8 @@ pub struct ServeOpts {
     pub cache: KvCacheParams,
     pub args: args::ServeArgs,
     pub threads: i32,
+    /// `--draft-model`, resolved.
+    pub draft_model: Option<PathBuf>,
     /// The API key, from `--api-key`, `LLAMA_API_KEY` or `--api-key-file`; never empty.
     pub api_key: Option<String>,
     pub header_timeout: Duration,
@@ -262,7 +264,10 @@ impl Options {
                 let api_key = api_key(sub, &a)?;
                 let threads = threads("threads", a.threads)?;
                 let header_timeout = header_timeout(a.header_timeout)?;
-                CommandOpts::Serve(ServeOpts { catalogue, backend, offload, cache, args: a, threads, api_key, header_timeout })
+                // Checked here so a bad flag fails before anything loads.
+                spec_options(&a.spec)?;
+                let draft_model = draft_path(&a.spec, &cfg)?;
+                CommandOpts::Serve(ServeOpts { catalogue, backend, offload, cache, args: a, threads, draft_model, api_key, header_timeout })
             }
             Command::Ps(a) => CommandOpts::Ps(ps_opts(sub, a)?),
         };

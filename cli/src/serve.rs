@@ -28,7 +28,7 @@ pub fn run(g: &Global, o: &ServeOpts) -> Result<(), CliError> {
     let mut specs = Vec::new();
     for m in &o.catalogue.models {
         engine_config(o, m).validate()?;
-        generation_defaults(m)?;
+        generation_defaults(o, m)?;
         cache_params(o, m).validate().map_err(|e| bad_setting(m, "cache-type-v", e.to_string()))?;
         let keep_alive = m.settings.keep_alive.map(|s| if s < 0 { KeepAlive::Never } else { KeepAlive::After(Duration::from_secs(s as u64)) });
         specs.push(ModelSpec { name: m.name.clone(), facts: facts(&m.path), admission: admission(o, m), keep_alive });
@@ -203,7 +203,7 @@ fn cache_params(o: &ServeOpts, m: &ServedModel) -> llama_host::KvCacheParams {
 
 /// What a request to this model leaves out: its settings' sampling values, stop strings
 /// and token limit, else the built-in defaults.
-fn generation_defaults(m: &ServedModel) -> Result<GenerateOptions, CliError> {
+fn generation_defaults(o: &ServeOpts, m: &ServedModel) -> Result<GenerateOptions, CliError> {
     let (s, d) = (&m.settings, SamplingParams::default());
     let seed = match s.seed {
         None => d.seed,
@@ -223,7 +223,21 @@ fn generation_defaults(m: &ServedModel) -> Result<GenerateOptions, CliError> {
     };
     sampling.validate().map_err(|e| bad_setting(m, e.field, e.reason))?;
     let stop = s.stop.clone().unwrap_or_default();
-    Ok(GenerateOptions { max_tokens: s.n_predict.and_then(|n| u32::try_from(n).ok()), sampling, add_special: true, stop, spec: None })
+    let spec = crate::opts::spec_options(&spec_args(o, m)).map_err(|e| bad_setting(m, "spec", e.to_string()))?;
+    Ok(GenerateOptions { max_tokens: s.n_predict.and_then(|n| u32::try_from(n).ok()), sampling, add_special: true, stop, spec })
+}
+
+/// A model's speculation: its settings' values over the command line's.
+fn spec_args(o: &ServeOpts, m: &ServedModel) -> crate::args::SpecArgs {
+    let (a, s) = (&o.args.spec, &m.settings);
+    crate::args::SpecArgs {
+        spec: s.spec.clone().or_else(|| a.spec.clone()),
+        draft_model: s.draft_model.clone().or_else(|| o.draft_model.clone()),
+        draft_max: s.draft_max.or(a.draft_max),
+        draft_min: s.draft_min.or(a.draft_min),
+        draft_p_min: s.draft_p_min.or(a.draft_p_min),
+        spec_ngram_n: s.spec_ngram_n.or(a.spec_ngram_n),
+    }
 }
 
 fn bad_setting(m: &ServedModel, key: &str, reason: String) -> CliError {
@@ -342,8 +356,19 @@ impl ServeLoader {
                 }
             },
         };
-        let engine = llama_serve::engine::Engine::start_with_metrics(model, engine_config(&self.0.o, &m), metrics)?;
-        Ok(Ready { engine: Arc::new(engine), template, defaults: generation_defaults(&m)? })
+        let defaults = generation_defaults(&self.0.o, &m)?;
+        // The draft model, when this model may speculate with one: loaded as the model is.
+        let draft = match &spec_args(&self.0.o, &m).draft_model {
+            Some(path) => {
+                let l = LoadOpts { path: path.clone(), ..self.load_opts(&m) };
+                let n_ctx = engine_config(&self.0.o, &m).size.n_ctx;
+                Some(llama_serve::engine::DraftModel(Arc::new(self.with_backend(|b| crate::load::load_model(b, &l, n_ctx))?)))
+            }
+            None => None,
+        };
+        let config = llama_serve::engine::EngineConfig { draft, ..engine_config(&self.0.o, &m) };
+        let engine = llama_serve::engine::Engine::start_with_metrics(model, config, metrics)?;
+        Ok(Ready { engine: Arc::new(engine), template, defaults })
     }
 }
 

@@ -733,7 +733,14 @@ impl Worker {
             spec: a.spec,
         };
         a.job.span.in_scope(|| {
-            tracing::info!(?finish, generated = stats.generated_tokens, total_ms = stats.total.as_secs_f64() * 1e3, "finished")
+            tracing::info!(
+                ?finish,
+                generated = stats.generated_tokens,
+                drafted = stats.spec.drafted,
+                accepted = stats.spec.accepted,
+                total_ms = stats.total.as_secs_f64() * 1e3,
+                "finished"
+            )
         });
         // Accounting first: a consumer that has read its Done may submit again at once and
         // must find the admission slot free.

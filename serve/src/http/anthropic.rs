@@ -362,6 +362,7 @@ fn translate(req: MessagesRequest) -> Result<(GenRequest, Vec<String>, bool), Ap
         stop: (!stops.is_empty()).then(|| stops.clone()),
         keep_alive: None,
         constraint: conv.constraint,
+        spec: None,
     };
     Ok((gen, stops, req.stream.unwrap_or(false)))
 }

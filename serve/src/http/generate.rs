@@ -9,6 +9,7 @@
 //! demand), then admission by its engine (503 at once when full), then rendering and
 //! tokenizing on a blocking thread, then submission.
 
+use llama_host::spec::{SpecMode, SpecParams};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -94,6 +95,65 @@ pub(super) struct GenRequest {
     pub keep_alive: Option<KeepAlive>,
     /// Structured output and tools, in OpenAI's terms (the other dialects translate theirs).
     pub constraint: ConstraintFields,
+    /// Speculative decoding over the model's default (this server's extension).
+    pub spec: Option<SpecField>,
+}
+
+/// A request's `speculative` object: `mode` (`ngram`, `draft` or `none`) and the sizes
+/// under llama-server's names (`n_max`, `n_min`, `p_min`), plus `ngram_n`. What it leaves
+/// out comes from the model's settings, else the mode's defaults. Unknown keys are refused:
+/// a misspelt size would otherwise be silently ignored.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SpecField {
+    mode: Option<String>,
+    n_max: Option<u32>,
+    n_min: Option<u32>,
+    p_min: Option<f32>,
+    ngram_n: Option<u32>,
+}
+
+impl SpecField {
+    /// The speculation of a request to a model speculating with `default` (`None`: off).
+    fn resolve(&self, default: Option<SpecParams>) -> Result<Option<SpecParams>, ApiError> {
+        let field = "speculative";
+        let base = match self.mode.as_deref() {
+            Some("none") => return Ok(None),
+            Some(m) => {
+                let mode: SpecMode = m.parse().map_err(|e: String| ApiError::bad_request(e, Some("speculative.mode")))?;
+                default.filter(|d| d.mode == mode).unwrap_or_else(|| SpecParams::new(mode))
+            }
+            None => default.ok_or_else(|| {
+                ApiError::bad_request("this model does not speculate by default: give speculative.mode (ngram or draft)", Some("speculative.mode"))
+            })?,
+        };
+        let p = SpecParams {
+            draft_max: self.n_max.unwrap_or(base.draft_max),
+            draft_min: self.n_min.unwrap_or(base.draft_min),
+            p_min: self.p_min.unwrap_or(base.p_min),
+            ngram_n: self.ngram_n.unwrap_or(base.ngram_n),
+            ..base
+        };
+        p.validate().map_err(|e| {
+            let (name, reason) = match e {
+                llama_host::GenerateError::InvalidParam { field: f, reason } => {
+                    // The flag's name as this field names it.
+                    let name = match f.as_str() {
+                        "draft-max" => "n_max",
+                        "draft-min" => "n_min",
+                        "draft-p-min" => "p_min",
+                        "spec-ngram-n" => "ngram_n",
+                        _ => "mode",
+                    };
+                    (name, reason)
+                }
+                other => ("mode", other.to_string()),
+            };
+            let param = format!("{field}.{name}");
+            ApiError::bad_request(format!("{param}: {reason}"), Some(&param))
+        })?;
+        Ok(Some(p))
+    }
 }
 
 /// A submitted generation.
@@ -137,7 +197,7 @@ pub(super) fn check_max_tokens(n: Option<i64>, field: &str) -> Result<Option<u32
 
 impl GenRequest {
     /// The generation options: the request's values, else the model's defaults.
-    fn options(&self, d: &GenerateOptions) -> GenerateOptions {
+    fn options(&self, d: &GenerateOptions) -> Result<GenerateOptions, ApiError> {
         let (s, ds) = (&self.sampling, &d.sampling);
         let sampling = SamplingParams {
             temperature: s.temperature.unwrap_or(ds.temperature),
@@ -151,13 +211,17 @@ impl GenRequest {
             seed: self.seed.unwrap_or(ds.seed),
             ..ds.clone()
         };
-        GenerateOptions {
+        let spec = match &self.spec {
+            Some(f) => f.resolve(d.spec)?,
+            None => d.spec,
+        };
+        Ok(GenerateOptions {
             max_tokens: self.max_tokens.or(d.max_tokens),
             sampling,
             add_special: matches!(self.input, Input::Prompt(_)),
             stop: self.stop.clone().unwrap_or_else(|| d.stop.clone()),
-            spec: d.spec,
-        }
+            spec,
+        })
     }
 }
 
@@ -188,7 +252,7 @@ pub(super) async fn start(state: &Arc<AppState>, mut req: GenRequest) -> Result<
     if chat && ready.template.is_none() {
         return Err(ApiError::bad_request("this model has no chat template", Some("messages")));
     }
-    let mut opts = req.options(&ready.defaults);
+    let mut opts = req.options(&ready.defaults)?;
     // Admission before any work: a full engine answers 503 at once.
     let reservation = ready.engine.reserve()?;
     let model = lease.name().to_string();

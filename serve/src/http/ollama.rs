@@ -450,7 +450,7 @@ impl Common {
 
     fn request(self, input: Input) -> GenRequest {
         let Options { sampling, max_tokens, seed, stop } = self.options;
-        GenRequest { model: self.model, input, sampling, max_tokens, seed, stop, keep_alive: self.keep_alive, constraint: self.constraint }
+        GenRequest { model: self.model, input, sampling, max_tokens, seed, stop, keep_alive: self.keep_alive, constraint: self.constraint, spec: None }
     }
 }
 

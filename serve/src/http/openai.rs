@@ -104,6 +104,8 @@ pub(super) struct CompletionRequest {
     /// How long the model stays loaded once idle (Ollama's field): seconds, or a duration
     /// such as `"5m"`; 0 unloads it once idle, -1 never.
     keep_alive: Option<KeepAliveField>,
+    /// Speculative decoding for this request (this server's extension).
+    speculative: Option<generate::SpecField>,
     #[serde(flatten)]
     constraint: ConstraintFields,
 }
@@ -371,7 +373,17 @@ fn translate(mut req: CompletionRequest, chat: bool) -> Result<(GenRequest, bool
         frequency_penalty: req.frequency_penalty,
     };
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let gen = GenRequest { model: req.model.take(), input, sampling, max_tokens, seed, stop, keep_alive, constraint: std::mem::take(&mut req.constraint) };
+    let gen = GenRequest {
+        model: req.model.take(),
+        input,
+        sampling,
+        max_tokens,
+        seed,
+        stop,
+        keep_alive,
+        constraint: std::mem::take(&mut req.constraint),
+        spec: req.speculative.take(),
+    };
     Ok((gen, req.stream, include_usage))
 }
 
