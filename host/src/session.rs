@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::ops::{AbortHandle, ContextOps};
-use crate::spec::{ngram_draft, Drafter, SpecMode, SpecParams, SpecStats};
+use crate::spec::{ngram_draft, DraftCap, Drafter, SpecMode, SpecParams, SpecStats};
 use crate::types::{BackendError, BatchToken, SampleRequest, Sampled, SamplingParams};
 
 use crate::error::{GenerateError, SessionError};
@@ -220,6 +220,7 @@ impl<'m> Session<'m> {
             state: State::Prefill(tokens),
             max_tokens: opts.max_tokens,
             spec: opts.spec,
+            cap: opts.spec.as_ref().map(DraftCap::new),
             text: TextOutput::new(&opts.stop),
             stats,
             gen_start: None,
@@ -279,13 +280,13 @@ impl<'m> Session<'m> {
     /// that follow it, verifies them, and returns the accepted drafts and the token sampled
     /// after them. `left`: tokens the generation may still produce (drafts never reach past
     /// it, nor past the context).
-    fn spec_step(&mut self, next: i32, spec: &SpecParams, left: Option<usize>) -> Result<(Vec<i32>, Sampled), BackendError> {
+    fn spec_step(&mut self, next: i32, spec: &SpecParams, cap: Option<DraftCap>, left: Option<usize>) -> Result<(Vec<i32>, Sampled), BackendError> {
         let pos = self.cached.len();
         // Room after `next`: the context (one cell stays free for the token sampled after
         // the drafts), the batch, the token limit (the last token of the limit is sampled,
         // never drafted).
         let room = (self.ctx.n_ctx() as usize).saturating_sub(pos + 2).min(self.params.size.n_batch as usize - 1);
-        let room = left.map_or(room, |l| room.min(l.saturating_sub(1))).min(spec.draft_max as usize);
+        let room = left.map_or(room, |l| room.min(l.saturating_sub(1))).min(cap.map_or(spec.draft_max as usize, |c| c.limit()));
         self.cached.push(next);
         let drafts = match spec.mode {
             _ if room < spec.draft_min.max(1) as usize => Vec::new(),
@@ -364,6 +365,7 @@ pub struct Stream<'s, 'm> {
     state: State,
     max_tokens: Option<u32>,
     spec: Option<SpecParams>,
+    cap: Option<DraftCap>,
     text: TextOutput,
     stats: GenerationStats,
     gen_start: Option<Instant>,
@@ -431,7 +433,7 @@ impl Stream<'_, '_> {
                     // All but the last prompt token without logits; the last one starts the
                     // first speculative step (the prompt itself can be drafted from).
                     let (last, rest) = tokens[reused..].split_last().expect("a prompt keeps at least one token to decode");
-                    let r = self.session.decode_prefix(rest).and_then(|()| self.session.spec_step(*last, &spec, self.max_tokens.map(|m| m as usize)));
+                    let r = self.session.decode_prefix(rest).and_then(|()| self.session.spec_step(*last, &spec, self.cap, self.max_tokens.map(|m| m as usize)));
                     self.stats.prompt_time = t.elapsed();
                     self.gen_start = Some(Instant::now());
                     return self.take_spec(r);
@@ -444,7 +446,7 @@ impl Stream<'_, '_> {
             State::Next(prev) => {
                 if let Some(spec) = self.spec {
                     let left = self.max_tokens.map(|m| (m as usize).saturating_sub(self.stats.generated_tokens));
-                    let r = self.session.spec_step(prev.token, &spec, left);
+                    let r = self.session.spec_step(prev.token, &spec, self.cap, left);
                     self.stats.decode_steps += 1;
                     let before = self.stats.generated_tokens;
                     let out = self.take_spec(r);
@@ -525,6 +527,9 @@ impl Stream<'_, '_> {
         }
         self.stats.spec.drafted += self.session.last_drafted;
         self.stats.spec.accepted += accepted.len();
+        if let Some(cap) = &mut self.cap {
+            cap.update(self.session.last_drafted, accepted.len());
+        }
         let mut text = String::new();
         for token in accepted {
             if let Some(reason) = self.take(Sampled { token, is_eog: false, accepted: 0 }, &mut text)? {

@@ -212,6 +212,40 @@ impl Drafter {
     }
 }
 
+/// How many tokens the next draft of one sequence may have: adapted to how its drafts fare.
+///
+/// A verification step costs more with every draft (on a CPU a step of 17 tokens costs
+/// about five single-token steps), so a long draft pays only when most of it is accepted.
+/// The cap starts small, doubles after a fully accepted draft (a passage being copied) up
+/// to `draft_max`, and after a rejection drops to one more than what was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DraftCap {
+    cap: u32,
+    max: u32,
+}
+
+/// The first draft's cap (at most `draft_max`).
+const FIRST_CAP: u32 = 4;
+
+impl DraftCap {
+    pub fn new(p: &SpecParams) -> DraftCap {
+        DraftCap { cap: FIRST_CAP.min(p.draft_max), max: p.draft_max }
+    }
+
+    /// Most tokens the next draft may have.
+    pub fn limit(&self) -> usize {
+        self.cap as usize
+    }
+
+    /// After a verification of `drafted` tokens of which `accepted` were kept.
+    pub fn update(&mut self, drafted: usize, accepted: usize) {
+        if drafted == 0 {
+            return;
+        }
+        self.cap = if accepted >= drafted { self.cap.saturating_mul(2).min(self.max) } else { (accepted as u32 + 1).min(self.max) };
+    }
+}
+
 /// Counts of one generation's speculation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SpecStats {
@@ -253,6 +287,23 @@ mod tests {
     fn a_repeat_drafts_up_to_the_end_of_the_history() {
         // A run of one token: the match one back proposes the single token after it.
         assert_eq!(ngram_draft(&[7, 7, 7, 7], 2, 8), vec![7]);
+    }
+
+    #[test]
+    fn the_draft_cap_grows_on_full_acceptance_and_shrinks_on_rejection() {
+        let mut c = DraftCap::new(&SpecParams::new(SpecMode::Ngram));
+        assert_eq!(c.limit(), 4);
+        c.update(4, 4);
+        assert_eq!(c.limit(), 8);
+        c.update(8, 8);
+        c.update(16, 16);
+        assert_eq!(c.limit(), 16, "never past draft_max");
+        c.update(16, 2);
+        assert_eq!(c.limit(), 3);
+        c.update(3, 0);
+        assert_eq!(c.limit(), 1);
+        c.update(0, 0);
+        assert_eq!(c.limit(), 1, "a step without a draft changes nothing");
     }
 
     #[test]

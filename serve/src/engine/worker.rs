@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use flume::TrySendError;
-use llama_host::spec::{ngram_draft, Drafter, SpecMode, SpecStats};
+use llama_host::spec::{ngram_draft, DraftCap, Drafter, SpecMode, SpecStats};
 use llama_host::{BatchToken, ContextOps, GenerateOptions, Model, SampleRequest, TextOutput};
 
 use super::handle::{Event, Finish, RequestStats};
@@ -74,6 +74,8 @@ struct Active {
     order: u64,
     /// Drafted and accepted tokens so far (speculative decoding).
     spec: SpecStats,
+    /// How long its next draft may be.
+    cap: Option<DraftCap>,
 }
 
 struct Slot {
@@ -347,6 +349,7 @@ impl Worker {
         let sampler = self.ctx.set_seq_sampling(seq, &job.opts.sampling, &job.tokens);
         job.span.in_scope(|| tracing::info!(slot = i, queue_wait_ms = wait.as_secs_f64() * 1e3, cached = keep, "prefill"));
         let text = TextOutput::new(&job.opts.stop);
+        let cap = job.opts.spec.as_ref().map(DraftCap::new);
         slot.active = Some(Active {
             job,
             prompt_done: keep,
@@ -361,6 +364,7 @@ impl Worker {
             last_token: None,
             order,
             spec: SpecStats::default(),
+            cap,
         });
         if let Err(e) = sampler {
             self.finish(i, Finish::Error, Some(e.to_string()));
@@ -474,7 +478,8 @@ impl Worker {
             // for the token sampled after them, and the token limit's last token is always
             // sampled, never drafted, so no draft reaches past the limit.
             let pos = slot.cached.len();
-            let mut room = (self.slot_ctx as usize).saturating_sub(pos + 2).min(spare).min(spec.draft_max as usize);
+            let cap = a.cap.map_or(spec.draft_max as usize, |c| c.limit());
+            let mut room = (self.slot_ctx as usize).saturating_sub(pos + 2).min(spare).min(cap);
             if let Some(m) = a.job.opts.max_tokens {
                 room = room.min((m as usize).saturating_sub(a.generated + 1));
             }
@@ -605,6 +610,9 @@ impl Worker {
                         if let Some(a) = self.slots[i].active.as_mut() {
                             a.spec.drafted += d.len();
                             a.spec.accepted += accepted.len();
+                            if let Some(cap) = &mut a.cap {
+                                cap.update(d.len(), accepted.len());
+                            }
                         }
                     }
                     self.accept(i, accepted.to_vec(), s)
