@@ -476,6 +476,12 @@ fn spec_bench_here(
         return Err(BenchError::InvalidParam { field: "reps", reason: "must be at least 1".into() });
     }
     spec.validate().map_err(|e| BenchError::InvalidParam { field: "spec", reason: e.to_string() })?;
+    // The rate leaves out the first token (it comes with the prompt): one more is needed.
+    for (field, n) in [("spec-tokens", w.edit_tokens), ("spec-prose-tokens", w.prose_tokens)] {
+        if n < 2 {
+            return Err(BenchError::InvalidParam { field, reason: format!("{n} is below 2") });
+        }
+    }
     let config = EngineConfig {
         slots: SPEC_STREAMS,
         queue: 16,

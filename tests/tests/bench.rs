@@ -98,7 +98,7 @@ fn bench_spec_ngram_json_has_the_three_workloads() {
     let workloads = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/spec");
     let o = llama(&[
         "bench", "-m", model.to_str().unwrap(), "--spec", "ngram", "--spec-workloads", workloads.to_str().unwrap(),
-        "--spec-tokens", "48", "--spec-prose-tokens", "32", "-r", "1", "-t", "2", "--json",
+        "--spec-tokens", "48", "--spec-prose-tokens", "32", "-r", "1", "-t", "1", "--json",
     ]);
     assert_exit(&o, 0);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("bench --spec --json is JSON");
