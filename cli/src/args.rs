@@ -665,6 +665,19 @@ pub struct BenchArgs {
     /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,
+    /// With --spec: measure speculative decoding against none on the workloads of
+    /// --spec-workloads (edit, prose, four concurrent edits) instead of the tests above.
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// The speculation workloads' directory (edit.prompt, prose.prompt).
+    #[arg(long = "spec-workloads", value_name = "DIR", default_value = "bench/spec")]
+    pub spec_workloads: PathBuf,
+    /// New tokens per request of the edit workloads.
+    #[arg(long = "spec-tokens", value_name = "N", default_value_t = 512)]
+    pub spec_tokens: u32,
+    /// New tokens per request of the prose workload.
+    #[arg(long = "spec-prose-tokens", value_name = "N", default_value_t = 256)]
+    pub spec_prose_tokens: u32,
 }
 
 /// llama.cpp's `--logit-bias` syntax: `TOKEN(+|-)BIAS`, BIAS a number or `inf`.

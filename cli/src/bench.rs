@@ -1,17 +1,22 @@
 //! `llama bench`: llama-bench's pp/tg tests, then concurrency and prefix reuse through
-//! the engine (llama_serve::bench does the measuring; this prints it).
+//! the engine; with `--spec`, speculative decoding against none on bench/spec's workloads
+//! instead (llama_serve::bench does the measuring; this prints it).
 
 
 use llama_host::{ContextSize, LoadedBackend, Model, ModelParams};
 use llama_serve::bench::{self, BenchParams, BenchResult};
 
-use crate::load::{load_with_params, prepare, select_backend};
+use crate::load::{load_model, load_with_params, prepare, select_backend};
+use crate::opts::LoadOpts;
 use crate::opts::{BenchOpts, Global};
 use crate::CliError;
 
 pub fn run(g: &Global, o: &BenchOpts) -> Result<(), CliError> {
     let a = &o.args;
     let backend = select_backend(g, &o.load)?;
+    if let Some(spec) = o.spec {
+        return run_spec(&backend, o, spec);
+    }
     // The context the auto GPU-layer estimate reserves KV cache for. The parameters are
     // resolved once: the batch-invariant model below must get the same offload as this one
     // (a second estimate would see the GPU memory this one took).
@@ -126,4 +131,69 @@ fn bench_json(
         "prefix_reuse": prefix,
     });
     serde_json::to_string_pretty(&v).expect("bench results serialize")
+}
+
+/// `llama bench --spec MODE`: the speculation benchmark (llama_serve::bench::spec_bench).
+fn run_spec(backend: &LoadedBackend, o: &BenchOpts, spec: llama_host::spec::SpecParams) -> Result<(), CliError> {
+    let a = &o.args;
+    let n_ctx = bench::SPEC_STREAMS * 2048;
+    // Read first: a missing directory should not wait for the models to load.
+    let workloads = bench::SpecWorkloads::load(&a.spec_workloads, a.spec_tokens, a.spec_prose_tokens)?;
+    let model = std::sync::Arc::new(load_model(backend, &o.load, n_ctx)?);
+    // The draft model only for draft speculation: an n-gram run needs none.
+    let draft = match (&o.draft_model, spec.mode) {
+        (Some(path), llama_host::spec::SpecMode::Draft) => {
+            Some(std::sync::Arc::new(load_model(backend, &LoadOpts { path: path.clone(), ..o.load.clone() }, n_ctx)?))
+        }
+        _ => None,
+    };
+    let t = o.threads;
+    let size = ContextSize { n_ctx, n_batch: a.batch_size, n_ubatch: a.ubatch_size, n_threads: t, n_threads_batch: t };
+    let r = bench::spec_bench(model.clone(), draft.clone(), size, o.load.cache, spec, &workloads, a.reps)?;
+    if a.json {
+        let v = serde_json::json!({
+            "model": model.path(),
+            "model_description": model.info().description.as_str(),
+            "draft_model": draft.as_ref().map(|d| d.path()),
+            "backend": backend.name(),
+            "threads": t,
+            "spec": r,
+        });
+        outln!("{}", serde_json::to_string_pretty(&v).expect("bench results serialize"))?;
+        return Ok(());
+    }
+    outln!(
+        "{} on {}, {} threads, --spec {} (draft-max {}, draft-min {}, {}), {} repetitions",
+        model.info().description,
+        backend.name(),
+        t,
+        r.mode,
+        r.draft_max,
+        r.draft_min,
+        match spec.mode {
+            llama_host::spec::SpecMode::Ngram => format!("ngram-n {}", r.ngram_n),
+            llama_host::spec::SpecMode::Draft => format!("p-min {}", r.p_min),
+        },
+        r.repetitions
+    )?;
+    for w in &r.workloads {
+        let accepted = match w.with.drafted {
+            0 => "no drafts".to_string(),
+            d => format!("accepted {}/{d} ({:.0}%)", w.with.accepted, 100.0 * w.with.accepted as f64 / d as f64),
+        };
+        let same = match w.first_difference {
+            None => "yes".to_string(),
+            Some(at) => format!("no (from byte {at})"),
+        };
+        let rate = if w.streams > 1 { "aggregate tok/s" } else { "tok/s" };
+        outln!(
+            "{:<8} without {:>7.1} {rate}  with {:>7.1} {rate}  {:.2}x  {accepted}  same text: {same}",
+            w.workload,
+            w.without.tokens_per_s,
+            w.with.tokens_per_s,
+            w.ratio
+        )?;
+    }
+    outln!("(edit, prose: generation speed, prompt excluded; edit-x4: {} streams, generated tokens over wall time, prompts included)", bench::SPEC_STREAMS)?;
+    Ok(())
 }

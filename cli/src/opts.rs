@@ -140,6 +140,10 @@ pub struct BenchOpts {
     pub load: LoadOpts,
     pub args: args::BenchArgs,
     pub threads: i32,
+    /// `--spec`: the speculation benchmark instead of the pp/tg tests.
+    pub spec: Option<SpecParams>,
+    /// `--draft-model`, resolved.
+    pub draft_model: Option<PathBuf>,
 }
 
 #[derive(Clone)]
@@ -249,7 +253,9 @@ impl Options {
                 cfg.apply_cache(sub, &mut a.cache);
                 let load = load_opts(&a.model, &a.cache, &cfg)?;
                 let threads = threads("threads", a.threads)?;
-                CommandOpts::Bench(BenchOpts { load, args: a, threads })
+                let spec = spec_options(&a.spec)?;
+                let draft_model = draft_path(&a.spec, &cfg)?;
+                CommandOpts::Bench(BenchOpts { load, args: a, threads, spec, draft_model })
             }
             Command::Embed(a) => CommandOpts::Embed(embed_opts(sub, a, &cfg)?),
             Command::Serve(a) => {

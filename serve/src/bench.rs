@@ -45,6 +45,10 @@ pub enum BenchError {
     Engine(#[from] StartError),
     #[error("invalid {field}: {reason}")]
     InvalidParam { field: &'static str, reason: String },
+    #[error("cannot read the speculation workload {} (--spec-workloads names their directory)", path.display())]
+    Workload { path: std::path::PathBuf, #[source] source: std::io::Error },
+    #[error("a benchmark request failed: {0}")]
+    Request(String),
 }
 
 /// A small deterministic generator: the token ids only need to be valid, not meaningful.
@@ -143,6 +147,33 @@ mod tests {
     fn random_tokens_stay_in_the_vocabulary() {
         let mut r = Lcg(1);
         assert!((0..1000).map(|_| r.next(7)).all(|t| (0..7).contains(&t)));
+    }
+
+    #[test]
+    fn first_difference_is_the_first_differing_byte_or_the_shorter_length() {
+        assert_eq!(first_difference("abc", "abc"), None);
+        assert_eq!(first_difference("abc", "abd"), Some(2));
+        assert_eq!(first_difference("ab", "abc"), Some(2));
+    }
+
+    #[test]
+    fn generation_rate_leaves_out_the_first_token_and_the_prompt() {
+        use std::time::Duration;
+        let stats = crate::engine::RequestStats {
+            id: 0,
+            prompt_tokens: 10,
+            cached_tokens: 0,
+            generated_tokens: 11,
+            queue_wait: Duration::ZERO,
+            time_to_first_token: Some(Duration::from_secs(3)),
+            total: Duration::from_secs(5),
+            finish: crate::engine::Finish::Length,
+            error: None,
+            stop_sequence: None,
+            spec: Default::default(),
+        };
+        assert!((generation_rate(&stats) - 5.0).abs() < 1e-9);
+        assert_eq!(generation_rate(&crate::engine::RequestStats { generated_tokens: 1, ..stats }), 0.0);
     }
 }
 
@@ -285,4 +316,239 @@ pub fn prefix_reuse(model: &std::sync::Arc<Model>, p: &ConcurrentParams, prefix_
     }
     let s = stats.expect("the cached run ran");
     Ok(PrefixReuse { prompt_tokens: s.prompt_tokens, cached_tokens: s.cached_tokens, ttft_with_reuse_ms: ttft[0], ttft_without_reuse_ms: ttft[1] })
+}
+
+/// The speculation workloads (bench/spec, see its README): the prompts and how many
+/// tokens each generates.
+#[derive(Debug, Clone)]
+pub struct SpecWorkloads {
+    /// (i) edit: a ChatML prompt asking to repeat a ~600-token Python file with one rename.
+    pub edit: String,
+    /// (ii) prose continuation: plain text.
+    pub prose: String,
+    pub edit_tokens: u32,
+    pub prose_tokens: u32,
+}
+
+impl SpecWorkloads {
+    /// Reads `edit.prompt` and `prose.prompt` from `dir`.
+    pub fn load(dir: &std::path::Path, edit_tokens: u32, prose_tokens: u32) -> Result<SpecWorkloads, BenchError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).map_err(|source| BenchError::Workload { path, source })
+        };
+        Ok(SpecWorkloads { edit: read("edit.prompt")?, prose: read("prose.prompt")?, edit_tokens, prose_tokens })
+    }
+}
+
+/// One workload in one mode (with or without speculation), over the timed repetitions.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SpecSide {
+    /// Mean of `samples`.
+    pub tokens_per_s: f64,
+    pub samples: Vec<f64>,
+    /// Generated tokens, summed over the timed repetitions (and streams).
+    pub generated_tokens: usize,
+    /// Drafted and accepted tokens, summed likewise (zero without speculation).
+    pub drafted: usize,
+    pub accepted: usize,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SpecWorkloadResult {
+    /// `edit`, `prose` or `edit-x4`.
+    pub workload: &'static str,
+    /// Concurrent requests (1, or 4 for `edit-x4`).
+    pub streams: u32,
+    /// Most new tokens per request.
+    pub max_tokens: u32,
+    pub without: SpecSide,
+    pub with: SpecSide,
+    /// `with.tokens_per_s / without.tokens_per_s`.
+    pub ratio: f64,
+    /// Whether the first timed repetition's texts (every stream's) were the same with and
+    /// without speculation. Greedy speculation need not be byte-identical: verifying several
+    /// tokens in one batch changes floating-point sums slightly.
+    pub same_text: bool,
+    /// When not: the first byte at which they differ.
+    pub first_difference: Option<usize>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SpecBenchResult {
+    pub mode: &'static str,
+    pub draft_max: u32,
+    pub draft_min: u32,
+    pub p_min: f32,
+    pub ngram_n: u32,
+    pub repetitions: u32,
+    pub workloads: Vec<SpecWorkloadResult>,
+}
+
+/// Slots of the speculation benchmark's engine (and streams of workload (iii)).
+pub const SPEC_STREAMS: u32 = 4;
+/// Tokens of each warm-up request: enough to touch every path (prompt, drafts, verification).
+const SPEC_WARMUP_TOKENS: u32 = 32;
+
+/// One finished request: its text and stats.
+type Answer = (String, crate::engine::RequestStats);
+
+/// Submits `n` copies of `prompt` at once and reads each on its own thread (a stream nobody
+/// reads pauses); returns the answers and the wall time from the first submission to the
+/// last answer.
+fn spec_requests(engine: &Engine, prompt: &str, opts: &llama_host::GenerateOptions, n: u32) -> Result<(Vec<Answer>, f64), BenchError> {
+    let t = Instant::now();
+    let handles = (0..n)
+        .map(|_| engine.submit(crate::engine::Request { prompt: prompt.to_string(), opts: opts.clone(), deadline: None }))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| BenchError::Request(e.to_string()))?;
+    let answers: Vec<Answer> = std::thread::scope(|s| {
+        let readers: Vec<_> = handles.into_iter().map(|h| s.spawn(move || h.collect())).collect();
+        readers.into_iter().map(|r| r.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+    });
+    let secs = t.elapsed().as_secs_f64();
+    for (_, stats) in &answers {
+        if stats.finish == crate::engine::Finish::Error {
+            return Err(BenchError::Request(stats.error.clone().unwrap_or_else(|| "unknown error".into())));
+        }
+    }
+    Ok((answers, secs))
+}
+
+/// Generation speed of one request, prompt excluded, as llama-server's
+/// `predicted_per_second`: the first token comes with the prompt, the others after it.
+/// Zero when it generated fewer than two tokens.
+fn generation_rate(stats: &crate::engine::RequestStats) -> f64 {
+    let Some(ttft) = stats.time_to_first_token else { return 0.0 };
+    let secs = stats.total.saturating_sub(ttft).as_secs_f64();
+    if stats.generated_tokens < 2 || secs <= 0.0 {
+        return 0.0;
+    }
+    (stats.generated_tokens - 1) as f64 / secs
+}
+
+/// The first byte at which `a` and `b` differ, `None` when equal.
+fn first_difference(a: &str, b: &str) -> Option<usize> {
+    if a == b {
+        return None;
+    }
+    Some(a.bytes().zip(b.bytes()).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len())))
+}
+
+/// Speculative decoding against none, through the engine, on the three workloads:
+/// (i) edit and (ii) prose, one stream each, rated by generation speed (prompt excluded);
+/// (iii) four concurrent streams of (i), rated by aggregate throughput (generated tokens
+/// over the wall time from the first submission to the last answer, which includes the
+/// four prompts' processing, as scripts/spec-reference's edit-x4).
+///
+/// One engine ([`SPEC_STREAMS`] slots of 2048 tokens) serves both modes, with the prefix
+/// cache off so every request processes its whole prompt, the same in both modes. Per
+/// workload, one short warm-up request per mode, then `reps` repetitions, each running the
+/// request without and then with speculation, so drift over the run touches both alike.
+/// Greedy sampling; the prompts are tokenized without BOS (the edit prompt carries its own
+/// ChatML markup, whose special tokens the tokenizer parses).
+///
+/// On a thread of its own, for the reason given at [`run`].
+pub fn spec_bench(
+    model: std::sync::Arc<Model>,
+    draft: Option<std::sync::Arc<Model>>,
+    size: ContextSize,
+    cache: KvCacheParams,
+    spec: llama_host::spec::SpecParams,
+    workloads: &SpecWorkloads,
+    reps: u32,
+) -> Result<SpecBenchResult, BenchError> {
+    std::thread::scope(|s| {
+        s.spawn(|| spec_bench_here(model, draft, size, cache, spec, workloads, reps)).join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+fn spec_bench_here(
+    model: std::sync::Arc<Model>,
+    draft: Option<std::sync::Arc<Model>>,
+    size: ContextSize,
+    cache: KvCacheParams,
+    spec: llama_host::spec::SpecParams,
+    w: &SpecWorkloads,
+    reps: u32,
+) -> Result<SpecBenchResult, BenchError> {
+    if reps == 0 {
+        return Err(BenchError::InvalidParam { field: "reps", reason: "must be at least 1".into() });
+    }
+    spec.validate().map_err(|e| BenchError::InvalidParam { field: "spec", reason: e.to_string() })?;
+    // The rate leaves out the first token (it comes with the prompt): one more is needed.
+    for (field, n) in [("spec-tokens", w.edit_tokens), ("spec-prose-tokens", w.prose_tokens)] {
+        if n < 2 {
+            return Err(BenchError::InvalidParam { field, reason: format!("{n} is below 2") });
+        }
+    }
+    let config = EngineConfig {
+        slots: SPEC_STREAMS,
+        queue: 16,
+        size: ContextSize { n_ctx: SPEC_STREAMS * 2048, ..size },
+        stream_capacity: 64,
+        prefix_cache: false,
+        cache,
+        draft: draft.map(crate::engine::DraftModel),
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(model, config)?;
+    let opts = |max_tokens: u32, spec| llama_host::GenerateOptions {
+        max_tokens: Some(max_tokens),
+        sampling: llama_host::SamplingParams { temperature: 0.0, ..Default::default() },
+        add_special: false,
+        stop: Vec::new(),
+        spec,
+    };
+    let modes = [None, Some(spec)];
+    let mut out = Vec::new();
+    for (name, prompt, max_tokens, streams) in [
+        ("edit", &w.edit, w.edit_tokens, 1),
+        ("prose", &w.prose, w.prose_tokens, 1),
+        ("edit-x4", &w.edit, w.edit_tokens, SPEC_STREAMS),
+    ] {
+        for m in modes {
+            spec_requests(&engine, prompt, &opts(SPEC_WARMUP_TOKENS.min(max_tokens), m), 1)?;
+        }
+        let mut sides = [SpecSide::default(), SpecSide::default()];
+        let mut texts: [Vec<String>; 2] = Default::default();
+        for rep in 0..reps {
+            for (k, m) in modes.into_iter().enumerate() {
+                let (answers, secs) = spec_requests(&engine, prompt, &opts(max_tokens, m), streams)?;
+                let side = &mut sides[k];
+                let generated: usize = answers.iter().map(|(_, s)| s.generated_tokens).sum();
+                side.samples.push(if streams == 1 { generation_rate(&answers[0].1) } else { generated as f64 / secs });
+                side.generated_tokens += generated;
+                side.drafted += answers.iter().map(|(_, s)| s.spec.drafted).sum::<usize>();
+                side.accepted += answers.iter().map(|(_, s)| s.spec.accepted).sum::<usize>();
+                if rep == 0 {
+                    texts[k] = answers.into_iter().map(|(t, _)| t).collect();
+                }
+            }
+        }
+        for side in &mut sides {
+            side.tokens_per_s = side.samples.iter().sum::<f64>() / side.samples.len() as f64;
+        }
+        let first_difference = texts[0].iter().zip(&texts[1]).filter_map(|(a, b)| first_difference(a, b)).min();
+        let [without, with] = sides;
+        out.push(SpecWorkloadResult {
+            workload: name,
+            streams,
+            max_tokens,
+            ratio: with.tokens_per_s / without.tokens_per_s,
+            without,
+            with,
+            same_text: first_difference.is_none(),
+            first_difference,
+        });
+    }
+    Ok(SpecBenchResult {
+        mode: spec.mode.as_str(),
+        draft_max: spec.draft_max,
+        draft_min: spec.draft_min,
+        p_min: spec.p_min,
+        ngram_n: spec.ngram_n,
+        repetitions: reps,
+        workloads: out,
+    })
 }

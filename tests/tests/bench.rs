@@ -88,3 +88,38 @@ fn batch_invariant_with_a_batch_of_one_is_a_bad_argument_not_a_spin() {
     assert_eq!(status.code(), Some(2), "{}", llama_tests::stderr(&out));
     assert!(llama_tests::stderr(&out).contains("batch-size"), "{}", llama_tests::stderr(&out));
 }
+
+/// `llama bench --spec ngram --json` runs the three speculation workloads of bench/spec,
+/// without and with n-gram drafts. No time or ratio is asserted: only that each workload
+/// ran in both modes and the edit, mostly a copy of its prompt, was drafted for.
+#[test]
+fn bench_spec_ngram_json_has_the_three_workloads() {
+    let model = llama_tests::smollm2_model_path();
+    let workloads = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/spec");
+    let o = llama(&[
+        "bench", "-m", model.to_str().unwrap(), "--spec", "ngram", "--spec-workloads", workloads.to_str().unwrap(),
+        "--spec-tokens", "48", "--spec-prose-tokens", "32", "-r", "1", "-t", "1", "--json",
+    ]);
+    assert_exit(&o, 0);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("bench --spec --json is JSON");
+    let spec = &v["spec"];
+    assert_eq!(spec["mode"], "ngram");
+    let names: Vec<&str> = spec["workloads"].as_array().unwrap().iter().map(|w| w["workload"].as_str().unwrap()).collect();
+    assert_eq!(names, ["edit", "prose", "edit-x4"]);
+    for w in spec["workloads"].as_array().unwrap() {
+        for side in ["without", "with"] {
+            assert!(w[side]["tokens_per_s"].as_f64().is_some_and(|x| x > 0.0), "{side} in {w:#}");
+        }
+        assert_eq!(w["without"]["drafted"], 0, "{w:#}");
+        assert!(w["same_text"].is_boolean(), "{w:#}");
+    }
+    assert!(spec["workloads"][0]["with"]["drafted"].as_u64().unwrap() > 0, "{spec:#}");
+}
+
+#[test]
+fn bench_spec_names_a_missing_workload_directory() {
+    let model = llama_tests::smollm2_model_path();
+    let o = llama(&["bench", "-m", model.to_str().unwrap(), "--spec", "ngram", "--spec-workloads", "/nonexistent/spec-workloads"]);
+    assert_exit(&o, 1);
+    assert!(llama_tests::stderr(&o).contains("/nonexistent/spec-workloads/edit.prompt"), "{}", llama_tests::stderr(&o));
+}
