@@ -102,25 +102,44 @@ impl SpecParams {
     }
 }
 
-/// Prompt lookup: the tokens that followed the most recent earlier occurrence of the last
-/// `n` tokens of `history`, at most `max`. Empty when there is no earlier occurrence.
+/// Longest suffix of the history prompt lookup compares: a longer match is better evidence
+/// of where in an earlier passage the output is (`self.rows` occurs in many lines of a
+/// file; the eight tokens before it, in one).
+pub const NGRAM_LONGEST: usize = 12;
+
+/// Prompt lookup: the tokens that followed the earlier occurrence of the longest suffix of
+/// `history` (at least `n` tokens, at most [`NGRAM_LONGEST`]), the newest of equally long
+/// ones, at most `max`. Empty when no earlier occurrence of the last `n` tokens exists.
 ///
-/// One backward scan, newest first (a repeated passage is most likely continuing the way
-/// it went last time): O(history × n), microseconds for a full context.
+/// One backward scan: each earlier position holding the last token is extended backwards
+/// while it matches, O(history × match length), microseconds for a full context.
 pub fn ngram_draft(history: &[i32], n: usize, max: usize) -> Vec<i32> {
-    if n == 0 || max == 0 || history.len() <= n {
+    let len = history.len();
+    if n == 0 || max == 0 || len <= n {
         return Vec::new();
     }
-    let key = &history[history.len() - n..];
-    // Candidate starts from the newest that leaves at least one token after the match.
-    for start in (0..history.len() - n).rev() {
-        if &history[start..start + n] == key {
-            let from = start + n;
-            let to = (from + max).min(history.len());
-            return history[from..to].to_vec();
+    let longest = NGRAM_LONGEST.max(n);
+    let last = history[len - 1];
+    // (match length, end of the match): the continuation starts at `end`.
+    let mut best: Option<(usize, usize)> = None;
+    // `end` is one past a candidate occurrence's last token; it leaves at least one token
+    // after it, and the occurrence ends before the suffix itself does.
+    for end in (1..len).rev() {
+        if history[end - 1] != last {
+            continue;
+        }
+        let matched = (1..=longest.min(end)).take_while(|&k| history[end - k] == history[len - k]).count();
+        if matched >= n && best.is_none_or(|(m, _)| matched > m) {
+            best = Some((matched, end));
+            if matched == longest {
+                break;
+            }
         }
     }
-    Vec::new()
+    match best {
+        Some((_, end)) => history[end..(end + max).min(len)].to_vec(),
+        None => Vec::new(),
+    }
 }
 
 /// Whether `draft` can draft for `target`: the same vocabulary, token for token (the drafts
@@ -265,6 +284,13 @@ impl SpecStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_longest_match_wins_over_a_newer_shorter_one() {
+        // "9 1 2 3" → 4 (older, longer match); "1 2 3" → 7 (newer, shorter).
+        let h = [9, 1, 2, 3, 4, 0, 1, 2, 3, 7, 8, 9, 1, 2, 3];
+        assert_eq!(ngram_draft(&h, 3, 2), vec![4, 0]);
+    }
 
     #[test]
     fn the_newest_earlier_occurrence_is_followed() {
