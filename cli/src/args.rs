@@ -468,7 +468,7 @@ pub struct SpecArgs {
     /// The draft model for `--spec draft`.
     #[arg(long = "draft-model", visible_alias = "model-draft", alias = "spec-draft-model", value_name = "FILE", env = "LLAMA_DRAFT_MODEL")]
     pub draft_model: Option<PathBuf>,
-    /// Most tokens drafted per step (1..=64; default 16 for ngram, 8 for draft).
+    /// Most tokens drafted per step (1..=64; default 63 for ngram, 8 for draft).
     #[arg(long = "draft-max", alias = "spec-draft-n-max", alias = "draft", value_name = "N")]
     pub draft_max: Option<u32>,
     /// Drafts shorter than this are not verified (default 1).

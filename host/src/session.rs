@@ -297,7 +297,7 @@ impl<'m> Session<'m> {
             },
         };
         self.cached.pop();
-        let drafts = if drafts.len() < spec.draft_min as usize { Vec::new() } else { drafts };
+        let drafts = if drafts.len() < spec.draft_min as usize { Vec::new() } else { crate::spec::fit_draft(drafts) };
         self.last_drafted = drafts.len();
         let mut batch = Vec::with_capacity(1 + drafts.len());
         batch.push(BatchToken { token: next, pos: pos as i32, seq: 0, logits: true });

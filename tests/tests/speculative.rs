@@ -218,3 +218,21 @@ fn cancelling_mid_speculation_frees_the_slot() {
     let kv = e.kv_usage().unwrap();
     assert_eq!(kv.backend_tokens, kv.accounted_tokens, "KV cells the engine does not account for");
 }
+
+/// A grammar constrains drafts like any candidate: a draft it forbids is a mismatch, and the
+/// output equals the constrained output without drafts.
+#[test]
+fn drafts_under_a_grammar_give_the_constrained_output() {
+    let e = engine(smollm2(), None, 1);
+    let p = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2,";
+    let with_grammar = |spec| {
+        let mut o = greedy(TOKENS, spec);
+        o.sampling.grammar = Some(llama_host::Grammar::new("root ::= [0-9, ]+ \"11\""));
+        o
+    };
+    let (plain, _) = run(&e, p, with_grammar(None));
+    let (spec, ss) = run(&e, p, with_grammar(ngram()));
+    assert_eq!(plain, spec);
+    assert!(spec.bytes().all(|b| b.is_ascii_digit() || b == b',' || b == b' '), "{spec:?}");
+    assert!(ss.spec.accepted > 0, "no draft accepted under the grammar");
+}

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use flume::TrySendError;
-use llama_host::spec::{ngram_draft, DraftCap, Drafter, SpecMode, SpecStats};
+use llama_host::spec::{fit_draft, ngram_draft, DraftCap, Drafter, SpecMode, SpecStats};
 use llama_host::{BatchToken, ContextOps, GenerateOptions, Model, SampleRequest, TextOutput};
 
 use super::handle::{Event, Finish, RequestStats};
@@ -491,7 +491,7 @@ impl Worker {
             history.push(a.last.expect("a generating slot has a token"));
             match spec.mode {
                 SpecMode::Ngram => {
-                    let d = ngram_draft(&history, spec.ngram_n as usize, room);
+                    let d = fit_draft(ngram_draft(&history, spec.ngram_n as usize, room));
                     if d.len() >= spec.draft_min as usize {
                         spare -= d.len();
                         drafts[k] = d;
@@ -514,7 +514,7 @@ impl Worker {
             self.drafter = Some(drafter);
             for (k, min, r) in results {
                 match r {
-                    Ok(d) if d.len() >= min => drafts[k] = d,
+                    Ok(d) if d.len() >= min => drafts[k] = fit_draft(d),
                     Ok(_) => {}
                     // Drafting is an optimisation: a failure costs speed, never the request.
                     Err(e) => tracing::warn!(error = %e, "drafting failed; this step verifies no drafts"),
