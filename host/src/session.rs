@@ -436,7 +436,7 @@ impl Stream<'_, '_> {
                     let r = self.session.decode_prefix(rest).and_then(|()| self.session.spec_step(*last, &spec, self.cap, self.max_tokens.map(|m| m as usize)));
                     self.stats.prompt_time = t.elapsed();
                     self.gen_start = Some(Instant::now());
-                    return self.take_spec(r);
+                    return self.take_step(r);
                 }
                 let r = self.session.decode_sample(&tokens[reused..]);
                 self.stats.prompt_time = t.elapsed();
@@ -449,7 +449,7 @@ impl Stream<'_, '_> {
                     let r = self.session.spec_step(prev.token, &spec, self.cap, left);
                     self.stats.decode_steps += 1;
                     let before = self.stats.generated_tokens;
-                    let out = self.take_spec(r);
+                    let out = self.take_step(r);
                     self.stats.timed_tokens += self.stats.generated_tokens - before;
                     return out;
                 }
@@ -459,27 +459,7 @@ impl Stream<'_, '_> {
                 r
             }
         };
-        let next = match sampled {
-            Ok(s) => s,
-            Err(BackendError::Aborted) if self.cancelled() => {
-                self.finish(FinishReason::Cancelled);
-                return Ok(None);
-            }
-            Err(e) => {
-                self.finish(FinishReason::Cancelled);
-                return Err(e.into());
-            }
-        };
-        if self.cancelled() {
-            self.finish(FinishReason::Cancelled);
-            return Ok(None);
-        }
-        let mut text = String::new();
-        match self.take(next, &mut text)? {
-            Some(reason) => self.finish(reason),
-            None => self.state = State::Next(next),
-        }
-        Ok(Some(text))
+        self.take_step(sampled.map(|s| (Vec::new(), s)))
     }
 
     /// One output token: appends its text to `text`; `Some(reason)` when generation ends
@@ -505,11 +485,11 @@ impl Stream<'_, '_> {
         Ok(None)
     }
 
-    /// The tokens of one speculative step: the accepted drafts, then the sampled token,
+    /// The tokens of one step: the accepted drafts (speculative steps), then the sampled token,
     /// each through [`Stream::take`] as if it had been its own step, so a stop string or
     /// the token limit inside the accepted drafts ends the output exactly where it would
     /// have without them.
-    fn take_spec(&mut self, r: Result<(Vec<i32>, Sampled), BackendError>) -> Result<Option<String>, GenerateError> {
+    fn take_step(&mut self, r: Result<(Vec<i32>, Sampled), BackendError>) -> Result<Option<String>, GenerateError> {
         let (accepted, next) = match r {
             Ok(r) => r,
             Err(BackendError::Aborted) if self.cancelled() => {
