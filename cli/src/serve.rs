@@ -357,10 +357,12 @@ impl ServeLoader {
             },
         };
         let defaults = generation_defaults(&self.0.o, &m)?;
-        // The draft model, when this model may speculate with one: loaded as the model is.
-        let draft = match &spec_args(&self.0.o, &m).draft_model {
+        // The draft model, when this model drafts with one: its own `draft-model`, or the
+        // flag's when it speculates with a draft model. Loaded as the model is.
+        let wants = m.settings.draft_model.is_some() || defaults.spec.is_some_and(|s| s.mode == llama_host::spec::SpecMode::Draft);
+        let draft = match spec_args(&self.0.o, &m).draft_model.filter(|_| wants) {
             Some(path) => {
-                let l = LoadOpts { path: path.clone(), ..self.load_opts(&m) };
+                let l = LoadOpts { path, ..self.load_opts(&m) };
                 let n_ctx = engine_config(&self.0.o, &m).size.n_ctx;
                 Some(llama_serve::engine::DraftModel(Arc::new(self.with_backend(|b| crate::load::load_model(b, &l, n_ctx))?)))
             }

@@ -211,6 +211,7 @@ impl<'m> Session<'m> {
         } else {
             self.ctx.set_sampling(&opts.sampling)?;
         }
+        self.last_drafted = 0;
         // A cancel aimed at an earlier generation must not stop this one.
         self.cancel.store(false, Ordering::SeqCst);
         self.ctx.reset_abort();
@@ -247,11 +248,23 @@ impl<'m> Session<'m> {
 
     /// Decodes `tokens` after the cache and samples, retrying once when an abort meant for
     /// an earlier generation interrupts it. Keeps `cached` equal to what the KV cache holds.
-    fn decode_sample(&mut self, mut tokens: &[i32]) -> Result<Sampled, BackendError> {
+    fn decode_sample(&mut self, tokens: &[i32]) -> Result<Sampled, BackendError> {
+        self.retrying(tokens, |ctx, t| ctx.decode_sample(t))
+    }
+
+    /// Decodes `tokens` after the cache without logits (a prompt's first part), as
+    /// `decode_sample` does.
+    fn decode_prefix(&mut self, tokens: &[i32]) -> Result<(), BackendError> {
+        self.retrying(tokens, |ctx, t| ctx.decode(t, false))
+    }
+
+    /// Runs `decode` over what is left of `tokens`, once more when an abort meant for an
+    /// earlier generation interrupted it, and records what landed in the cache.
+    fn retrying<T>(&mut self, mut tokens: &[i32], decode: impl Fn(&mut dyn ContextOps, &[i32]) -> Result<T, BackendError>) -> Result<T, BackendError> {
         let mut retried = false;
         loop {
             let before = self.ctx.n_past() as usize;
-            let result = self.ctx.decode_sample(tokens);
+            let result = decode(self.ctx.as_mut(), tokens);
             // Some micro-batches may have landed before a failure.
             let landed = (self.ctx.n_past() as usize).saturating_sub(before).min(tokens.len());
             self.cached.extend_from_slice(&tokens[..landed]);
@@ -264,16 +277,6 @@ impl<'m> Session<'m> {
                 other => return other,
             }
         }
-    }
-
-    /// Decodes `tokens` after the cache without logits (a prompt's first part), keeping
-    /// `cached` equal to what the KV cache holds.
-    fn decode_prefix(&mut self, tokens: &[i32]) -> Result<(), BackendError> {
-        let before = self.ctx.n_past() as usize;
-        let r = self.ctx.decode(tokens, false);
-        let landed = (self.ctx.n_past() as usize).saturating_sub(before).min(tokens.len());
-        self.cached.extend_from_slice(&tokens[..landed]);
-        r
     }
 
     /// One speculative step: decodes `next` (sampled, not yet in the cache) and the drafts
@@ -291,8 +294,13 @@ impl<'m> Session<'m> {
         let drafts = match spec.mode {
             _ if room < spec.draft_min.max(1) as usize => Vec::new(),
             SpecMode::Ngram => ngram_draft(&self.cached, spec.ngram_n as usize, room),
-            SpecMode::Draft => match self.drafter.as_mut() {
-                Some(d) => d.draft(0, &self.cached, room as u32, spec.p_min)?,
+            SpecMode::Draft => match self.drafter.as_mut().map(|d| d.draft(0, &self.cached, room as u32, spec.p_min)) {
+                Some(Ok(d)) => d,
+                // Drafting is an optimisation: a failure costs speed, never the generation.
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "drafting failed; this step verifies no drafts");
+                    Vec::new()
+                }
                 None => Vec::new(),
             },
         };

@@ -175,6 +175,11 @@ pub fn check_vocab(target: &Model, draft: &Model) -> Result<(), GenerateError> {
     Ok(())
 }
 
+/// Most tokens one `Drafter::draft` call decodes to catch a sequence up (a new prompt): a
+/// draft runs inside a step every sequence shares, so a long prompt is caught up over
+/// several steps (drafting nothing meanwhile), as the target model's prompt is chunked.
+pub const CATCH_UP: usize = 256;
+
 /// A draft model's context with what each of its sequences holds, so a sequence's next
 /// draft decodes only the tokens its history gained since the last one.
 pub struct Drafter {
@@ -210,9 +215,11 @@ impl Drafter {
             keep = 0;
         }
         held.truncate(keep);
-        let drafts = self.ctx.draft(seq, &history[keep..], keep as i32, n_max, p_min);
+        // Far behind (a new prompt): catch up by a bounded chunk, drafting nothing yet.
+        let (upto, n_max) = if history.len() - keep > CATCH_UP { (keep + CATCH_UP, 0) } else { (history.len(), n_max) };
+        let drafts = self.ctx.draft(seq, &history[keep..upto], keep as i32, n_max, p_min);
         match &drafts {
-            Ok(_) => held.extend_from_slice(&history[keep..]),
+            Ok(_) => held.extend_from_slice(&history[keep..upto]),
             // What the context holds after a failure is unknown: start the sequence over.
             Err(_) => {
                 held.clear();

@@ -236,3 +236,16 @@ fn drafts_under_a_grammar_give_the_constrained_output() {
     assert!(spec.bytes().all(|b| b.is_ascii_digit() || b == b',' || b == b' '), "{spec:?}");
     assert!(ss.spec.accepted > 0, "no draft accepted under the grammar");
 }
+
+/// A draft model catches a long prompt up over several steps (a bounded amount per step,
+/// drafting nothing meanwhile), then drafts; the output is the one without drafts.
+#[test]
+fn a_draft_model_catches_up_a_long_prompt_in_bounded_steps() {
+    let e = engine(smollm2(), Some(smollm2()), 1);
+    let prompt: String = (1..=100).map(|i| format!("{i}, ")).collect();
+    let (plain, _) = run(&e, &prompt, greedy(TOKENS, None));
+    let (spec, ss) = run(&e, &prompt, greedy(TOKENS, draft()));
+    assert!(ss.prompt_tokens > llama_host::spec::CATCH_UP, "{} prompt tokens", ss.prompt_tokens);
+    assert_eq!(plain, spec);
+    assert!(ss.spec.accepted > 0, "nothing accepted after catching up");
+}

@@ -258,6 +258,9 @@ impl LlamaContext {
             if !ok {
                 return Err(invalid("samples", format!("the {} drafts of sequence {} do not follow entry {} in order with logits", r.n_draft, r.seq, r.index)));
             }
+            if r.n_draft > 0 && !self.can_drop_tail() {
+                return Err(no_tail_removal());
+            }
             if self.seq_samplers[r.seq as usize].is_none() {
                 return Err(invalid("samples", format!("sequence {} has no sampler (set_seq_sampling)", r.seq)));
             }
@@ -296,6 +299,7 @@ impl LlamaContext {
                 }
                 Err(other) => RResult::RErr(other),
             };
+            let mut result = result;
             if r.n_draft > 0 {
                 // The rejected drafts leave the KV cache (on an error too: the sequence
                 // keeps only what was accepted).
@@ -303,7 +307,15 @@ impl LlamaContext {
                 if accepted < r.n_draft {
                     let first_rejected = tokens[r.index as usize + 1 + accepted as usize].pos;
                     // SAFETY: valid memory handle; the sequence id was checked above.
-                    unsafe { sys::llama_memory_seq_rm(self.memory(), r.seq, first_rejected, -1) };
+                    let removed = unsafe { sys::llama_memory_seq_rm(self.memory(), r.seq, first_rejected, -1) };
+                    // A sliding-window cache may have evicted, while the drafts were
+                    // decoded, cells the continuation needs: the sequence cannot go on.
+                    if !removed || !self.window_intact(r.seq, first_rejected) {
+                        result = RResult::RErr(invalid(
+                            "samples",
+                            format!("sequence {}: the KV cache could not drop the rejected drafts (sliding window); retry without speculation", r.seq),
+                        ));
+                    }
                 }
             }
             out.push(result);
@@ -355,9 +367,14 @@ impl LlamaContext {
         if end > i64::from(self.n_ctx) {
             return Err(BackendError::ContextFull { n_ctx: self.n_ctx, needed: end.min(i64::from(u32::MAX)) as u32 });
         }
+        if !self.can_drop_tail() {
+            return Err(no_tail_removal());
+        }
         let mem = self.memory();
         // SAFETY: valid memory handle; the sequence id is in range (checked).
-        unsafe { sys::llama_memory_seq_rm(mem, seq, pos, -1) };
+        if !unsafe { sys::llama_memory_seq_rm(mem, seq, pos, -1) } {
+            return Err(invalid("draft", format!("sequence {seq}: the draft model's cache cannot drop positions from {pos} on")));
+        }
         let held = pos + tokens.len() as i32;
         let mut drafts = RVec::new();
         let result = (|| {
@@ -391,9 +408,19 @@ impl LlamaContext {
         })();
         // The drafted tokens leave the cache: the caller's history decides what stays.
         // SAFETY: as above.
-        unsafe { sys::llama_memory_seq_rm(mem, seq, held, -1) };
+        let removed = unsafe { sys::llama_memory_seq_rm(mem, seq, held, -1) };
         self.resync(());
+        if !removed || !self.window_intact(seq, held) {
+            return Err(invalid("draft", format!("sequence {seq}: the draft model's cache cannot drop its drafts")));
+        }
         result.map(|()| drafts)
+    }
+
+    /// Whether this model's cache can drop the last positions of a sequence (rejected
+    /// drafts): a recurrent or hybrid model's state cannot be rolled back to a position.
+    fn can_drop_tail(&self) -> bool {
+        // SAFETY: plain queries on the live model.
+        unsafe { !sys::llama_model_is_recurrent(self.model.as_ptr()) && !sys::llama_model_is_hybrid(self.model.as_ptr()) }
     }
 
     /// Decodes `chunk` into sequence `seq` at positions `pos..`, with logits for the last
@@ -538,6 +565,10 @@ impl llama_plugin_api::Context for LlamaContext {
             Ok(Sampled { token, is_eog: self.model.is_eog(token), accepted: 0 })
         })
     }
+}
+
+fn no_tail_removal() -> BackendError {
+    invalid("spec", "speculative decoding needs a model whose KV cache can drop drafted tokens; this one is recurrent or hybrid")
 }
 
 /// The most likely token of a logits row and its probability (a softmax over the row).

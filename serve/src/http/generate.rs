@@ -127,7 +127,11 @@ impl SpecField {
                 ApiError::bad_request("this model does not speculate by default: give speculative.mode (ngram or draft)", Some("speculative.mode"))
             })?,
         };
+        // The model's `draft-max` bounds what a request may ask for: an operator sets it to
+        // bound a step's cost.
+        let most = default.map_or(llama_host::spec::MAX_DRAFT, |d| d.draft_max);
         let p = SpecParams {
+            // Checked as given, then bounded by the model's own `draft-max` below.
             draft_max: self.n_max.unwrap_or(base.draft_max),
             draft_min: self.n_min.unwrap_or(base.draft_min),
             p_min: self.p_min.unwrap_or(base.p_min),
@@ -152,7 +156,8 @@ impl SpecField {
             let param = format!("{field}.{name}");
             ApiError::bad_request(format!("{param}: {reason}"), Some(&param))
         })?;
-        Ok(Some(p))
+        let draft_max = p.draft_max.min(most);
+        Ok(Some(SpecParams { draft_max, draft_min: p.draft_min.min(draft_max), ..p }))
     }
 }
 
