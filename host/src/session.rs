@@ -285,14 +285,12 @@ impl<'m> Session<'m> {
     /// it, nor past the context).
     fn spec_step(&mut self, next: i32, spec: &SpecParams, cap: Option<DraftCap>, left: Option<usize>) -> Result<(Vec<i32>, Sampled), BackendError> {
         let pos = self.cached.len();
-        // Room after `next`: the context (one cell stays free for the token sampled after
-        // the drafts), the batch, the token limit (the last token of the limit is sampled,
-        // never drafted).
-        let room = (self.ctx.n_ctx() as usize).saturating_sub(pos + 2).min(self.params.size.n_batch as usize - 1);
-        let room = left.map_or(room, |l| room.min(l.saturating_sub(1))).min(cap.map_or(spec.draft_max as usize, |c| c.limit()));
+        // Room after `next`: the context, the batch (`next` takes one), the token limit.
+        let cells_after = (self.ctx.n_ctx() as usize).saturating_sub(pos + 1);
+        let room = spec.room(cap, cells_after, self.params.size.n_batch as usize - 1, left);
         self.cached.push(next);
         let drafts = match spec.mode {
-            _ if room < spec.draft_min.max(1) as usize => Vec::new(),
+            _ if room == 0 => Vec::new(),
             SpecMode::Ngram => ngram_draft(&self.cached, spec.ngram_n as usize, room),
             SpecMode::Draft => match self.drafter.as_mut().map(|d| d.draft(0, &self.cached, room as u32, spec.p_min)) {
                 Some(Ok(d)) => d,
@@ -305,7 +303,7 @@ impl<'m> Session<'m> {
             },
         };
         self.cached.pop();
-        let drafts = if drafts.len() < spec.draft_min as usize { Vec::new() } else { crate::spec::fit_draft(drafts) };
+        let drafts = spec.usable(drafts);
         self.last_drafted = drafts.len();
         let mut batch = Vec::with_capacity(1 + drafts.len());
         batch.push(BatchToken { token: next, pos: pos as i32, seq: 0, logits: true });

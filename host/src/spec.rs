@@ -83,6 +83,32 @@ impl SpecParams {
         }
     }
 
+    /// Most tokens the next draft of a sequence may have, 0 when none is worth making:
+    /// its cap (`draft_max` without one), `cells_after` (free context cells after the token
+    /// about to be decoded; one stays for the token sampled after the drafts), `batch` (what
+    /// the step's batch has left), `tokens_left` (tokens the generation may still produce:
+    /// the last one of the limit is sampled, never drafted).
+    pub fn room(&self, cap: Option<DraftCap>, cells_after: usize, batch: usize, tokens_left: Option<usize>) -> usize {
+        let room = cells_after.saturating_sub(1).min(batch).min(cap.map_or(self.draft_max as usize, |c| c.limit()));
+        let room = tokens_left.map_or(room, |l| room.min(l.saturating_sub(1)));
+        if room < self.draft_min.max(1) as usize {
+            0
+        } else {
+            room
+        }
+    }
+
+    /// A draft as it will be verified: cut to an efficient step ([`fit_draft`]), then
+    /// dropped when shorter than `draft_min`.
+    pub fn usable(&self, draft: Vec<i32>) -> Vec<i32> {
+        let draft = fit_draft(draft);
+        if draft.len() < self.draft_min as usize {
+            Vec::new()
+        } else {
+            draft
+        }
+    }
+
     /// Checks every value; the error names the flag.
     pub fn validate(&self) -> Result<(), GenerateError> {
         let bad = |field: &str, reason: String| Err(GenerateError::InvalidParam { field: field.into(), reason });
@@ -367,6 +393,21 @@ mod tests {
         assert_eq!(c.limit(), 1);
         c.update(0, 0);
         assert_eq!(c.limit(), 1, "a step without a draft changes nothing");
+    }
+
+    #[test]
+    fn room_keeps_a_cell_and_the_limit_s_last_token_and_usable_fits_before_the_minimum() {
+        let p = SpecParams::new(SpecMode::Ngram);
+        assert_eq!(p.room(None, 100, 500, None), 63, "draft_max without a cap");
+        assert_eq!(p.room(Some(DraftCap::new(&p)), 100, 500, None), 4, "the cap");
+        assert_eq!(p.room(None, 10, 500, None), 9, "one cell stays free");
+        assert_eq!(p.room(None, 100, 5, None), 5, "the batch");
+        assert_eq!(p.room(None, 100, 500, Some(7)), 6, "the limit's last token is sampled");
+        assert_eq!(p.room(None, 100, 500, Some(1)), 0);
+        let strict = SpecParams { draft_min: 20, ..p };
+        assert_eq!(strict.room(None, 100, 19, None), 0, "below draft_min: no draft");
+        assert!(strict.usable(vec![1; 40]).is_empty(), "cut to 16, then under draft_min");
+        assert_eq!(p.usable(vec![1; 40]).len(), SHORT_DRAFT);
     }
 
     #[test]

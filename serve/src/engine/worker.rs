@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use flume::TrySendError;
-use llama_host::spec::{fit_draft, ngram_draft, DraftCap, Drafter, SpecMode, SpecStats};
+use llama_host::spec::{ngram_draft, DraftCap, Drafter, SpecMode, SpecStats};
 use llama_host::{BatchToken, ContextOps, GenerateOptions, Model, SampleRequest, TextOutput};
 
 use super::handle::{Event, Finish, RequestStats};
@@ -465,7 +465,7 @@ impl Worker {
             // The padding token counts, and the step stays under flash attention's tile.
             Some(_) => (self.n_batch as usize - 1).min(INVARIANT_STEP_TOKENS - 1).saturating_sub(planned),
         };
-        // Draft-model requests: (plan index, sequence, history, most drafts, p_min).
+        // Draft-model requests: (plan index, sequence, history, most drafts, its settings).
         let mut wanted = Vec::new();
         for (k, &(i, part)) in plan.iter().enumerate() {
             if part != Part::Token || spare == 0 {
@@ -478,12 +478,9 @@ impl Worker {
             // for the token sampled after them, and the token limit's last token is always
             // sampled, never drafted, so no draft reaches past the limit.
             let pos = slot.cached.len();
-            let cap = a.cap.map_or(spec.draft_max as usize, |c| c.limit());
-            let mut room = (self.slot_ctx as usize).saturating_sub(pos + 2).min(spare).min(cap);
-            if let Some(m) = a.job.opts.max_tokens {
-                room = room.min((m as usize).saturating_sub(a.generated + 1));
-            }
-            if room < spec.draft_min.max(1) as usize {
+            let left = a.job.opts.max_tokens.map(|m| (m as usize).saturating_sub(a.generated));
+            let room = spec.room(a.cap, (self.slot_ctx as usize).saturating_sub(pos + 1), spare, left);
+            if room == 0 {
                 continue;
             }
             let mut history = Vec::with_capacity(pos + 1);
@@ -491,15 +488,13 @@ impl Worker {
             history.push(a.last.expect("a generating slot has a token"));
             match spec.mode {
                 SpecMode::Ngram => {
-                    let d = fit_draft(ngram_draft(&history, spec.ngram_n as usize, room));
-                    if d.len() >= spec.draft_min as usize {
-                        spare -= d.len();
-                        drafts[k] = d;
-                    }
+                    let d = spec.usable(ngram_draft(&history, spec.ngram_n as usize, room));
+                    spare -= d.len();
+                    drafts[k] = d;
                 }
                 SpecMode::Draft => {
                     spare -= room;
-                    wanted.push((k, slot.seq, history, room as u32, spec.p_min, spec.draft_min as usize));
+                    wanted.push((k, slot.seq, history, room as u32, spec));
                 }
             }
         }
@@ -508,14 +503,13 @@ impl Worker {
             // Drafting decodes on the draft model's context: on the compute thread, as steps.
             let (drafter, results) = super::compute::run(move || {
                 let mut drafter = drafter;
-                let results: Vec<_> = wanted.into_iter().map(|(k, seq, history, n, p_min, min)| (k, min, drafter.draft(seq, &history, n, p_min))).collect();
+                let results: Vec<_> = wanted.into_iter().map(|(k, seq, history, n, spec)| (k, spec, drafter.draft(seq, &history, n, spec.p_min))).collect();
                 (drafter, results)
             });
             self.drafter = Some(drafter);
-            for (k, min, r) in results {
+            for (k, spec, r) in results {
                 match r {
-                    Ok(d) if d.len() >= min => drafts[k] = fit_draft(d),
-                    Ok(_) => {}
+                    Ok(d) => drafts[k] = spec.usable(d),
                     // Drafting is an optimisation: a failure costs speed, never the request.
                     Err(e) => tracing::warn!(error = %e, "drafting failed; this step verifies no drafts"),
                 }
