@@ -3,6 +3,7 @@
 //! does it), and the models (`scripts/fetch-model all`); a missing model fails, never skips.
 
 pub mod server;
+pub mod webdriver;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
