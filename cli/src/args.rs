@@ -112,6 +112,9 @@ pub struct ServeArgs {
     /// `*` for any (repeatable). Default: none (pages on other origins are refused).
     #[arg(long = "cors-origin", value_name = "ORIGIN")]
     pub cors_origins: Vec<String>,
+    /// Do not serve the chat page at `/` (llama-server's --no-webui); the API is unchanged.
+    #[arg(long = "no-webui")]
+    pub no_webui: bool,
     /// Where a reasoning block (`<think>…</think>`) goes: `auto` (or `deepseek`) puts it in
     /// `reasoning_content`, `none` leaves it in the content. A request's `reasoning_format`
     /// replaces it.

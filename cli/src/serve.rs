@@ -62,6 +62,7 @@ pub fn run(g: &Global, o: &ServeOpts) -> Result<(), CliError> {
                 loopback_hosts_only: loopback,
                 cors_origins: a.cors_origins.clone(),
                 reasoning_format: a.reasoning_format,
+                webui: !a.no_webui,
                 ..ServerConfig::default()
             },
             registry.clone(),
@@ -72,6 +73,9 @@ pub fn run(g: &Global, o: &ServeOpts) -> Result<(), CliError> {
             match &o.catalogue.preload {
                 Some(p) => eprintln!("llama: listening on http://{b} (models: {shown}; /health answers 503 until '{p}' is loaded)"),
                 None => eprintln!("llama: listening on http://{b} (models: {shown}; each is loaded on its first request)"),
+            }
+            if !a.no_webui {
+                eprintln!("llama: chat page at http://{b}/");
             }
         }
         // Preload on a plain thread while the server already answers /health. The thread

@@ -26,6 +26,7 @@ mod generate;
 mod ollama;
 mod openai;
 mod structured;
+mod webui;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -77,6 +78,8 @@ pub struct ServerConfig {
     /// Whether a reasoning block (`<think>…</think>`) goes to `reasoning_content` (auto) or
     /// stays in the content (none); a request's `reasoning_format` replaces it.
     pub reasoning_format: llama_tools::ReasoningFormat,
+    /// Serve the chat page at `/` (`--no-webui` turns it off).
+    pub webui: bool,
 }
 
 impl Default for ServerConfig {
@@ -93,6 +96,7 @@ impl Default for ServerConfig {
             cors_origins: Vec::new(),
             blocking_tasks: 2,
             reasoning_format: llama_tools::ReasoningFormat::Auto,
+            webui: true,
         }
     }
 }
@@ -328,6 +332,8 @@ enum Route {
     Ollama(ollama::Route),
     Messages,
     CountTokens,
+    /// A file of the chat page (`webui.rs`).
+    Page,
 }
 
 const ROUTES: &[(&str, &str, Route)] = &[
@@ -358,6 +364,14 @@ const ROUTES: &[(&str, &str, Route)] = &[
     ("DELETE", "/api/delete", Route::Ollama(ollama::Route::Registry("delete"))),
     ("POST", "/v1/messages", Route::Messages),
     ("POST", "/v1/messages/count_tokens", Route::CountTokens),
+    ("GET", "/", Route::Page),
+    ("HEAD", "/", Route::Page),
+    ("GET", "/webui/app.js", Route::Page),
+    ("HEAD", "/webui/app.js", Route::Page),
+    ("GET", "/webui/app.css", Route::Page),
+    ("HEAD", "/webui/app.css", Route::Page),
+    ("GET", "/webui/icon.svg", Route::Page),
+    ("HEAD", "/webui/icon.svg", Route::Page),
 ];
 
 /// The route for a method and path: 404 for an unknown path, 405 for a known path with
@@ -381,19 +395,28 @@ fn route_of(method: &Method, path: &str) -> Result<Route, ApiError> {
 }
 
 async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let mut resp = checked(state, req).await;
+    // No response is ever to be read as another type than it says (a JSON error echoing
+    // client text taken for HTML, say).
+    resp.headers_mut().insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    Ok(resp)
+}
+
+/// The Host and Origin checks, the CORS preflight, then the route.
+async fn checked(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
     let dialect = Dialect::of_path(req.uri().path());
     let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
     if state.config.loopback_hosts_only && !is_loopback_host(&host) {
-        return Ok(ApiError::forbidden("this server only answers requests addressed to localhost", "host_not_allowed").into_response_in(dialect));
+        return ApiError::forbidden("this server only answers requests addressed to localhost", "host_not_allowed").into_response_in(dialect);
     }
     let origin = match check_origin(&state.config, &req, &host) {
         Ok(o) => o,
-        Err(e) => return Ok(e.into_response_in(dialect)),
+        Err(e) => return e.into_response_in(dialect),
     };
     if req.method() == Method::OPTIONS {
         // A CORS preflight: answered only for allowed origins.
         let Some(origin) = origin else {
-            return Ok(ApiError::forbidden("cross-origin requests are not allowed", "cors_not_allowed").into_response_in(dialect));
+            return ApiError::forbidden("cross-origin requests are not allowed", "cors_not_allowed").into_response_in(dialect);
         };
         let mut r = full(StatusCode::NO_CONTENT, "text/plain", Bytes::new());
         let h = r.headers_mut();
@@ -406,7 +429,7 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response
         h.insert(ACCESS_CONTROL_ALLOW_HEADERS, asked.unwrap_or(HeaderValue::from_static("authorization, content-type, x-api-key, anthropic-version, anthropic-beta")));
         h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
         h.insert(VARY, HeaderValue::from_static("origin, access-control-request-headers"));
-        return Ok(r);
+        return r;
     }
     let mut resp = match dispatch(state, req).await {
         Ok(r) => r,
@@ -416,7 +439,7 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response
         resp.headers_mut().insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
         resp.headers_mut().insert(VARY, HeaderValue::from_static("origin"));
     }
-    Ok(resp)
+    resp
 }
 
 async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -428,9 +451,16 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Result<Respon
         }
         return Ok(json_response(StatusCode::OK, &Health { status: "ok" }));
     }
+    if route == Route::Page {
+        // Without the key: the page holds no secret and must load to ask for the key.
+        if !state.config.webui {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "the chat page is turned off (--no-webui)"));
+        }
+        return Ok(webui::serve(req.uri().path(), req.headers()));
+    }
     check_key(&state.config, &req)?;
     match route {
-        Route::Health => unreachable!("answered above"),
+        Route::Health | Route::Page => unreachable!("answered above"),
         Route::Models => Ok(openai::models(&state)),
         Route::Metrics => Ok(full(StatusCode::OK, "text/plain; version=0.0.4", state.registry.render_prometheus())),
         Route::LoadModel => admin::load(state.clone(), read_json(&state, req).await?).await,
