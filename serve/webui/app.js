@@ -8,7 +8,6 @@
 'use strict';
 
 (() => {
-  const STORE_KEY = 'llama.chat.v1';
   const API_KEY_KEY = 'llama.apiKey';
   // Bounds on what the page keeps and accepts, so a large import or a runaway reply cannot
   // freeze the tab or fill the browser's storage unnoticed.
@@ -22,7 +21,7 @@
     inlineChars: 20000,
     quoteDepth: 8,
   };
-  const BUSY_RETRIES = 5;
+  const BUSY_RETRY_MS = 120000;
   const RENDER_EVERY_MS = 50;
   const MODELS_EVERY_MS = 15000;
   const NUMERIC = {
@@ -98,42 +97,82 @@
     };
   }
 
-  function loadState() {
+  // Storage: each conversation under its own key, so two tabs that change different
+  // conversations never overwrite each other; the open conversation is per tab
+  // (sessionStorage); the settings a new chat starts with and the last model are shared.
+  const CONV_PREFIX = 'llama.chat.conv.';
+  const PREFS_KEY = 'llama.chat.prefs';
+  const CURRENT_KEY = 'llama.chat.current';
+
+  function readConversation(key) {
     try {
-      const v = JSON.parse(localStorage.getItem(STORE_KEY) || 'null');
-      if (v && Array.isArray(v.conversations)) {
-        const conversations = v.conversations.map(cleanConversation).filter(Boolean).slice(0, LIMITS.conversations);
-        return { conversations, current: typeof v.current === 'string' ? v.current : null, defaults: cleanSettings(v.defaults), model: str(v.model, 256) || null };
-      }
-    } catch (e) {
-      console.warn('stored conversations unreadable', e);
+      return cleanConversation(JSON.parse(localStorage.getItem(key) || 'null'));
+    } catch (_) {
+      return null;
     }
-    return { conversations: [], current: null, defaults: cleanSettings({}), model: null };
+  }
+
+  function loadState() {
+    const conversations = [];
+    for (let i = 0; i < localStorage.length; i++) {
+      const key = localStorage.key(i);
+      if (!key || !key.startsWith(CONV_PREFIX)) continue;
+      const c = readConversation(key);
+      if (c && c.id === key.slice(CONV_PREFIX.length)) conversations.push(c);
+    }
+    conversations.sort((x, y) => y.updated - x.updated);
+    let prefs = {};
+    try {
+      prefs = JSON.parse(localStorage.getItem(PREFS_KEY) || '{}') || {};
+    } catch (_) {
+      prefs = {};
+    }
+    const want = sessionStorage.getItem(CURRENT_KEY);
+    const current = conversations.some((c) => c.id === want) ? want : conversations.length ? conversations[0].id : null;
+    return { conversations: conversations.slice(0, LIMITS.conversations), current, defaults: cleanSettings(prefs.defaults), model: str(prefs.model, 256) || null };
   }
 
   let state = loadState();
+  const unsaved = new Set();
   let saveTimer = null;
 
-  function writeState() {
+  // Writes one conversation; false (and the reason shown) when the browser refused.
+  function writeConversation(c) {
     try {
-      localStorage.setItem(STORE_KEY, JSON.stringify(state));
+      localStorage.setItem(CONV_PREFIX + c.id, JSON.stringify(c));
+      return true;
     } catch (e) {
-      showBanner(`This browser would not store the conversations (${e.name}): export them to keep them.`);
+      showBanner(`This browser would not store the conversation "${c.title}" (${e.name}): export it to keep it.`);
+      return false;
     }
   }
 
-  // Now, or coalesced (while a reply streams in).
-  function save(now) {
-    if (now) {
-      clearTimeout(saveTimer);
-      saveTimer = null;
-      writeState();
-    } else if (!saveTimer) {
-      saveTimer = setTimeout(() => {
-        saveTimer = null;
-        writeState();
-      }, 500);
+  function flush() {
+    clearTimeout(saveTimer);
+    saveTimer = null;
+    for (const c of unsaved) if (state.conversations.includes(c)) writeConversation(c);
+    unsaved.clear();
+  }
+
+  // Stores `conv` now, or coalesced (while a reply streams in).
+  function save(conv, now) {
+    if (conv) unsaved.add(conv);
+    if (now) flush();
+    else if (!saveTimer) saveTimer = setTimeout(flush, 500);
+  }
+
+  function savePrefs() {
+    try {
+      localStorage.setItem(PREFS_KEY, JSON.stringify({ defaults: state.defaults, model: state.model }));
+    } catch (_) {
+      // Only the next chat's defaults are lost.
     }
+  }
+
+  function setCurrent(id) {
+    state.current = id;
+    if (id) sessionStorage.setItem(CURRENT_KEY, id);
+    else sessionStorage.removeItem(CURRENT_KEY);
   }
 
   const current = () => state.conversations.find((c) => c.id === state.current) || null;
@@ -142,7 +181,7 @@
     const now = Date.now();
     const c = { id: newId(), title: 'New chat', created: now, updated: now, model: selectedModel(), settings: cleanSettings(state.defaults), messages: [] };
     state.conversations.unshift(c);
-    state.current = c.id;
+    setCurrent(c.id);
     return c;
   }
 
@@ -181,9 +220,11 @@
   }
 
   function needKey(refused) {
+    // Focus moves to the field only when the prompt appears, not on every poll after.
+    const appearing = $('key-prompt').hidden;
     $('key-prompt').hidden = false;
     showBanner(refused ? 'The server refused the API key: enter the right one.' : 'This server needs an API key.');
-    $('api-key').focus();
+    if (appearing) $('api-key').focus();
   }
 
   async function refreshModels() {
@@ -245,9 +286,12 @@
   async function pickModel() {
     const id = selectedModel();
     state.model = id;
+    savePrefs();
     const conv = current();
-    if (conv) conv.model = id;
-    save(true);
+    if (conv) {
+      conv.model = id;
+      save(conv, true);
+    }
     const m = models.find((x) => x.id === id);
     $('model-status').textContent = describe(m);
     if (!m || m.status === 'loaded' || m.status === 'loading') return;
@@ -304,6 +348,7 @@
     } catch (e) {
       msg.error = `The extra request fields are not valid JSON: ${e.message}`;
     }
+    const started = performance.now();
     for (let attempt = 0; body; attempt++) {
       const t0 = performance.now();
       let r;
@@ -314,11 +359,14 @@
         else msg.error = `Could not reach the server: ${e.message}`;
         break;
       }
-      if (r.status === 503 && attempt < BUSY_RETRIES) {
-        const e = await errorOf(r);
-        const wait = Math.min(30, Math.max(1, e.retryAfter || 2));
+      const e = r.ok ? null : await errorOf(r);
+      // Busy (a full queue, no room to load) or loading: retried, backing off, for a while.
+      // A model that failed to load or does not fit is not going to change by retrying.
+      const passing = r.status === 503 && !['model_load_failed', 'insufficient_memory', 'engine_stopped'].includes(e.code);
+      const wait = Math.min(10, Math.max(1, e && e.retryAfter ? e.retryAfter : 1, 2 ** Math.min(attempt, 3)));
+      if (passing && performance.now() - started + wait * 1000 <= BUSY_RETRY_MS) {
         const what = e.code === 'loading' ? 'The model is loading' : 'The server is busy';
-        showBanner(`${what} (${e.message}); retrying in ${wait} s (attempt ${attempt + 1} of ${BUSY_RETRIES}).`);
+        showBanner(`${what} (${e.message}); retrying in ${wait} s.`);
         try {
           await sleep(wait * 1000, controller.signal);
         } catch (_) {
@@ -328,9 +376,9 @@
         continue;
       }
       if (!r.ok) {
-        const e = await errorOf(r);
         if (r.status === 401) needKey(Boolean(sessionStorage.getItem(API_KEY_KEY)));
-        msg.error = r.status === 503 ? `The server is busy (${e.message}); gave up after ${BUSY_RETRIES} retries. Try again later.` : `Error ${e.status}: ${e.message}`;
+        hideBanner();
+        msg.error = passing ? `The server stayed busy for ${BUSY_RETRY_MS / 1000} s (${e.message}). Try again later.` : `Error ${e.status}: ${e.message}`;
         break;
       }
       hideBanner();
@@ -342,8 +390,9 @@
     clearTimeout(renderTimer);
     renderTimer = null;
     conv.updated = Date.now();
-    save(true);
+    save(conv, true);
     renderAll();
+    announce(msg.error ? 'The reply failed.' : msg.stats && msg.stats.finish === 'stopped' ? 'Stopped.' : 'Reply complete.');
     refreshModels();
   }
 
@@ -367,6 +416,7 @@
         } catch (_) {
           continue;
         }
+        if (!j || typeof j !== 'object') continue;
         if (j.error) msg.error = typeof j.error === 'string' ? j.error : String(j.error.message || 'the generation failed');
         if (j.usage) usage = j.usage;
         const ch = Array.isArray(j.choices) ? j.choices[0] : null;
@@ -384,7 +434,7 @@
         if (Array.isArray(d.tool_calls)) {
           for (const t of d.tool_calls) {
             const f = t && t.function;
-            if (f && (f.name || f.arguments)) msg.content += `${f.name ? `\n[tool call ${f.name}] ` : ''}${f.arguments || ''}`;
+            if (f && (f.name || f.arguments)) msg.content = (msg.content + `${f.name ? `\n[tool call ${String(f.name)}] ` : ''}${typeof f.arguments === 'string' ? f.arguments : ''}`).slice(0, LIMITS.contentChars);
           }
         }
         if (ch.finish_reason) finish = ch.finish_reason;
@@ -403,12 +453,14 @@
         }
         if (buf.length > 1024 * 1024) throw new Error('an event over 1 MiB');
         scheduleRender(msg);
-        save(false);
+        save(busy && busy.conv, false);
       }
       if (buf.trim()) onEvent(buf);
     } catch (e) {
       if (signal.aborted || e.name === 'AbortError') stopped = true;
       else msg.error = `The reply was cut off: ${e.message}`;
+      // Whatever went wrong here, the server must not go on generating for nobody.
+      reader.cancel().catch(() => {});
     }
     const end = performance.now();
     const n = usage && typeof usage.completion_tokens === 'number' ? usage.completion_tokens : chunks;
@@ -438,17 +490,18 @@
     return null;
   }
 
+  // A link's label is Markdown without links: an anchor inside an anchor is not a link.
   function link(label, href, depth, raw) {
     const url = safeUrl(href);
     if (!url) return raw;
-    return el('a', { href: url, target: '_blank', rel: 'noopener noreferrer nofollow' }, ...inline(label, depth + 1));
+    return el('a', { href: url, target: '_blank', rel: 'noopener noreferrer nofollow' }, ...(label === href ? [label] : inline(label, depth + 1, true)));
   }
 
   // Inline Markdown of one paragraph: code spans, links, bold, italic, strike, bare URLs.
   // Nothing crosses a line, which keeps the matching linear in practice.
-  const INLINE = /(`+)([^`\n]+?)\1(?!`)|(!?)\[([^\]\n]{1,500})\]\(\s*([^()\s]{1,2000})\s*\)|\*\*([^*\s](?:[^*\n]*?[^*\s])?)\*\*|(?<![\w_])__([^_\s](?:[^_\n]*?[^_\s])?)__(?![\w_])|~~([^~\n]+?)~~|(?<![\w*])\*([^*\s](?:[^*\n]*?[^*\s])?)\*(?![\w*])|(?<![\w_])_([^_\s](?:[^_\n]*?[^_\s])?)_(?![\w_])|(https?:\/\/[^\s<>()[\]`]*[^\s<>()[\]`.,;:!?'"])/g;
+  const INLINE = /(?<!`)(`{1,16})([^`\n]+?)\1(?!`)|(!?)\[([^\]\n]{1,500})\]\(\s*([^()\s]{1,2000})\s*\)|\*\*([^*\s](?:[^*\n]*?[^*\s])?)\*\*|(?<![\w_])__([^_\s](?:[^_\n]*?[^_\s])?)__(?![\w_])|~~([^~\n]+?)~~|(?<![\w*])\*([^*\s](?:[^*\n]*?[^*\s])?)\*(?![\w*])|(?<![\w_])_([^_\s](?:[^_\n]*?[^_\s])?)_(?![\w_])|(https?:\/\/[^\s<>()[\]`]*[^\s<>()[\]`.,;:!?'"])/g;
 
-  function inline(text, depth = 0) {
+  function inline(text, depth = 0, inLink = false) {
     if (depth > 6 || text.length > LIMITS.inlineChars) return [text];
     const out = [];
     const re = new RegExp(INLINE.source, 'g');
@@ -457,11 +510,11 @@
     while ((m = re.exec(text))) {
       if (m.index > last) out.push(text.slice(last, m.index));
       if (m[1]) out.push(el('code', { text: m[2] }));
-      else if (m[4] !== undefined) out.push(link(m[4], m[5], depth, m[0]));
-      else if (m[6] !== undefined || m[7] !== undefined) out.push(el('strong', null, ...inline(m[6] ?? m[7], depth + 1)));
-      else if (m[8] !== undefined) out.push(el('del', null, ...inline(m[8], depth + 1)));
-      else if (m[9] !== undefined || m[10] !== undefined) out.push(el('em', null, ...inline(m[9] ?? m[10], depth + 1)));
-      else if (m[11]) out.push(link(m[11], m[11], depth, m[0]));
+      else if (m[4] !== undefined) out.push(inLink ? m[0] : link(m[4], m[5], depth, m[0]));
+      else if (m[6] !== undefined || m[7] !== undefined) out.push(el('strong', null, ...inline(m[6] ?? m[7], depth + 1, inLink)));
+      else if (m[8] !== undefined) out.push(el('del', null, ...inline(m[8], depth + 1, inLink)));
+      else if (m[9] !== undefined || m[10] !== undefined) out.push(el('em', null, ...inline(m[9] ?? m[10], depth + 1, inLink)));
+      else if (m[11]) out.push(inLink ? m[0] : link(m[11], m[11], depth, m[0]));
       last = re.lastIndex;
     }
     if (last < text.length) out.push(text.slice(last));
@@ -477,23 +530,45 @@
     return el('div', { class: 'code-block' }, el('div', { class: 'code-head' }, el('span', { text: lang || 'code' }), copy), el('pre', null, el('code', { text: code })));
   }
 
-  const LIST_ITEM = /^\s{0,3}([-*+]|\d{1,9}[.)])\s+(.*)$/;
-  const TABLE_RULE = /^\s*\|?\s*:?-{2,}:?\s*(\|\s*:?-{2,}:?\s*)*\|?\s*$/;
+  // Every block pattern matches in linear time: no `$` after a run that can give back, no
+  // two adjacent runs of the same characters (a reply is re-parsed every 50 ms while it
+  // streams, so a pattern that backtracks on a long line would freeze the tab).
+  const LIST_ITEM = /^ {0,3}([-*+]|\d{1,9}[.)])[ \t]+([\s\S]*)/;
+  const TABLE_RULE = /^\|? *:?-{2,}:? *(\| *:?-{2,}:? *)*\|?$/;
+  const HEADING = /^ {0,3}(#{1,6})[ \t]+([\s\S]*)/;
+  const RULE = /^ {0,3}([-*_])( *\1){2,} *$/;
+  // Lines longer than this are paragraph text, whatever they start with.
+  const BLOCK_LINE_CHARS = 8000;
   const cells = (line) => line.trim().replace(/^\|/, '').replace(/\|$/, '').split('|').map((c) => c.trim());
+
+  // A heading's optional closing `#`s, cut by hand: the obvious regex backtracks
+  // cubically on a long run of spaces.
+  function closingHashes(text) {
+    let end = text.length;
+    while (end > 0 && /\s/.test(text[end - 1])) end--;
+    let hashes = end;
+    while (hashes > 0 && text[hashes - 1] === '#') hashes--;
+    if (hashes < end && (hashes === 0 || /\s/.test(text[hashes - 1]))) end = hashes;
+    return text.slice(0, end).trimEnd();
+  }
 
   function markdown(src, depth = 0) {
     const frag = document.createDocumentFragment();
     const lines = src.replace(/\r\n?/g, '\n').split('\n');
     let para = [];
+    // Inline Markdown never crosses a line: each line is parsed on its own.
     const flush = () => {
-      if (para.length) frag.append(el('p', null, ...inline(para.join('\n'))));
+      if (para.length) frag.append(el('p', null, ...para.flatMap((l, k) => (k ? ['\n', ...inline(l)] : inline(l)))));
       para = [];
     };
     let i = 0;
     while (i < lines.length) {
       const line = lines[i];
       let m;
-      if ((m = /^\s{0,3}(`{3,}|~{3,})\s*([\w+#.-]{0,40})/.exec(line))) {
+      if (line.length > BLOCK_LINE_CHARS) {
+        para.push(line);
+        i++;
+      } else if ((m = /^ {0,3}(`{3,}|~{3,}) *([\w+#.-]{0,40})/.exec(line))) {
         // A fence still open (a reply streaming in) runs to the end.
         flush();
         const fence = m[1];
@@ -501,35 +576,35 @@
         for (i++; i < lines.length && !lines[i].trim().startsWith(fence); i++) body.push(lines[i]);
         i++;
         frag.append(codeBlock(body.join('\n'), m[2]));
-      } else if ((m = /^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$/.exec(line))) {
+      } else if ((m = HEADING.exec(line))) {
         flush();
-        frag.append(el(`h${m[1].length}`, null, ...inline(m[2])));
+        frag.append(el(`h${m[1].length}`, null, ...inline(closingHashes(m[2]))));
         i++;
-      } else if (/^\s{0,3}([-*_])(\s*\1){2,}\s*$/.test(line)) {
+      } else if (RULE.test(line)) {
         flush();
         frag.append(el('hr'));
         i++;
-      } else if (/^\s{0,3}>/.test(line) && depth < LIMITS.quoteDepth) {
+      } else if (/^ {0,3}>/.test(line) && depth < LIMITS.quoteDepth) {
         flush();
         const quoted = [];
-        for (; i < lines.length && /^\s{0,3}>/.test(lines[i]); i++) quoted.push(lines[i].replace(/^\s{0,3}>\s?/, ''));
+        for (; i < lines.length && /^ {0,3}>/.test(lines[i]) && lines[i].length <= BLOCK_LINE_CHARS; i++) quoted.push(lines[i].replace(/^ {0,3}> ?/, ''));
         frag.append(el('blockquote', null, markdown(quoted.join('\n'), depth + 1)));
       } else if ((m = LIST_ITEM.exec(line))) {
         flush();
         const ordered = /\d/.test(m[1]);
         const list = el(ordered ? 'ol' : 'ul', ordered && parseInt(m[1], 10) !== 1 ? { start: parseInt(m[1], 10) } : null);
         let mm;
-        while (i < lines.length && (mm = LIST_ITEM.exec(lines[i])) && /\d/.test(mm[1]) === ordered) {
+        while (i < lines.length && lines[i].length <= BLOCK_LINE_CHARS && (mm = LIST_ITEM.exec(lines[i])) && /\d/.test(mm[1]) === ordered) {
           let item = mm[2];
-          for (i++; i < lines.length && /^\s{2,}\S/.test(lines[i]) && !LIST_ITEM.exec(lines[i]); i++) item += `\n${lines[i].trim()}`;
+          for (i++; i < lines.length && lines[i].length <= BLOCK_LINE_CHARS && /^ {2,}\S/.test(lines[i]) && !LIST_ITEM.exec(lines[i]); i++) item += `\n${lines[i].trim()}`;
           list.append(el('li', null, ...inline(item)));
         }
         frag.append(list);
-      } else if (line.includes('|') && i + 1 < lines.length && TABLE_RULE.test(lines[i + 1]) && lines[i + 1].includes('-')) {
+      } else if (line.includes('|') && i + 1 < lines.length && lines[i + 1].length <= BLOCK_LINE_CHARS && TABLE_RULE.test(lines[i + 1].trim())) {
         flush();
         const head = el('tr', null, ...cells(line).map((c) => el('th', null, ...inline(c))));
         const rows = [];
-        for (i += 2; i < lines.length && lines[i].includes('|') && lines[i].trim(); i++) rows.push(el('tr', null, ...cells(lines[i]).map((c) => el('td', null, ...inline(c)))));
+        for (i += 2; i < lines.length && lines[i].length <= BLOCK_LINE_CHARS && lines[i].includes('|') && lines[i].trim(); i++) rows.push(el('tr', null, ...cells(lines[i]).map((c) => el('td', null, ...inline(c)))));
         frag.append(el('div', { class: 'table-wrap' }, el('table', null, el('thead', null, head), el('tbody', null, ...rows))));
       } else if (!line.trim()) {
         flush();
@@ -590,7 +665,9 @@
   function fillMessage(node, msg, index, conv) {
     const streaming = busy && busy.msg === msg;
     const parts = [el('div', { class: 'role', text: msg.role === 'user' ? 'You' : 'Assistant' })];
-    if (msg.reasoning) parts.push(el('details', { class: 'reasoning' }, el('summary', { text: 'Reasoning' }), el('div', { text: msg.reasoning })));
+    // A reasoning block the reader opened stays open through the re-renders.
+    const wasOpen = Boolean(node.querySelector('details.reasoning[open]'));
+    if (msg.reasoning) parts.push(el('details', { class: 'reasoning', open: wasOpen }, el('summary', { text: 'Reasoning' }), el('div', { text: msg.reasoning })));
     const body = el('div', { class: `body${streaming ? ' cursor' : ''}` });
     if (msg.role === 'user') body.textContent = msg.content;
     else body.append(markdown(msg.content));
@@ -612,7 +689,7 @@
   function updateMessage(msg) {
     const conv = current();
     const node = nodes.get(msg);
-    if (!conv || !node) return;
+    if (!conv || !node || !node.isConnected) return;
     const box = $('messages');
     const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
     fillMessage(node, msg, conv.messages.indexOf(msg), conv);
@@ -639,6 +716,8 @@
 
   function renderConversations() {
     const list = $('conversations');
+    // A title being edited is not thrown away by a render.
+    if (list.querySelector('.conv-title-edit')) return;
     list.replaceChildren(
       ...state.conversations.map((c) => {
         const open = el('button', { type: 'button', class: 'conv-open', text: c.title, title: c.title, 'aria-current': c.id === state.current ? 'true' : null });
@@ -646,7 +725,7 @@
         const li = el('li', { class: `conv${c.id === state.current ? ' current' : ''}`, 'data-id': c.id }, open);
         li.append(
           el('button', { type: 'button', class: 'conv-rename', text: '✎', title: 'Rename', 'aria-label': `Rename ${c.title}`, onclick: () => renameConversation(li, c) }),
-          el('button', { type: 'button', class: 'conv-delete', text: '🗑', title: 'Delete', 'aria-label': `Delete ${c.title}`, disabled: Boolean(busy && busy.conv === c), onclick: () => deleteConversation(c) }),
+          el('button', { type: 'button', class: 'conv-delete', text: '✕', title: 'Delete', 'aria-label': `Delete ${c.title}`, disabled: Boolean(busy && busy.conv === c), onclick: () => deleteConversation(c) }),
         );
         return li;
       }),
@@ -654,6 +733,8 @@
   }
 
   function renderSettings() {
+    // Not while the user is typing in them: a value not yet committed would be lost.
+    if ($('settings').contains(document.activeElement)) return;
     const s = (current() || {}).settings || state.defaults;
     $('system-prompt').value = s.system;
     $('extra').value = s.extra;
@@ -686,18 +767,34 @@
     $('banner').hidden = true;
   }
 
-  function closeSidebar() {
-    $('sidebar').classList.remove('open');
-    $('scrim').hidden = true;
+  // For screen readers: the end of a reply, not every re-render of it.
+  function announce(text) {
+    $('announce').textContent = text;
   }
 
+  function openSidebar() {
+    $('sidebar').classList.add('open');
+    $('scrim').hidden = false;
+    $('new-chat').focus();
+  }
+
+  function closeSidebar() {
+    const sidebar = $('sidebar');
+    if (!sidebar.classList.contains('open')) return;
+    const hadFocus = sidebar.contains(document.activeElement);
+    sidebar.classList.remove('open');
+    $('scrim').hidden = true;
+    if (hadFocus && getComputedStyle($('open-sidebar')).display !== 'none') $('open-sidebar').focus();
+  }
+
+  // A reply streaming in another conversation goes on (and is stored) in the background.
   function openConversation(id) {
-    if (busy) busy.controller.abort();
-    state.current = id;
-    const conv = current();
-    if (conv && conv.model && models.some((m) => m.id === conv.model)) $('model').value = conv.model;
-    save(true);
-    renderAll();
+    if (id !== state.current) {
+      setCurrent(id);
+      const conv = current();
+      if (conv && conv.model && models.some((m) => m.id === conv.model)) $('model').value = conv.model;
+      renderAll();
+    }
     closeSidebar();
   }
 
@@ -731,7 +828,7 @@
     const resend = () => {
       if (busy || !area.value.trim()) return;
       conv.messages = conv.messages.slice(0, index);
-      conv.messages.push({ role: 'user', content: area.value });
+      conv.messages.push({ role: 'user', content: area.value.slice(0, LIMITS.contentChars) });
       generate(conv);
     };
     area.addEventListener('keydown', (e) => {
@@ -759,8 +856,9 @@
       done = true;
       if (keep && input.value.trim()) {
         c.title = input.value.trim().slice(0, LIMITS.titleChars);
-        save(true);
+        save(c, true);
       }
+      input.remove();
       renderConversations();
     };
     input.addEventListener('keydown', (e) => {
@@ -777,8 +875,8 @@
     if (busy && busy.conv === c) return;
     if (!window.confirm(`Delete "${c.title}"?`)) return;
     state.conversations = state.conversations.filter((x) => x !== c);
-    if (state.current === c.id) state.current = state.conversations.length ? state.conversations[0].id : null;
-    save(true);
+    localStorage.removeItem(CONV_PREFIX + c.id);
+    if (state.current === c.id) setCurrent(state.conversations.length ? state.conversations[0].id : null);
     renderAll();
   }
 
@@ -817,9 +915,17 @@
       if (taken.has(c.id)) c.id = newId();
       taken.add(c.id);
     }
+    // All or nothing: a file the browser's storage cannot hold leaves no half import.
+    const written = [];
+    for (const c of cleaned) {
+      if (!writeConversation(c)) {
+        for (const w of written) localStorage.removeItem(CONV_PREFIX + w.id);
+        throw new Error("the browser's storage is full (export and delete some conversations first)");
+      }
+      written.push(c);
+    }
     state.conversations.unshift(...cleaned);
-    state.current = cleaned[0].id;
-    save(true);
+    setCurrent(cleaned[0].id);
     renderAll();
     return cleaned.length;
   }
@@ -852,9 +958,12 @@
     $('settings-error').textContent = errors.join('. ');
     $('settings-error').hidden = !errors.length;
     const conv = current();
-    if (conv) conv.settings = s;
+    if (conv) {
+      conv.settings = s;
+      save(conv, true);
+    }
     state.defaults = cleanSettings(s);
-    save(true);
+    savePrefs();
   }
 
   // ---- wiring ----------------------------------------------------------------------------------
@@ -872,9 +981,8 @@
     });
     $('stop').addEventListener('click', () => busy && busy.controller.abort());
     $('new-chat').addEventListener('click', () => {
-      if (busy) busy.controller.abort();
+      // An empty new chat is stored with its first message.
       newConversation();
-      save(true);
       renderAll();
       closeSidebar();
       $('input').focus();
@@ -927,17 +1035,32 @@
         showBanner(`Nothing was imported: ${err.message}.`);
       }
     });
-    $('open-sidebar').addEventListener('click', () => {
-      $('sidebar').classList.add('open');
-      $('scrim').hidden = false;
+    $('open-sidebar').addEventListener('click', openSidebar);
+    document.addEventListener('keydown', (e) => {
+      if (e.key === 'Escape') closeSidebar();
     });
     $('close-sidebar').addEventListener('click', closeSidebar);
     $('scrim').addEventListener('click', closeSidebar);
-    // Another tab changed the conversations: take its copy unless a reply is streaming here.
+    // Another tab changed a conversation: take its copy, unless this tab is streaming a
+    // reply into that one (this tab's copy is the newer then).
     window.addEventListener('storage', (e) => {
-      if (e.key === STORE_KEY && !busy) {
-        state = loadState();
-        renderAll();
+      if (e.key === PREFS_KEY) {
+        const fresh = loadState();
+        state.defaults = fresh.defaults;
+        state.model = fresh.model;
+        return;
+      }
+      if (!e.key || !e.key.startsWith(CONV_PREFIX)) return;
+      const id = e.key.slice(CONV_PREFIX.length);
+      if (busy && busy.conv.id === id) return;
+      const fresh = e.newValue === null ? null : readConversation(e.key);
+      const at = state.conversations.findIndex((c) => c.id === id);
+      if (at >= 0) state.conversations.splice(at, 1);
+      if (fresh && fresh.id === id) state.conversations.splice(at >= 0 ? at : 0, 0, fresh);
+      renderConversations();
+      if (id === state.current) {
+        if (!fresh) setCurrent(state.conversations.length ? state.conversations[0].id : null);
+        renderMessages();
       }
     });
     setInterval(() => {

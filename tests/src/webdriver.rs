@@ -356,6 +356,23 @@ impl Browser {
         entries.iter().filter(|e| e["level"] == "SEVERE").map(|e| e["message"].as_str().unwrap_or("").to_string()).collect()
     }
 
+    /// Opens a new tab (same profile, so the same localStorage) and returns its handle; the
+    /// session stays on the current tab until [`Browser::switch_to`].
+    pub fn new_tab(&self) -> String {
+        let v = self.session.post("/window/new", json!({"type": "tab"}));
+        v["handle"].as_str().unwrap_or_else(|| panic!("WebDriver new window: no handle in {v}")).to_string()
+    }
+
+    /// The current tab's handle.
+    pub fn tab(&self) -> String {
+        self.session.get("/window").as_str().expect("a window handle").to_string()
+    }
+
+    /// Makes `handle`'s tab the one commands go to.
+    pub fn switch_to(&self, handle: &str) {
+        self.session.post("/window", json!({"handle": handle}));
+    }
+
     /// The open dialog's text (alert, confirm, prompt), `None` when none is open.
     pub fn alert_text(&self) -> Option<String> {
         match self.session.try_cmd("GET", "/alert/text", None) {

@@ -63,15 +63,16 @@ fn last_stats(b: &Browser) -> String {
         .to_string()
 }
 
-fn stored(b: &Browser) -> Value {
-    let raw = b.execute("return localStorage.getItem('llama.chat.v1');", &[]);
-    serde_json::from_str(raw.as_str().expect("the page stored its conversations")).unwrap()
+/// Every conversation the page stored (one localStorage key each).
+fn stored(b: &Browser) -> Vec<Value> {
+    let raw = b.execute("return Object.keys(localStorage).filter(k => k.startsWith('llama.chat.conv.')).map(k => localStorage.getItem(k));", &[]);
+    raw.as_array().unwrap().iter().map(|v| serde_json::from_str(v.as_str().unwrap()).unwrap()).collect()
 }
 
+/// The conversation this tab has open, as stored.
 fn current_conversation(b: &Browser) -> Value {
-    let st = stored(b);
-    let id = st["current"].clone();
-    st["conversations"].as_array().unwrap().iter().find(|c| c["id"] == id).expect("the current conversation is stored").clone()
+    let raw = b.execute("return localStorage.getItem('llama.chat.conv.' + sessionStorage.getItem('llama.chat.current'));", &[]);
+    serde_json::from_str(raw.as_str().expect("the current conversation is stored")).unwrap()
 }
 
 /// Where the screenshots go: target/webui-screenshots.
@@ -85,6 +86,9 @@ fn a_picked_model_streams_its_reply_into_the_page_which_ends_with_its_statistics
     let s = Server::start(&["-m", &smol(), "-c", "2048", "-np", "2"]);
     let smol_name = name_of(&smollm2_model_path());
     let b = open(&s, BrowserOptions::default());
+    // The browser's console is really read (so the check at the end means something).
+    b.execute("console.error('console-probe');", &[]);
+    assert!(b.console_errors().iter().any(|e| e.contains("console-probe")), "the browser log is not readable");
     let options: Vec<String> = b.find_all("#model option").iter().map(|o| o.attr("value").unwrap()).collect();
     assert!(options.contains(&smol_name) && options.contains(&name_of(&model_path())), "both models are offered: {options:?}");
     pick(&b, &smol_name);
@@ -241,10 +245,10 @@ fn conversations_survive_a_reload_and_an_export_imports_as_the_same_conversation
     // A file that is not an export is refused, and nothing is lost.
     let bad = downloads.path().join("bad.json");
     std::fs::write(&bad, r#"{"conversations": [{"messages": [{"role": "wizard", "content": 1}]}]}"#).unwrap();
-    let before = stored(&b)["conversations"].as_array().unwrap().len();
+    let before = stored(&b).len();
     b.find("#import-file").send_keys(bad.to_str().unwrap());
     b.wait_until("the refusal is shown", "document.querySelector('#banner-text').textContent.startsWith('Nothing was imported')");
-    assert_eq!(stored(&b)["conversations"].as_array().unwrap().len(), before);
+    assert_eq!(stored(&b).len(), before);
 }
 
 /// Text a script in the page would set if any part of the payload ran.
@@ -328,8 +332,17 @@ fn at_phone_width_every_control_is_reachable_and_both_widths_and_schemes_are_scr
     say(&b, "Show a Python function that adds two numbers, in a code block.");
     last_stats(&b);
     let dir = screenshot_dir();
+    let background = |b: &Browser| b.execute("return getComputedStyle(document.body).backgroundColor;", &[]);
+    b.set_color_scheme(false);
+    let light = background(&b);
+    b.set_color_scheme(true);
+    let dark = background(&b);
+    assert_ne!(light, dark, "the page looks the same in both colour schemes");
+    assert_eq!(light, json!("rgb(255, 255, 255)"));
     for (width, height) in [(1280, 800), (390, 844)] {
         b.set_window_size(width, height);
+        // At phone width the conversation list slides out of view (a short transition).
+        b.wait_until("the list is in its place", "document.querySelector('#sidebar').getBoundingClientRect().left >= 0 || document.querySelector('#sidebar').getBoundingClientRect().right <= 0");
         for dark in [false, true] {
             b.set_color_scheme(dark);
             let scheme = if dark { "dark" } else { "light" };
@@ -383,7 +396,8 @@ fn with_an_api_key_the_page_asks_for_the_key_and_works_once_it_is_given() {
     assert!(b.find_all(".msg.assistant .error").is_empty());
     // Kept for this tab only, never with the conversations.
     assert_eq!(b.execute("return sessionStorage.getItem('llama.apiKey');", &[]), json!("page-test-key"));
-    assert!(!b.execute("return localStorage.getItem('llama.chat.v1');", &[]).as_str().unwrap().contains("page-test-key"));
+    let everything = b.execute("return JSON.stringify(Object.entries(localStorage));", &[]);
+    assert!(everything.as_str().unwrap().contains("Write a long story") && !everything.as_str().unwrap().contains("page-test-key"), "{everything}");
 }
 
 #[test]
@@ -406,7 +420,7 @@ fn a_busy_server_is_said_so_and_the_page_retries_until_it_is_answered() {
     drop(held);
     let stats = last_stats(&b);
     assert!(stats.contains("8 tokens"), "{stats}");
-    assert!(b.find("#banner").attr("hidden").is_some(), "the busy notice stays after the answer");
+    assert!(b.find("#banner").attr("hidden").is_some(), "the busy notice is still shown after the answer");
     assert!(b.find_all(".msg.assistant .error").is_empty());
 }
 
@@ -420,6 +434,10 @@ fn the_page_is_served_with_its_security_headers_and_no_webui_turns_it_off() {
         assert_eq!(r.header("x-content-type-options"), Some("nosniff"), "{path}");
         assert_eq!(r.header("x-frame-options"), Some("DENY"), "{path}");
         let etag = r.header("etag").unwrap().to_string();
+        let len = r.header("content-length").unwrap().to_string();
+        let head = ureq::head(&s.url(path)).call().unwrap();
+        assert_eq!((head.status(), head.header("content-length").unwrap()), (200, len.as_str()), "{path}");
+        assert!(head.into_string().unwrap().is_empty(), "HEAD {path} has a body");
         let again = ureq::get(&s.url(path)).set("If-None-Match", &etag).call().unwrap();
         assert_eq!(again.status(), 304, "{path}");
     }
@@ -436,4 +454,113 @@ fn the_page_is_served_with_its_security_headers_and_no_webui_turns_it_off() {
     }
     assert!(matches!(ureq::get(&s.url("/webui/app.js")).call(), Err(ureq::Error::Status(404, _))));
     assert_eq!(ureq::get(&s.url("/v1/models")).call().unwrap().status(), 200, "the API is unchanged");
+}
+
+#[test]
+fn a_hostile_import_renders_as_text_and_pathological_markdown_does_not_freeze_the_page() {
+    let s = Server::start_with(&smol(), &["-c", "2048"]);
+    let b = open(&s, BrowserOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    // Markup in every field the page shows, unsafe link targets, and Markdown that made
+    // naive patterns backtrack for minutes (a heading, a table rule and a list item over long
+    // runs of spaces, a long run of backticks, many unclosed emphasis marks).
+    let pathological = [
+        format!("# a{}b", " ".repeat(20000)),
+        format!("a | b\n{}x", " ".repeat(50000)),
+        format!("-{}y\u{2028}x", " ".repeat(20000)),
+        format!("x{}a", "`".repeat(19990)),
+        "**a".repeat(7000),
+        "_a ".repeat(30000),
+        format!("> {}", ">".repeat(5000)),
+    ]
+    .join("\n\n");
+    let reply = format!(
+        "```\"><img src=x onerror={PWNED}=12>\ncode\n```\n\n[x](javascript:{PWNED}=13) [y](JAVASCRIPT:{PWNED}=14) [z](data:text/html,<script>{PWNED}=15</script>) \
+         ![i](http://example.com/a.png)\n\nsee https://example.com/path and [label https://a.example](https://b.example)\n\n{pathological}"
+    );
+    let conversation = json!({
+        "id": "hostile-1",
+        "title": format!("<img src=x onerror={PWNED}=10>"),
+        "model": format!("\"><img src=x onerror={PWNED}=11>"),
+        "settings": {"system": "<script>x</script>", "temperature": "hot", "extra": "{\"a\":1}"},
+        "messages": [
+            {"role": "user", "content": format!("<script>{PWNED}=16</script>")},
+            {"role": "assistant", "content": reply, "reasoning": format!("<img src=x onerror={PWNED}=17>"),
+             "error": format!("<script>{PWNED}=18</script>"), "stats": {"completion_tokens": 3, "finish": "<b>x</b>"}},
+        ],
+    });
+    let file = dir.path().join("hostile.json");
+    std::fs::write(&file, json!({"format": "llama-chat", "version": 1, "conversations": [conversation]}).to_string()).unwrap();
+    b.find("#import-file").send_keys(file.to_str().unwrap());
+    b.wait_until("the import is shown", "document.querySelectorAll('.msg').length === 2");
+    let took = b.execute("const t = performance.now(); document.querySelector('#new-chat').click(); document.querySelector('li[data-id=\"hostile-1\"] .conv-open').click(); return performance.now() - t;", &[]);
+    println!("rendering the pathological conversation took {took} ms");
+    let seen = b.execute(
+        "const m = document.querySelector('#app'); return { img: m.querySelectorAll('img').length, script: document.querySelectorAll('script').length, \
+         nested: m.querySelectorAll('a a').length, links: [...m.querySelectorAll('#messages a')].map(a => a.getAttribute('href')), \
+         title: document.querySelector('li[data-id=\"hostile-1\"] .conv-open').textContent, error: document.querySelector('.msg .error').textContent, \
+         reasoning: document.querySelector('.msg .reasoning div').textContent, stats: document.querySelector('.msg .stats').textContent, \
+         user: document.querySelector('.msg.user .body').textContent, body: document.querySelector('.msg.assistant .body').textContent.length };",
+        &[],
+    );
+    assert_eq!(seen["img"], json!(0), "{seen}");
+    // The page's own script tag only.
+    assert_eq!(seen["script"], json!(1), "{seen}");
+    assert_eq!(seen["nested"], json!(0), "a link inside a link: {seen}");
+    assert_eq!(seen["links"], json!(["http://example.com/a.png", "https://example.com/path", "https://b.example/"]), "{seen}");
+    assert_eq!(seen["title"], json!(format!("<img src=x onerror={PWNED}=10>")));
+    assert_eq!(seen["user"], json!(format!("<script>{PWNED}=16</script>")));
+    assert_eq!(seen["error"], json!(format!("<script>{PWNED}=18</script>")));
+    assert_eq!(seen["reasoning"], json!(format!("<img src=x onerror={PWNED}=17>")));
+    assert!(seen["stats"].as_str().unwrap().contains("<b>x</b>"), "{seen}");
+    assert!(seen["body"].as_u64().unwrap() > 150_000, "the long lines are all shown: {seen}");
+    // A setting of the wrong type is dropped, not used.
+    assert_eq!(current_conversation(&b)["settings"]["temperature"], Value::Null);
+    for e in b.find_all("#messages .body a, #messages .body code, #messages .reasoning summary") {
+        if e.displayed() {
+            e.click();
+            let _ = b.execute("window.focus();", &[]);
+        }
+    }
+    assert_eq!(b.execute(&format!("return typeof {PWNED};"), &[]), json!("undefined"), "part of the import ran");
+}
+
+#[test]
+fn two_tabs_share_the_conversations_without_overwriting_each_other() {
+    let s = Server::start_with(&smol(), &["-c", "2048", "-np", "2"]);
+    let b = open(&s, BrowserOptions::default());
+    let a = b.tab();
+    set_setting(&b, "#max-tokens", "6");
+    say(&b, "First tab's question.");
+    last_stats(&b);
+    let b_tab = b.new_tab();
+    b.switch_to(&b_tab);
+    b.goto(&s.url("/"));
+    b.wait_for("#input");
+    // The second tab lists the first tab's conversation and opens its own.
+    b.wait_until("the other tab's conversation is listed", "document.querySelectorAll('#conversations .conv-open').length === 1");
+    b.find("#new-chat").click();
+    set_setting(&b, "#max-tokens", "6");
+    // The first tab streams a long reply while the second starts another conversation.
+    b.switch_to(&a);
+    set_setting(&b, "#max-tokens", "400");
+    set_setting(&b, "#extra", &json!({"grammar": "root ::= (\"n\" [0-9] [0-9]? \"\\n\"){1000}"}).to_string());
+    say(&b, "Count.");
+    b.wait_until("the first tab's reply has begun", "document.querySelector('.msg.assistant:last-child .body') && document.querySelector('.msg.assistant:last-child .body').textContent.length > 20");
+    b.switch_to(&b_tab);
+    say(&b, "Second tab's question.");
+    b.wait_until("both replies are done", "document.querySelectorAll('.msg.assistant .stats').length === 1");
+    b.switch_to(&a);
+    last_stats(&b);
+    b.wait_until("the first tab's second reply is done", "document.querySelectorAll('.msg.assistant .stats').length === 2");
+    // Every conversation of both tabs is stored, and each tab kept its own open.
+    let titles: Vec<String> = stored(&b).iter().map(|c| c["title"].as_str().unwrap().to_string()).collect();
+    assert_eq!(titles.len(), 2, "{titles:?}");
+    assert!(titles.contains(&"First tab's question.".to_string()) && titles.contains(&"Second tab's question.".to_string()), "{titles:?}");
+    assert_eq!(current_conversation(&b)["title"], json!("First tab's question."));
+    assert_eq!(current_conversation(&b)["messages"].as_array().unwrap().len(), 4);
+    let listed = b.find_all("#conversations .conv-open").len();
+    assert_eq!(listed, 2, "the first tab lists the second tab's conversation");
+    b.switch_to(&b_tab);
+    assert_eq!(current_conversation(&b)["title"], json!("Second tab's question."));
 }
