@@ -55,8 +55,19 @@
   const num = (v, lo, hi, int) => (typeof v === 'number' && Number.isFinite(v) && v >= lo && v <= hi && (!int || Number.isInteger(v)) ? v : null);
   const newId = () => Date.now().toString(36) + Math.random().toString(36).slice(2, 10);
 
+  // Extra request fields: kept only when they are a JSON object.
+  function cleanExtra(v) {
+    const text = str(v, LIMITS.settingChars);
+    try {
+      const o = text.trim() ? JSON.parse(text) : null;
+      return o && typeof o === 'object' && !Array.isArray(o) ? text : '';
+    } catch (_) {
+      return '';
+    }
+  }
+
   function cleanSettings(s) {
-    const o = { system: str(s && s.system, LIMITS.settingChars), extra: str(s && s.extra, LIMITS.settingChars) };
+    const o = { system: str(s && s.system, LIMITS.settingChars), extra: cleanExtra(s && s.extra) };
     for (const [k, f] of Object.entries(NUMERIC)) o[k] = num(s && s[k], f.min, f.max, f.int);
     return o;
   }
@@ -104,6 +115,34 @@
   const PREFS_KEY = 'llama.chat.prefs';
   const CURRENT_KEY = 'llama.chat.current';
 
+  // sessionStorage, or nothing where the browser blocks it (the page still works).
+  const session = {
+    get(k) {
+      try {
+        return sessionStorage.getItem(k);
+      } catch (_) {
+        return null;
+      }
+    },
+    set(k, v) {
+      try {
+        if (v === null) sessionStorage.removeItem(k);
+        else sessionStorage.setItem(k, v);
+      } catch (_) {
+        // Kept for this page view only.
+      }
+    },
+  };
+
+  function readPrefs() {
+    try {
+      const p = JSON.parse(localStorage.getItem(PREFS_KEY) || '{}') || {};
+      return { defaults: cleanSettings(p.defaults), model: str(p.model, 256) || null };
+    } catch (_) {
+      return { defaults: cleanSettings({}), model: null };
+    }
+  }
+
   function readConversation(key) {
     try {
       return cleanConversation(JSON.parse(localStorage.getItem(key) || 'null'));
@@ -114,22 +153,22 @@
 
   function loadState() {
     const conversations = [];
-    for (let i = 0; i < localStorage.length; i++) {
-      const key = localStorage.key(i);
-      if (!key || !key.startsWith(CONV_PREFIX)) continue;
-      const c = readConversation(key);
-      if (c && c.id === key.slice(CONV_PREFIX.length)) conversations.push(c);
+    try {
+      for (let i = 0; i < localStorage.length; i++) {
+        const key = localStorage.key(i);
+        if (!key || !key.startsWith(CONV_PREFIX)) continue;
+        const c = readConversation(key);
+        if (c && c.id === key.slice(CONV_PREFIX.length)) conversations.push(c);
+      }
+    } catch (e) {
+      // Storage blocked (cookies off): the page works, nothing is kept.
+      console.warn('localStorage unavailable', e);
     }
     conversations.sort((x, y) => y.updated - x.updated);
-    let prefs = {};
-    try {
-      prefs = JSON.parse(localStorage.getItem(PREFS_KEY) || '{}') || {};
-    } catch (_) {
-      prefs = {};
-    }
-    const want = sessionStorage.getItem(CURRENT_KEY);
+    const prefs = readPrefs();
+    const want = session.get(CURRENT_KEY);
     const current = conversations.some((c) => c.id === want) ? want : conversations.length ? conversations[0].id : null;
-    return { conversations: conversations.slice(0, LIMITS.conversations), current, defaults: cleanSettings(prefs.defaults), model: str(prefs.model, 256) || null };
+    return { conversations: conversations.slice(0, LIMITS.conversations), current, defaults: prefs.defaults, model: prefs.model };
   }
 
   let state = loadState();
@@ -171,8 +210,7 @@
 
   function setCurrent(id) {
     state.current = id;
-    if (id) sessionStorage.setItem(CURRENT_KEY, id);
-    else sessionStorage.removeItem(CURRENT_KEY);
+    session.set(CURRENT_KEY, id);
   }
 
   const current = () => state.conversations.find((c) => c.id === state.current) || null;
@@ -193,7 +231,7 @@
   function headers(json) {
     const h = {};
     if (json) h['Content-Type'] = 'application/json';
-    const key = sessionStorage.getItem(API_KEY_KEY);
+    const key = session.get(API_KEY_KEY);
     if (key) h.Authorization = `Bearer ${key}`;
     return h;
   }
@@ -236,7 +274,7 @@
       return;
     }
     if (r.status === 401) {
-      needKey(Boolean(sessionStorage.getItem(API_KEY_KEY)));
+      needKey(Boolean(session.get(API_KEY_KEY)));
       return;
     }
     if (!r.ok) {
@@ -245,7 +283,7 @@
       return;
     }
     const j = await r.json().catch(() => null);
-    models = (j && Array.isArray(j.data) ? j.data : []).filter((m) => m && typeof m.id === 'string').slice(0, 1000);
+    models = cleanModels(j && Array.isArray(j.data) ? j.data : []);
     $('key-prompt').hidden = true;
     renderModels();
   }
@@ -255,21 +293,45 @@
     return v || null;
   }
 
+  // The models as the page uses them: each field of the type it expects, ids unique.
+  function cleanModels(list) {
+    const seen = new Set();
+    const out = [];
+    for (const m of list.slice(0, 1000)) {
+      if (!m || typeof m.id !== 'string' || !m.id || seen.has(m.id)) continue;
+      seen.add(m.id);
+      const count = (v) => (typeof v === 'number' && Number.isFinite(v) ? v : null);
+      out.push({
+        id: m.id.slice(0, 256),
+        status: typeof m.status === 'string' ? m.status.slice(0, 40) : 'unknown',
+        reason: typeof m.reason === 'string' ? m.reason.slice(0, 300) : null,
+        slots_busy: count(m.slots_busy),
+        slots_total: count(m.slots_total),
+        ctx_size: count(m.ctx_size),
+      });
+    }
+    return out;
+  }
+
   function describe(m) {
     if (!m) return '';
     const parts = [m.status];
-    if (m.status === 'loaded' && typeof m.slots_total === 'number') parts.push(`${m.slots_busy || 0}/${m.slots_total} slots busy`);
-    if (typeof m.ctx_size === 'number') parts.push(`context ${m.ctx_size}`);
-    if (m.reason) parts.push(String(m.reason).slice(0, 300));
+    if (m.status === 'loaded' && m.slots_total !== null) parts.push(`${m.slots_busy || 0}/${m.slots_total} slots busy`);
+    if (m.ctx_size !== null) parts.push(`context ${m.ctx_size}`);
+    if (m.reason) parts.push(m.reason);
     return parts.join(' · ');
   }
 
   function renderModels() {
     const sel = $('model');
-    const want = (current() && current().model) || state.model || sel.value;
+    const own = current() && current().model;
+    const want = own || state.model || sel.value;
+    // A conversation's model the server no longer lists stays picked, marked as such, rather
+    // than the next message quietly going to another model.
+    const shown = own && models.length && !models.some((m) => m.id === own) ? [...models, { id: own, status: 'not served', reason: null, slots_busy: null, slots_total: null, ctx_size: null }] : models;
     // Options are updated in place: replacing them would close a list the user has open.
     const have = new Map([...sel.options].map((o) => [o.value, o]));
-    models.forEach((m, i) => {
+    shown.forEach((m, i) => {
       const o = have.get(m.id) || el('option', { value: m.id });
       const label = `${m.id} (${m.status})`;
       if (o.textContent !== label) o.textContent = label;
@@ -277,8 +339,8 @@
       have.delete(m.id);
     });
     for (const o of have.values()) o.remove();
-    if (models.some((m) => m.id === want)) sel.value = want;
-    const m = models.find((x) => x.id === sel.value);
+    if (shown.some((m) => m.id === want)) sel.value = want;
+    const m = shown.find((x) => x.id === sel.value);
     $('model-status').textContent = describe(m);
   }
 
@@ -308,6 +370,10 @@
 
   function sleep(ms, signal) {
     return new Promise((resolve, reject) => {
+      if (signal.aborted) {
+        reject(new DOMException('stopped', 'AbortError'));
+        return;
+      }
       const t = setTimeout(resolve, ms);
       signal.addEventListener('abort', () => {
         clearTimeout(t);
@@ -335,13 +401,37 @@
     return body;
   }
 
+  // Stopped before anything arrived (while waiting to retry, or for a model to load).
+  const stoppedEarly = () => cleanStats({ finish: 'stopped', completion_tokens: 0, approximate: true });
+
   async function generate(conv) {
     const msg = { role: 'assistant', content: '' };
     conv.messages.push(msg);
     conv.updated = Date.now();
     const controller = new AbortController();
     busy = { controller, conv, msg };
-    renderAll();
+    try {
+      renderAll();
+      await converse(conv, msg, controller);
+    } catch (e) {
+      // A bug here must not leave the page stuck in "busy".
+      msg.error = msg.error || `The page failed: ${e && e.message}`;
+      console.error(e);
+    } finally {
+      busy = null;
+      // The full render below shows the final text; a pending partial one must not follow it.
+      clearTimeout(renderTimer);
+      renderTimer = null;
+      conv.updated = Date.now();
+      save(conv, true);
+      renderAll();
+      announce(msg.error ? 'The reply failed.' : msg.stats && msg.stats.finish === 'stopped' ? 'Stopped.' : 'Reply complete.');
+      refreshModels();
+    }
+  }
+
+  // One reply: the request (retried while the server is busy), then its stream.
+  async function converse(conv, msg, controller) {
     let body;
     try {
       body = requestBody(conv, msg);
@@ -355,29 +445,30 @@
       try {
         r = await api('POST', '/v1/chat/completions', body, controller.signal);
       } catch (e) {
-        if (e.name === 'AbortError') msg.stats = { finish: 'stopped', completion_tokens: 0, approximate: true };
+        if (e.name === 'AbortError') msg.stats = stoppedEarly();
         else msg.error = `Could not reach the server: ${e.message}`;
         break;
       }
       const e = r.ok ? null : await errorOf(r);
       // Busy (a full queue, no room to load) or loading: retried, backing off, for a while.
       // A model that failed to load or does not fit is not going to change by retrying.
-      const passing = r.status === 503 && !['model_load_failed', 'insufficient_memory', 'engine_stopped'].includes(e.code);
-      const wait = Math.min(10, Math.max(1, e && e.retryAfter ? e.retryAfter : 1, 2 ** Math.min(attempt, 3)));
+      const passing = r.status === 503 && !['model_load_failed', 'insufficient_memory', 'engine_stopped', 'shutting_down', 'cancelled'].includes(e.code);
+      // 1, 2, 4, 8, then 10 s between tries; longer when Retry-After asks, up to 10 s.
+      const wait = Math.min(10, Math.max(e && e.retryAfter ? e.retryAfter : 1, 2 ** Math.min(attempt, 4)));
       if (passing && performance.now() - started + wait * 1000 <= BUSY_RETRY_MS) {
         const what = e.code === 'loading' ? 'The model is loading' : 'The server is busy';
         showBanner(`${what} (${e.message}); retrying in ${wait} s.`);
         try {
           await sleep(wait * 1000, controller.signal);
         } catch (_) {
-          msg.stats = { finish: 'stopped', completion_tokens: 0, approximate: true };
+          msg.stats = stoppedEarly();
           break;
         }
         continue;
       }
       if (!r.ok) {
-        if (r.status === 401) needKey(Boolean(sessionStorage.getItem(API_KEY_KEY)));
         hideBanner();
+        if (r.status === 401) needKey(Boolean(session.get(API_KEY_KEY)));
         msg.error = passing ? `The server stayed busy for ${BUSY_RETRY_MS / 1000} s (${e.message}). Try again later.` : `Error ${e.status}: ${e.message}`;
         break;
       }
@@ -385,15 +476,8 @@
       await readStream(r, msg, controller.signal, t0);
       break;
     }
-    busy = null;
-    // The full render below shows the final text; a pending partial one must not follow it.
-    clearTimeout(renderTimer);
-    renderTimer = null;
-    conv.updated = Date.now();
-    save(conv, true);
-    renderAll();
-    announce(msg.error ? 'The reply failed.' : msg.stats && msg.stats.finish === 'stopped' ? 'Stopped.' : 'Reply complete.');
-    refreshModels();
+    // A "retrying" notice must not outlive the retries (a key prompt's notice stays).
+    if ($('key-prompt').hidden) hideBanner();
   }
 
   // Reads the server-sent events of a streamed chat completion into `msg`.
@@ -417,11 +501,11 @@
           continue;
         }
         if (!j || typeof j !== 'object') continue;
-        if (j.error) msg.error = typeof j.error === 'string' ? j.error : String(j.error.message || 'the generation failed');
-        if (j.usage) usage = j.usage;
+        if (j.error) msg.error = (typeof j.error === 'string' ? j.error : typeof j.error.message === 'string' ? j.error.message : 'the generation failed').slice(0, 2000);
+        if (j.usage && typeof j.usage === 'object') usage = j.usage;
         const ch = Array.isArray(j.choices) ? j.choices[0] : null;
         if (!ch) continue;
-        const d = ch.delta || {};
+        const d = ch.delta && typeof ch.delta === 'object' ? ch.delta : {};
         if (typeof d.content === 'string' && d.content) {
           first = first ?? performance.now();
           chunks++;
@@ -434,10 +518,12 @@
         if (Array.isArray(d.tool_calls)) {
           for (const t of d.tool_calls) {
             const f = t && t.function;
-            if (f && (f.name || f.arguments)) msg.content = (msg.content + `${f.name ? `\n[tool call ${String(f.name)}] ` : ''}${typeof f.arguments === 'string' ? f.arguments : ''}`).slice(0, LIMITS.contentChars);
+            const name = f && typeof f.name === 'string' ? f.name : '';
+            const args = f && typeof f.arguments === 'string' ? f.arguments : '';
+            if (name || args) msg.content = (msg.content + `${name ? `\n[tool call ${name}] ` : ''}${args}`).slice(0, LIMITS.contentChars);
           }
         }
-        if (ch.finish_reason) finish = ch.finish_reason;
+        if (typeof ch.finish_reason === 'string' && ch.finish_reason) finish = ch.finish_reason.slice(0, 40);
       }
     };
     let stopped = false;
@@ -499,7 +585,7 @@
 
   // Inline Markdown of one paragraph: code spans, links, bold, italic, strike, bare URLs.
   // Nothing crosses a line, which keeps the matching linear in practice.
-  const INLINE = /(?<!`)(`{1,16})([^`\n]+?)\1(?!`)|(!?)\[([^\]\n]{1,500})\]\(\s*([^()\s]{1,2000})\s*\)|\*\*([^*\s](?:[^*\n]*?[^*\s])?)\*\*|(?<![\w_])__([^_\s](?:[^_\n]*?[^_\s])?)__(?![\w_])|~~([^~\n]+?)~~|(?<![\w*])\*([^*\s](?:[^*\n]*?[^*\s])?)\*(?![\w*])|(?<![\w_])_([^_\s](?:[^_\n]*?[^_\s])?)_(?![\w_])|(https?:\/\/[^\s<>()[\]`]*[^\s<>()[\]`.,;:!?'"])/g;
+  const INLINE = /(?<!`)(`{1,16})([^`\n]+?)\1(?!`)|(!?)\[([^\][\n]{1,500})\]\(\s*([^()\s]{1,2000})\s*\)|\*\*([^*\s](?:[^*\n]*?[^*\s])?)\*\*|(?<![\w_])__([^_\s](?:[^_\n]*?[^_\s])?)__(?![\w_])|~~([^~\n]+?)~~|(?<![\w*])\*([^*\s](?:[^*\n]*?[^*\s])?)\*(?![\w*])|(?<![\w_])_([^_\s](?:[^_\n]*?[^_\s])?)_(?![\w_])|(https?:\/\/[^\s<>()[\]`]*[^\s<>()[\]`.,;:!?'"])/g;
 
   function inline(text, depth = 0, inLink = false) {
     if (depth > 6 || text.length > LIMITS.inlineChars) return [text];
@@ -530,9 +616,10 @@
     return el('div', { class: 'code-block' }, el('div', { class: 'code-head' }, el('span', { text: lang || 'code' }), copy), el('pre', null, el('code', { text: code })));
   }
 
-  // Every block pattern matches in linear time: no `$` after a run that can give back, no
-  // two adjacent runs of the same characters (a reply is re-parsed every 50 ms while it
-  // streams, so a pattern that backtracks on a long line would freeze the tab).
+  // Every block pattern matches in linear time: none ends a lazy or open-ended capture with
+  // `$`, and no two runs that can match the same characters sit side by side with a way to
+  // fail after them (a reply is re-parsed every 50 ms while it streams, so a pattern that
+  // backtracks over a long line would freeze the tab).
   const LIST_ITEM = /^ {0,3}([-*+]|\d{1,9}[.)])[ \t]+([\s\S]*)/;
   const TABLE_RULE = /^\|? *:?-{2,}:? *(\| *:?-{2,}:? *)*\|?$/;
   const HEADING = /^ {0,3}(#{1,6})[ \t]+([\s\S]*)/;
@@ -568,12 +655,18 @@
       if (line.length > BLOCK_LINE_CHARS) {
         para.push(line);
         i++;
-      } else if ((m = /^ {0,3}(`{3,}|~{3,}) *([\w+#.-]{0,40})/.exec(line))) {
-        // A fence still open (a reply streaming in) runs to the end.
+      } else if ((m = /^ {0,3}(`{3,}|~{3,}) *([\w+#.-]{0,40})/.exec(line)) && !(m[1][0] === '`' && line.indexOf('`', m[0].length) >= 0)) {
+        // (A backtick fence's info string holds no backtick: "```js x```" is inline code.)
+        // It closes at a line of only the same fence character, at least as many; a fence
+        // still open (a reply streaming in) runs to the end.
         flush();
         const fence = m[1];
+        const closes = (l) => {
+          const t = l.trim();
+          return t.length >= fence.length && (fence[0] === '`' ? /^`+$/ : /^~+$/).test(t);
+        };
         const body = [];
-        for (i++; i < lines.length && !lines[i].trim().startsWith(fence); i++) body.push(lines[i]);
+        for (i++; i < lines.length && !closes(lines[i]); i++) body.push(lines[i]);
         i++;
         frag.append(codeBlock(body.join('\n'), m[2]));
       } else if ((m = HEADING.exec(line))) {
@@ -654,11 +747,12 @@
 
   function statsText(s) {
     const parts = [];
-    if (s.completion_tokens !== null) parts.push(`${s.approximate ? '≈' : ''}${s.completion_tokens} tokens`);
-    if (s.tps !== null) parts.push(`${s.tps.toFixed(1)} tok/s`);
-    if (s.prompt_tokens !== null) parts.push(`prompt ${s.prompt_tokens} tokens`);
-    if (s.ttft_ms !== null) parts.push(`first token ${Math.round(s.ttft_ms)} ms`);
-    if (s.finish) parts.push(s.finish);
+    const n = (v) => typeof v === 'number' && Number.isFinite(v);
+    if (n(s.completion_tokens)) parts.push(`${s.approximate ? '≈' : ''}${s.completion_tokens} tokens`);
+    if (n(s.tps)) parts.push(`${s.tps.toFixed(1)} tok/s`);
+    if (n(s.prompt_tokens)) parts.push(`prompt ${s.prompt_tokens} tokens`);
+    if (n(s.ttft_ms)) parts.push(`first token ${Math.round(s.ttft_ms)} ms`);
+    if (typeof s.finish === 'string' && s.finish) parts.push(s.finish);
     return parts.join(' · ');
   }
 
@@ -875,7 +969,11 @@
     if (busy && busy.conv === c) return;
     if (!window.confirm(`Delete "${c.title}"?`)) return;
     state.conversations = state.conversations.filter((x) => x !== c);
-    localStorage.removeItem(CONV_PREFIX + c.id);
+    try {
+      localStorage.removeItem(CONV_PREFIX + c.id);
+    } catch (_) {
+      // Storage blocked: it was never stored.
+    }
     if (state.current === c.id) setCurrent(state.conversations.length ? state.conversations[0].id : null);
     renderAll();
   }
@@ -911,8 +1009,15 @@
     // An id already here (the same export imported twice) gets a new one: nothing is
     // replaced.
     const taken = new Set(state.conversations.map((c) => c.id));
+    const stored = (id) => {
+      try {
+        return localStorage.getItem(CONV_PREFIX + id) !== null;
+      } catch (_) {
+        return false;
+      }
+    };
     for (const c of cleaned) {
-      if (taken.has(c.id)) c.id = newId();
+      if (taken.has(c.id) || stored(c.id)) c.id = newId();
       taken.add(c.id);
     }
     // All or nothing: a file the browser's storage cannot hold leaves no half import.
@@ -1007,7 +1112,7 @@
         showBanner('An API key is printable ASCII without spaces.');
         return;
       }
-      sessionStorage.setItem(API_KEY_KEY, key);
+      session.set(API_KEY_KEY, key);
       $('api-key').value = '';
       hideBanner();
       refreshModels();
@@ -1045,9 +1150,9 @@
     // reply into that one (this tab's copy is the newer then).
     window.addEventListener('storage', (e) => {
       if (e.key === PREFS_KEY) {
-        const fresh = loadState();
-        state.defaults = fresh.defaults;
-        state.model = fresh.model;
+        const prefs = readPrefs();
+        state.defaults = prefs.defaults;
+        state.model = prefs.model;
         return;
       }
       if (!e.key || !e.key.startsWith(CONV_PREFIX)) return;
@@ -1057,11 +1162,11 @@
       const at = state.conversations.findIndex((c) => c.id === id);
       if (at >= 0) state.conversations.splice(at, 1);
       if (fresh && fresh.id === id) state.conversations.splice(at >= 0 ? at : 0, 0, fresh);
-      renderConversations();
       if (id === state.current) {
+        // Its messages, settings and model all change with it.
         if (!fresh) setCurrent(state.conversations.length ? state.conversations[0].id : null);
-        renderMessages();
-      }
+        renderAll();
+      } else renderConversations();
     });
     setInterval(() => {
       if (!document.hidden) refreshModels();
