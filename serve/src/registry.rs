@@ -262,6 +262,15 @@ impl Lease {
     }
 }
 
+/// The loaded models' slots and queues, summed (`Registry::capacity`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Capacity {
+    pub models_loaded: usize,
+    pub slots_total: usize,
+    pub slots_idle: usize,
+    pub queue_depth: usize,
+}
+
 /// One model as `GET /v1/models` and `llama ps` show it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelStatus {
@@ -662,6 +671,22 @@ impl Registry {
         }
     }
 
+    /// The loaded models' slots and queues, summed: what a slot-aware balancer needs.
+    pub fn capacity(&self) -> Capacity {
+        let g = self.lock();
+        let mut c = Capacity::default();
+        for s in &g.slots {
+            if let Status::Loaded(r) = &s.status {
+                let total = r.engine.config().slots as usize;
+                c.models_loaded += 1;
+                c.slots_total += total;
+                c.slots_idle += total - r.engine.in_flight().min(total);
+                c.queue_depth += s.metrics.queue_depth.load(std::sync::atomic::Ordering::Relaxed).max(0) as usize;
+            }
+        }
+        c
+    }
+
     /// Every model and its state.
     pub fn list(&self) -> Vec<ModelStatus> {
         let g = self.lock();
@@ -727,6 +752,23 @@ impl Registry {
         let g = self.lock();
         let models: Vec<(&str, &Metrics)> = g.slots.iter().zip(&self.specs).map(|(s, p)| (p.name.as_str(), &*s.metrics)).collect();
         let mut out = Metrics::render_models(&models);
+        // Free and total slots per model (0 while not loaded), next to llama_queue_depth: a
+        // slot-aware balancer sends the next request where a slot is free.
+        let _ = writeln!(out, "# HELP llama_slots_total Slots (requests decoded at once) of the loaded model.\n# TYPE llama_slots_total gauge");
+        for (s, p) in g.slots.iter().zip(&self.specs) {
+            let total = if let Status::Loaded(r) = &s.status { r.engine.config().slots as usize } else { 0 };
+            let _ = writeln!(out, "llama_slots_total{{model=\"{}\"}} {total}", crate::metrics::escape(&p.name));
+        }
+        let _ = writeln!(out, "# HELP llama_slots_idle Slots free for a new request now.\n# TYPE llama_slots_idle gauge");
+        for (s, p) in g.slots.iter().zip(&self.specs) {
+            let idle = if let Status::Loaded(r) = &s.status {
+                let total = r.engine.config().slots as usize;
+                total - r.engine.in_flight().min(total)
+            } else {
+                0
+            };
+            let _ = writeln!(out, "llama_slots_idle{{model=\"{}\"}} {idle}", crate::metrics::escape(&p.name));
+        }
         let loaded = g.slots.iter().filter(|s| matches!(s.status, Status::Loaded(_))).count();
         let _ = writeln!(out, "# HELP llama_models_loaded Models loaded now.\n# TYPE llama_models_loaded gauge\nllama_models_loaded {loaded}");
         let _ = writeln!(out, "# HELP llama_model_loads_total Model loads by outcome.\n# TYPE llama_model_loads_total counter");

@@ -449,7 +449,15 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Result<Respon
         if !state.registry.engines_running() {
             return Err(ApiError::unavailable("the engine has stopped", "engine_stopped"));
         }
-        return Ok(json_response(StatusCode::OK, &Health { status: "ok" }));
+        // Ready, or busy: every loaded model's slots taken (a new request would queue). Both
+        // are 200, so a plain health check keeps a busy replica in its pool; a balancer that
+        // wants busy replicas out asks with llama-server's `?fail_on_no_slot=1`.
+        let capacity = state.registry.capacity();
+        let busy = capacity.models_loaded > 0 && capacity.slots_idle == 0;
+        if busy && req.uri().query().is_some_and(|q| q.split('&').any(|kv| kv == "fail_on_no_slot=1" || kv == "fail_on_no_slot=true")) {
+            return Err(ApiError::unavailable("every slot is busy", "no_slot_available"));
+        }
+        return Ok(json_response(StatusCode::OK, &Health { status: if busy { "busy" } else { "ok" }, capacity }));
     }
     if route == Route::Page {
         // Without the key: the page holds no secret and must load to ask for the key.
@@ -633,7 +641,10 @@ pub(crate) struct ApiError {
 
 #[derive(Serialize)]
 struct Health {
+    /// `ok` or `busy`; loading and failed are 503s.
     status: &'static str,
+    #[serde(flatten)]
+    capacity: crate::registry::Capacity,
 }
 
 #[derive(Serialize)]
