@@ -67,6 +67,24 @@ fn split_series(s: &str) -> (&str, Vec<&str>) {
 
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// `llama serve ARGS`, not serialized with other servers (for tests that need several at
+/// once): the process and its base URL, once it listens. Its stderr is drained so it never
+/// blocks on a full pipe.
+pub fn spawn_serve(args: &[&str]) -> (Child, String) {
+    let mut all = vec!["serve"];
+    all.extend_from_slice(args);
+    let mut child = llama_cmd(&all).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let base = loop {
+        let line = lines.next().expect("llama serve printed its address").unwrap();
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break format!("http://{}", rest.split_whitespace().next().unwrap());
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (child, base)
+}
+
 impl Server {
     /// Starts `llama serve` on the test model and waits until /health says it is ready.
     pub fn start(extra: &[&str]) -> Server {
@@ -94,18 +112,9 @@ impl Server {
     /// Starts `llama serve ARGS --port 0 -t 2` and returns once it listens.
     pub fn spawn(extra: &[&str]) -> Server {
         let serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut args = vec!["serve", "--port", "0", "-t", "2"];
+        let mut args = vec!["--port", "0", "-t", "2"];
         args.extend_from_slice(extra);
-        let mut child = llama_cmd(&args).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let base = loop {
-            let line = lines.next().expect("llama serve printed its address").unwrap();
-            if let Some(rest) = line.split("on http://").nth(1) {
-                break format!("http://{}", rest.split_whitespace().next().unwrap());
-            }
-        };
-        // Keep draining stderr so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        let (child, base) = spawn_serve(&args);
         Server { child, base, _serial: serial }
     }
 

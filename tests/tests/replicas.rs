@@ -4,13 +4,13 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use llama_tests::server::{wait_for, Server};
-use llama_tests::{llama_cmd, smollm2_model_path};
+use llama_tests::server::{spawn_serve, wait_for, Server};
+use llama_tests::smollm2_model_path;
 use serde_json::{json, Value};
 
 fn smol() -> String {
@@ -75,15 +75,7 @@ struct Replica {
 impl Replica {
     fn start() -> Replica {
         let model = smol();
-        let mut child = llama_cmd(&["serve", "-m", &model, "--port", "0", "-t", "1", "-c", "1024", "-np", "1"]).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let base = loop {
-            let line = lines.next().expect("llama serve printed its address").unwrap();
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                break format!("http://{}", rest.split_whitespace().next().unwrap());
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
+        let (child, base) = spawn_serve(&["-m", &model, "--port", "0", "-t", "1", "-c", "1024", "-np", "1"]);
         wait_for("the replica is ready", || (ureq::get(&format!("{base}/health")).call().map(|r| r.status()).ok() == Some(200)).then_some(()));
         Replica { child, base }
     }
