@@ -353,9 +353,18 @@ fn soak_of_300_requests_swapping_models_every_time() {
         assert_eq!(code, 200, "request {i} to {model}: {v}");
         rss.push(s.rss_kib());
     }
-    let (at50, at300) = (rss[49], rss[299]);
-    eprintln!("resident memory: {at50} KiB at request 50, {at300} KiB at request 300");
-    assert!(at300 as f64 <= at50 as f64 * 1.10, "resident memory grew: {at50} KiB at request 50, {at300} KiB at request 300");
+    // Gemma's requests only (even ones: the two models differ by ~190 MB), and the median of
+    // eleven of them: a leak raises every later sample, while one sample can catch the
+    // allocator holding freed memory for a moment (a CI run once read 395 MB at request 300
+    // against 354 MB at 50; rerun, 356 and 360 MB).
+    let gemma_median = |from: usize, to: usize| {
+        let mut w: Vec<u64> = (from..=to).filter(|r| r % 2 == 0).map(|r| rss[r - 1]).collect();
+        w.sort_unstable();
+        w[w.len() / 2]
+    };
+    let (at50, at300) = (gemma_median(40, 60), gemma_median(280, 300));
+    eprintln!("resident memory (median of 11 gemma requests): {at50} KiB around request 50, {at300} KiB around request 300");
+    assert!(at300 as f64 <= at50 as f64 * 1.10, "resident memory grew: {at50} KiB around request 50, {at300} KiB around request 300 (all: {rss:?})");
     let unloads = s.metric("llama_model_unloads_total{reason=\"lru\"}");
     assert!(unloads >= 298.0, "{unloads} swaps for 300 alternating requests");
 }
