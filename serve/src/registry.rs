@@ -677,10 +677,10 @@ impl Registry {
         let mut c = Capacity::default();
         for s in &g.slots {
             if let Status::Loaded(r) = &s.status {
-                let total = r.engine.config().slots as usize;
+                let (total, busy) = slots(r);
                 c.models_loaded += 1;
                 c.slots_total += total;
-                c.slots_idle += total - r.engine.in_flight().min(total);
+                c.slots_idle += total - busy;
                 c.queue_depth += s.metrics.queue_depth.load(std::sync::atomic::Ordering::Relaxed).max(0) as usize;
             }
         }
@@ -712,7 +712,7 @@ impl Registry {
                         m.status = "loaded";
                         m.memory_bytes = Some(s.held.total());
                         m.ctx_size = Some(r.engine.config().size.n_ctx);
-                        m.slots_busy = Some(r.engine.in_flight().min(r.engine.config().slots as usize));
+                        m.slots_busy = Some(slots(r).1);
                         m.slots_total = Some(r.engine.config().slots);
                         let idle = s.idle().then(|| now.duration_since(s.last_used));
                         m.idle_seconds = Some(idle.map(|d| d.as_secs_f64()));
@@ -756,14 +756,14 @@ impl Registry {
         // slot-aware balancer sends the next request where a slot is free.
         let _ = writeln!(out, "# HELP llama_slots_total Slots (requests decoded at once) of the loaded model.\n# TYPE llama_slots_total gauge");
         for (s, p) in g.slots.iter().zip(&self.specs) {
-            let total = if let Status::Loaded(r) = &s.status { r.engine.config().slots as usize } else { 0 };
+            let total = if let Status::Loaded(r) = &s.status { slots(r).0 } else { 0 };
             let _ = writeln!(out, "llama_slots_total{{model=\"{}\"}} {total}", crate::metrics::escape(&p.name));
         }
         let _ = writeln!(out, "# HELP llama_slots_idle Slots free for a new request now.\n# TYPE llama_slots_idle gauge");
         for (s, p) in g.slots.iter().zip(&self.specs) {
             let idle = if let Status::Loaded(r) = &s.status {
-                let total = r.engine.config().slots as usize;
-                total - r.engine.in_flight().min(total)
+                let (total, busy) = slots(r);
+                total - busy
             } else {
                 0
             };
@@ -824,6 +824,13 @@ impl Drop for Waiting {
 /// Drops an unloaded model: stops its engine (joining its thread) and frees the model once
 /// no request holds it, then gives freed heap back to the system, so an unloaded model
 /// costs no resident memory.
+/// A loaded model's slots: how many, and how many hold a request now (in flight counts
+/// queued requests too, so it is capped at the slot count).
+fn slots(r: &Ready) -> (usize, usize) {
+    let total = r.engine.config().slots as usize;
+    (total, r.engine.in_flight().min(total))
+}
+
 fn release(ready: Option<Arc<Ready>>) {
     let Some(ready) = ready else { return };
     ready.engine.shutdown();
