@@ -50,6 +50,28 @@ pub enum Command {
     Serve(ServeArgs),
     /// Show the models a running `llama serve` has loaded.
     Ps(PsArgs),
+    /// Serve this machine's compute device to other hosts' `--rpc` (ggml's RPC server).
+    RpcServer(RpcServerArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RpcServerArgs {
+    /// Address to listen on. The protocol has no authentication and no encryption:
+    /// anything else than loopback belongs on a trusted network only.
+    #[arg(long, default_value = "127.0.0.1", env = "LLAMA_RPC_HOST")]
+    pub host: String,
+    #[arg(long, default_value_t = 50052, env = "LLAMA_RPC_PORT")]
+    pub port: u16,
+    /// CPU threads for the computations (a CPU device).
+    #[arg(short = 't', long, value_name = "N")]
+    pub threads: Option<i32>,
+    /// Keep tensors clients send in DIR, by hash, so loading the same model again sends
+    /// hashes instead of weights.
+    #[arg(long = "cache", value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Backend whose devices to serve: auto, cpu, cuda or metal.
+    #[arg(long, default_value = "auto", value_name = "NAME", env = "LLAMA_BACKEND")]
+    pub backend: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -232,6 +254,83 @@ pub struct ModelArgs {
     /// With `--split-mode none`, the GPU to use, counted from 0 among the offload devices.
     #[arg(long = "main-gpu", value_name = "N", default_value_t = 0, env = "LLAMA_MAIN_GPU", allow_hyphen_values = true, value_parser = clap::value_parser!(u32).range(0..1024))]
     pub main_gpu: u32,
+    /// Remote devices: `llama rpc-server`s at HOST:PORT, comma-separated. Their devices join
+    /// the offload devices ahead of local GPUs; `-ngl` counts the layers taken off this
+    /// machine's CPU (`auto`: all of them).
+    #[arg(long = "rpc", value_name = "HOST:PORT,...", env = "LLAMA_RPC")]
+    pub rpc: Option<RpcServers>,
+    /// The share of the offloaded layers per offload device (remote devices first, in
+    /// --rpc order, then local GPUs), as proportions: `3,1`. Default: by free memory.
+    #[arg(long = "tensor-split", value_name = "P,...", env = "LLAMA_TENSOR_SPLIT")]
+    pub tensor_split: Option<TensorSplit>,
+    /// Seconds an RPC server gets to accept the connection and answer the handshake.
+    #[arg(long = "rpc-timeout", value_name = "SECONDS", default_value = "5", env = "LLAMA_RPC_TIMEOUT")]
+    pub rpc_timeout: Seconds,
+}
+
+/// Most RPC servers one load may use (llama.cpp holds at most 16 offload devices).
+pub const MAX_RPC_SERVERS: usize = 16;
+
+/// `--rpc`: RPC server endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RpcServers(pub Vec<String>);
+
+impl std::str::FromStr for RpcServers {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let list: Vec<String> = s.split(',').map(|e| e.trim().to_string()).collect();
+        if list.len() > MAX_RPC_SERVERS {
+            return Err(format!("{} servers is over the limit of {MAX_RPC_SERVERS}", list.len()));
+        }
+        for (i, e) in list.iter().enumerate() {
+            let ok = e.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && !host.contains(char::is_whitespace) && !host.contains(':') && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !ok {
+                return Err(format!("'{e}' is not HOST:PORT (like 192.168.1.10:50052)"));
+            }
+            if list[..i].contains(e) {
+                return Err(format!("'{e}' is named twice"));
+            }
+        }
+        Ok(RpcServers(list))
+    }
+}
+
+/// `--tensor-split`: proportions per offload device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSplit(pub Vec<f32>);
+
+impl std::str::FromStr for TensorSplit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split([',', '/']).map(str::trim).collect();
+        if parts.len() > MAX_RPC_SERVERS {
+            return Err(format!("{} proportions is over the limit of {MAX_RPC_SERVERS} devices", parts.len()));
+        }
+        let values = parts
+            .iter()
+            .map(|p| p.parse::<f32>().ok().filter(|v| v.is_finite() && *v >= 0.0).ok_or_else(|| format!("'{p}' is not a proportion >= 0")))
+            .collect::<Result<Vec<f32>, String>>()?;
+        if values.iter().all(|v| *v == 0.0) {
+            return Err("every proportion is 0".into());
+        }
+        Ok(TensorSplit(values))
+    }
+}
+
+/// A duration in seconds (`2`, `0.5`), between 0.1 s and 10 minutes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Seconds(pub std::time::Duration);
+
+impl std::str::FromStr for Seconds {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().parse::<f64>() {
+            Ok(v) if (0.1..=600.0).contains(&v) => Ok(Seconds(std::time::Duration::from_secs_f64(v))),
+            _ => Err(format!("'{s}' is not a number of seconds from 0.1 to 600")),
+        }
+    }
 }
 
 /// `--device`: which GPUs to offload to.
@@ -305,6 +404,9 @@ impl ModelArgs {
             },
             split_mode: self.split_mode.into(),
             main_gpu: self.main_gpu,
+            rpc: self.rpc.as_ref().map(|r| r.0.clone()).unwrap_or_default(),
+            rpc_timeout: self.rpc_timeout.0,
+            tensor_split: self.tensor_split.as_ref().map(|t| t.0.clone()).unwrap_or_default(),
         }
     }
 }
@@ -614,6 +716,12 @@ pub struct BackendsArgs {
     /// The cache types the estimate reserves KV cache for.
     #[command(flatten)]
     pub cache: CacheArgs,
+    /// Also list the devices of these RPC servers (HOST:PORT,...) with their memory.
+    #[arg(long = "rpc", value_name = "HOST:PORT,...", env = "LLAMA_RPC")]
+    pub rpc: Option<RpcServers>,
+    /// Seconds each RPC server gets to answer.
+    #[arg(long = "rpc-timeout", value_name = "SECONDS", default_value = "5", env = "LLAMA_RPC_TIMEOUT")]
+    pub rpc_timeout: Seconds,
     #[command(subcommand)]
     pub action: Option<BackendsAction>,
 }
@@ -704,6 +812,7 @@ pub fn normalize_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec
             Some("-sm") => "--split-mode".into(),
             Some("-mg") => "--main-gpu".into(),
             Some("-dev") => "--device".into(),
+            Some("-ts") => "--tensor-split".into(),
             Some("-np") => "--parallel".into(),
             Some("-ctk") => "--cache-type-k".into(),
             Some("-ctv") => "--cache-type-v".into(),

@@ -26,6 +26,11 @@ pub fn run(g: &Global, a: &BackendsOpts) -> Result<(), CliError> {
         Some(path) => Some(model_fit(path, a.ctx_size, &a.cache, backends.report())?),
         None => None,
     };
+    // `--rpc`: each server asked through the selected backend (which speaks its protocol).
+    let remote: Vec<Remote> = match &selected {
+        Ok(backend) => a.rpc.iter().map(|e| Remote::ask(backend, e, a.rpc_timeout)).collect(),
+        Err(_) => Vec::new(),
+    };
     if a.json {
         #[derive(serde::Serialize)]
         struct Out<'a> {
@@ -33,17 +38,81 @@ pub fn run(g: &Global, a: &BackendsOpts) -> Result<(), CliError> {
             report: &'a llama_host::SelectionReport,
             #[serde(skip_serializing_if = "Option::is_none")]
             model: Option<ModelFit>,
+            #[serde(skip_serializing_if = "<[_]>::is_empty")]
+            rpc: &'a [Remote],
         }
-        outln!("{}", serde_json::to_string_pretty(&Out { report: backends.report(), model }).expect("the report serializes"))?;
+        outln!("{}", serde_json::to_string_pretty(&Out { report: backends.report(), model, rpc: &remote }).expect("the report serializes"))?;
     } else {
         out!("{}", backends.report())?;
+        for r in &remote {
+            out!("{r}")?;
+        }
         if let Some(m) = model {
             out!("{m}")?;
         }
     }
     // Nothing usable: the report above says why; the exit code says so to scripts (4).
     selected?;
+    // A server that cannot be used is an error too (exit 4), after the whole listing.
+    if let Some(e) = remote.into_iter().find_map(|r| r.error) {
+        return Err(CliError::Load(llama_host::LoadError::Remote(e)));
+    }
     Ok(())
+}
+
+/// One `--rpc` server as `llama backends` lists it.
+#[derive(serde::Serialize)]
+struct Remote {
+    endpoint: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    protocol: Option<String>,
+    devices: Vec<RemoteDevice>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "as_text")]
+    error: Option<llama_host::BackendError>,
+}
+
+#[derive(serde::Serialize)]
+struct RemoteDevice {
+    name: String,
+    memory_total: u64,
+    memory_free: u64,
+}
+
+fn as_text<S: serde::Serializer>(e: &Option<llama_host::BackendError>, s: S) -> Result<S::Ok, S::Error> {
+    match e {
+        Some(e) => s.serialize_str(&e.to_string()),
+        None => s.serialize_none(),
+    }
+}
+
+impl Remote {
+    fn ask(backend: &llama_host::LoadedBackend, endpoint: &str, timeout: std::time::Duration) -> Remote {
+        match backend.rpc_server_info(endpoint, timeout) {
+            Ok(r) => Remote {
+                endpoint: r.endpoint,
+                protocol: Some(r.protocol),
+                devices: r.devices.into_iter().map(|d| RemoteDevice { name: d.name, memory_total: d.memory_total, memory_free: d.memory_free }).collect(),
+                error: None,
+            },
+            Err(e) => Remote { endpoint: endpoint.to_string(), protocol: None, devices: Vec::new(), error: Some(e) },
+        }
+    }
+}
+
+impl std::fmt::Display for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        match (&self.error, &self.protocol) {
+            (Some(e), _) => writeln!(f, "rpc {}: unusable: {e}", self.endpoint),
+            (None, protocol) => {
+                writeln!(f, "rpc {} (protocol {}):", self.endpoint, protocol.as_deref().unwrap_or("?"))?;
+                for (i, d) in self.devices.iter().enumerate() {
+                    writeln!(f, "  device {i}: {:.0} MiB free of {:.0} MiB", mib(d.memory_free), mib(d.memory_total))?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// `llama backends -m MODEL`: the model's memory needs and the layers each GPU backend could take.

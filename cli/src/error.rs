@@ -61,13 +61,17 @@ pub enum CliError {
     LoaderPanicked { message: String },
     #[error("cannot write the output")]
     Output(#[source] std::io::Error),
+    /// `llama rpc-server` could not start or stopped.
+    #[error("rpc-server: {0}")]
+    RpcServer(llama_host::BackendError),
     /// Ctrl-C: not an error to print, exit 130 like a shell.
     #[error("interrupted")]
     Interrupted,
 }
 
 impl CliError {
-    /// Exit codes: 2 bad arguments/config, 3 model file refused, 4 no usable backend,
+    /// Exit codes: 2 bad arguments/config, 3 model file refused, 4 no usable backend or
+    /// remote device (`--rpc`: unreachable, another protocol, lost),
     /// 5-8 a server that `llama ps` asked (unreachable, wants a key, answered an error
     /// status, answered something unreadable), 130 interrupted, 1 anything else.
     /// Documented in README.md.
@@ -93,8 +97,11 @@ impl CliError {
             | CliError::Generate(GenerateError::InvalidParam { .. } | GenerateError::PromptTooLong { .. } | GenerateError::EmptyPrompt)
             | CliError::EmbedInput { .. }
             | CliError::Embed(llama_host::EmbedError::InvalidParam { .. }) => 2,
+            CliError::Select(_) | CliError::Install(_) | CliError::Load(llama_host::LoadError::Remote(_)) => 4,
             CliError::NoModel { .. } | CliError::UnknownModel { .. } | CliError::Load(_) | CliError::ModelName(_) => 3,
-            CliError::Select(_) | CliError::Install(_) => 4,
+            // A remote device lost mid-run: the device is gone, as with no usable backend.
+            CliError::Generate(GenerateError::Backend(llama_host::BackendError::Rpc { .. }))
+            | CliError::Session(SessionError::Backend(llama_host::BackendError::Rpc { .. })) => 4,
             CliError::Ps(PsError::Unreachable { .. } | PsError::NoAnswer { .. }) => 5,
             CliError::Ps(PsError::ApiKeyWanted { .. } | PsError::ApiKeyRefused { .. }) => 6,
             CliError::Ps(PsError::Status { .. }) => 7,

@@ -20,7 +20,7 @@ pub fn select_backend(g: &Global, l: &LoadOpts) -> Result<LoadedBackend, CliErro
     // GPU offload asked for, but the backend in use is the CPU: say why, once, and go on.
     // (A GPU backend named with --backend that cannot run is already an error above.)
     let flags: Vec<String> = l.offload.gpu_asks().iter().map(|name| format!("--{name}")).collect();
-    if !flags.is_empty() && selected.info().accelerator == llama_host::Accelerator::Cpu && choice == BackendChoice::Auto {
+    if !flags.is_empty() && !l.offload.has_remote() && selected.info().accelerator == llama_host::Accelerator::Cpu && choice == BackendChoice::Auto {
         let why: Vec<String> = backends
             .report()
             .candidates
@@ -77,8 +77,29 @@ pub fn attach_draft(backend: &LoadedBackend, l: &LoadOpts, g: &crate::opts::Gene
 pub fn load_with_params(backend: &LoadedBackend, file: &ModelFile, params: &ModelParams) -> Result<Model, CliError> {
     let label = file.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     tracing::debug!(n_gpu_layers = params.n_gpu_layers, split_mode = params.split_mode.as_str(), main_gpu = params.main_gpu, "model parameters");
-    Ok(match progress::bar(label) {
+    let model = match progress::bar(label) {
         Some(bar) => Model::load_file_with_progress(backend, file, params, bar)?,
         None => Model::load_file(backend, file, params)?,
-    })
+    };
+    // With remote devices, where the model went is the first thing to know.
+    if !params.rpc.is_empty() {
+        errln!("llama: {}", placement_line(&model.info().placement));
+    } else {
+        tracing::info!("{}", placement_line(&model.info().placement));
+    }
+    Ok(model)
+}
+
+/// `placed: RPC0 (10.0.0.2:50052) 9 layers, 60.5 MiB; ...`: each device with its layers
+/// (and the output layer where it is) and the MiB of weights on it.
+pub fn placement_line(placement: &[llama_host::Placement]) -> String {
+    let parts: Vec<String> = placement
+        .iter()
+        .map(|p| {
+            let what = if p.description.is_empty() { p.device.clone() } else { format!("{} ({})", p.device, p.description) };
+            let output = if p.output { " + output" } else { "" };
+            format!("{what} {} layers{output}, {:.1} MiB", p.layers, p.bytes as f64 / (1024.0 * 1024.0))
+        })
+        .collect();
+    format!("placed: {}", parts.join("; "))
 }

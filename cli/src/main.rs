@@ -21,6 +21,7 @@ mod models;
 mod opts;
 mod progress;
 mod ps;
+mod rpc_server;
 mod run;
 mod serve;
 mod signals;
@@ -47,6 +48,7 @@ fn dispatch(o: &Options) -> Result<(), CliError> {
         CommandOpts::Embed(a) => embed::run(g, a, &ints),
         CommandOpts::Serve(a) => serve::run(g, a),
         CommandOpts::Ps(a) => ps::run(a),
+        CommandOpts::RpcServer(a) => rpc_server::run(g, a),
     }
 }
 

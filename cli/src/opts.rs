@@ -80,6 +80,7 @@ pub enum CommandOpts {
     Embed(EmbedOpts),
     Serve(ServeOpts),
     Ps(PsOpts),
+    RpcServer(RpcServerOpts),
 }
 
 pub struct RunOpts {
@@ -122,6 +123,19 @@ pub struct BackendsOpts {
     /// The cache types the `-m` estimate reserves KV cache for.
     pub cache: KvCacheParams,
     pub action: Option<BackendsAction>,
+    /// `--rpc`: RPC servers whose devices to list too.
+    pub rpc: Vec<String>,
+    pub rpc_timeout: Duration,
+}
+
+pub struct RpcServerOpts {
+    /// `host:port`.
+    pub endpoint: String,
+    /// Whether the address is loopback (no warning).
+    pub loopback: bool,
+    pub threads: i32,
+    pub cache: Option<PathBuf>,
+    pub backend: BackendChoice,
 }
 
 pub struct EmbedOpts {
@@ -244,6 +258,8 @@ impl Options {
                     ctx_size: a.ctx_size,
                     cache: kv_cache(&cache)?,
                     action: a.action.clone(),
+                    rpc: a.rpc.as_ref().map(|r| r.0.clone()).unwrap_or_default(),
+                    rpc_timeout: a.rpc_timeout.0,
                 })
             }
             Command::Bench(a) => {
@@ -276,6 +292,32 @@ impl Options {
                 CommandOpts::Serve(ServeOpts { catalogue, backend, offload, cache, args: a, threads, draft_model, api_key, header_timeout })
             }
             Command::Ps(a) => CommandOpts::Ps(ps_opts(sub, a)?),
+            Command::RpcServer(a) => {
+                let threads = threads("threads", a.threads)?;
+                let host = a.host.trim();
+                if host.is_empty() || host.contains(char::is_whitespace) {
+                    return Err(CliError::InvalidArg { field: "--host", reason: format!("'{}' is not a host name or address", a.host) });
+                }
+                // ggml splits HOST:PORT at the first colon: an IPv6 address cannot be given.
+                if host.contains(':') {
+                    return Err(CliError::InvalidArg { field: "--host", reason: format!("'{host}': IPv6 addresses are not supported by the RPC server; use an IPv4 address or a name") });
+                }
+                let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+                let cache = match &a.cache {
+                    Some(dir) => {
+                        std::fs::create_dir_all(dir).map_err(|source| CliError::ArgFile { flag: "--cache", path: dir.clone(), source })?;
+                        Some(dir.clone())
+                    }
+                    None => None,
+                };
+                CommandOpts::RpcServer(RpcServerOpts {
+                    endpoint: format!("{host}:{}", a.port),
+                    loopback,
+                    threads,
+                    cache,
+                    backend: a.backend.parse().unwrap_or(BackendChoice::Auto),
+                })
+            }
         };
         Ok(Options { global, config: cfg, command, trace })
     }

@@ -58,7 +58,14 @@ pub(crate) fn model_params(p: &ModelParams, progress: Option<api::ProgressSink>)
         use_mmap: p.use_mmap,
         repack: p.repack,
         progress: progress.into(),
+        rpc_servers: p.rpc.iter().map(|e| RString::from(e.as_str())).collect(),
+        rpc_timeout_ms: p.rpc_timeout.as_millis().clamp(1, u128::from(u32::MAX)) as u32,
+        tensor_split: p.tensor_split.iter().copied().collect(),
     }
+}
+
+pub(crate) fn remote_server(r: &api::RemoteServer) -> crate::RemoteServer {
+    crate::RemoteServer { endpoint: r.endpoint.to_string(), protocol: r.protocol.to_string(), devices: r.devices.iter().map(device).collect() }
 }
 
 pub(crate) fn sampling(p: &SamplingParams) -> api::SamplingParams {
@@ -109,6 +116,11 @@ fn model_info(i: &api::ModelInfo) -> ModelInfo {
         n_vocab: i.n_vocab,
         n_ctx_train: i.n_ctx_train,
         bos: i.bos,
+        placement: i
+            .placement
+            .iter()
+            .map(|p| crate::Placement { device: p.device.to_string(), description: p.description.to_string(), layers: p.layers, output: p.output, bytes: p.bytes })
+            .collect(),
     }
 }
 
@@ -126,6 +138,15 @@ pub(crate) fn error(e: api::BackendError) -> BackendError {
         E::Aborted => BackendError::Aborted,
         E::Unavailable { reason } => BackendError::Unavailable { reason: reason.into() },
         E::Panic { message } => BackendError::Panic { message: message.into() },
+        E::Rpc { endpoint, failure, reason } => BackendError::Rpc {
+            endpoint: endpoint.into(),
+            failure: match failure {
+                api::RpcFailure::Unreachable => crate::RpcFailure::Unreachable,
+                api::RpcFailure::Protocol => crate::RpcFailure::Protocol,
+                api::RpcFailure::Lost => crate::RpcFailure::Lost,
+            },
+            reason: reason.into(),
+        },
     }
 }
 
@@ -143,6 +164,16 @@ pub(crate) struct PluginModel(pub api::ModelBox);
 impl ModelOps for PluginModel {
     fn info(&self) -> ModelInfo {
         model_info(&self.0.info())
+    }
+    fn rpc_traffic(&self) -> Vec<crate::RpcTraffic> {
+        self.0
+            .rpc_traffic()
+            .iter()
+            .map(|t| crate::RpcTraffic { endpoint: t.endpoint.to_string(), bytes_sent: t.bytes_sent, bytes_received: t.bytes_received })
+            .collect()
+    }
+    fn lost(&self) -> Option<BackendError> {
+        self.0.lost().into_option().map(error)
     }
     fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<i32>, BackendError> {
         result(self.0.tokenize(RStr::from_str(text), add_special, parse_special)).map(RVec::into_vec)

@@ -36,6 +36,10 @@ pub enum LoadError {
     /// A model parameter the backend cannot honour (`device`, `main_gpu`).
     #[error("invalid {field}: {reason}")]
     InvalidParam { field: String, reason: String },
+    /// A remote device (`--rpc`) cannot be used: unreachable, another protocol, or lost
+    /// during the load. Always `BackendError::Rpc`.
+    #[error(transparent)]
+    Remote(BackendError),
 }
 
 /// A session (inference context) could not be created.

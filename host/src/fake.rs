@@ -59,7 +59,7 @@ impl FakeModel {
 
 impl ModelOps for FakeModel {
     fn info(&self) -> ModelInfo {
-        ModelInfo { description: "fake byte model".into(), n_params: 0, size_bytes: 0, n_vocab: 257, n_ctx_train: 1 << 20, bos: -1 }
+        ModelInfo { description: "fake byte model".into(), n_params: 0, size_bytes: 0, n_vocab: 257, n_ctx_train: 1 << 20, bos: -1, placement: Vec::new() }
     }
     fn tokenize(&self, text: &str, _add_special: bool, _parse_special: bool) -> Result<Vec<i32>, BackendError> {
         self.behaviour.tokenize_calls.fetch_add(1, Ordering::SeqCst);

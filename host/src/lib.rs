@@ -46,7 +46,8 @@ pub use error::{Error, GenerateError, LoadError, SelectError, SessionError};
 pub use ops::{AbortHandle, ContextOps, ModelOps};
 pub use types::{
     Accelerator, BackendError, BackendInfo, BatchToken, CacheType, ContextParams, ContextSize, DeviceInfo, FlashAttn, Grammar, KvCacheParams, LogitBias,
-    ModelInfo, ModelParams, ParamError, SampleRequest, Sampled, SamplingParams, SplitMode, UnknownName, SEED_RANDOM,
+    ModelInfo, ModelParams, ParamError, Placement, RemoteServer, RpcFailure, RpcTraffic, SampleRequest, Sampled, SamplingParams, SplitMode, UnknownName, DEFAULT_RPC_TIMEOUT,
+    SEED_RANDOM,
 };
 pub use embed::{EmbedError, EmbedInfo, EmbedParams, Embedder, Normalize, Pooling};
 pub use model::{default_threads, Model, ModelFile, SessionParams};

@@ -117,6 +117,7 @@ impl Model {
                 // A load parameter the backend refused (an unknown device, a GPU index out of
                 // range) is the caller's mistake, not the file's.
                 BackendError::InvalidParam { field, reason } => LoadError::InvalidParam { field, reason },
+                e @ BackendError::Rpc { .. } => LoadError::Remote(e),
                 source => LoadError::Rejected { path: path.to_path_buf(), source },
             })?;
         let raw: Box<dyn ModelOps> = Box::new(crate::boundary::PluginModel(raw));
@@ -166,6 +167,17 @@ impl Model {
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// Bytes exchanged with each RPC server the model lives on, since it loaded.
+    pub fn rpc_traffic(&self) -> Vec<crate::RpcTraffic> {
+        self.raw.rpc_traffic()
+    }
+
+    /// The RPC server this model lost, if any (`BackendError::Rpc` with `Lost`): it cannot
+    /// compute until it is loaded again.
+    pub fn lost(&self) -> Option<BackendError> {
+        self.raw.lost()
     }
 
     pub fn path(&self) -> &Path {

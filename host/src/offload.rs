@@ -49,18 +49,32 @@ pub enum Devices {
 }
 
 /// What the user asked for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct OffloadRequest {
     pub gpu_layers: GpuLayers,
     pub devices: Devices,
     pub split_mode: SplitMode,
     /// With `SplitMode::None`, the GPU to use, counted among the offload devices.
     pub main_gpu: u32,
+    /// RPC servers whose devices join the offload devices (`--rpc`), ahead of local GPUs.
+    pub rpc: Vec<String>,
+    /// `--rpc-timeout`.
+    pub rpc_timeout: std::time::Duration,
+    /// `--tensor-split` proportions, one per offload device; empty: by free memory.
+    pub tensor_split: Vec<f32>,
 }
 
 impl Default for OffloadRequest {
     fn default() -> Self {
-        OffloadRequest { gpu_layers: GpuLayers::Auto, devices: Devices::Every, split_mode: SplitMode::Layer, main_gpu: 0 }
+        OffloadRequest {
+            gpu_layers: GpuLayers::Auto,
+            devices: Devices::Every,
+            split_mode: SplitMode::Layer,
+            main_gpu: 0,
+            rpc: Vec::new(),
+            rpc_timeout: crate::DEFAULT_RPC_TIMEOUT,
+            tensor_split: Vec::new(),
+        }
     }
 }
 
@@ -79,6 +93,11 @@ impl OffloadRequest {
             asks.push("main-gpu");
         }
         asks
+    }
+
+    /// Whether there are offload devices beyond the backend's own: remote ones.
+    pub fn has_remote(&self) -> bool {
+        !self.rpc.is_empty()
     }
 }
 
@@ -110,7 +129,7 @@ pub enum AutoFit {
 }
 
 /// The decision: the load's parameters and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Offload {
     pub params: ModelParams,
     pub auto: AutoFit,
@@ -125,14 +144,22 @@ pub fn decide(request: &OffloadRequest, target: &Target<'_>, footprint: Option<&
         Devices::None => Some(Vec::new()),
         Devices::Every => None,
     };
+    // Remote devices are offload devices on any backend: `auto` puts every layer on the
+    // offload devices (remote and local together), as the user asked for them by name.
+    let offloads = target.gpu || request.has_remote();
     let mut params = ModelParams {
-        n_gpu_layers: request.gpu_layers.n_gpu_layers(target.gpu),
+        n_gpu_layers: request.gpu_layers.n_gpu_layers(offloads),
         split_mode: request.split_mode,
         main_gpu: request.main_gpu.min(i32::MAX as u32) as i32,
         devices,
+        rpc: request.rpc.clone(),
+        rpc_timeout: request.rpc_timeout,
+        tensor_split: request.tensor_split.clone(),
         ..ModelParams::default()
     };
-    let auto = if target.gpu && request.gpu_layers == GpuLayers::Auto { estimate(request, target.devices, footprint) } else { AutoFit::NotAsked };
+    // Remote memory is not estimated here (it is asked at load, through the relay): with
+    // --rpc, `auto` is every layer and llama.cpp splits them by free memory.
+    let auto = if target.gpu && request.gpu_layers == GpuLayers::Auto && !request.has_remote() { estimate(request, target.devices, footprint) } else { AutoFit::NotAsked };
     if let AutoFit::Partial { layers, .. } = auto {
         params.n_gpu_layers = layers as i32;
     }

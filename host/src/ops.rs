@@ -10,6 +10,16 @@ use crate::types::{BackendError, BatchToken, ContextParams, Grammar, ModelInfo, 
 pub trait ModelOps: Send + Sync {
     fn info(&self) -> ModelInfo;
 
+    /// Bytes exchanged with each RPC server the model lives on (none by default).
+    fn rpc_traffic(&self) -> Vec<crate::RpcTraffic> {
+        Vec::new()
+    }
+
+    /// The RPC server this model lost, if any: it cannot compute until loaded again.
+    fn lost(&self) -> Option<BackendError> {
+        None
+    }
+
     /// Text to token ids. `add_special` adds BOS where the model wants it; `parse_special`
     /// turns `<start_of_turn>`-style text into control tokens.
     fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<i32>, BackendError>;

@@ -112,6 +112,30 @@ impl LoadedBackend {
     pub fn devices_now(&self) -> Vec<DeviceInfo> {
         (self.inner.module.probe())().devices.iter().map(crate::boundary::device).collect()
     }
+
+    /// The RPC server at `endpoint` (`host:port`): connected within `timeout`, its
+    /// protocol checked and its devices listed with their memory. Device names count from
+    /// `RPC0` per server; a load numbers them across servers in `--rpc` order.
+    pub fn rpc_server_info(&self, endpoint: &str, timeout: std::time::Duration) -> Result<crate::RemoteServer, crate::BackendError> {
+        let ms = timeout.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
+        let r = self.inner.backend.rpc_server_info(abi_stable::std_types::RStr::from_str(endpoint), ms).into_result().map_err(crate::boundary::error)?;
+        Ok(crate::boundary::remote_server(&r))
+    }
+
+    /// Serves this backend's devices to remote hosts (ggml's RPC server) on `endpoint`.
+    /// Blocks while the server runs; returns only with the reason it could not start or
+    /// stopped.
+    pub fn rpc_serve(&self, endpoint: &str, cache_dir: Option<&str>, n_threads: u32) -> crate::BackendError {
+        let params = llama_plugin_api::RpcServeParams {
+            endpoint: endpoint.into(),
+            cache_dir: cache_dir.map(abi_stable::std_types::RString::from).into(),
+            n_threads,
+        };
+        match self.inner.backend.rpc_serve(params).into_result() {
+            Ok(()) => crate::BackendError::Unavailable { reason: "the RPC server stopped".into() },
+            Err(e) => crate::boundary::error(e),
+        }
+    }
 }
 
 /// One candidate as the chooser sees it: pure data, so selection is unit-tested.

@@ -48,7 +48,7 @@ impl SplitMode {
 }
 
 /// How to load a model file.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelParams {
     /// Layers to offload to an accelerator, counted from the last; negative means all.
     pub n_gpu_layers: i32,
@@ -62,12 +62,76 @@ pub struct ModelParams {
     /// Let the backend repack weights into layouts for its fastest kernels. Off makes every
     /// token's math independent of how many tokens share a batch (batch-invariant mode).
     pub repack: bool,
+    /// RPC servers (`host:port` of `llama rpc-server`s) whose devices join the offload
+    /// devices, ahead of the local GPUs.
+    pub rpc: Vec<String>,
+    /// How long each RPC server gets to connect and answer its handshake.
+    pub rpc_timeout: std::time::Duration,
+    /// The share of the offloaded layers per offload device (remote ones first); empty:
+    /// by free memory.
+    pub tensor_split: Vec<f32>,
 }
+
+/// The default `--rpc-timeout`.
+pub const DEFAULT_RPC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Default for ModelParams {
     fn default() -> Self {
-        ModelParams { n_gpu_layers: 0, split_mode: SplitMode::Layer, main_gpu: 0, devices: None, use_mmap: true, repack: true }
+        ModelParams {
+            n_gpu_layers: 0,
+            split_mode: SplitMode::Layer,
+            main_gpu: 0,
+            devices: None,
+            use_mmap: true,
+            repack: true,
+            rpc: Vec::new(),
+            rpc_timeout: DEFAULT_RPC_TIMEOUT,
+            tensor_split: Vec::new(),
+        }
     }
+}
+
+/// The part of a model one device holds (as llama.cpp placed it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// ggml's device name (`CPU`, `CUDA0`, `RPC0`).
+    pub device: String,
+    /// For a remote device, its RPC server's address.
+    pub description: String,
+    /// Repeating layers on the device.
+    pub layers: u32,
+    /// The device holds the output layer.
+    pub output: bool,
+    /// Bytes of weights on it.
+    pub bytes: u64,
+}
+
+/// Bytes exchanged with one RPC server since the model loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RpcTraffic {
+    pub endpoint: String,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+/// An RPC server as its handshake described it.
+#[derive(Debug, Clone)]
+pub struct RemoteServer {
+    pub endpoint: String,
+    /// Its protocol version, `major.minor.patch`.
+    pub protocol: String,
+    pub devices: Vec<DeviceInfo>,
+}
+
+/// Why an RPC server failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RpcFailure {
+    /// Nothing answered within the timeout.
+    Unreachable,
+    /// It answered in another protocol (version), or is not an RPC server.
+    Protocol,
+    /// It went away after the model was placed on it.
+    Lost,
 }
 
 /// One logit bias entry.
@@ -192,6 +256,8 @@ pub struct ModelInfo {
     pub n_ctx_train: u32,
     /// Beginning-of-sequence token, or -1.
     pub bos: i32,
+    /// Where the weights went, per device (empty for models not loaded by a plugin).
+    pub placement: Vec<Placement>,
 }
 
 /// The sizes every inference context is made with, shared by sessions, the engine and the
@@ -464,6 +530,18 @@ pub enum BackendError {
     /// The backend broke its contract (say, fewer sampled tokens than asked for).
     #[error("the backend broke its contract: {what}")]
     Protocol { what: String },
+    /// A remote device failed: its server is unreachable, speaks another protocol, or went
+    /// away (then the model cannot compute until it is loaded again).
+    #[error("{}", rpc_message(endpoint, *failure, reason))]
+    Rpc { endpoint: String, failure: RpcFailure, reason: String },
+}
+
+fn rpc_message(endpoint: &str, failure: RpcFailure, reason: &str) -> String {
+    match failure {
+        RpcFailure::Unreachable => format!("RPC server {endpoint} is unreachable: {reason}"),
+        RpcFailure::Protocol => format!("RPC server {endpoint}: {reason}"),
+        RpcFailure::Lost => format!("lost the RPC server {endpoint}: {reason}"),
+    }
 }
 
 #[cfg(test)]

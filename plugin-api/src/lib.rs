@@ -149,6 +149,15 @@ pub struct ModelParams {
     pub repack: bool,
     /// Told the load progress (0.0 to 1.0) while the weights load.
     pub progress: ROption<ProgressSink>,
+    /// Remote devices: the endpoints (`host:port`) of ggml RPC servers (`llama rpc-server`),
+    /// whose devices join the offload devices ahead of the local GPUs, in this order.
+    pub rpc_servers: RVec<RString>,
+    /// How long each RPC server gets to accept the connection and answer the handshake,
+    /// in milliseconds.
+    pub rpc_timeout_ms: u32,
+    /// The share of the offloaded layers each offload device gets (RPC devices first, then
+    /// local GPUs), as proportions; empty splits by free memory (llama.cpp's default).
+    pub tensor_split: RVec<f32>,
 }
 
 impl Default for ModelParams {
@@ -161,6 +170,9 @@ impl Default for ModelParams {
             use_mmap: true,
             repack: true,
             progress: ROption::RNone,
+            rpc_servers: RVec::new(),
+            rpc_timeout_ms: 5_000,
+            tensor_split: RVec::new(),
         }
     }
 }
@@ -186,6 +198,70 @@ pub struct ModelInfo {
     pub n_ctx_train: u32,
     /// Beginning-of-sequence token, or -1.
     pub bos: i32,
+    /// Where the weights went, one entry per device that holds any (llama.cpp's own
+    /// assignment, as it logged it during the load).
+    pub placement: RVec<Placement>,
+}
+
+/// The part of a model one device holds.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq)]
+pub struct Placement {
+    /// ggml's device name (`CPU`, `CUDA0`, `RPC0`).
+    pub device: RString,
+    /// What the device is: for a remote device, the RPC server's endpoint.
+    pub description: RString,
+    /// Repeating layers assigned to the device.
+    pub layers: u32,
+    /// The device holds the output layer (the head).
+    pub output: bool,
+    /// Bytes of weights in the device's buffers.
+    pub bytes: u64,
+}
+
+/// Bytes exchanged with one RPC server since the model loaded (the load included).
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
+pub struct RpcTraffic {
+    pub endpoint: RString,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+/// A ggml RPC server as its handshake described it.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct RemoteServer {
+    pub endpoint: RString,
+    /// Its RPC protocol version, `major.minor.patch`.
+    pub protocol: RString,
+    /// Its devices: name (`RPC<n>` in the order given), memory as the server reports it.
+    pub devices: RVec<DeviceInfo>,
+}
+
+/// How `llama rpc-server` serves this machine's devices.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct RpcServeParams {
+    /// `host:port` to listen on.
+    pub endpoint: RString,
+    /// Where the server keeps tensors it was sent, by hash, so a client loading the same
+    /// model again sends only hashes (ggml's `-c`); none: no cache.
+    pub cache_dir: ROption<RString>,
+    pub n_threads: u32,
+}
+
+/// Why an RPC server failed a load or a request.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RpcFailure {
+    /// Nothing answered at the address within the timeout (refused, unroutable, silent).
+    Unreachable,
+    /// Something answered but not in this build's protocol (another version, or not an
+    /// RPC server at all).
+    Protocol,
+    /// The server went away after the model was placed on it: the model cannot compute.
+    Lost,
 }
 
 /// The element type of the K or V cache (llama.cpp's `type_k`/`type_v`). The quantized
@@ -638,6 +714,8 @@ pub enum BackendError {
     Unavailable { reason: RString },
     /// A panic inside the backend, caught at the boundary.
     Panic { message: RString },
+    /// A remote device (ggml RPC server) failed; `endpoint` is the address the user gave.
+    Rpc { endpoint: RString, failure: RpcFailure, reason: RString },
 }
 
 impl BackendError {
@@ -663,6 +741,11 @@ impl std::fmt::Display for BackendError {
             BackendError::Aborted => write!(f, "aborted"),
             BackendError::Unavailable { reason } => write!(f, "backend unavailable: {reason}"),
             BackendError::Panic { message } => write!(f, "backend panicked: {message}"),
+            BackendError::Rpc { endpoint, failure, reason } => match failure {
+                RpcFailure::Unreachable => write!(f, "RPC server {endpoint} is unreachable: {reason}"),
+                RpcFailure::Protocol => write!(f, "RPC server {endpoint}: {reason}"),
+                RpcFailure::Lost => write!(f, "lost the RPC server {endpoint}: {reason}"),
+            },
         }
     }
 }
@@ -675,8 +758,17 @@ pub trait Backend: Send + Sync {
     fn info(&self) -> BackendInfo;
 
     /// Loads a GGUF model file.
-    #[sabi(last_prefix_field)]
     fn load_model(&self, path: RStr<'_>, params: ModelParams) -> RResult<ModelBox, BackendError>;
+
+    /// Connects to the ggml RPC server at `endpoint` (within `timeout_ms`), checks its
+    /// protocol version and lists its devices. `Rpc` errors say why it cannot be used.
+    fn rpc_server_info(&self, endpoint: RStr<'_>, timeout_ms: u32) -> RResult<RemoteServer, BackendError>;
+
+    /// Serves this backend's devices (its GPUs, else the CPU) to remote hosts through
+    /// ggml's RPC server. Blocks for as long as the server runs: it returns only when the
+    /// server cannot start or stops.
+    #[sabi(last_prefix_field)]
+    fn rpc_serve(&self, params: RpcServeParams) -> RResult<(), BackendError>;
 }
 
 /// A loaded model: tokenizer and weights. Contexts keep the model alive on their own.
@@ -704,8 +796,16 @@ pub trait Model: Send + Sync {
 
     /// An embeddings context (llama.cpp's `embeddings = true`) with the pooling `params`
     /// asks for. `InvalidParam` (field `pooling`) when the model cannot pool that way.
-    #[sabi(last_prefix_field)]
     fn new_embedder(&self, params: EmbedParams) -> RResult<EmbedderBox, BackendError>;
+
+    /// Bytes exchanged with each RPC server the model was placed on (none without `--rpc`).
+    /// The failure of a server the model lives on, once seen, is in `lost`.
+    fn rpc_traffic(&self) -> RVec<RpcTraffic>;
+
+    /// The first RPC server this model lost, if any (`BackendError::Rpc` with `Lost`): the
+    /// model cannot compute any more and must be loaded again.
+    #[sabi(last_prefix_field)]
+    fn lost(&self) -> ROption<BackendError>;
 }
 
 /// How an embeddings context turns a sequence's per-token hidden states into its vector

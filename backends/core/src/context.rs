@@ -278,15 +278,9 @@ impl LlamaContext {
                 *b.logits.add(i) = t.logits as i8;
             }
         }
-        // SAFETY: the context is alive and used by this thread only; the batch is filled.
-        let rc = unsafe { sys::llama_decode(self.ctx.0.as_ptr(), *b) };
+        let rc = self.model.decode(self.ctx.0.as_ptr(), *b);
         self.resync(());
-        match rc {
-            0 => {}
-            1 => return Err(BackendError::NoKvSlot),
-            2 => return Err(BackendError::Aborted),
-            code => return Err(BackendError::Decode { code }),
-        }
+        rc?;
         let mut out = RVec::with_capacity(samples.len());
         for r in samples {
             // One sequence's failure (a grammar dead end, a C++ exception the shim caught)
@@ -439,13 +433,7 @@ impl LlamaContext {
                 *b.logits.add(i) = (logits_last && i + 1 == chunk.len()) as i8;
             }
         }
-        // SAFETY: the context is alive and used by this thread only; the batch is filled.
-        match unsafe { sys::llama_decode(self.ctx.0.as_ptr(), *b) } {
-            0 => Ok(()),
-            1 => Err(BackendError::NoKvSlot),
-            2 => Err(BackendError::Aborted),
-            code => Err(BackendError::Decode { code }),
-        }
+        self.model.decode(self.ctx.0.as_ptr(), *b)
     }
 }
 

@@ -337,14 +337,7 @@ impl LlamaEmbedder {
             cap.rows = rows.len();
             cap.got = false;
         }
-        // SAFETY: the context is alive and used by this thread only; the batch is filled.
-        let rc = unsafe { sys::llama_decode(ctx, *b) };
-        match rc {
-            0 => {}
-            1 => return Err(BackendError::NoKvSlot),
-            2 => return Err(BackendError::Aborted),
-            code => return Err(BackendError::Decode { code }),
-        }
+        self.model.decode(ctx, *b)?;
         // SAFETY: as above: the decode has returned, so the callback is done with it.
         let cap = unsafe { &mut *self.capture.as_ptr() };
         if !cap.reported {

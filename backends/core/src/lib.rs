@@ -7,6 +7,7 @@ mod embed;
 mod guard;
 mod log;
 mod model;
+mod rpc;
 mod sampler;
 mod trigger;
 
@@ -14,7 +15,7 @@ use std::sync::Once;
 
 use llama_plugin_api::abi_stable::sabi_trait::TD_Opaque;
 use llama_plugin_api::abi_stable::std_types::{RResult, RSlice, RStr, RString};
-use llama_plugin_api::{Accelerator, BackendBox, BackendError, BackendInfo, Backend_TO, LogSink};
+use llama_plugin_api::{Accelerator, BackendBox, BackendError, BackendInfo, Backend_TO, LogSink, RemoteServer, RpcServeParams};
 
 pub use guard::{guard, guard_probe};
 
@@ -89,6 +90,57 @@ impl llama_plugin_api::Backend for LlamaBackend {
     ) -> RResult<llama_plugin_api::ModelBox, BackendError> {
         guard(|| model::load(path.as_str(), &params))
     }
+
+    fn rpc_server_info(&self, endpoint: RStr<'_>, timeout_ms: u32) -> RResult<RemoteServer, BackendError> {
+        guard(|| rpc::probe(endpoint.as_str(), std::time::Duration::from_millis(u64::from(timeout_ms.max(1))), 0))
+    }
+
+    fn rpc_serve(&self, params: RpcServeParams) -> RResult<(), BackendError> {
+        guard(|| serve_rpc(&params))
+    }
+}
+
+extern "C" {
+    // ggml-rpc.h (no bindings are generated for it): serves `devices` until the process
+    // ends; returns only when it cannot start or accept.
+    fn ggml_backend_rpc_start_server(
+        endpoint: *const std::ffi::c_char,
+        cache_dir: *const std::ffi::c_char,
+        n_threads: usize,
+        n_devices: usize,
+        devices: *mut llama_cpp_sys_2::ggml_backend_dev_t,
+    );
+}
+
+/// `llama rpc-server`: this backend's GPUs (the CPU when it has none) behind ggml's RPC
+/// server on `params.endpoint`.
+fn serve_rpc(params: &RpcServeParams) -> Result<(), BackendError> {
+    let endpoint = params.endpoint.as_str();
+    rpc::check_bind(endpoint)?;
+    let mut devices: Vec<_> = registered_devices(&DEVICE_GPU).into_iter().map(|(d, _)| d).collect();
+    if devices.is_empty() {
+        devices = registered_devices(&[DEVICE_CPU]).into_iter().map(|(d, _)| d).collect();
+    }
+    if devices.is_empty() {
+        return Err(BackendError::Unavailable { reason: "ggml registered no device to serve".into() });
+    }
+    let c_endpoint = std::ffi::CString::new(endpoint).map_err(|_| invalid("host", "contains a NUL byte"))?;
+    let cache = match &params.cache_dir {
+        llama_plugin_api::abi_stable::std_types::ROption::RSome(dir) => Some(std::ffi::CString::new(dir.as_str()).map_err(|_| invalid("cache", "contains a NUL byte"))?),
+        llama_plugin_api::abi_stable::std_types::ROption::RNone => None,
+    };
+    // SAFETY: the strings are NUL-terminated and outlive the call (which runs for the rest
+    // of the process); `devices` holds live registry devices, and ggml reads `n_devices`.
+    unsafe {
+        ggml_backend_rpc_start_server(
+            c_endpoint.as_ptr(),
+            cache.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+            params.n_threads.max(1) as usize,
+            devices.len(),
+            devices.as_mut_ptr(),
+        )
+    };
+    Err(BackendError::Unavailable { reason: format!("the RPC server on {endpoint} stopped (its output above says why)").into() })
 }
 
 /// Builds the static description of a backend.
@@ -166,7 +218,7 @@ pub(crate) fn registered_devices(types: &[u32]) -> Vec<(llama_cpp_sys_2::ggml_ba
 }
 
 /// A string ggml owns (device names and descriptions), or "" for NULL.
-fn ggml_text(p: *const std::ffi::c_char) -> String {
+pub(crate) fn ggml_text(p: *const std::ffi::c_char) -> String {
     if p.is_null() {
         String::new()
     } else {

@@ -17,6 +17,19 @@ static PENDING: Mutex<(String, u32)> = Mutex::new((String::new(), sys::GGML_LOG_
 
 thread_local! {
     static FIRST_ERROR: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// While a load runs on this thread: the lines that say where its weights go.
+    static PLACEMENT: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+}
+
+/// Starts keeping the current thread's placement lines (`... assigned to device ...`,
+/// `... model buffer size = ...`), which llama.cpp logs during a load and has no API for.
+pub fn start_placement_capture() {
+    PLACEMENT.with(|p| *p.borrow_mut() = Some(Vec::new()));
+}
+
+/// Stops keeping them and returns them.
+pub fn end_placement_capture() -> Vec<String> {
+    PLACEMENT.with(|p| p.borrow_mut().take()).unwrap_or_default()
 }
 
 pub fn install(sink: LogSink) {
@@ -45,6 +58,11 @@ pub(crate) fn info(line: &str) {
     emit(line, sys::GGML_LOG_LEVEL_INFO);
 }
 
+/// A warning of the backend's own.
+pub(crate) fn warn(line: &str) {
+    emit(line, sys::GGML_LOG_LEVEL_WARN);
+}
+
 fn level_of(level: u32) -> LogLevel {
     match level {
         sys::GGML_LOG_LEVEL_ERROR => LogLevel::Error,
@@ -58,6 +76,13 @@ fn emit(line: &str, level: u32) {
     let line = line.trim_end();
     if line.is_empty() {
         return;
+    }
+    if line.contains("assigned to device") || line.contains("model buffer size") {
+        PLACEMENT.with(|p| {
+            if let Some(lines) = p.borrow_mut().as_mut() {
+                lines.push(line.to_string());
+            }
+        });
     }
     if level == sys::GGML_LOG_LEVEL_ERROR {
         FIRST_ERROR.with(|e| {

@@ -8,12 +8,25 @@ use std::sync::Arc;
 use llama_cpp_sys_2 as sys;
 use llama_plugin_api::abi_stable::sabi_trait::TD_Opaque;
 use llama_plugin_api::abi_stable::std_types::{ROption, RResult, RStr, RString, RVec};
-use llama_plugin_api::{BackendError, ContextBox, ContextParams, EmbedParams, EmbedderBox, Grammar, ModelBox, ModelInfo, ModelParams, Model_TO, ProgressSink, SplitMode};
+use llama_plugin_api::{
+    BackendError, ContextBox, ContextParams, EmbedParams, EmbedderBox, Grammar, ModelBox, ModelInfo, ModelParams, Model_TO, Placement, ProgressSink, RpcTraffic, SplitMode,
+};
 
-use crate::{context, embed, guard, invalid, log};
+use crate::{context, embed, guard, invalid, log, rpc};
+
+extern "C" {
+    // ggml-rpc.h, which the binding crate does not generate bindings for. Built in because
+    // GGML_RPC is on (.cargo/config.toml).
+    fn ggml_backend_rpc_add_server(endpoint: *const c_char) -> sys::ggml_backend_reg_t;
+}
 
 pub(crate) struct LlamaModel {
     raw: NonNull<sys::llama_model>,
+    /// The relays to the RPC servers the model was placed on. Dropped after the model is
+    /// freed (fields drop after `drop`), so freeing its remote buffers still reaches them.
+    links: Vec<rpc::Link>,
+    /// Where llama.cpp put the weights.
+    placement: Vec<Placement>,
 }
 
 // SAFETY: llama.cpp's model is immutable after load; its read-only queries (vocab,
@@ -34,6 +47,32 @@ impl Drop for LlamaModel {
 impl LlamaModel {
     pub(crate) fn as_ptr(&self) -> *mut sys::llama_model {
         self.raw.as_ptr()
+    }
+
+    /// The first RPC server this model lost, as an error.
+    pub(crate) fn lost(&self) -> Option<BackendError> {
+        self.links.iter().find_map(rpc::Link::lost)
+    }
+
+    /// `llama_decode` on a context of this model, its return code as an error. A model that
+    /// lost an RPC server does not compute: its remote weights are gone, and what the relay
+    /// answers in the server's place is zeros.
+    pub(crate) fn decode(&self, ctx: *mut sys::llama_context, batch: sys::llama_batch) -> Result<(), BackendError> {
+        if let Some(e) = self.lost() {
+            return Err(e);
+        }
+        // SAFETY: the caller's context is alive, belongs to this model and is used by this
+        // thread only; the batch is filled.
+        let rc = unsafe { sys::llama_decode(ctx, batch) };
+        if let Some(e) = self.lost() {
+            return Err(e);
+        }
+        match rc {
+            0 => Ok(()),
+            1 => Err(BackendError::NoKvSlot),
+            2 => Err(BackendError::Aborted),
+            code => Err(BackendError::Decode { code }),
+        }
     }
 
     pub(crate) fn vocab(&self) -> *const sys::llama_vocab {
@@ -101,6 +140,7 @@ impl LlamaModel {
             n_vocab: self.n_vocab(),
             n_ctx_train: n_ctx_train.max(0) as u32,
             bos,
+            placement: self.placement.clone().into(),
         }
     }
 
@@ -166,12 +206,28 @@ pub(crate) fn load(path: &str, params: &ModelParams) -> Result<ModelBox, Backend
     mp.split_mode = split_mode(params.split_mode);
     mp.main_gpu = params.main_gpu;
     // NULL-terminated, as llama.cpp wants it; it copies the handles during the load, and
-    // this vector outlives the (synchronous) load call.
+    // this vector outlives the (synchronous) load call. Remote devices come first (as
+    // llama.cpp's own tools order them), then the local GPUs.
     let chosen = offload_devices(params)?;
-    let mut device_ptrs: Vec<sys::ggml_backend_dev_t> = chosen.iter().flatten().copied().collect();
+    let timeout = std::time::Duration::from_millis(u64::from(params.rpc_timeout_ms.max(1)));
+    let (links, remote) = remote_devices(params, timeout)?;
+    let mut device_ptrs: Vec<sys::ggml_backend_dev_t> = remote.iter().map(|r| r.dev).collect();
+    match &chosen {
+        Some(local) => device_ptrs.extend(local.iter().copied()),
+        None if !links.is_empty() => device_ptrs.extend(crate::registered_devices(&crate::DEVICE_GPU).into_iter().map(|(d, _)| d)),
+        None => {}
+    }
+    let n_offload = device_ptrs.len();
     device_ptrs.push(std::ptr::null_mut());
-    if chosen.is_some() {
+    if chosen.is_some() || !links.is_empty() {
         mp.devices = device_ptrs.as_mut_ptr();
+    }
+    // llama.cpp reads llama_max_devices() proportions; all zero means by free memory.
+    // SAFETY: a plain query.
+    let max_devices = unsafe { sys::llama_max_devices() };
+    let split = tensor_split(params, n_offload, max_devices)?;
+    if !params.tensor_split.is_empty() {
+        mp.tensor_split = split.as_ptr();
     }
     mp.use_extra_bufts = params.repack;
     if !params.use_mmap {
@@ -200,13 +256,138 @@ pub(crate) fn load(path: &str, params: &ModelParams) -> Result<ModelBox, Backend
         params.use_mmap
     ));
     log::clear_first_error();
+    log::start_placement_capture();
     // SAFETY: `c_path` is NUL-terminated and outlives the call; failures return NULL.
     let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), mp) };
-    let raw = NonNull::new(raw).ok_or_else(|| BackendError::ModelLoad {
-        reason: RString::from(log::take_first_error().unwrap_or_else(|| "no reason given".to_string())),
-    })?;
-    let model = Arc::new(LlamaModel { raw });
+    let lines = log::end_placement_capture();
+    let lost = links.iter().find_map(rpc::Link::lost);
+    let raw = match (NonNull::new(raw), lost) {
+        (Some(raw), None) => raw,
+        (raw, lost) => {
+            if let Some(raw) = raw {
+                // SAFETY: loaded just now and owned by nobody else; freed once.
+                unsafe { sys::llama_model_free(raw.as_ptr()) };
+            }
+            // A server lost during the load is the reason, whatever llama.cpp made of it.
+            return Err(lost.unwrap_or_else(|| BackendError::ModelLoad {
+                reason: RString::from(log::take_first_error().unwrap_or_else(|| "no reason given".to_string())),
+            }));
+        }
+    };
+    let placement = placement(&lines, &remote);
+    let model = Arc::new(LlamaModel { raw, links, placement });
     Ok(Model_TO::from_value(ModelHandle { model }, TD_Opaque))
+}
+
+/// One device of an RPC server, as ggml registered it for a load.
+struct RemoteDevice {
+    dev: sys::ggml_backend_dev_t,
+    /// ggml's name for it (`RPC0`).
+    name: String,
+    /// The server's address as the user gave it.
+    endpoint: String,
+    /// The buffer-name prefix ggml gives the device's buffers: `RPC<i>[<relay endpoint>]`.
+    buffer_prefix: String,
+}
+
+/// Checks every RPC server of `params` (reachable within `timeout`, same protocol), opens a
+/// relay to each and registers its devices with ggml through the relay.
+fn remote_devices(params: &ModelParams, timeout: std::time::Duration) -> Result<(Vec<rpc::Link>, Vec<RemoteDevice>), BackendError> {
+    let mut links = Vec::new();
+    let mut remote = Vec::new();
+    for (i, endpoint) in params.rpc_servers.iter().enumerate() {
+        let endpoint = endpoint.as_str();
+        if params.rpc_servers[..i].iter().any(|e| e.as_str() == endpoint) {
+            return Err(invalid("rpc", format!("{endpoint} is named twice")));
+        }
+        rpc::probe(endpoint, timeout, 0)?;
+        let link = rpc::Link::open(endpoint, timeout)?;
+        let local = link.local_endpoint();
+        let c_local = CString::new(local.clone()).map_err(|_| invalid("rpc", "NUL in an endpoint"))?;
+        // SAFETY: `c_local` is NUL-terminated; ggml copies it. The relay is listening, so
+        // ggml's connect succeeds and its handshake is answered (by the server or, if it
+        // went away since the probe, by the relay), never an abort.
+        let reg = unsafe { ggml_backend_rpc_add_server(c_local.as_ptr()) };
+        if let Some(e) = link.lost() {
+            return Err(e);
+        }
+        if reg.is_null() {
+            return Err(BackendError::Rpc { endpoint: endpoint.into(), failure: llama_plugin_api::RpcFailure::Protocol, reason: "it reports no devices".into() });
+        }
+        // SAFETY: `reg` is the registry ggml just made for this endpoint; it is never freed.
+        let count = unsafe { sys::ggml_backend_reg_dev_count(reg) };
+        for d in 0..count {
+            // SAFETY: `d` is below the registry's device count.
+            let dev = unsafe { sys::ggml_backend_reg_dev_get(reg, d) };
+            // SAFETY: a live device's name, owned by ggml.
+            let name = crate::ggml_text(unsafe { sys::ggml_backend_dev_name(dev) });
+            remote.push(RemoteDevice { dev, name, endpoint: endpoint.to_string(), buffer_prefix: format!("RPC{d}[{local}]") });
+        }
+        links.push(link);
+    }
+    Ok((links, remote))
+}
+
+/// llama.cpp's `tensor_split` array (`max` floats) for `n` offload devices.
+fn tensor_split(params: &ModelParams, n: usize, max: usize) -> Result<Vec<f32>, BackendError> {
+    let asked = &params.tensor_split;
+    if asked.len() > n.max(1) {
+        return Err(invalid("tensor_split", format!("{} proportions for {n} offload device(s) (remote devices first, then local GPUs)", asked.len())));
+    }
+    if asked.len() > max {
+        return Err(invalid("tensor_split", format!("{} proportions, over llama.cpp's {max} devices", asked.len())));
+    }
+    if let Some(bad) = asked.iter().find(|p| !p.is_finite() || **p < 0.0) {
+        return Err(invalid("tensor_split", format!("{bad} is not a proportion >= 0")));
+    }
+    if !asked.is_empty() && asked.iter().all(|p| *p == 0.0) {
+        return Err(invalid("tensor_split", "every proportion is 0"));
+    }
+    let mut out = vec![0f32; max];
+    out[..asked.len()].copy_from_slice(asked);
+    Ok(out)
+}
+
+/// Where llama.cpp put the weights, from the lines it logged during the load:
+/// `load_tensors: layer  N assigned to device DEV, ...` (the last layer index is the output
+/// layer) and `load_tensors: BUFFER model buffer size = X MiB`.
+fn placement(lines: &[String], remote: &[RemoteDevice]) -> Vec<Placement> {
+    let mut out: Vec<Placement> = Vec::new();
+    let mut last_layer: Option<(u32, usize)> = None;
+    let entry = |out: &mut Vec<Placement>, device: &str| -> usize {
+        if let Some(i) = out.iter().position(|p| p.device.as_str() == device) {
+            return i;
+        }
+        let description = remote.iter().find(|r| r.name == device).map_or_else(String::new, |r| r.endpoint.clone());
+        out.push(Placement { device: device.into(), description: description.into(), layers: 0, output: false, bytes: 0 });
+        out.len() - 1
+    };
+    for line in lines {
+        if let Some(rest) = line.split("layer").nth(1).filter(|_| line.contains("assigned to device")) {
+            let il: u32 = rest.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            let dev = line.split("assigned to device").nth(1).unwrap_or("").trim().split(',').next().unwrap_or("").trim();
+            let i = entry(&mut out, dev);
+            out[i].layers += 1;
+            if last_layer.is_none_or(|(l, _)| il > l) {
+                last_layer = Some((il, i));
+            }
+        } else if let Some((name, size)) = line.split_once("model buffer size =") {
+            let buffer = name.trim_start_matches("load_tensors:").trim();
+            let mib: f64 = size.trim().trim_end_matches("MiB").trim().parse().unwrap_or(0.0);
+            let device = remote.iter().find(|r| buffer.starts_with(&r.buffer_prefix)).map_or_else(
+                || if buffer.starts_with("CPU") { "CPU".to_string() } else { buffer.split(['_', '[']).next().unwrap_or(buffer).to_string() },
+                |r| r.name.clone(),
+            );
+            let i = entry(&mut out, &device);
+            out[i].bytes += (mib * 1024.0 * 1024.0) as u64;
+        }
+    }
+    // The highest layer index is the output layer, not a repeating one.
+    if let Some((_, i)) = last_layer {
+        out[i].output = true;
+        out[i].layers -= 1;
+    }
+    out
 }
 
 fn split_mode(m: SplitMode) -> sys::llama_split_mode {
@@ -301,6 +482,21 @@ impl llama_plugin_api::Model for ModelHandle {
 
     fn new_embedder(&self, params: EmbedParams) -> RResult<EmbedderBox, BackendError> {
         guard(|| embed::new(self.model.clone(), &params))
+    }
+
+    fn rpc_traffic(&self) -> RVec<RpcTraffic> {
+        self.model
+            .links
+            .iter()
+            .map(|l| {
+                let (bytes_sent, bytes_received) = l.traffic();
+                RpcTraffic { endpoint: l.endpoint().into(), bytes_sent, bytes_received }
+            })
+            .collect()
+    }
+
+    fn lost(&self) -> ROption<BackendError> {
+        self.model.lost().into()
     }
 }
 

@@ -1,0 +1,509 @@
+//! Remote devices over ggml's RPC backend, with a guard between ggml's client and the network.
+//!
+//! ggml's RPC client treats a server that fails mid-run as fatal: every failed send or
+//! receive ends in `GGML_ABORT` (`abort()`), so one remote machine going away would take the
+//! whole host down with every other model and client on it. The same happens when the
+//! first connection is refused or the handshake finds another protocol version.
+//!
+//! So ggml never talks to a remote server directly. For each server a load uses, a [`Link`]
+//! listens on a loopback port of its own and ggml is given that port as the endpoint. Each
+//! connection ggml opens there is relayed, message by message, to a connection of its own to
+//! the real server. While the server answers, the relay only copies (and counts) bytes. When
+//! it stops answering, the link is marked lost and the relay answers ggml itself from then
+//! on, with replies of the exact sizes ggml expects (an allocation that fails, zeroed
+//! tensors), so ggml's client carries on instead of aborting. The model checks its links
+//! after every decode and reports `BackendError::Rpc { failure: Lost }`, and never computes
+//! again: the host reloads it.
+//!
+//! Before any of that, [`probe`] connects to the server itself, within the caller's timeout
+//! (ggml's own connect has none), and checks the protocol version: an unreachable server or
+//! another version is a typed error naming the address, before ggml is involved.
+//!
+//! The relay knows the protocol's framing (ggml-rpc.cpp, protocol 7.0.0): a request is
+//! `cmd: u8, size: u64, payload`; some commands are answered with `size: u64, payload` of a
+//! size fixed per command (or, for GET_TENSOR, asked for in the request). ggml's client sends
+//! one command at a time and waits for its answer, so at most one answer is outstanding.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use llama_plugin_api::abi_stable::std_types::{RString, RVec};
+use llama_plugin_api::{BackendError, DeviceInfo, RemoteServer, RpcFailure};
+
+/// The protocol this build's ggml speaks (ggml-rpc.h's RPC_PROTO_*_VERSION). A server is
+/// compatible when its major version is the same and its minor version not newer (ggml's
+/// own rule).
+pub const PROTO: (u8, u8, u8) = (7, 0, 0);
+
+// Commands (ggml-rpc.cpp's `rpc_cmd`).
+const ALLOC_BUFFER: u8 = 0;
+const GET_ALIGNMENT: u8 = 1;
+const GET_MAX_SIZE: u8 = 2;
+const BUFFER_GET_BASE: u8 = 3;
+const SET_TENSOR_HASH: u8 = 7;
+const GET_TENSOR: u8 = 8;
+const COPY_TENSOR: u8 = 9;
+const GET_DEVICE_MEMORY: u8 = 11;
+const GET_ALLOC_SIZE: u8 = 13;
+const HELLO: u8 = 14;
+const DEVICE_COUNT: u8 = 15;
+/// Commands at or past this are not in the protocol.
+const CMD_COUNT: u8 = 19;
+
+/// HELLO's request: the client's transport capabilities (RPC_CONN_CAPS_SIZE bytes).
+const CAPS: usize = 24;
+/// HELLO's answer: major, minor, patch, padding, then the server's capabilities.
+const HELLO_RSP: usize = 4 + CAPS;
+/// The largest request payload read whole (all but SET_TENSOR and GRAPH_COMPUTE are small
+/// fixed structs); larger ones are streamed through.
+const SMALL: usize = 64 << 10;
+/// The largest answer the relay accepts from a server: a GET_TENSOR of at most this (ggml
+/// reads whole tensors, the largest being the output logits of a batch).
+const MAX_ANSWER: u64 = 1 << 32;
+
+/// The size of the answer to `cmd`, whose request payload is `payload` (its first bytes
+/// at least, for GET_TENSOR: the size asked for is its last field); `None`: no answer.
+fn answer_size(cmd: u8, payload: &[u8]) -> Option<u64> {
+    match cmd {
+        ALLOC_BUFFER | GET_DEVICE_MEMORY => Some(16),
+        GET_ALIGNMENT | GET_MAX_SIZE | BUFFER_GET_BASE | GET_ALLOC_SIZE => Some(8),
+        SET_TENSOR_HASH | COPY_TENSOR => Some(1),
+        HELLO => Some(HELLO_RSP as u64),
+        DEVICE_COUNT => Some(4),
+        // rpc_msg_get_tensor_req: tensor, offset: u64, size: u64.
+        GET_TENSOR => payload.len().checked_sub(8).map(|at| u64::from_le_bytes(payload[at..].try_into().unwrap_or([0; 8]))),
+        _ => None,
+    }
+}
+
+/// What the relay answers in ggml's place once the server is gone: values ggml's client
+/// accepts without asserting, that make any further load fail (no buffer can be
+/// allocated) and leave computed tensors zero.
+fn stand_in(cmd: u8, size: u64) -> Vec<u8> {
+    let mut out = vec![0u8; size as usize];
+    match cmd {
+        // A power of two: ggml's allocators assert on it.
+        GET_ALIGNMENT => out.copy_from_slice(&64u64.to_le_bytes()),
+        GET_MAX_SIZE => out.copy_from_slice(&u64::MAX.to_le_bytes()),
+        // Any non-null base: ggml only computes addresses from it.
+        BUFFER_GET_BASE => out.copy_from_slice(&4096u64.to_le_bytes()),
+        HELLO => out[..3].copy_from_slice(&[PROTO.0, PROTO.1, PROTO.2]),
+        _ => {}
+    }
+    out
+}
+
+fn rpc_error(endpoint: &str, failure: RpcFailure, reason: impl Into<String>) -> BackendError {
+    BackendError::Rpc { endpoint: RString::from(endpoint), failure, reason: RString::from(reason.into()) }
+}
+
+/// The address of `endpoint` (`host:port`), resolved.
+fn resolve(endpoint: &str) -> Result<SocketAddr, BackendError> {
+    let bad = |why: String| rpc_error(endpoint, RpcFailure::Unreachable, why);
+    let (host, port) = endpoint.rsplit_once(':').ok_or_else(|| bad("not HOST:PORT".into()))?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(bad("not HOST:PORT".into()));
+    }
+    endpoint
+        .to_socket_addrs()
+        .map_err(|e| bad(format!("cannot resolve the host: {e}")))?
+        .next()
+        .ok_or_else(|| bad("the host has no address".into()))
+}
+
+/// Connects within `timeout` and says HELLO; the stream has `timeout` for reads and writes
+/// (the caller clears it for a relay). Returns the server's (major, minor, patch).
+fn connect(endpoint: &str, timeout: Duration) -> Result<(TcpStream, (u8, u8, u8)), BackendError> {
+    let addr = resolve(endpoint)?;
+    let unreachable = |why: String| rpc_error(endpoint, RpcFailure::Unreachable, why);
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| {
+        if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) {
+            unreachable(format!("no answer to the connection within {:.1} s (--rpc-timeout)", timeout.as_secs_f64()))
+        } else {
+            unreachable(e.to_string())
+        }
+    })?;
+    s.set_nodelay(true).ok();
+    s.set_read_timeout(Some(timeout)).ok();
+    s.set_write_timeout(Some(timeout)).ok();
+    let silent = |e: io::Error| {
+        if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+            // ggml's RPC server serves one client at a time: it accepts (the kernel does) but
+            // answers nobody else until that client disconnects.
+            unreachable(format!("it accepted the connection but did not answer within {:.1} s (an RPC server serves one client at a time: is another host or model using it?)", timeout.as_secs_f64()))
+        } else {
+            unreachable(format!("the handshake failed: {e}"))
+        }
+    };
+    let mut hello = vec![HELLO];
+    hello.extend_from_slice(&(CAPS as u64).to_le_bytes());
+    hello.extend_from_slice(&[0u8; CAPS]);
+    s.write_all(&hello).map_err(silent)?;
+    let mut size = [0u8; 8];
+    s.read_exact(&mut size).map_err(silent)?;
+    if u64::from_le_bytes(size) != HELLO_RSP as u64 {
+        return Err(rpc_error(endpoint, RpcFailure::Protocol, format!("not a ggml RPC server of protocol {}.x (its handshake answer is {} bytes, not {HELLO_RSP})", PROTO.0, u64::from_le_bytes(size))));
+    }
+    let mut rsp = [0u8; HELLO_RSP];
+    s.read_exact(&mut rsp).map_err(silent)?;
+    let version = (rsp[0], rsp[1], rsp[2]);
+    if version.0 != PROTO.0 || version.1 > PROTO.1 {
+        return Err(rpc_error(
+            endpoint,
+            RpcFailure::Protocol,
+            format!("it speaks RPC protocol {}.{}.{}, this build speaks {}.{}.{} (the major versions must match and the server's minor version must not be newer)", version.0, version.1, version.2, PROTO.0, PROTO.1, PROTO.2),
+        ));
+    }
+    Ok((s, version))
+}
+
+/// One request with a fixed-size answer, over a probe connection.
+fn ask(s: &mut TcpStream, cmd: u8, payload: &[u8], answer: usize) -> io::Result<Vec<u8>> {
+    let mut req = vec![cmd];
+    req.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    req.extend_from_slice(payload);
+    s.write_all(&req)?;
+    let mut size = [0u8; 8];
+    s.read_exact(&mut size)?;
+    if u64::from_le_bytes(size) != answer as u64 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("answered {} bytes where {answer} were expected", u64::from_le_bytes(size))));
+    }
+    let mut out = vec![0u8; answer];
+    s.read_exact(&mut out)?;
+    Ok(out)
+}
+
+/// Connects to the server at `endpoint` within `timeout`, checks its version and lists its
+/// devices with their memory. The connection is closed again (a server serves one client
+/// at a time). Device names are `RPC<i>`, counted from `first`.
+pub fn probe(endpoint: &str, timeout: Duration, first: usize) -> Result<RemoteServer, BackendError> {
+    let (mut s, v) = connect(endpoint, timeout)?;
+    let failed = |e: io::Error| rpc_error(endpoint, RpcFailure::Protocol, format!("listing its devices failed: {e}"));
+    let count = ask(&mut s, DEVICE_COUNT, &[], 4).map_err(failed)?;
+    let count = u32::from_le_bytes(count[..4].try_into().unwrap_or([0; 4]));
+    if count == 0 || count > 64 {
+        return Err(rpc_error(endpoint, RpcFailure::Protocol, format!("it reports {count} devices")));
+    }
+    let mut devices = RVec::new();
+    for d in 0..count {
+        let mem = ask(&mut s, GET_DEVICE_MEMORY, &d.to_le_bytes(), 16).map_err(failed)?;
+        let free = u64::from_le_bytes(mem[..8].try_into().unwrap_or([0; 8]));
+        let total = u64::from_le_bytes(mem[8..].try_into().unwrap_or([0; 8]));
+        devices.push(DeviceInfo {
+            name: RString::from(format!("RPC{}", first + d as usize)),
+            description: RString::from(if count == 1 { endpoint.to_string() } else { format!("{endpoint} device {d}") }),
+            memory_total: total,
+            memory_free: free,
+        });
+    }
+    let _ = s.shutdown(Shutdown::Both);
+    Ok(RemoteServer { endpoint: RString::from(endpoint), protocol: RString::from(format!("{}.{}.{}", v.0, v.1, v.2)), devices })
+}
+
+/// What a link shares with its relays.
+struct LinkState {
+    endpoint: String,
+    timeout: Duration,
+    /// Why the server was lost, once it was.
+    lost: Mutex<Option<String>>,
+    lost_flag: AtomicBool,
+    /// The listener stops accepting.
+    closing: AtomicBool,
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+impl LinkState {
+    fn lose(&self, why: String) {
+        if let Ok(mut lost) = self.lost.lock() {
+            if lost.is_none() {
+                crate::log::warn(&format!("rpc: lost the server {}: {why}", self.endpoint));
+                *lost = Some(why);
+            }
+        }
+        self.lost_flag.store(true, Ordering::SeqCst);
+    }
+}
+
+/// One remote server as a model uses it: a loopback endpoint for ggml that relays to it.
+pub struct Link {
+    state: Arc<LinkState>,
+    local: SocketAddr,
+}
+
+impl Link {
+    /// Listens on a fresh loopback port for ggml's connections to `endpoint`. A fresh port
+    /// per model: ggml caches its connections and buffer types by endpoint string, so a
+    /// model loaded after a loss never reuses the lost one's.
+    pub fn open(endpoint: &str, timeout: Duration) -> Result<Link, BackendError> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).map_err(|e| rpc_error(endpoint, RpcFailure::Unreachable, format!("cannot open a loopback port for the relay: {e}")))?;
+        let local = listener.local_addr().map_err(|e| rpc_error(endpoint, RpcFailure::Unreachable, e.to_string()))?;
+        let state = Arc::new(LinkState {
+            endpoint: endpoint.to_string(),
+            timeout,
+            lost: Mutex::new(None),
+            lost_flag: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+        });
+        let st = state.clone();
+        std::thread::Builder::new()
+            .name("llama-rpc-accept".into())
+            .spawn(move || accept_loop(listener, st))
+            .map_err(|e| rpc_error(endpoint, RpcFailure::Unreachable, format!("cannot start the relay: {e}")))?;
+        Ok(Link { state, local })
+    }
+
+    /// The endpoint ggml is given.
+    pub fn local_endpoint(&self) -> String {
+        self.local.to_string()
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.state.endpoint
+    }
+
+    /// Why the server was lost, if it was.
+    pub fn lost(&self) -> Option<BackendError> {
+        if !self.state.lost_flag.load(Ordering::SeqCst) {
+            return None;
+        }
+        let why = self.state.lost.lock().ok().and_then(|l| l.clone()).unwrap_or_default();
+        Some(rpc_error(&self.state.endpoint, RpcFailure::Lost, why))
+    }
+
+    /// Bytes sent to and received from the server so far.
+    pub fn traffic(&self) -> (u64, u64) {
+        (self.state.sent.load(Ordering::Relaxed), self.state.received.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // Relays already running end when ggml closes their connections (the model is freed
+        // before its links); the listener ends at its next wake-up, which this gives it.
+        self.state.closing.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.local, Duration::from_secs(1));
+    }
+}
+
+fn accept_loop(listener: TcpListener, state: Arc<LinkState>) {
+    for conn in listener.incoming() {
+        if state.closing.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(down) = conn else { continue };
+        // Only this process connects here; a stranger on the loopback port is refused.
+        if down.peer_addr().map(|a| !a.ip().is_loopback()).unwrap_or(true) {
+            continue;
+        }
+        let st = state.clone();
+        let _ = std::thread::Builder::new().name("llama-rpc-relay".into()).spawn(move || relay(down, st));
+    }
+}
+
+/// Relays one of ggml's connections to a connection of its own to the server.
+fn relay(mut down: TcpStream, state: Arc<LinkState>) {
+    down.set_nodelay(true).ok();
+    // The server side: connected (and greeted) now, unless the server is already lost.
+    let mut up: Option<TcpStream> = None;
+    // The server's version, from the relay's own handshake: ggml's HELLO is answered with it
+    // (a server takes one HELLO per connection, and the relay's came first).
+    let mut version = PROTO;
+    if !state.lost_flag.load(Ordering::SeqCst) {
+        match connect(&state.endpoint, state.timeout) {
+            Ok((s, v)) => {
+                version = v;
+                // Graph computations take as long as they take: no read timeout from here on.
+                s.set_read_timeout(None).ok();
+                s.set_write_timeout(None).ok();
+                up = Some(s);
+            }
+            Err(e) => state.lose(e.to_string()),
+        }
+    }
+    let mut buf = vec![0u8; SMALL];
+    loop {
+        let mut head = [0u8; 9];
+        if down.read_exact(&mut head).is_err() {
+            break; // ggml closed the connection: the model or buffer that held it is gone.
+        }
+        let cmd = head[0];
+        let size = u64::from_le_bytes(head[1..].try_into().unwrap_or([0; 8]));
+        if cmd >= CMD_COUNT {
+            break; // Not ggml speaking: drop the connection.
+        }
+        // The request: small ones whole (their fields decide the answer's size), large ones
+        // (tensor data, graphs) streamed through in pieces.
+        let mut small = Vec::new();
+        if size as usize <= SMALL {
+            small.resize(size as usize, 0);
+            if down.read_exact(&mut small).is_err() {
+                break;
+            }
+        }
+        if let (Some(s), false) = (up.as_mut(), cmd == HELLO) {
+            let sent = (|| -> io::Result<()> {
+                s.write_all(&head)?;
+                if size as usize <= SMALL {
+                    s.write_all(&small)?;
+                } else {
+                    copy_exact(&mut down, s, size, &mut buf)?;
+                }
+                Ok(())
+            })();
+            match sent {
+                Ok(()) => {
+                    state.sent.fetch_add(9 + size, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    // A read from ggml failed mid-request: ggml is gone, and so is this relay.
+                    if is_down_error(&e) {
+                        break;
+                    }
+                    state.lose(format!("sending to it failed: {e}"));
+                    up = None;
+                }
+            }
+        } else if cmd != HELLO && size as usize > SMALL && copy_exact(&mut down, &mut io::sink(), size, &mut buf).is_err() {
+            break;
+        }
+        if cmd == HELLO {
+            // Answered here: the relay greeted the server when it connected.
+            let mut reply = vec![0u8; HELLO_RSP];
+            reply[..3].copy_from_slice(&[version.0, version.1, version.2]);
+            if down.write_all(&(HELLO_RSP as u64).to_le_bytes()).and_then(|()| down.write_all(&reply)).is_err() {
+                break;
+            }
+            continue;
+        }
+        let Some(answer) = answer_size(cmd, &small) else { continue };
+        if answer > MAX_ANSWER {
+            state.lose(format!("ggml asked for a {answer}-byte tensor, over the relay's limit"));
+            break;
+        }
+        let mut reply = None;
+        if let Some(s) = up.as_mut() {
+            match read_answer(s, answer) {
+                Ok(bytes) => {
+                    state.received.fetch_add(8 + answer, Ordering::Relaxed);
+                    reply = Some(bytes);
+                }
+                Err(e) => {
+                    state.lose(if e.kind() == io::ErrorKind::UnexpectedEof { "it closed the connection".to_string() } else { format!("reading its answer failed: {e}") });
+                    up = None;
+                }
+            }
+        }
+        let reply = reply.unwrap_or_else(|| stand_in(cmd, answer));
+        if down.write_all(&answer.to_le_bytes()).and_then(|()| down.write_all(&reply)).is_err() {
+            break;
+        }
+    }
+    if let Some(s) = up {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+}
+
+/// Errors of ggml's side of the relay (its connection closed), as opposed to the server's.
+fn is_down_error(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.to_string() == "ggml side")
+}
+
+/// Copies exactly `n` bytes from `from` to `to`; a failure reading `from` is marked as
+/// ggml's side (see [`is_down_error`]).
+fn copy_exact(from: &mut TcpStream, to: &mut dyn Write, mut n: u64, buf: &mut [u8]) -> io::Result<()> {
+    while n > 0 {
+        let want = buf.len().min(n as usize);
+        from.read_exact(&mut buf[..want]).map_err(|_| io::Error::other("ggml side"))?;
+        to.write_all(&buf[..want])?;
+        n -= want as u64;
+    }
+    Ok(())
+}
+
+/// The server's answer of `size` bytes (its size prefix checked).
+fn read_answer(s: &mut TcpStream, size: u64) -> io::Result<Vec<u8>> {
+    let mut prefix = [0u8; 8];
+    s.read_exact(&mut prefix)?;
+    let got = u64::from_le_bytes(prefix);
+    if got != size {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("it answered {got} bytes where {size} were expected")));
+    }
+    let mut out = vec![0u8; size as usize];
+    s.read_exact(&mut out)?;
+    Ok(out)
+}
+
+/// Checks that something can listen at `endpoint`, so `rpc-server` fails with a reason
+/// rather than ggml's bare "Failed to create server socket".
+pub fn check_bind(endpoint: &str) -> Result<(), BackendError> {
+    let addr = resolve(endpoint).map_err(|_| rpc_error(endpoint, RpcFailure::Unreachable, "not a HOST:PORT this machine can listen on"))?;
+    TcpListener::bind(addr).map(drop).map_err(|e| rpc_error(endpoint, RpcFailure::Unreachable, format!("cannot listen there: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answer_sizes_follow_the_protocol() {
+        assert_eq!(answer_size(HELLO, &[0; CAPS]), Some(28));
+        assert_eq!(answer_size(6, &[]), None, "SET_TENSOR has no answer");
+        assert_eq!(answer_size(10, &[]), None, "GRAPH_COMPUTE has no answer");
+        let mut get = vec![0u8; 40];
+        get[32..].copy_from_slice(&1234u64.to_le_bytes());
+        assert_eq!(answer_size(GET_TENSOR, &get), Some(1234));
+        assert_eq!(stand_in(GET_ALIGNMENT, 8), 64u64.to_le_bytes());
+        assert_eq!(stand_in(HELLO, 28)[..3], [PROTO.0, PROTO.1, PROTO.2]);
+    }
+
+    #[test]
+    fn an_unreachable_server_is_named_within_the_timeout() {
+        let t = std::time::Instant::now();
+        let e = probe("127.0.0.1:1", Duration::from_secs(2), 0).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(10));
+        match e {
+            BackendError::Rpc { endpoint, failure, .. } => assert_eq!((endpoint.as_str(), failure), ("127.0.0.1:1", RpcFailure::Unreachable)),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(probe("nonsense", Duration::from_secs(1), 0), Err(BackendError::Rpc { failure: RpcFailure::Unreachable, .. })));
+    }
+
+    /// Something that is not an RPC server (it answers with text) is a protocol error.
+    #[test]
+    fn a_stranger_is_a_protocol_error() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut b = [0u8; 33];
+            let _ = s.read_exact(&mut b);
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        });
+        let e = probe(&addr, Duration::from_secs(5), 0).unwrap_err();
+        assert!(matches!(e, BackendError::Rpc { failure: RpcFailure::Protocol, .. }), "{e:?}");
+    }
+
+    /// A server of another major version is refused naming both versions.
+    #[test]
+    fn another_version_is_named() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut b = [0u8; 33];
+            s.read_exact(&mut b).unwrap();
+            let mut rsp = (HELLO_RSP as u64).to_le_bytes().to_vec();
+            rsp.extend_from_slice(&[6, 1, 2, 0]);
+            rsp.extend_from_slice(&[0; CAPS]);
+            s.write_all(&rsp).unwrap();
+        });
+        let e = probe(&addr, Duration::from_secs(5), 0).unwrap_err().to_string();
+        assert!(e.contains("6.1.2") && e.contains("7.0.0") && e.contains(&addr), "{e}");
+    }
+}
