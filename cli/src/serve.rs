@@ -316,8 +316,9 @@ impl ServeLoader {
     fn fail(&self, name: &str, e: CliError) -> LoadFailure {
         let public = public_reason(&e);
         let source: Arc<dyn std::error::Error + Send + Sync> = Arc::new(std::io::Error::other(crate::error::describe(&e)));
+        let unavailable = matches!(e, CliError::Load(llama_host::LoadError::Remote(_)));
         self.0.failures.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), e);
-        LoadFailure { public, source }
+        LoadFailure { public, source, unavailable }
     }
 
     fn estimate_inner(&self, name: &str) -> Result<MemoryNeed, CliError> {
@@ -428,6 +429,12 @@ fn public_reason(e: &CliError) -> String {
         // llama.cpp's own words may name other files (split shards) or the machine: they stay
         // in the server's log; /health needs no key.
         CliError::Load(LoadError::Rejected { .. }) => "llama.cpp could not load the model (the server's log has its reason)".into(),
+        // The servers' addresses are the operator's network, not the clients' business.
+        CliError::Load(LoadError::Remote(llama_host::BackendError::Rpc { failure, .. })) => match failure {
+            llama_host::RpcFailure::Unreachable => "an RPC server the model is placed on is unreachable (the server's log names it)".into(),
+            llama_host::RpcFailure::Protocol => "an RPC server the model is placed on speaks another protocol (the server's log names it)".into(),
+            llama_host::RpcFailure::Lost => "an RPC server the model is placed on was lost during the load (the server's log names it)".into(),
+        },
         CliError::Load(_) => "the model file cannot be read".into(),
         CliError::Select(_) => "no usable backend".into(),
         _ => "the engine could not start".into(),

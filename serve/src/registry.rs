@@ -76,6 +76,9 @@ impl MemoryNeed {
 pub struct LoadFailure {
     pub public: String,
     pub source: Arc<dyn std::error::Error + Send + Sync>,
+    /// A device the model needs cannot be reached (an RPC server): a condition that may
+    /// pass, answered 503, rather than a model that cannot load.
+    pub unavailable: bool,
 }
 
 /// Loads models for the registry. Blocking; called on the registry's load thread.
@@ -127,6 +130,9 @@ pub enum AcquireError {
     UnknownModel(String),
     #[error("the model failed to load: {0}")]
     LoadFailed(String),
+    /// A device the model lives on (an RPC server) is unreachable or was lost.
+    #[error("a device of the model is unavailable: {0}")]
+    DeviceUnavailable(String),
     #[error("not enough memory for the model: it needs {needed} bytes, {available} are available{}", budget.map(|b| format!(" (budget {b})")).unwrap_or_default())]
     InsufficientMemory { needed: u64, available: u64, budget: Option<u64> },
     #[error("no room to load the model: every loaded model is busy; retry later")]
@@ -145,10 +151,13 @@ pub enum UnloadReason {
     Memory,
     Admin,
     KeepAlive,
+    /// A remote device it lived on went away.
+    DeviceLost,
 }
 
 impl UnloadReason {
-    const ALL: [UnloadReason; 5] = [UnloadReason::Lru, UnloadReason::Idle, UnloadReason::Memory, UnloadReason::Admin, UnloadReason::KeepAlive];
+    const ALL: [UnloadReason; 6] =
+        [UnloadReason::Lru, UnloadReason::Idle, UnloadReason::Memory, UnloadReason::Admin, UnloadReason::KeepAlive, UnloadReason::DeviceLost];
     pub fn as_str(self) -> &'static str {
         match self {
             UnloadReason::Lru => "lru",
@@ -156,6 +165,7 @@ impl UnloadReason {
             UnloadReason::Memory => "memory",
             UnloadReason::Admin => "admin",
             UnloadReason::KeepAlive => "keep_alive",
+            UnloadReason::DeviceLost => "device_lost",
         }
     }
 }
@@ -190,7 +200,7 @@ struct Slot {
     failed_reason: Option<String>,
     metrics: Arc<Metrics>,
     loads: [u64; 3],
-    unloads: [u64; 5],
+    unloads: [u64; 6],
     load_seconds: Histogram,
 }
 
@@ -332,7 +342,7 @@ impl Registry {
                 failed_reason: None,
                 metrics: Arc::new(Metrics::default()),
                 loads: [0; 3],
-                unloads: [0; 5],
+                unloads: [0; 6],
                 load_seconds: Histogram::new(crate::metrics::LOAD_BOUNDS),
             });
         }
@@ -429,6 +439,28 @@ impl Registry {
         if g.shutting_down {
             return Err(AcquireError::ShuttingDown);
         }
+        // A model that lost a remote device cannot compute: unloaded now when nothing uses
+        // it (and loaded again below, for this request), else refused (503) until its
+        // running requests, which fail at their next step, have ended.
+        if let Status::Loaded(ready) = &g.slots[index].status {
+            if let Some(e) = ready.engine.model().lost() {
+                if g.slots[index].idle() {
+                    let old = self.take_loaded(&mut g, index, UnloadReason::DeviceLost);
+                    drop(g);
+                    release(old);
+                    self.changed();
+                    g = self.lock();
+                    if g.shutting_down {
+                        return Err(AcquireError::ShuttingDown);
+                    }
+                } else {
+                    g.slots[index].unload_when_idle = Some(UnloadReason::DeviceLost);
+                    tracing::warn!(model = %self.specs[index].name, error = %e, "the model lost a remote device; it loads again once its running requests have ended");
+                    // The server's address stays in the log (it is the operator's network).
+                    return Err(AcquireError::DeviceUnavailable("an RPC server the model is placed on was lost; the model loads again once its running requests have ended".into()));
+                }
+            }
+        }
         let s = &mut g.slots[index];
         if keep_alive.is_some() {
             s.keep_alive = keep_alive;
@@ -484,7 +516,10 @@ impl Registry {
         let _gate = self.load_gate.lock().unwrap_or_else(|p| p.into_inner());
         let name = self.specs[index].name.clone();
         let started = Instant::now();
-        let failed = |e: LoadFailure| (AcquireError::LoadFailed(e.public.clone()), Some(e));
+        let failed = |e: LoadFailure| {
+            let public = e.public.clone();
+            (if e.unavailable { AcquireError::DeviceUnavailable(public) } else { AcquireError::LoadFailed(public) }, Some(e))
+        };
         // A panic in the loader is a failed load, never a model stuck at "loading" with its
         // requests waiting for ever.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -493,7 +528,7 @@ impl Registry {
             let metrics = self.lock().slots[index].metrics.clone();
             self.loader.load(&name, metrics).map_err(failed)
         }))
-        .unwrap_or_else(|_| Err(failed(LoadFailure { public: "the loader panicked".into(), source: Arc::new(std::io::Error::other("the loader panicked")) })));
+        .unwrap_or_else(|_| Err(failed(LoadFailure { public: "the loader panicked".into(), source: Arc::new(std::io::Error::other("the loader panicked")), unavailable: false })));
         let seconds = started.elapsed().as_secs_f64();
         let mut g = self.lock();
         let shutting_down = g.shutting_down;
@@ -523,7 +558,7 @@ impl Registry {
                 s.held = MemoryNeed::default();
                 let (slot, reason) = match &e {
                     AcquireError::InsufficientMemory { .. } => (2, None),
-                    AcquireError::LoadFailed(r) => (1, Some(r.clone())),
+                    AcquireError::LoadFailed(r) | AcquireError::DeviceUnavailable(r) => (1, Some(r.clone())),
                     _ => (1, None),
                 };
                 s.loads[slot] += 1;

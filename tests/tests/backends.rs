@@ -67,7 +67,7 @@ fn broken_candidates_are_rejected_with_reasons_and_cpu_still_runs() {
     let expect = [
         (format!("garbage.{ext}"), "not-a-library", "not a shared library"),
         (format!("libnot_a_backend.{ext}"), "not-a-backend", "not a llama backend"),
-        (format!("libllama_backend_future.{ext}"), "abi-version", "built for plugin ABI 9.0.0, host expects 6.0.0"),
+        (format!("libllama_backend_future.{ext}"), "abi-version", "built for plugin ABI 9.0.0, host expects 7.0.0"),
     ];
     for (file, kind, reason) in &expect {
         let c = candidate(&r, file);
@@ -138,7 +138,7 @@ fn install_checks_the_library_first() {
     for (file, reason) in [
         (format!("garbage.{ext}"), "not a shared library"),
         (format!("libnot_a_backend.{ext}"), "not a llama backend"),
-        (format!("libllama_backend_future.{ext}"), "built for plugin ABI 9.0.0, host expects 6.0.0"),
+        (format!("libllama_backend_future.{ext}"), "built for plugin ABI 9.0.0, host expects 7.0.0"),
     ] {
         let o = llama(&["backends", "install", broken.path().join(&file).to_str().unwrap(), "--dir", d]);
         assert_exit(&o, 4);

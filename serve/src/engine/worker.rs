@@ -575,6 +575,12 @@ impl Worker {
             // A backend that breaks the step's contract fails the step's requests, not the
             // engine thread.
             Ok(s) => return self.fail_step(plan, format!("the backend returned {} sampled tokens for {} requests", s.len(), samples.len())),
+            // A remote device lost: the model cannot compute any more (the registry unloads
+            // and reloads it); clients are not told the operator's addresses.
+            Err(e @ llama_host::BackendError::Rpc { .. }) => {
+                tracing::error!(error = %e, "the model lost a remote device");
+                return self.fail_step(plan, "an RPC server the model is placed on was lost (the server's log names it); the model loads again for the next request".into());
+            }
             // A failed step fails the requests in it; the others carry on.
             Err(e) => return self.fail_step(plan, e.to_string()),
         };

@@ -777,6 +777,10 @@ impl From<AcquireError> for ApiError {
             AcquireError::LoadFailed(reason) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", format!("the model failed to load: {}", clip(&reason, 300))).code("model_load_failed")
             }
+            AcquireError::DeviceUnavailable(reason) => ApiError {
+                retry_after: true,
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", format!("a device of the model is unavailable: {}", clip(&reason, 300))).code("device_unavailable")
+            },
             AcquireError::InsufficientMemory { needed, available, budget } => {
                 let budget = budget.map(|b| format!(", budget {:.0} MiB", b as f64 / MIB)).unwrap_or_default();
                 let message = format!(

@@ -39,7 +39,7 @@ impl Loader for FakeLoader {
         }
         if self.counts.fail_next.load(Ordering::SeqCst) > 0 {
             self.counts.fail_next.fetch_sub(1, Ordering::SeqCst);
-            return Err(LoadFailure { public: "bad magic".into(), source: Arc::new(std::io::Error::other("/secret/path: bad magic")) });
+            return Err(LoadFailure { public: "bad magic".into(), source: Arc::new(std::io::Error::other("/secret/path: bad magic")), unavailable: false });
         }
         self.counts.loads.fetch_add(1, Ordering::SeqCst);
         let (model, _) = FakeModel::new("hi").into_model();
