@@ -266,6 +266,11 @@ pub struct ModelArgs {
     /// Seconds an RPC server gets to accept the connection and answer the handshake.
     #[arg(long = "rpc-timeout", value_name = "SECONDS", default_value = "5", env = "LLAMA_RPC_TIMEOUT")]
     pub rpc_timeout: Seconds,
+    /// Keep the weights in the file's layout: no repacking into the CPU's fastest kernels'
+    /// layouts (llama.cpp's --no-repack). Slower prompts; the same kernels as a remote CPU
+    /// device (which never repacks), so the same numbers.
+    #[arg(long = "no-repack")]
+    pub no_repack: bool,
 }
 
 /// Most RPC servers one load may use (llama.cpp holds at most 16 offload devices).
@@ -407,6 +412,7 @@ impl ModelArgs {
             rpc: self.rpc.as_ref().map(|r| r.0.clone()).unwrap_or_default(),
             rpc_timeout: self.rpc_timeout.0,
             tensor_split: self.tensor_split.as_ref().map(|t| t.0.clone()).unwrap_or_default(),
+            repack: !self.no_repack,
         }
     }
 }
@@ -813,6 +819,7 @@ pub fn normalize_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec
             Some("-mg") => "--main-gpu".into(),
             Some("-dev") => "--device".into(),
             Some("-ts") => "--tensor-split".into(),
+            Some("-nr") => "--no-repack".into(),
             Some("-np") => "--parallel".into(),
             Some("-ctk") => "--cache-type-k".into(),
             Some("-ctv") => "--cache-type-v".into(),

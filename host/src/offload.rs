@@ -62,6 +62,8 @@ pub struct OffloadRequest {
     pub rpc_timeout: std::time::Duration,
     /// `--tensor-split` proportions, one per offload device; empty: by free memory.
     pub tensor_split: Vec<f32>,
+    /// Repack weights for the CPU's fastest kernels (off: `--no-repack`).
+    pub repack: bool,
 }
 
 impl Default for OffloadRequest {
@@ -74,6 +76,7 @@ impl Default for OffloadRequest {
             rpc: Vec::new(),
             rpc_timeout: crate::DEFAULT_RPC_TIMEOUT,
             tensor_split: Vec::new(),
+            repack: true,
         }
     }
 }
@@ -155,6 +158,7 @@ pub fn decide(request: &OffloadRequest, target: &Target<'_>, footprint: Option<&
         rpc: request.rpc.clone(),
         rpc_timeout: request.rpc_timeout,
         tensor_split: request.tensor_split.clone(),
+        repack: request.repack,
         ..ModelParams::default()
     };
     // Remote memory is not estimated here (it is asked at load, through the relay): with
