@@ -933,6 +933,49 @@ mod tests {
 
     /// llama.cpp's `-ctk`, `-ctv`, `-fa` reach every command that makes a context (and the
     /// `backends -m` estimate); a bad name is a usage error listing the names.
+    /// `--rpc`, `--tensor-split` (`-ts`), `--rpc-timeout` and `--no-repack` (`-nr`) reach the
+    /// offload request; bad values are refused by name.
+    #[test]
+    fn rpc_flags_parse_and_bad_values_are_refused() {
+        let parse = |argv: &[&str]| Cli::try_parse_from(normalize_args(argv.iter().map(Into::into))).map_err(|e| e.to_string());
+        let model = |extra: &[&str]| match parse(&[&["llama", "run", "-p", "x"][..], extra].concat()).map(|c| c.command) {
+            Ok(Command::Run(r)) => Ok(r.model.offload()),
+            Ok(_) => unreachable!(),
+            Err(e) => Err(e),
+        };
+        let o = model(&["--rpc", "10.0.0.2:50052, host-b:50053", "-ts", "3,1", "--rpc-timeout", "2.5", "-nr"]).unwrap();
+        assert_eq!(o.rpc, vec!["10.0.0.2:50052".to_string(), "host-b:50053".to_string()]);
+        assert_eq!((o.tensor_split, o.rpc_timeout, o.repack), (vec![3.0, 1.0], std::time::Duration::from_millis(2500), false));
+        let d = model(&[]).unwrap();
+        assert!(d.rpc.is_empty() && d.tensor_split.is_empty() && d.repack);
+        assert_eq!(d.rpc_timeout, std::time::Duration::from_secs(5));
+        for (bad, flag) in [
+            (&["--rpc", "nohost"][..], "--rpc"),
+            (&["--rpc", "a:0"], "--rpc"),
+            (&["--rpc", "a:70000"], "--rpc"),
+            (&["--rpc", "a:1,a:1"], "named twice"),
+            (&["--rpc", "::1:5"], "--rpc"),
+            (&["-ts", "1,x"], "--tensor-split"),
+            (&["-ts", "0,0"], "every proportion is 0"),
+            (&["-ts", "1,-1"], "--tensor-split"),
+            (&["--rpc-timeout", "0"], "--rpc-timeout"),
+            (&["--rpc-timeout", "1e9"], "--rpc-timeout"),
+        ] {
+            let e = model(bad).unwrap_err();
+            assert!(e.contains(flag), "{bad:?}: {e}");
+        }
+        let many = (1..=17).map(|i| format!("h:{i}")).collect::<Vec<_>>().join(",");
+        assert!(model(&["--rpc", &many]).unwrap_err().contains("limit of 16"));
+        match parse(&["llama", "rpc-server", "--host", "0.0.0.0", "--port", "5", "-t", "3", "--cache", "/tmp/c"]).unwrap().command {
+            Command::RpcServer(r) => assert_eq!((r.host.as_str(), r.port, r.threads, r.cache.as_deref()), ("0.0.0.0", 5, Some(3), Some(std::path::Path::new("/tmp/c")))),
+            _ => unreachable!(),
+        }
+        match parse(&["llama", "backends", "--rpc", "a:1,b:2"]).unwrap().command {
+            Command::Backends(b) => assert_eq!(b.rpc.map(|r| r.0.len()), Some(2)),
+            _ => unreachable!(),
+        }
+    }
+
     #[test]
     fn cache_flags_parse_on_every_command() {
         use llama_host::{CacheType as T, FlashAttn as F};
@@ -943,7 +986,7 @@ mod tests {
             Command::Bench(b) => b.cache,
             Command::Serve(s) => s.cache,
             Command::Backends(b) => b.cache,
-            Command::List(_) | Command::Ps(_) | Command::Embed(_) => unreachable!(),
+            Command::List(_) | Command::Ps(_) | Command::Embed(_) | Command::RpcServer(_) => unreachable!(),
         };
         let short = ["-ctk", "q8_0", "-ctv", "q4_0", "-fa", "on"];
         for cmd in [&["llama", "run", "-p", "x"][..], &["llama", "chat"], &["llama", "bench"], &["llama", "serve"], &["llama", "backends"]] {

@@ -36,6 +36,10 @@ pub fn run(g: &Global, a: &RunOpts, ints: &Interrupts) -> Result<(), CliError> {
     }
     if !a.no_stats {
         errln!("{}", stats_line(stream.stats(), backend.name()));
+        // With remote devices: what crossed the network, the load included.
+        for t in model.rpc_traffic() {
+            errln!("llama: rpc {}: sent {} bytes, received {} bytes", t.endpoint, t.bytes_sent, t.bytes_received);
+        }
     }
     if interrupted {
         return Err(CliError::Interrupted);

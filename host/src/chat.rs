@@ -624,7 +624,7 @@ mod tests {
 
     impl crate::ModelOps for FakeModel {
         fn info(&self) -> crate::ModelInfo {
-            crate::ModelInfo { description: "fake".into(), n_params: 0, size_bytes: 0, n_vocab: 4, n_ctx_train: 64, bos: 1 }
+            crate::ModelInfo { description: "fake".into(), n_params: 0, size_bytes: 0, n_vocab: 4, n_ctx_train: 64, bos: 1, placement: Vec::new() }
         }
         fn tokenize(&self, _: &str, _: bool, _: bool) -> Result<Vec<i32>, crate::BackendError> {
             Ok(Vec::new())

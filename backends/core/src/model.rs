@@ -536,6 +536,41 @@ mod tests {
         assert!(e.starts_with("split_mode: tensor parallelism needs at least one GPU"), "{e}");
     }
 
+    /// llama.cpp's load lines, as it logs them, summed per device: repeating layers, the
+    /// output layer (the highest index), MiB of buffers; remote buffers named by their relay.
+    #[test]
+    fn placement_is_read_from_llama_cpps_lines() {
+        let remote = [RemoteDevice { dev: std::ptr::null_mut(), name: "RPC0".into(), endpoint: "10.0.0.2:50052".into(), buffer_prefix: "RPC0[127.0.0.1:40000]".into() }];
+        let lines: Vec<String> = [
+            "load_tensors: layer   0 assigned to device CPU, is_swa = 0",
+            "load_tensors: layer   1 assigned to device RPC0, is_swa = 1",
+            "load_tensors: layer   2 assigned to device RPC0, is_swa = 0",
+            "load_tensors: layer   3 assigned to device RPC0, is_swa = 0",
+            "load_tensors:   CPU_Mapped model buffer size =   170.00 MiB",
+            "load_tensors:   CPU_REPACK model buffer size =    10.50 MiB",
+            "load_tensors: RPC0[127.0.0.1:40000] model buffer size =    35.75 MiB",
+        ]
+        .iter()
+        .map(|l| l.to_string())
+        .collect();
+        let p = placement(&lines, &remote);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert_eq!((p[0].device.as_str(), p[0].layers, p[0].output, p[0].bytes), ("CPU", 1, false, ((170.0 + 10.5) * 1048576.0) as u64));
+        assert_eq!((p[1].device.as_str(), p[1].description.as_str(), p[1].layers, p[1].output), ("RPC0", "10.0.0.2:50052", 2, true));
+        assert_eq!(p[1].bytes, (35.75 * 1048576.0) as u64);
+        assert!(placement(&[], &remote).is_empty());
+    }
+
+    #[test]
+    fn tensor_split_is_checked_against_the_offload_devices() {
+        let with = |split: &[f32]| ModelParams { tensor_split: split.iter().copied().collect(), ..ModelParams::default() };
+        assert_eq!(tensor_split(&with(&[3.0, 1.0]), 2, 16).unwrap()[..3], [3.0, 1.0, 0.0]);
+        assert_eq!(tensor_split(&with(&[]), 2, 16).unwrap(), vec![0.0; 16]);
+        assert!(field(tensor_split(&with(&[1.0, 1.0, 1.0]), 2, 16).unwrap_err()).contains("3 proportions for 2 offload device(s)"));
+        assert!(field(tensor_split(&with(&[f32::NAN]), 1, 16).unwrap_err()).contains("not a proportion"));
+        assert!(field(tensor_split(&with(&[0.0, 0.0]), 2, 16).unwrap_err()).contains("every proportion is 0"));
+    }
+
     #[test]
     fn main_gpu_must_index_an_offload_device_in_single_gpu_mode() {
         let gpus = ["CUDA0", "CUDA1"];

@@ -489,6 +489,102 @@ mod tests {
         assert!(matches!(e, BackendError::Rpc { failure: RpcFailure::Protocol, .. }), "{e:?}");
     }
 
+    /// A stand-in RPC server: greets, answers DEVICE_COUNT (1) and GET_TENSOR (0xAB bytes),
+    /// takes SET_TENSOR silently, and closes the connection after `serve` commands.
+    fn fake_server(serve: usize) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut s) = conn else { return };
+                let mut hello = [0u8; 9 + CAPS];
+                if s.read_exact(&mut hello).is_err() {
+                    continue;
+                }
+                let mut rsp = (HELLO_RSP as u64).to_le_bytes().to_vec();
+                rsp.extend_from_slice(&[PROTO.0, PROTO.1, PROTO.2, 0]);
+                rsp.extend_from_slice(&[0; CAPS]);
+                s.write_all(&rsp).unwrap();
+                for _ in 0..serve {
+                    let mut head = [0u8; 9];
+                    if s.read_exact(&mut head).is_err() {
+                        break;
+                    }
+                    let mut payload = vec![0u8; u64::from_le_bytes(head[1..].try_into().unwrap()) as usize];
+                    s.read_exact(&mut payload).unwrap();
+                    match head[0] {
+                        DEVICE_COUNT => s.write_all(&[4, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]).unwrap(),
+                        GET_TENSOR => {
+                            let n = answer_size(GET_TENSOR, &payload).unwrap();
+                            s.write_all(&n.to_le_bytes()).unwrap();
+                            s.write_all(&vec![0xAB; n as usize]).unwrap();
+                        }
+                        _ => {}
+                    }
+                }
+                // Gone: the connection closes (as when the process is killed).
+            }
+        });
+        addr
+    }
+
+    /// What ggml's client does: one command, then its answer when it has one.
+    fn call(s: &mut TcpStream, cmd: u8, payload: &[u8]) -> Option<Vec<u8>> {
+        let mut req = vec![cmd];
+        req.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        req.extend_from_slice(payload);
+        s.write_all(&req).unwrap();
+        let size = answer_size(cmd, payload)?;
+        let mut prefix = [0u8; 8];
+        s.read_exact(&mut prefix).unwrap();
+        assert_eq!(u64::from_le_bytes(prefix), size, "command {cmd}: the answer has the size ggml expects");
+        let mut out = vec![0u8; size as usize];
+        s.read_exact(&mut out).unwrap();
+        Some(out)
+    }
+
+    fn get_tensor(size: u64) -> Vec<u8> {
+        let mut req = vec![0u8; 32];
+        req.extend_from_slice(&size.to_le_bytes());
+        req
+    }
+
+    /// The relay passes a live server's answers through and counts the bytes; once the server
+    /// is gone it answers every command itself, with the sizes ggml's client checks, so
+    /// ggml never aborts, and the link reports the loss.
+    #[test]
+    fn the_relay_answers_for_a_lost_server() {
+        let server = fake_server(3);
+        let link = Link::open(&server, Duration::from_secs(5)).unwrap();
+        let mut ggml = TcpStream::connect(link.local_endpoint()).unwrap();
+        let hello = call(&mut ggml, HELLO, &[0; CAPS]).unwrap();
+        assert_eq!(hello[..3], [PROTO.0, PROTO.1, PROTO.2]);
+        assert_eq!(call(&mut ggml, DEVICE_COUNT, &[]).unwrap(), [1, 0, 0, 0]);
+        assert_eq!(call(&mut ggml, 6, &vec![7u8; 100 << 10]), None, "SET_TENSOR (streamed: over SMALL) has no answer");
+        assert_eq!(call(&mut ggml, GET_TENSOR, &get_tensor(1000)).unwrap(), vec![0xAB; 1000]);
+        assert!(link.lost().is_none());
+        let (sent, received) = link.traffic();
+        assert!(sent >= (100 << 10) && received >= 1000 + 4, "{sent} {received}");
+        // The server has served its 3 commands and closed: the next answer is the relay's.
+        assert_eq!(call(&mut ggml, GET_TENSOR, &get_tensor(64)).unwrap(), vec![0; 64]);
+        assert_eq!(call(&mut ggml, GET_ALIGNMENT, &[0; 4]).unwrap(), 64u64.to_le_bytes());
+        assert_eq!(call(&mut ggml, ALLOC_BUFFER, &[0; 12]).unwrap(), [0; 16], "a failed allocation");
+        assert_eq!(call(&mut ggml, 10, &[1, 2, 3]), None, "GRAPH_COMPUTE has no answer");
+        assert_eq!(call(&mut ggml, GET_DEVICE_MEMORY, &[0; 4]).unwrap(), [0; 16]);
+        match link.lost() {
+            Some(BackendError::Rpc { endpoint, failure: RpcFailure::Lost, reason }) => {
+                assert_eq!(endpoint.as_str(), server);
+                // Seen as the write that fails or the read that finds the stream closed.
+                assert!(reason.contains("closed the connection") || reason.contains("failed"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A connection ggml opens after the loss is answered by the relay alone.
+        let mut again = TcpStream::connect(link.local_endpoint()).unwrap();
+        assert_eq!(call(&mut again, HELLO, &[0; CAPS]).unwrap()[..3], [PROTO.0, PROTO.1, PROTO.2]);
+        assert_eq!(call(&mut again, DEVICE_COUNT, &[]).unwrap(), [0; 4]);
+    }
+
     /// A server of another major version is refused naming both versions.
     #[test]
     fn another_version_is_named() {
