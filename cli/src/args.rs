@@ -60,7 +60,7 @@ pub struct RpcServerArgs {
     /// anything else than loopback belongs on a trusted network only.
     #[arg(long, default_value = "127.0.0.1", env = "LLAMA_RPC_HOST")]
     pub host: String,
-    #[arg(long, default_value_t = 50052, env = "LLAMA_RPC_PORT")]
+    #[arg(long, default_value_t = 50052, env = "LLAMA_RPC_PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub port: u16,
     /// CPU threads for the computations (a CPU device).
     #[arg(short = 't', long, value_name = "N")]

@@ -403,13 +403,16 @@ const COMPUTE_FIXED: u64 = 64 << 20;
 
 /// What a load of `file` with `params` will hold: the weights (the whole file, mapped), the
 /// KV cache for `n_ctx` tokens, and compute buffers; on a GPU backend the offloaded layers
-/// and their KV cache are device memory, the rest host memory.
+/// and their KV cache are device memory, the rest host memory. With remote devices (`--rpc`)
+/// the offloaded layers live on the servers: neither host nor local device memory (how they
+/// split between remote and local GPUs is llama.cpp's, so none is counted on a local GPU).
 fn memory_need(file: &ModelFile, params: &ModelParams, gpu: bool, n_ctx: u32, cache: &llama_host::KvCacheParams) -> MemoryNeed {
+    let remote = !params.rpc.is_empty();
     let weights = std::fs::metadata(file.path()).map(|m| m.len()).unwrap_or(0);
     let footprint = file.footprint(n_ctx, cache).ok();
     let kv = footprint.as_ref().map_or(0, |f| f.kv_bytes_per_layer.saturating_mul(u64::from(f.n_layer)));
     let total = weights.saturating_add(kv).saturating_add(COMPUTE_FIXED).saturating_add(weights / 20);
-    let device = match (&footprint, gpu) {
+    let offloaded = match (&footprint, gpu || remote) {
         (Some(f), true) => {
             let all = f.n_layer + 1;
             let n = if params.n_gpu_layers < 0 { all } else { (params.n_gpu_layers as u32).min(all) };
@@ -417,7 +420,8 @@ fn memory_need(file: &ModelFile, params: &ModelParams, gpu: bool, n_ctx: u32, ca
         }
         _ => 0,
     };
-    MemoryNeed { host_bytes: total.saturating_sub(device), device_bytes: device }
+    let device = if remote { 0 } else { offloaded };
+    MemoryNeed { host_bytes: total.saturating_sub(offloaded), device_bytes: device }
 }
 
 /// What a load failure may tell HTTP clients: what was wrong with the file, never where it

@@ -445,14 +445,11 @@ impl Registry {
         if let Status::Loaded(ready) = &g.slots[index].status {
             if let Some(e) = ready.engine.model().lost() {
                 if g.slots[index].idle() {
+                    tracing::warn!(model = %self.specs[index].name, error = %e, "the model lost a remote device; loading it again");
+                    // Freed on a thread of its own (this may be an async worker, and freeing
+                    // a model blocks); the load below waits for the servers it frees.
                     let old = self.take_loaded(&mut g, index, UnloadReason::DeviceLost);
-                    drop(g);
-                    release(old);
-                    self.changed();
-                    g = self.lock();
-                    if g.shutting_down {
-                        return Err(AcquireError::ShuttingDown);
-                    }
+                    let _ = std::thread::Builder::new().name("llama-release".into()).spawn(move || release(old));
                 } else {
                     g.slots[index].unload_when_idle = Some(UnloadReason::DeviceLost);
                     tracing::warn!(model = %self.specs[index].name, error = %e, "the model lost a remote device; it loads again once its running requests have ended");

@@ -64,6 +64,13 @@ impl LlamaModel {
         // SAFETY: the caller's context is alive, belongs to this model and is used by this
         // thread only; the batch is filled.
         let rc = unsafe { sys::llama_decode(ctx, batch) };
+        if !self.links.is_empty() {
+            // A remote device computes asynchronously (ggml queues the graph and returns):
+            // wait for it, so the decode's time is its own and a server lost during it is
+            // this decode's error, not the next one's.
+            // SAFETY: as above.
+            unsafe { sys::llama_synchronize(ctx) };
+        }
         if let Some(e) = self.lost() {
             return Err(e);
         }
@@ -209,22 +216,28 @@ pub(crate) fn load(path: &str, params: &ModelParams) -> Result<ModelBox, Backend
     // this vector outlives the (synchronous) load call. Remote devices come first (as
     // llama.cpp's own tools order them), then the local GPUs.
     let chosen = offload_devices(params)?;
+    // SAFETY: a plain query.
+    let max_devices = unsafe { sys::llama_max_devices() };
+    // Checked before any server is contacted: what the user got wrong is not a network error.
+    let local = chosen.clone().unwrap_or_else(|| crate::registered_devices(&crate::DEVICE_GPU).into_iter().map(|(d, _)| d).collect());
+    tensor_split(params, params.rpc_servers.len() + local.len(), max_devices)?;
     let timeout = std::time::Duration::from_millis(u64::from(params.rpc_timeout_ms.max(1)));
     let (links, remote) = remote_devices(params, timeout)?;
     let mut device_ptrs: Vec<sys::ggml_backend_dev_t> = remote.iter().map(|r| r.dev).collect();
-    match &chosen {
-        Some(local) => device_ptrs.extend(local.iter().copied()),
-        None if !links.is_empty() => device_ptrs.extend(crate::registered_devices(&crate::DEVICE_GPU).into_iter().map(|(d, _)| d)),
-        None => {}
-    }
+    device_ptrs.extend(local.iter().copied());
     let n_offload = device_ptrs.len();
+    // llama.cpp reads `tensor_split` and `main_gpu` against this list: remote devices first.
+    if n_offload > max_devices {
+        return Err(invalid("rpc", format!("{n_offload} offload devices, over llama.cpp's {max_devices}")));
+    }
+    if !links.is_empty() && params.split_mode == SplitMode::None && params.main_gpu as usize >= n_offload {
+        return Err(invalid("main_gpu", format!("{} is not a device index: {n_offload} offload device(s), remote ones first, counted from 0", params.main_gpu)));
+    }
     device_ptrs.push(std::ptr::null_mut());
     if chosen.is_some() || !links.is_empty() {
         mp.devices = device_ptrs.as_mut_ptr();
     }
     // llama.cpp reads llama_max_devices() proportions; all zero means by free memory.
-    // SAFETY: a plain query.
-    let max_devices = unsafe { sys::llama_max_devices() };
     let split = tensor_split(params, n_offload, max_devices)?;
     if !params.tensor_split.is_empty() {
         mp.tensor_split = split.as_ptr();
@@ -295,11 +308,16 @@ struct RemoteDevice {
 fn remote_devices(params: &ModelParams, timeout: std::time::Duration) -> Result<(Vec<rpc::Link>, Vec<RemoteDevice>), BackendError> {
     let mut links = Vec::new();
     let mut remote = Vec::new();
-    for (i, endpoint) in params.rpc_servers.iter().enumerate() {
+    let mut addresses = Vec::new();
+    for endpoint in params.rpc_servers.iter() {
         let endpoint = endpoint.as_str();
-        if params.rpc_servers[..i].iter().any(|e| e.as_str() == endpoint) {
-            return Err(invalid("rpc", format!("{endpoint} is named twice")));
+        // The same server under two names would be asked twice, and it serves one client at
+        // a time: the second connection would wait for ever.
+        let addr = rpc::resolve(endpoint)?;
+        if addresses.contains(&addr) {
+            return Err(invalid("rpc", format!("{endpoint} is the same server ({addr}) as an earlier one")));
         }
+        addresses.push(addr);
         rpc::probe(endpoint, timeout, 0)?;
         let link = rpc::Link::open(endpoint, timeout)?;
         let local = link.local_endpoint();
@@ -444,7 +462,8 @@ pub(crate) fn resolve_offload(params: &ModelParams, available: &[&str]) -> Resul
     if params.main_gpu < 0 {
         return Err(invalid("main_gpu", format!("{} is below 0", params.main_gpu)));
     }
-    if params.split_mode == SplitMode::None && n > 0 && params.main_gpu as usize >= n {
+    // With remote devices the index counts them too: checked at load, once they are known.
+    if params.split_mode == SplitMode::None && n > 0 && params.rpc_servers.is_empty() && params.main_gpu as usize >= n {
         return Err(invalid("main_gpu", format!("{} is not a GPU index: {n} offload device(s), counted from 0 ({})", params.main_gpu, have())));
     }
     Ok(chosen)

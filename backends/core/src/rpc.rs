@@ -60,9 +60,6 @@ const HELLO_RSP: usize = 4 + CAPS;
 /// The largest request payload read whole (all but SET_TENSOR and GRAPH_COMPUTE are small
 /// fixed structs); larger ones are streamed through.
 const SMALL: usize = 64 << 10;
-/// The largest answer the relay accepts from a server: a GET_TENSOR of at most this (ggml
-/// reads whole tensors, the largest being the output logits of a batch).
-const MAX_ANSWER: u64 = 1 << 32;
 
 /// The size of the answer to `cmd`, whose request payload is `payload` (its first bytes
 /// at least, for GET_TENSOR: the size asked for is its last field); `None`: no answer.
@@ -101,7 +98,7 @@ fn rpc_error(endpoint: &str, failure: RpcFailure, reason: impl Into<String>) -> 
 }
 
 /// The address of `endpoint` (`host:port`), resolved.
-fn resolve(endpoint: &str) -> Result<SocketAddr, BackendError> {
+pub(crate) fn resolve(endpoint: &str) -> Result<SocketAddr, BackendError> {
     let bad = |why: String| rpc_error(endpoint, RpcFailure::Unreachable, why);
     let (host, port) = endpoint.rsplit_once(':').ok_or_else(|| bad("not HOST:PORT".into()))?;
     if host.is_empty() || port.parse::<u16>().is_err() {
@@ -207,24 +204,34 @@ pub fn probe(endpoint: &str, timeout: Duration, first: usize) -> Result<RemoteSe
 struct LinkState {
     endpoint: String,
     timeout: Duration,
-    /// Why the server was lost, once it was.
-    lost: Mutex<Option<String>>,
+    /// How and why the server was lost, once it was.
+    lost: Mutex<Option<(RpcFailure, String)>>,
     lost_flag: AtomicBool,
     /// The listener stops accepting.
     closing: AtomicBool,
+    /// Relays running now (bounded: see [`MAX_RELAYS`]).
+    relays: AtomicU64,
     sent: AtomicU64,
     received: AtomicU64,
 }
 
+/// Most connections relayed at once per link. ggml holds one per server at a time (a few
+/// short-lived ones during a load); more is somebody else on the loopback port.
+const MAX_RELAYS: u64 = 16;
+
 impl LinkState {
-    fn lose(&self, why: String) {
+    fn lose(&self, failure: RpcFailure, why: String) {
         if let Ok(mut lost) = self.lost.lock() {
             if lost.is_none() {
                 crate::log::warn(&format!("rpc: lost the server {}: {why}", self.endpoint));
-                *lost = Some(why);
+                *lost = Some((failure, why));
             }
         }
         self.lost_flag.store(true, Ordering::SeqCst);
+    }
+
+    fn is_lost(&self) -> bool {
+        self.lost_flag.load(Ordering::SeqCst)
     }
 }
 
@@ -234,12 +241,48 @@ pub struct Link {
     local: SocketAddr,
 }
 
+/// A loopback listener whose address no earlier link of this process had. ggml caches
+/// connections, device lists, buffer types (alignment) and allocation sizes by endpoint
+/// string for the life of the process, so an endpoint must never be reused: a model loaded
+/// after a loss must not meet the lost server's cached answers (nor the relay's stand-ins).
+/// On Linux all of 127.0.0.0/8 is loopback: each link gets an address of its own (16 million
+/// before one repeats). Elsewhere, 127.0.0.1 with a port no earlier link used.
+fn fresh_listener() -> io::Result<TcpListener> {
+    use std::sync::atomic::AtomicU32;
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    if cfg!(target_os = "linux") {
+        for _ in 0..16 {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed) % 0x00FF_FFFE + 1;
+            let ip = std::net::Ipv4Addr::new(127, (n >> 16) as u8, (n >> 8) as u8, n as u8);
+            if ip == std::net::Ipv4Addr::new(127, 0, 0, 1) {
+                continue;
+            }
+            if let Ok(l) = TcpListener::bind((ip, 0)) {
+                return Ok(l);
+            }
+        }
+    }
+    static USED: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let l = TcpListener::bind(("127.0.0.1", 0))?;
+        let port = l.local_addr()?.port();
+        let mut used = USED.lock().unwrap_or_else(|p| p.into_inner());
+        if !used.contains(&port) {
+            used.push(port);
+            return Ok(l);
+        }
+        // Kept open until a fresh one is found, so the system offers another port.
+        held.push(l);
+    }
+    Err(io::Error::other("no loopback port left that this process has not used"))
+}
+
 impl Link {
-    /// Listens on a fresh loopback port for ggml's connections to `endpoint`. A fresh port
-    /// per model: ggml caches its connections and buffer types by endpoint string, so a
-    /// model loaded after a loss never reuses the lost one's.
+    /// Listens on a fresh loopback endpoint ([`fresh_listener`]) for ggml's connections
+    /// to `endpoint`.
     pub fn open(endpoint: &str, timeout: Duration) -> Result<Link, BackendError> {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).map_err(|e| rpc_error(endpoint, RpcFailure::Unreachable, format!("cannot open a loopback port for the relay: {e}")))?;
+        let listener = fresh_listener().map_err(|e| rpc_error(endpoint, RpcFailure::Unreachable, format!("cannot open a loopback port for the relay: {e}")))?;
         let local = listener.local_addr().map_err(|e| rpc_error(endpoint, RpcFailure::Unreachable, e.to_string()))?;
         let state = Arc::new(LinkState {
             endpoint: endpoint.to_string(),
@@ -247,6 +290,7 @@ impl Link {
             lost: Mutex::new(None),
             lost_flag: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            relays: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
         });
@@ -267,13 +311,14 @@ impl Link {
         &self.state.endpoint
     }
 
-    /// Why the server was lost, if it was.
+    /// Why the server was lost, if it was: `Lost`, or `Unreachable` when a connection the
+    /// relay opened for ggml could not reach it.
     pub fn lost(&self) -> Option<BackendError> {
-        if !self.state.lost_flag.load(Ordering::SeqCst) {
+        if !self.state.is_lost() {
             return None;
         }
-        let why = self.state.lost.lock().ok().and_then(|l| l.clone()).unwrap_or_default();
-        Some(rpc_error(&self.state.endpoint, RpcFailure::Lost, why))
+        let (failure, why) = self.state.lost.lock().ok().and_then(|l| l.clone()).unwrap_or((RpcFailure::Lost, String::new()));
+        Some(rpc_error(&self.state.endpoint, failure, why))
     }
 
     /// Bytes sent to and received from the server so far.
@@ -296,25 +341,50 @@ fn accept_loop(listener: TcpListener, state: Arc<LinkState>) {
         if state.closing.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(down) = conn else { continue };
-        // Only this process connects here; a stranger on the loopback port is refused.
-        if down.peer_addr().map(|a| !a.ip().is_loopback()).unwrap_or(true) {
+        let down = match conn {
+            Ok(down) => down,
+            Err(_) => {
+                // Out of descriptors, say: wait rather than spin.
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if state.relays.fetch_add(1, Ordering::SeqCst) >= MAX_RELAYS {
+            state.relays.fetch_sub(1, Ordering::SeqCst);
             continue;
         }
         let st = state.clone();
-        let _ = std::thread::Builder::new().name("llama-rpc-relay".into()).spawn(move || relay(down, st));
+        let spawned = std::thread::Builder::new().name("llama-rpc-relay".into()).spawn(move || {
+            relay(down, &st);
+            st.relays.fetch_sub(1, Ordering::SeqCst);
+        });
+        if spawned.is_err() {
+            state.relays.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
+/// How a relayed request or answer went.
+enum Flow {
+    Done,
+    /// ggml's side closed: the relay ends.
+    DownGone,
+}
+
 /// Relays one of ggml's connections to a connection of its own to the server.
-fn relay(mut down: TcpStream, state: Arc<LinkState>) {
+fn relay(mut down: TcpStream, state: &LinkState) {
     down.set_nodelay(true).ok();
-    // The server side: connected (and greeted) now, unless the server is already lost.
+    // ggml's first words are its HELLO; anything else is not ggml (a port scan, a stranger)
+    // and is dropped before the server is bothered: a server serves one client at a time,
+    // and a stranger's connection must not take it from the model, nor mark it lost.
+    let mut hello = [0u8; 9 + CAPS];
+    if down.read_exact(&mut hello).is_err() || hello[0] != HELLO || u64::from_le_bytes(hello[1..9].try_into().unwrap_or([0; 8])) != CAPS as u64 {
+        return;
+    }
+    // The server side, greeted by the relay itself, unless the server is already lost.
     let mut up: Option<TcpStream> = None;
-    // The server's version, from the relay's own handshake: ggml's HELLO is answered with it
-    // (a server takes one HELLO per connection, and the relay's came first).
     let mut version = PROTO;
-    if !state.lost_flag.load(Ordering::SeqCst) {
+    if !state.is_lost() {
         match connect(&state.endpoint, state.timeout) {
             Ok((s, v)) => {
                 version = v;
@@ -323,8 +393,16 @@ fn relay(mut down: TcpStream, state: Arc<LinkState>) {
                 s.set_write_timeout(None).ok();
                 up = Some(s);
             }
-            Err(e) => state.lose(e.to_string()),
+            Err(BackendError::Rpc { failure, reason, .. }) => state.lose(failure, reason.into_string()),
+            Err(e) => state.lose(RpcFailure::Unreachable, e.to_string()),
         }
+    }
+    // ggml's HELLO is answered here with the server's version (a server takes one HELLO
+    // per connection, and the relay's came first), and no transport upgrade.
+    let mut reply = vec![0u8; HELLO_RSP];
+    reply[..3].copy_from_slice(&[version.0, version.1, version.2]);
+    if down.write_all(&(HELLO_RSP as u64).to_le_bytes()).and_then(|()| down.write_all(&reply)).is_err() {
+        return;
     }
     let mut buf = vec![0u8; SMALL];
     loop {
@@ -334,7 +412,7 @@ fn relay(mut down: TcpStream, state: Arc<LinkState>) {
         }
         let cmd = head[0];
         let size = u64::from_le_bytes(head[1..].try_into().unwrap_or([0; 8]));
-        if cmd >= CMD_COUNT {
+        if cmd >= CMD_COUNT || cmd == HELLO {
             break; // Not ggml speaking: drop the connection.
         }
         // The request: small ones whole (their fields decide the answer's size), large ones
@@ -346,61 +424,11 @@ fn relay(mut down: TcpStream, state: Arc<LinkState>) {
                 break;
             }
         }
-        if let (Some(s), false) = (up.as_mut(), cmd == HELLO) {
-            let sent = (|| -> io::Result<()> {
-                s.write_all(&head)?;
-                if size as usize <= SMALL {
-                    s.write_all(&small)?;
-                } else {
-                    copy_exact(&mut down, s, size, &mut buf)?;
-                }
-                Ok(())
-            })();
-            match sent {
-                Ok(()) => {
-                    state.sent.fetch_add(9 + size, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    // A read from ggml failed mid-request: ggml is gone, and so is this relay.
-                    if is_down_error(&e) {
-                        break;
-                    }
-                    state.lose(format!("sending to it failed: {e}"));
-                    up = None;
-                }
-            }
-        } else if cmd != HELLO && size as usize > SMALL && copy_exact(&mut down, &mut io::sink(), size, &mut buf).is_err() {
+        if let Flow::DownGone = forward_request(&mut down, &mut up, state, &head, &small, size, &mut buf) {
             break;
-        }
-        if cmd == HELLO {
-            // Answered here: the relay greeted the server when it connected.
-            let mut reply = vec![0u8; HELLO_RSP];
-            reply[..3].copy_from_slice(&[version.0, version.1, version.2]);
-            if down.write_all(&(HELLO_RSP as u64).to_le_bytes()).and_then(|()| down.write_all(&reply)).is_err() {
-                break;
-            }
-            continue;
         }
         let Some(answer) = answer_size(cmd, &small) else { continue };
-        if answer > MAX_ANSWER {
-            state.lose(format!("ggml asked for a {answer}-byte tensor, over the relay's limit"));
-            break;
-        }
-        let mut reply = None;
-        if let Some(s) = up.as_mut() {
-            match read_answer(s, answer) {
-                Ok(bytes) => {
-                    state.received.fetch_add(8 + answer, Ordering::Relaxed);
-                    reply = Some(bytes);
-                }
-                Err(e) => {
-                    state.lose(if e.kind() == io::ErrorKind::UnexpectedEof { "it closed the connection".to_string() } else { format!("reading its answer failed: {e}") });
-                    up = None;
-                }
-            }
-        }
-        let reply = reply.unwrap_or_else(|| stand_in(cmd, answer));
-        if down.write_all(&answer.to_le_bytes()).and_then(|()| down.write_all(&reply)).is_err() {
+        if let Flow::DownGone = forward_answer(&mut down, &mut up, state, cmd, answer, &mut buf) {
             break;
         }
     }
@@ -409,34 +437,152 @@ fn relay(mut down: TcpStream, state: Arc<LinkState>) {
     }
 }
 
-/// Errors of ggml's side of the relay (its connection closed), as opposed to the server's.
-fn is_down_error(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|inner| inner.to_string() == "ggml side")
+/// Sends the request (`head`, then `small` or the `size` bytes still in `down`) to the
+/// server. When the server fails part-way, the rest of the request is still read from
+/// ggml (and dropped), so ggml's stream stays in step.
+fn forward_request(down: &mut TcpStream, up: &mut Option<TcpStream>, state: &LinkState, head: &[u8; 9], small: &[u8], size: u64, buf: &mut [u8]) -> Flow {
+    let streamed = size as usize > SMALL;
+    let mut left = if streamed { size } else { 0 };
+    if let Some(s) = up.as_mut() {
+        let sent = s.write_all(head).and_then(|()| if streamed { Ok(()) } else { s.write_all(small) });
+        let mut failed = sent.err();
+        while failed.is_none() && left > 0 {
+            let want = buf.len().min(left as usize);
+            if down.read_exact(&mut buf[..want]).is_err() {
+                return Flow::DownGone;
+            }
+            left -= want as u64;
+            failed = s.write_all(&buf[..want]).err();
+        }
+        match failed {
+            None => {
+                state.sent.fetch_add(9 + size, Ordering::Relaxed);
+            }
+            Some(e) => {
+                state.lose(RpcFailure::Lost, format!("sending to it failed: {e}"));
+                *up = None;
+            }
+        }
+    }
+    // The server is gone (now or before): what ggml still sends of this request is dropped.
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        if down.read_exact(&mut buf[..want]).is_err() {
+            return Flow::DownGone;
+        }
+        left -= want as u64;
+    }
+    Flow::Done
 }
 
-/// Copies exactly `n` bytes from `from` to `to`; a failure reading `from` is marked as
-/// ggml's side (see [`is_down_error`]).
-fn copy_exact(from: &mut TcpStream, to: &mut dyn Write, mut n: u64, buf: &mut [u8]) -> io::Result<()> {
-    while n > 0 {
-        let want = buf.len().min(n as usize);
-        from.read_exact(&mut buf[..want]).map_err(|_| io::Error::other("ggml side"))?;
-        to.write_all(&buf[..want])?;
-        n -= want as u64;
+/// Passes the server's answer of `size` bytes to ggml as it arrives, or the relay's own
+/// ([`stand_in`]) once the server is gone; a server that fails part-way through an answer
+/// has the rest filled with zeros. Small answers are checked before ggml sees them: a size
+/// other than asked, a device count over 64, an alignment that is not a power of two would
+/// each end in an abort inside ggml, so they count as a lost server instead.
+fn forward_answer(down: &mut TcpStream, up: &mut Option<TcpStream>, state: &LinkState, cmd: u8, size: u64, buf: &mut [u8]) -> Flow {
+    let lose = |up: &mut Option<TcpStream>, e: io::Error| {
+        state.lose(RpcFailure::Lost, if e.kind() == io::ErrorKind::UnexpectedEof { "it closed the connection".to_string() } else { format!("reading its answer failed: {e}") });
+        *up = None;
+    };
+    let mut done: u64 = 0;
+    if let Some(s) = up.as_mut() {
+        let mut prefix = [0u8; 8];
+        match s.read_exact(&mut prefix).map(|()| u64::from_le_bytes(prefix)) {
+            Err(e) => lose(up, e),
+            Ok(got) if got != size => lose(up, io::Error::new(io::ErrorKind::InvalidData, format!("it answered {got} bytes where {size} were expected"))),
+            Ok(_) if size as usize <= SMALL => {
+                let mut small = vec![0u8; size as usize];
+                match s.read_exact(&mut small).and_then(|()| sane(cmd, &small)) {
+                    Err(e) => lose(up, e),
+                    Ok(()) => {
+                        state.received.fetch_add(8 + size, Ordering::Relaxed);
+                        if down.write_all(&prefix).and_then(|()| down.write_all(&small)).is_err() {
+                            return Flow::DownGone;
+                        }
+                        return Flow::Done;
+                    }
+                }
+            }
+            Ok(_) => {
+                if down.write_all(&prefix).is_err() {
+                    return Flow::DownGone;
+                }
+                // Streamed: ggml has the prefix, so from here on exactly `size` bytes follow.
+                while done < size {
+                    let want = buf.len().min((size - done) as usize);
+                    match s.read(&mut buf[..want]) {
+                        Ok(0) => {
+                            lose(up, io::ErrorKind::UnexpectedEof.into());
+                            break;
+                        }
+                        Ok(n) => {
+                            if down.write_all(&buf[..n]).is_err() {
+                                return Flow::DownGone;
+                            }
+                            done += n as u64;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            lose(up, e);
+                            break;
+                        }
+                    }
+                }
+                state.received.fetch_add(8 + done, Ordering::Relaxed);
+                if done == size {
+                    return Flow::Done;
+                }
+                // The server died mid-answer: zeros for the rest.
+                buf.fill(0);
+                while done < size {
+                    let n = buf.len().min((size - done) as usize);
+                    if down.write_all(&buf[..n]).is_err() {
+                        return Flow::DownGone;
+                    }
+                    done += n as u64;
+                }
+                return Flow::Done;
+            }
+        }
+    }
+    // The relay's own answer, in pieces for a large one.
+    if down.write_all(&size.to_le_bytes()).is_err() {
+        return Flow::DownGone;
+    }
+    if size as usize <= SMALL {
+        return if down.write_all(&stand_in(cmd, size)).is_err() { Flow::DownGone } else { Flow::Done };
+    }
+    buf.fill(0);
+    while done < size {
+        let n = buf.len().min((size - done) as usize);
+        if down.write_all(&buf[..n]).is_err() {
+            return Flow::DownGone;
+        }
+        done += n as u64;
+    }
+    Flow::Done
+}
+
+/// The values in a server's answer that ggml asserts on.
+fn sane(cmd: u8, answer: &[u8]) -> io::Result<()> {
+    let bad = |what: String| Err(io::Error::new(io::ErrorKind::InvalidData, what));
+    match cmd {
+        DEVICE_COUNT => {
+            let n = u32::from_le_bytes(answer.get(..4).and_then(|b| b.try_into().ok()).unwrap_or([0; 4]));
+            if n > 64 {
+                return bad(format!("it reports {n} devices"));
+            }
+        }
+        GET_ALIGNMENT => {
+            let a = u64::from_le_bytes(answer.get(..8).and_then(|b| b.try_into().ok()).unwrap_or([0; 8]));
+            if !a.is_power_of_two() {
+                return bad(format!("it reports an alignment of {a}, not a power of two"));
+            }
+        }
+        _ => {}
     }
     Ok(())
-}
-
-/// The server's answer of `size` bytes (its size prefix checked).
-fn read_answer(s: &mut TcpStream, size: u64) -> io::Result<Vec<u8>> {
-    let mut prefix = [0u8; 8];
-    s.read_exact(&mut prefix)?;
-    let got = u64::from_le_bytes(prefix);
-    if got != size {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("it answered {got} bytes where {size} were expected")));
-    }
-    let mut out = vec![0u8; size as usize];
-    s.read_exact(&mut out)?;
-    Ok(out)
 }
 
 /// Checks that something can listen at `endpoint`, so `rpc-server` fails with a reason
@@ -570,6 +716,9 @@ mod tests {
         assert_eq!(call(&mut ggml, GET_ALIGNMENT, &[0; 4]).unwrap(), 64u64.to_le_bytes());
         assert_eq!(call(&mut ggml, ALLOC_BUFFER, &[0; 12]).unwrap(), [0; 16], "a failed allocation");
         assert_eq!(call(&mut ggml, 10, &[1, 2, 3]), None, "GRAPH_COMPUTE has no answer");
+        // A large request after the loss is still read whole: the next command is in step.
+        assert_eq!(call(&mut ggml, 6, &vec![7u8; 200 << 10]), None);
+        assert_eq!(call(&mut ggml, GET_TENSOR, &get_tensor(100_000)).unwrap(), vec![0; 100_000]);
         assert_eq!(call(&mut ggml, GET_DEVICE_MEMORY, &[0; 4]).unwrap(), [0; 16]);
         match link.lost() {
             Some(BackendError::Rpc { endpoint, failure: RpcFailure::Lost, reason }) => {
@@ -583,6 +732,38 @@ mod tests {
         let mut again = TcpStream::connect(link.local_endpoint()).unwrap();
         assert_eq!(call(&mut again, HELLO, &[0; CAPS]).unwrap()[..3], [PROTO.0, PROTO.1, PROTO.2]);
         assert_eq!(call(&mut again, DEVICE_COUNT, &[]).unwrap(), [0; 4]);
+    }
+
+    /// A connection that does not open with ggml's HELLO (a port scan, a stranger) is
+    /// dropped without reaching the server: the link is not lost, the server stays free.
+    #[test]
+    fn a_stranger_on_the_relay_port_is_dropped() {
+        let server = fake_server(10);
+        let link = Link::open(&server, Duration::from_secs(1)).unwrap();
+        for probe in [&b""[..], b"GET / HTTP/1.1\r\n\r\n", &[HELLO, 1, 0, 0, 0, 0, 0, 0, 0, 0]] {
+            let mut s = TcpStream::connect(link.local_endpoint()).unwrap();
+            let _ = s.write_all(probe);
+            let _ = s.shutdown(Shutdown::Write);
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+            assert!(rest.is_empty(), "answered a stranger: {rest:?}");
+        }
+        assert!(link.lost().is_none());
+        let mut ggml = TcpStream::connect(link.local_endpoint()).unwrap();
+        call(&mut ggml, HELLO, &[0; CAPS]).unwrap();
+        assert_eq!(call(&mut ggml, DEVICE_COUNT, &[]).unwrap(), [1, 0, 0, 0]);
+        assert!(link.lost().is_none());
+    }
+
+    /// Each link listens on an endpoint no earlier link used (ggml caches by endpoint).
+    #[test]
+    fn every_link_gets_a_fresh_endpoint() {
+        let server = fake_server(0);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..50 {
+            let link = Link::open(&server, Duration::from_secs(1)).unwrap();
+            assert!(seen.insert(link.local_endpoint()), "{} again", link.local_endpoint());
+        }
     }
 
     /// A server of another major version is refused naming both versions.
