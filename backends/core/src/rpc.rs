@@ -60,6 +60,9 @@ const HELLO_RSP: usize = 4 + CAPS;
 /// The largest request payload read whole (all but SET_TENSOR and GRAPH_COMPUTE are small
 /// fixed structs); larger ones are streamed through.
 const SMALL: usize = 64 << 10;
+/// The relay's buffer for streamed requests and answers: a token's logits (a vocabulary of
+/// 262,144 floats is 1 MiB) pass in a few reads and writes rather than sixteen of each.
+const STREAM_BUF: usize = 1 << 20;
 
 /// The size of the answer to `cmd`, whose request payload is `payload` (its first bytes
 /// at least, for GET_TENSOR: the size asked for is its last field); `None`: no answer.
@@ -404,7 +407,7 @@ fn relay(mut down: TcpStream, state: &LinkState) {
     if down.write_all(&(HELLO_RSP as u64).to_le_bytes()).and_then(|()| down.write_all(&reply)).is_err() {
         return;
     }
-    let mut buf = vec![0u8; SMALL];
+    let mut buf = vec![0u8; STREAM_BUF];
     loop {
         let mut head = [0u8; 9];
         if down.read_exact(&mut head).is_err() {
