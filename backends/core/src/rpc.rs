@@ -537,15 +537,7 @@ fn forward_answer(down: &mut TcpStream, up: &mut Option<TcpStream>, state: &Link
                     return Flow::Done;
                 }
                 // The server died mid-answer: zeros for the rest.
-                buf.fill(0);
-                while done < size {
-                    let n = buf.len().min((size - done) as usize);
-                    if down.write_all(&buf[..n]).is_err() {
-                        return Flow::DownGone;
-                    }
-                    done += n as u64;
-                }
-                return Flow::Done;
+                return zeros(down, size - done, buf);
             }
         }
     }
@@ -556,13 +548,18 @@ fn forward_answer(down: &mut TcpStream, up: &mut Option<TcpStream>, state: &Link
     if size as usize <= SMALL {
         return if down.write_all(&stand_in(cmd, size)).is_err() { Flow::DownGone } else { Flow::Done };
     }
+    zeros(down, size, buf)
+}
+
+/// Writes `n` zero bytes to ggml (the part of an answer the server did not give).
+fn zeros(down: &mut TcpStream, mut n: u64, buf: &mut [u8]) -> Flow {
     buf.fill(0);
-    while done < size {
-        let n = buf.len().min((size - done) as usize);
-        if down.write_all(&buf[..n]).is_err() {
+    while n > 0 {
+        let k = buf.len().min(n as usize);
+        if down.write_all(&buf[..k]).is_err() {
             return Flow::DownGone;
         }
-        done += n as u64;
+        n -= k as u64;
     }
     Flow::Done
 }
