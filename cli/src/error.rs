@@ -96,7 +96,8 @@ impl CliError {
             )
             | CliError::Generate(GenerateError::InvalidParam { .. } | GenerateError::PromptTooLong { .. } | GenerateError::EmptyPrompt)
             | CliError::EmbedInput { .. }
-            | CliError::Embed(llama_host::EmbedError::InvalidParam { .. }) => 2,
+            | CliError::Embed(llama_host::EmbedError::InvalidParam { .. })
+            | CliError::RpcServer(llama_host::BackendError::InvalidParam { .. }) => 2,
             CliError::Select(_) | CliError::Install(_) | CliError::Load(llama_host::LoadError::Remote(_)) => 4,
             CliError::NoModel { .. } | CliError::UnknownModel { .. } | CliError::Load(_) | CliError::ModelName(_) => 3,
             // A remote device lost mid-run: the device is gone, as with no usable backend.

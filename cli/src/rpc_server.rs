@@ -14,6 +14,8 @@ pub fn run(g: &Global, o: &RpcServerOpts) -> Result<(), CliError> {
         err!("{}", backends.report());
     }
     let backend = selected?;
+    // Checked here too, before the banner: an address in use is the user's to change.
+    std::net::TcpListener::bind(&o.endpoint).map_err(|e| CliError::InvalidArg { field: "--host/--port", reason: format!("cannot listen on {}: {e}", o.endpoint) })?;
     if !o.loopback {
         tracing::warn!(
             "the RPC server listens on {}: its protocol has no authentication and no encryption, so anyone who can reach this port can run computations on this machine and read or write its device memory; use it on a trusted network only",

@@ -68,6 +68,11 @@ fn a_model_split_across_two_servers_gives_the_cpu_text() {
     let (a, b) = (RpcServer::start(), RpcServer::start());
     let both = format!("{},{}", a.endpoint(), b.endpoint());
 
+    // A second server on a taken port says so before it starts (exit 2).
+    let taken = llama(&["rpc-server", "--port", &a.port.to_string()]);
+    assert_exit(&taken, 2);
+    assert!(stderr(&taken).contains(&format!("cannot listen on 127.0.0.1:{}", a.port)), "{}", stderr(&taken));
+
     let listed = llama(&["backends", "--rpc", &both]);
     assert_exit(&listed, 0);
     for s in [&a, &b] {

@@ -588,8 +588,8 @@ fn sane(cmd: u8, answer: &[u8]) -> io::Result<()> {
 /// Checks that something can listen at `endpoint`, so `rpc-server` fails with a reason
 /// rather than ggml's bare "Failed to create server socket".
 pub fn check_bind(endpoint: &str) -> Result<(), BackendError> {
-    let addr = resolve(endpoint).map_err(|_| rpc_error(endpoint, RpcFailure::Unreachable, "not a HOST:PORT this machine can listen on"))?;
-    TcpListener::bind(addr).map(drop).map_err(|e| rpc_error(endpoint, RpcFailure::Unreachable, format!("cannot listen there: {e}")))
+    let addr = resolve(endpoint).map_err(|_| BackendError::invalid_param("endpoint", format!("{endpoint} is not a HOST:PORT this machine can listen on")))?;
+    TcpListener::bind(addr).map(drop).map_err(|e| BackendError::invalid_param("endpoint", format!("cannot listen on {endpoint}: {e}")))
 }
 
 #[cfg(test)]
