@@ -65,6 +65,16 @@ fn split_series(s: &str) -> (&str, Vec<&str>) {
     }
 }
 
+/// A JSON answer's status and body, whether the status is a success or an error (ureq
+/// makes 4xx/5xx an `Err`); panics on a transport error, naming `what`.
+pub fn status_json(what: &str, r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+    match r {
+        Ok(r) => (r.status(), r.into_json().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap()),
+        Err(e) => panic!("{what}: {e}"),
+    }
+}
+
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// `llama serve ARGS`, not serialized with other servers (for tests that need several at

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use llama_tests::server::{spawn_serve, wait_for, Server};
+use llama_tests::server::{spawn_serve, status_json, wait_for, Server};
 use llama_tests::smollm2_model_path;
 use serde_json::{json, Value};
 
@@ -22,11 +22,7 @@ fn smol() -> String {
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn health(base: &str, query: &str) -> (u16, Value) {
-    match ureq::get(&format!("{base}/health{query}")).call() {
-        Ok(r) => (r.status(), r.into_json().unwrap()),
-        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap()),
-        Err(e) => panic!("/health: {e}"),
-    }
+    status_json("/health", ureq::get(&format!("{base}/health{query}")).call())
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::process::{Child, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use llama_tests::server::{spawn_serve, wait_for};
+use llama_tests::server::{spawn_serve, status_json, wait_for};
 use llama_tests::{assert_exit, llama, llama_cmd, model_path, smollm2_model_path, stderr, stdout};
 use serde_json::{json, Value};
 
@@ -151,11 +151,7 @@ fn an_unreachable_or_silent_server_is_exit_4_naming_it() {
 }
 
 fn post(base: &str, body: Value) -> (u16, Value) {
-    match ureq::post(&format!("{base}/v1/chat/completions")).send_json(body) {
-        Ok(r) => (r.status(), r.into_json().unwrap()),
-        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap()),
-        Err(e) => panic!("request: {e}"),
-    }
+    status_json("a chat request", ureq::post(&format!("{base}/v1/chat/completions")).send_json(body))
 }
 
 /// Acceptances 2 and 3: `serve --rpc` answers the official openai client; a server killed

@@ -620,17 +620,23 @@ mod tests {
         assert!(matches!(probe("nonsense", Duration::from_secs(1), 0), Err(BackendError::Rpc { failure: RpcFailure::Unreachable, .. })));
     }
 
-    /// Something that is not an RPC server (it answers with text) is a protocol error.
-    #[test]
-    fn a_stranger_is_a_protocol_error() {
+    /// A peer that reads ggml's HELLO and answers `answer`, once; its address.
+    fn one_shot_server(answer: Vec<u8>) -> String {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
         std::thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
-            let mut b = [0u8; 33];
+            let mut b = [0u8; 9 + CAPS];
             let _ = s.read_exact(&mut b);
-            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+            let _ = s.write_all(&answer);
         });
+        addr
+    }
+
+    /// Something that is not an RPC server (it answers with text) is a protocol error.
+    #[test]
+    fn a_stranger_is_a_protocol_error() {
+        let addr = one_shot_server(b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec());
         let e = probe(&addr, Duration::from_secs(5), 0).unwrap_err();
         assert!(matches!(e, BackendError::Rpc { failure: RpcFailure::Protocol, .. }), "{e:?}");
     }
@@ -769,17 +775,10 @@ mod tests {
     /// A server of another major version is refused naming both versions.
     #[test]
     fn another_version_is_named() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        std::thread::spawn(move || {
-            let (mut s, _) = l.accept().unwrap();
-            let mut b = [0u8; 33];
-            s.read_exact(&mut b).unwrap();
-            let mut rsp = (HELLO_RSP as u64).to_le_bytes().to_vec();
-            rsp.extend_from_slice(&[6, 1, 2, 0]);
-            rsp.extend_from_slice(&[0; CAPS]);
-            s.write_all(&rsp).unwrap();
-        });
+        let mut rsp = (HELLO_RSP as u64).to_le_bytes().to_vec();
+        rsp.extend_from_slice(&[6, 1, 2, 0]);
+        rsp.extend_from_slice(&[0; CAPS]);
+        let addr = one_shot_server(rsp);
         let e = probe(&addr, Duration::from_secs(5), 0).unwrap_err().to_string();
         assert!(e.contains("6.1.2") && e.contains("7.0.0") && e.contains(&addr), "{e}");
     }
