@@ -357,14 +357,24 @@ fn soak_of_300_requests_swapping_models_every_time() {
     // eleven of them: a leak raises every later sample, while one sample can catch the
     // allocator holding freed memory for a moment (a CI run once read 395 MB at request 300
     // against 354 MB at 50; rerun, 356 and 360 MB).
+    //
+    // glibc's allocator can also settle one step higher once, and stay there: a CI run read
+    // ~356 MB for every Gemma request up to request 78 and ~392 MB (+36 MB, both models alike)
+    // for every one after, flat to request 300. A leak does not stop: it grows in the second
+    // half as in the first. So the check is twofold: no growth from request 150 to 300 beyond
+    // noise, and from 50 to 300 less than 64 MiB in all (a leak of 0.5 MB per load would be
+    // 62 MB over the 125 Gemma loads between them).
     let gemma_median = |from: usize, to: usize| {
         let mut w: Vec<u64> = (from..=to).filter(|r| r % 2 == 0).map(|r| rss[r - 1]).collect();
         w.sort_unstable();
         w[w.len() / 2]
     };
-    let (at50, at300) = (gemma_median(40, 60), gemma_median(280, 300));
-    eprintln!("resident memory (median of 11 gemma requests): {at50} KiB around request 50, {at300} KiB around request 300");
-    assert!(at300 as f64 <= at50 as f64 * 1.10, "resident memory grew: {at50} KiB around request 50, {at300} KiB around request 300 (all: {rss:?})");
+    let (at50, at150, at300) = (gemma_median(40, 60), gemma_median(140, 160), gemma_median(280, 300));
+    eprintln!("resident memory (median of 11 gemma requests): {at50} KiB around request 50, {at150} KiB around 150, {at300} KiB around 300");
+    assert!(
+        at300 as f64 <= at150 as f64 * 1.05 && at300 <= at50 + 64 * 1024,
+        "resident memory grew: {at50} KiB around request 50, {at150} KiB around 150, {at300} KiB around 300 (all: {rss:?})"
+    );
     let unloads = s.metric("llama_model_unloads_total{reason=\"lru\"}");
     assert!(unloads >= 298.0, "{unloads} swaps for 300 alternating requests");
 }
