@@ -59,9 +59,14 @@ pub(crate) fn model_params(p: &ModelParams, progress: Option<api::ProgressSink>)
         repack: p.repack,
         progress: progress.into(),
         rpc_servers: p.rpc.iter().map(|e| RString::from(e.as_str())).collect(),
-        rpc_timeout_ms: p.rpc_timeout.as_millis().clamp(1, u128::from(u32::MAX)) as u32,
+        rpc_timeout_ms: timeout_ms(p.rpc_timeout),
         tensor_split: p.tensor_split.iter().copied().collect(),
     }
+}
+
+/// A timeout as the ABI carries it: milliseconds, 1 to `u32::MAX`.
+pub(crate) fn timeout_ms(d: std::time::Duration) -> u32 {
+    d.as_millis().clamp(1, u128::from(u32::MAX)) as u32
 }
 
 pub(crate) fn remote_server(r: &api::RemoteServer) -> crate::RemoteServer {

@@ -117,7 +117,7 @@ impl LoadedBackend {
     /// protocol checked and its devices listed with their memory. Device names count from
     /// `RPC0` per server; a load numbers them across servers in `--rpc` order.
     pub fn rpc_server_info(&self, endpoint: &str, timeout: std::time::Duration) -> Result<crate::RemoteServer, crate::BackendError> {
-        let ms = timeout.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
+        let ms = crate::boundary::timeout_ms(timeout);
         let r = self.inner.backend.rpc_server_info(abi_stable::std_types::RStr::from_str(endpoint), ms).into_result().map_err(crate::boundary::error)?;
         Ok(crate::boundary::remote_server(&r))
     }

@@ -92,7 +92,7 @@ impl llama_plugin_api::Backend for LlamaBackend {
     }
 
     fn rpc_server_info(&self, endpoint: RStr<'_>, timeout_ms: u32) -> RResult<RemoteServer, BackendError> {
-        guard(|| rpc::probe(endpoint.as_str(), std::time::Duration::from_millis(u64::from(timeout_ms.max(1))), 0))
+        guard(|| rpc::probe(endpoint.as_str(), rpc::timeout(timeout_ms), 0))
     }
 
     fn rpc_serve(&self, params: RpcServeParams) -> RResult<(), BackendError> {

@@ -218,11 +218,12 @@ pub(crate) fn load(path: &str, params: &ModelParams) -> Result<ModelBox, Backend
     let chosen = offload_devices(params)?;
     // SAFETY: a plain query.
     let max_devices = unsafe { sys::llama_max_devices() };
-    // Checked before any server is contacted: what the user got wrong is not a network error.
+    // The proportions' values are checked before any server is contacted (what the user got
+    // wrong is not a network error); their count once the servers' devices are known (a
+    // server may have several).
+    split_values(params, max_devices)?;
     let local = chosen.clone().unwrap_or_else(|| crate::registered_devices(&crate::DEVICE_GPU).into_iter().map(|(d, _)| d).collect());
-    tensor_split(params, params.rpc_servers.len() + local.len(), max_devices)?;
-    let timeout = std::time::Duration::from_millis(u64::from(params.rpc_timeout_ms.max(1)));
-    let (links, remote) = remote_devices(params, timeout)?;
+    let (links, remote) = remote_devices(params, rpc::timeout(params.rpc_timeout_ms))?;
     let mut device_ptrs: Vec<sys::ggml_backend_dev_t> = remote.iter().map(|r| r.dev).collect();
     device_ptrs.extend(local.iter().copied());
     let n_offload = device_ptrs.len();
@@ -352,6 +353,15 @@ fn tensor_split(params: &ModelParams, n: usize, max: usize) -> Result<Vec<f32>, 
     if asked.len() > n.max(1) {
         return Err(invalid("tensor_split", format!("{} proportions for {n} offload device(s) (remote devices first, then local GPUs)", asked.len())));
     }
+    split_values(params, max)?;
+    let mut out = vec![0f32; max];
+    out[..asked.len()].copy_from_slice(asked);
+    Ok(out)
+}
+
+/// The `tensor_split` proportions themselves: at most `max`, each a number >= 0, not all 0.
+fn split_values(params: &ModelParams, max: usize) -> Result<(), BackendError> {
+    let asked = &params.tensor_split;
     if asked.len() > max {
         return Err(invalid("tensor_split", format!("{} proportions, over llama.cpp's {max} devices", asked.len())));
     }
@@ -361,9 +371,7 @@ fn tensor_split(params: &ModelParams, n: usize, max: usize) -> Result<Vec<f32>, 
     if !asked.is_empty() && asked.iter().all(|p| *p == 0.0) {
         return Err(invalid("tensor_split", "every proportion is 0"));
     }
-    let mut out = vec![0f32; max];
-    out[..asked.len()].copy_from_slice(asked);
-    Ok(out)
+    Ok(())
 }
 
 /// Where llama.cpp put the weights, from the lines it logged during the load:
@@ -588,6 +596,9 @@ mod tests {
         assert!(field(tensor_split(&with(&[1.0, 1.0, 1.0]), 2, 16).unwrap_err()).contains("3 proportions for 2 offload device(s)"));
         assert!(field(tensor_split(&with(&[f32::NAN]), 1, 16).unwrap_err()).contains("not a proportion"));
         assert!(field(tensor_split(&with(&[0.0, 0.0]), 2, 16).unwrap_err()).contains("every proportion is 0"));
+        // Before the servers are asked, only the values: a server may bring several devices.
+        assert!(split_values(&with(&[1.0, 1.0, 1.0]), 16).is_ok());
+        assert!(field(split_values(&with(&[0.0]), 16).unwrap_err()).contains("every proportion is 0"));
     }
 
     #[test]

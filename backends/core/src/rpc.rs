@@ -96,6 +96,11 @@ fn stand_in(cmd: u8, size: u64) -> Vec<u8> {
     out
 }
 
+/// The timeout the ABI carries in milliseconds, at least 1 ms.
+pub fn timeout(ms: u32) -> Duration {
+    Duration::from_millis(u64::from(ms.max(1)))
+}
+
 fn rpc_error(endpoint: &str, failure: RpcFailure, reason: impl Into<String>) -> BackendError {
     BackendError::Rpc { endpoint: RString::from(endpoint), failure, reason: RString::from(reason.into()) }
 }
